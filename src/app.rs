@@ -1,0 +1,109 @@
+//! Wiring: builds the engines, the pull path and the metrics from a `Config`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use crate::config::Config;
+use crate::engine::registry::{client, RegistryClient, RegistryEngine};
+use crate::engine::set::Engines;
+use crate::engine::storage::StorageEngine;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::pull::fill::Fills;
+use crate::pull::tags::TagCache;
+use crate::pull::Puller;
+
+/// Everything a request needs.
+pub struct App {
+    pub config: Config,
+    pub region: HeaderValue,
+    pub puller: Puller,
+    pub metrics: Metrics,
+    pub tag_ttl: Duration,
+}
+
+/// Spool files older than this are leftovers of a crashed process (a fill never takes a day).
+const STALE_SPOOL: Duration = Duration::from_secs(24 * 3600);
+
+impl App {
+    pub fn build(config: Config) -> Result<Arc<App>> {
+        let metrics = Metrics::new();
+        let pref = config.storage.preference.clone();
+        let mut local: Option<Arc<StorageEngine>> = None;
+        let mut remotes: Vec<Arc<dyn Engine>> = Vec::new();
+        for (id, ec) in &config.storage.engines {
+            let engine = Arc::new(StorageEngine::open(id, &ec.url, &ec.options)?);
+            if *id == pref {
+                local = Some(engine);
+            } else {
+                remotes.push(engine);
+            }
+        }
+        let local = local.ok_or_else(|| {
+            Error::Config(format!(
+                "storage.preference: {pref:?} is not a configured engine"
+            ))
+        })?;
+        let http = client::http_client()?;
+        let mut upstreams: Vec<(String, Arc<dyn Engine>)> = Vec::new();
+        for u in &config.upstreams {
+            let base = url::Url::parse(&u.url)
+                .map_err(|e| Error::Config(format!("upstreams: {}: {e}", u.name)))?;
+            let basic = u
+                .auth
+                .as_ref()
+                .and_then(|a| a.resolve_password().map(|p| (a.username.clone(), p)));
+            let engine =
+                RegistryEngine::new(RegistryClient::new(&u.name, base, http.clone(), basic));
+            upstreams.push((u.name.clone(), Arc::new(engine)));
+        }
+        let spool_dir = match local.local_root() {
+            // Same filesystem as the blobs: a verified spool file is hard-linked into place.
+            Some(root) => root.join("_ociedge").join("spool"),
+            None => std::env::temp_dir().join("ociedge-spool"),
+        };
+        std::fs::create_dir_all(&spool_dir).map_err(|e| {
+            Error::Config(format!(
+                "cannot create spool directory {}: {e}",
+                spool_dir.display()
+            ))
+        })?;
+        clean_spool(&spool_dir);
+        let local_dyn: Arc<dyn Engine> = local;
+        let engines = Arc::new(Engines::new(local_dyn, remotes, upstreams));
+        let fills = Fills::new(spool_dir, metrics.clone());
+        let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
+        let puller = Puller::new(engines, fills, tags, metrics.clone());
+        let region = HeaderValue::from_str(&config.region)
+            .map_err(|_| Error::Config("region: not a valid header value".into()))?;
+        Ok(Arc::new(App {
+            tag_ttl: config.cache.tag_ttl.0,
+            config,
+            region,
+            puller,
+            metrics,
+        }))
+    }
+}
+
+/// Removes spool files left by a process that died mid-fill.
+fn clean_spool(dir: &PathBuf) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > STALE_SPOOL);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The configuration tree of DESIGN.md: one serde tree, unknown keys refused, every value
+//! validated with its key path in the message. `Config::load` = parse → env overrides → validate.
+
+pub mod env;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, HumanDuration};
+
+/// The embedded default: a Docker Hub mirror on `0.0.0.0:5000` filling `./ociedge-data`.
+pub const DEFAULT_YAML: &str = include_str!("../../config/ociedge.yaml");
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTP listener. Default `0.0.0.0:5000`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// TLS for the listener (not yet served by this version: refused by `validate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_yaml_ng::Value>,
+    /// Region name, reported in `X-Ociedge-Region`. Default `local`.
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub storage: StorageConfig,
+    /// Upstream registries, routed by registry name. The first one is the default for names
+    /// that carry no registry.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Where pushes go. Without `engine`, pushes are answered `UNSUPPORTED`.
+    #[serde(default)]
+    pub push: PushConfig,
+    /// Client authentication and per-repository rules (not yet in this version: refused by
+    /// `validate` rather than silently ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Id of the local engine. `OCIEDGE_STORAGE_PREFERENCE` overrides it.
+    pub preference: String,
+    /// Storage engines by location id.
+    pub engines: BTreeMap<String, EngineConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// An `object_store` URL: `file://`, `memory://`, `s3://`, `gs://`, `az://`. A relative
+    /// `file://./dir` is relative to the working directory.
+    pub url: String,
+    /// `object_store` configuration keys for this store (`endpoint`, `region`,
+    /// `access_key_id`, `allow_http`, ...), passed through as they are.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// Pushed content is replicated here by default.
+    #[serde(default)]
+    pub replicate_by_default: bool,
+    /// Breaks ties in the nearness ranking (lower first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Registry name clients use (`docker.io`, `ghcr.io`): matched against `?ns=` and a leading
+    /// path component.
+    pub name: String,
+    /// Base URL of the registry's API (`https://registry-1.docker.io`).
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<UpstreamAuth>,
+    /// `public`, `gated` or `passthrough` (see DESIGN.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamAuth {
+    pub username: String,
+    /// The password itself (prefer `password_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+}
+
+impl UpstreamAuth {
+    /// The password, read from the environment when `password_env` is used.
+    pub fn resolve_password(&self) -> Option<String> {
+        self.password.clone().or_else(|| {
+            self.password_env
+                .as_ref()
+                .and_then(|v| std::env::var(v).ok())
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Public,
+    Gated,
+    Passthrough,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a tag→digest answer is trusted before it is revalidated. Default 60s.
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: HumanDuration,
+    /// How long a stale tag is served while its authority is down. Default 24h.
+    #[serde(default = "default_max_stale")]
+    pub max_stale: HumanDuration,
+    /// Local engine cap (not yet enforced by this version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            tag_ttl: default_tag_ttl(),
+            max_stale: default_max_stale(),
+            max_size: None,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_region() -> String {
+    "local".to_string()
+}
+fn default_tag_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_max_stale() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(24 * 3600))
+}
+
+/// A configuration error, with the key path where there is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(path: &str, msg: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("{path}: {msg}"))
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `None`, applies environment overrides and
+    /// validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError(format!("{}: {e}", p.display())))?,
+                p.display().to_string(),
+            ),
+            None => (DEFAULT_YAML.to_string(), "embedded default".to_string()),
+        };
+        let mut cfg =
+            Config::parse(&text).map_err(|e| ConfigError(format!("{origin}: {}", e.0)))?;
+        if let Ok(pref) = std::env::var(env::STORAGE_PREFERENCE) {
+            if !pref.is_empty() {
+                cfg.storage.preference = pref;
+            }
+        }
+        cfg.validate()
+            .map_err(|e| ConfigError(format!("{origin}: {}", e.0)))?;
+        Ok(cfg)
+    }
+
+    /// Parses YAML; errors name the key path (`storage.engines.eu.url: ...`).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                ConfigError(inner.to_string())
+            } else {
+                ConfigError(format!("{path}: {inner}"))
+            }
+        })
+    }
+
+    /// Checks what serde cannot: references between sections, URLs, features this version lacks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls.is_some() {
+            return Err(err("tls", "TLS termination is not supported by this version yet; terminate TLS in front of ociedge"));
+        }
+        if self.auth.is_some() {
+            return Err(err("auth", "client authentication is not supported by this version yet; refusing to start rather than serve without it"));
+        }
+        if let Some(e) = &self.push.engine {
+            return Err(err(
+                "push.engine",
+                format!("pushes ({e:?}) are not supported by this version yet; remove push.engine"),
+            ));
+        }
+        if self.region.is_empty()
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(err(
+                "region",
+                "must be a non-empty name of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.storage.engines.is_empty() {
+            return Err(err(
+                "storage.engines",
+                "at least one storage engine is required",
+            ));
+        }
+        for (id, e) in &self.storage.engines {
+            let path = format!("storage.engines.{id}");
+            if id.is_empty()
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(err(&path, "engine ids are letters, digits, '-' and '_'"));
+            }
+            crate::engine::storage::check_url(&e.url, &e.options)
+                .map_err(|m| err(&format!("{path}.url"), m))?;
+        }
+        if !self.storage.engines.contains_key(&self.storage.preference) {
+            let known: Vec<_> = self.storage.engines.keys().cloned().collect();
+            return Err(err(
+                "storage.preference",
+                format!(
+                    "{:?} is not a configured engine (have: {})",
+                    self.storage.preference,
+                    known.join(", ")
+                ),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let path = format!("upstreams[{i}]");
+            if u.name.is_empty()
+                || u.name.contains('/')
+                || u.name
+                    .bytes()
+                    .any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace())
+            {
+                return Err(err(
+                    &format!("{path}.name"),
+                    "a registry host name such as docker.io or ghcr.io",
+                ));
+            }
+            if !names.insert(u.name.clone()) {
+                return Err(err(
+                    &format!("{path}.name"),
+                    format!("{:?} is listed twice", u.name),
+                ));
+            }
+            if self.storage.engines.contains_key(&u.name) {
+                return Err(err(
+                    &format!("{path}.name"),
+                    format!("{:?} is also a storage engine id", u.name),
+                ));
+            }
+            match url::Url::parse(&u.url) {
+                Ok(p) if (p.scheme() == "http" || p.scheme() == "https") && p.host().is_some() => {}
+                _ => {
+                    return Err(err(
+                        &format!("{path}.url"),
+                        format!("{:?} is not an http(s) URL", u.url),
+                    ))
+                }
+            }
+            if let Some(a) = &u.auth {
+                if a.password.is_none() && a.password_env.is_none() {
+                    return Err(err(
+                        &format!("{path}.auth"),
+                        "needs password or password_env",
+                    ));
+                }
+                if let Some(v) = &a.password_env {
+                    if std::env::var(v).is_err() {
+                        return Err(err(
+                            &format!("{path}.auth.password_env"),
+                            format!("environment variable {v} is not set"),
+                        ));
+                    }
+                }
+            }
+            if u.access == Some(Access::Gated) || (u.access.is_none() && u.auth.is_some()) {
+                return Err(err(&format!("{path}.access"), "gated access needs an auth: section, which this version does not support yet; set access: public to serve this upstream's content to every client"));
+            }
+            if u.access == Some(Access::Passthrough) {
+                return Err(err(
+                    &format!("{path}.access"),
+                    "passthrough is not supported by this version yet",
+                ));
+            }
+        }
+        if self.cache.tag_ttl.0.is_zero() {
+            return Err(err("cache.tag_ttl", "must be more than 0s"));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as YAML, secrets masked.
+    pub fn to_masked_yaml(&self) -> String {
+        let mut c = self.clone();
+        for u in &mut c.upstreams {
+            if let Some(a) = &mut u.auth {
+                if a.password.is_some() {
+                    a.password = Some("********".into());
+                }
+            }
+        }
+        for e in c.storage.engines.values_mut() {
+            for (k, v) in e.options.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if k.contains("secret")
+                    || k.contains("key")
+                    || k.contains("token")
+                    || k.contains("password")
+                    || k.contains("sas")
+                {
+                    *v = "********".into();
+                }
+            }
+        }
+        serde_yaml_ng::to_string(&c).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

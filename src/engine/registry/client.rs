@@ -1,0 +1,190 @@
+//! An authenticated `/v2/` client for one upstream registry: sends a request, answers a `401`
+//! challenge once (Bearer token or Basic), and caches tokens per scope.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use reqwest::{Client, RequestBuilder, Response};
+
+use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+use crate::error::{Error, Result};
+
+pub const USER_AGENT: &str = concat!("ociedge/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug)]
+pub struct RegistryClient {
+    id: String,
+    base: url::Url,
+    http: Client,
+    basic: Option<(String, String)>,
+    /// The last challenge seen, so that requests for a new scope fetch a token up front instead of
+    /// paying a `401` round trip first.
+    challenge: RwLock<Option<Challenge>>,
+    tokens: TokenCache,
+}
+
+/// Builds the shared HTTP client: rustls with the system roots, hickory DNS, pooled keep-alive.
+pub fn http_client() -> Result<Client> {
+    Client::builder()
+        .user_agent(USER_AGENT)
+        .hickory_dns(true)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build HTTP client: {e}")))
+}
+
+impl RegistryClient {
+    pub fn new(
+        id: &str,
+        base: url::Url,
+        http: Client,
+        basic: Option<(String, String)>,
+    ) -> RegistryClient {
+        RegistryClient {
+            id: id.into(),
+            base,
+            http,
+            basic,
+            challenge: RwLock::new(None),
+            tokens: TokenCache::default(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `base` + `path` (path starts with `/v2/`).
+    pub fn url(&self, path_and_query: &str) -> String {
+        let base = self.base.as_str().trim_end_matches('/');
+        format!("{base}{path_and_query}")
+    }
+
+    pub fn fail(&self, e: impl std::fmt::Display) -> Error {
+        Error::engine(&self.id, e)
+    }
+
+    /// Sends `method url` for `scope` (e.g. `repository:library/alpine:pull`), with `headers`,
+    /// authenticating as the upstream asks. Network errors are `Error::Engine`.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        scope: Option<&str>,
+        headers: HeaderMap,
+    ) -> Result<Response> {
+        let url = self.url(path);
+        let build = |auth: Option<HeaderValue>| -> RequestBuilder {
+            let mut rb = self
+                .http
+                .request(method.clone(), &url)
+                .headers(headers.clone());
+            if let Some(a) = auth {
+                rb = rb.header(http::header::AUTHORIZATION, a);
+            }
+            rb
+        };
+        // Unscoped requests (probes) go without credentials: any answer proves reachability.
+        let known = match scope {
+            Some(_) => self.challenge.read().ok().and_then(|c| c.clone()),
+            None => None,
+        };
+        let first_auth = match &known {
+            Some(c) => self.authorization(c, scope, false).await?,
+            None => None,
+        };
+        let resp = build(first_auth).send().await.map_err(|e| self.fail(e))?;
+        if resp.status() != StatusCode::UNAUTHORIZED || scope.is_none() {
+            return Ok(resp);
+        }
+        let Some(ch) = resp
+            .headers()
+            .get(http::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge)
+        else {
+            return Ok(resp);
+        };
+        if let Ok(mut c) = self.challenge.write() {
+            *c = Some(ch.clone());
+        }
+        let auth = self.authorization(&ch, scope, true).await?;
+        if auth.is_none() {
+            return Ok(resp);
+        }
+        build(auth).send().await.map_err(|e| self.fail(e))
+    }
+
+    /// The `Authorization` value for a challenge: a cached or fresh Bearer token, or Basic.
+    async fn authorization(
+        &self,
+        ch: &Challenge,
+        scope: Option<&str>,
+        refresh: bool,
+    ) -> Result<Option<HeaderValue>> {
+        match ch {
+            Challenge::Basic => Ok(self.basic_header()),
+            Challenge::Bearer { realm, service } => {
+                let key = scope.unwrap_or("");
+                if !refresh {
+                    if let Some(t) = self.tokens.get(key) {
+                        return Ok(HeaderValue::from_str(&format!("Bearer {t}")).ok());
+                    }
+                }
+                let token = self.fetch_token(realm, service.as_deref(), scope).await?;
+                Ok(token.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()))
+            }
+        }
+    }
+
+    fn basic_header(&self) -> Option<HeaderValue> {
+        use base64::Engine as _;
+        let (u, p) = self.basic.as_ref()?;
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        HeaderValue::from_str(&format!("Basic {enc}")).ok()
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: Option<&str>,
+    ) -> Result<Option<String>> {
+        let mut rb = self.http.get(realm);
+        let mut q: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = service {
+            q.push(("service", s));
+        }
+        if let Some(s) = scope {
+            q.push(("scope", s));
+        }
+        rb = rb.query(&q);
+        if let Some(b) = self.basic_header() {
+            rb = rb.header(http::header::AUTHORIZATION, b);
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| self.fail(format!("token endpoint: {e}")))?;
+        if !resp.status().is_success() {
+            // Wrong credentials or a denied scope: the request goes on without a token and the
+            // upstream's own 401/403 reaches the caller.
+            tracing::warn!(engine = %self.id, status = %resp.status(), "token request refused");
+            return Ok(None);
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| self.fail(format!("token endpoint: {e}")))?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| self.fail(format!("token endpoint answered garbage: {e}")))?;
+        let Some((token, ttl)) = parsed.into_token() else {
+            return Ok(None);
+        };
+        self.tokens.put(scope.unwrap_or(""), token.clone(), ttl);
+        Ok(Some(token))
+    }
+}

@@ -1,0 +1,402 @@
+//! `RegistryEngine`: an upstream registry reached over the OCI distribution API.
+
+pub mod auth;
+pub mod client;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use reqwest::Response;
+
+use super::{BlobMeta, BlobRead, ByteStream, Engine, EngineKind, GetBlob, Manifest, ManifestMeta};
+use crate::error::{Error, Result};
+use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
+pub use client::RegistryClient;
+
+/// Manifests larger than this are refused (the spec's bound, and Distribution's).
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+#[derive(Debug)]
+pub struct RegistryEngine {
+    client: RegistryClient,
+}
+
+impl RegistryEngine {
+    pub fn new(client: RegistryClient) -> RegistryEngine {
+        RegistryEngine { client }
+    }
+
+    fn scope(repo: &RepoName) -> String {
+        format!("repository:{repo}:pull")
+    }
+
+    async fn get(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<Response> {
+        self.client
+            .send(method, path, Some(&Self::scope(repo)), headers)
+            .await
+    }
+
+    /// An error for an upstream status other than success or 404.
+    fn status_error(&self, what: &str, status: StatusCode) -> Error {
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::client(
+                ErrorCode::Denied,
+                format!("upstream {} refused access to {what}", self.client.id()),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => Error::client(
+                ErrorCode::TooManyRequests,
+                format!("upstream {} is rate limiting", self.client.id()),
+            ),
+            s => self.client.fail(format!("{what}: upstream answered {s}")),
+        }
+    }
+}
+
+fn accept_header(accept: &[String]) -> HeaderValue {
+    let joined = if accept.is_empty() || accept.iter().all(|a| a.trim() == "*/*") {
+        media::ALL_MANIFESTS.join(", ")
+    } else {
+        accept.join(", ")
+    };
+    HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static(media::OCI_MANIFEST))
+}
+
+fn header_str(r: &Response, name: http::header::HeaderName) -> Option<&str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `bytes a-b/total` → (a, b + 1, total).
+fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    Some((
+        a.parse().ok()?,
+        b.parse::<u64>().ok()? + 1,
+        total.parse().ok()?,
+    ))
+}
+
+#[async_trait]
+impl Engine for RegistryEngine {
+    fn id(&self) -> &str {
+        self.client.id()
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Registry
+    }
+
+    async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
+        let resp = self
+            .get(
+                Method::HEAD,
+                repo,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                HeaderMap::new(),
+            )
+            .await?;
+        match resp.status() {
+            s if s.is_success() => {
+                let size = resp.content_length().or_else(|| {
+                    header_str(&resp, http::header::CONTENT_LENGTH)?
+                        .parse()
+                        .ok()
+                });
+                let size =
+                    size.ok_or_else(|| self.client.fail("blob HEAD without Content-Length"))?;
+                Ok(Some(BlobMeta { size }))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(self.status_error("blob", s)),
+        }
+    }
+
+    async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        opts: GetBlob,
+    ) -> Result<Option<BlobRead>> {
+        let mut headers = HeaderMap::new();
+        if let Some(r) = opts.range {
+            let v = match r.end {
+                Some(end) => format!("bytes={}-{}", r.start, end.saturating_sub(1)),
+                None => format!("bytes={}-", r.start),
+            };
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(http::header::RANGE, v);
+            }
+        }
+        let resp = self
+            .get(
+                Method::GET,
+                repo,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                headers,
+            )
+            .await?;
+        let status = resp.status();
+        let (size, offset, len) = match status {
+            StatusCode::OK => {
+                let len = resp
+                    .content_length()
+                    .ok_or_else(|| self.client.fail("blob GET without Content-Length"))?;
+                if opts.range.is_some_and(|r| r.start > 0) {
+                    // The upstream ignored our Range; a resume from the wrong offset would corrupt
+                    // the fill, so treat this engine as unable to resume.
+                    return Err(self.client.fail("upstream ignored a Range request"));
+                }
+                (len, 0, len)
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let (a, b, total) = header_str(&resp, http::header::CONTENT_RANGE)
+                    .and_then(parse_content_range)
+                    .ok_or_else(|| self.client.fail("206 without a valid Content-Range"))?;
+                if Some(a) != opts.range.map(|r| r.start) {
+                    return Err(self
+                        .client
+                        .fail("upstream answered another range than asked"));
+                }
+                (total, a, b - a)
+            }
+            StatusCode::NOT_FOUND => return Ok(None),
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(Error::client(
+                    ErrorCode::RangeInvalid,
+                    "range not satisfiable",
+                ))
+            }
+            s => return Err(self.status_error("blob", s)),
+        };
+        let id = self.client.id().to_string();
+        let stream: ByteStream =
+            Box::pin(resp.bytes_stream().map_err(move |e| Error::engine(&id, e)));
+        Ok(Some(BlobRead {
+            size,
+            offset,
+            len,
+            stream,
+        }))
+    }
+
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<Manifest>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::ACCEPT, accept_header(accept));
+        let resp = self
+            .get(
+                Method::GET,
+                repo,
+                &format!("/v2/{repo}/manifests/{reference}"),
+                headers,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => return Err(self.status_error("manifest", s)),
+        }
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_MANIFEST as u64)
+        {
+            return Err(self.client.fail("manifest larger than 4 MiB"));
+        }
+        let media_type = header_str(&resp, http::header::CONTENT_TYPE)
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+        let header_digest: Option<Digest> = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok());
+        let mut body = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.client.fail(e))?;
+            if body.len() + chunk.len() > MAX_MANIFEST {
+                return Err(self.client.fail("manifest larger than 4 MiB"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let bytes: Bytes = body.freeze();
+        // The name we will store and serve it under must be what the bytes hash to.
+        let expected = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => header_digest,
+        };
+        let digest = match expected {
+            Some(d) => {
+                let actual = d.same_algorithm_of(&bytes);
+                if actual != d {
+                    return Err(Error::DigestMismatch {
+                        expected: d.to_string(),
+                        actual: actual.to_string(),
+                    });
+                }
+                d
+            }
+            None => Digest::sha256_of(&bytes),
+        };
+        let media_type = match media_type {
+            Some(m) if !m.is_empty() && m != "application/json" && m != "text/plain" => m,
+            _ => media::sniff_manifest(&bytes),
+        };
+        Ok(Some(Manifest {
+            digest,
+            media_type,
+            bytes,
+        }))
+    }
+
+    async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<ManifestMeta>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::ACCEPT, accept_header(accept));
+        let resp = self
+            .get(
+                Method::HEAD,
+                repo,
+                &format!("/v2/{repo}/manifests/{reference}"),
+                headers,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => return Err(self.status_error("manifest", s)),
+        }
+        let digest: Option<Digest> = header_str(
+            &resp,
+            http::HeaderName::from_static("docker-content-digest"),
+        )
+        .and_then(|s| s.parse().ok());
+        let media_type = header_str(&resp, http::header::CONTENT_TYPE)
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+        let size = resp.content_length().or_else(|| {
+            header_str(&resp, http::header::CONTENT_LENGTH)?
+                .parse()
+                .ok()
+        });
+        match (digest, media_type, size) {
+            (Some(digest), Some(media_type), Some(size)) => Ok(Some(ManifestMeta {
+                digest,
+                media_type,
+                size,
+            })),
+            // An upstream that does not say the digest on HEAD: fall back to a GET.
+            _ => Ok(self
+                .get_manifest(repo, reference, accept)
+                .await?
+                .map(|m| ManifestMeta {
+                    size: m.bytes.len() as u64,
+                    digest: m.digest,
+                    media_type: m.media_type,
+                })),
+        }
+    }
+
+    async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let mut all = Vec::new();
+        let mut path = format!("/v2/{repo}/tags/list");
+        // Follow `Link: <...>; rel="next"` pagination, bounded.
+        for _ in 0..100 {
+            let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
+            match resp.status() {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Ok(None),
+                s => return Err(self.status_error("tags", s)),
+            }
+            let next = header_str(&resp, http::header::LINK).and_then(|l| {
+                let start = l.find('<')? + 1;
+                let end = l[start..].find('>')? + start;
+                let target = &l[start..end];
+                target.starts_with("/v2/").then(|| target.to_string())
+            });
+            let body = resp.bytes().await.map_err(|e| self.client.fail(e))?;
+            let list: TagList = serde_json::from_slice(&body)
+                .map_err(|e| self.client.fail(format!("tags list: {e}")))?;
+            all.extend(list.tags.unwrap_or_default());
+            match next {
+                Some(n) => path = n,
+                None => break,
+            }
+        }
+        all.sort();
+        all.dedup();
+        Ok(Some(all))
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<(Bytes, bool)>> {
+        let mut path = format!("/v2/{repo}/referrers/{digest}");
+        if let Some(t) = artifact_type {
+            path.push_str("?artifactType=");
+            path.push_str(&url::form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>());
+        }
+        let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => return Err(self.status_error("referrers", s)),
+        }
+        let filtered = resp.headers().contains_key("oci-filters-applied");
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_MANIFEST as u64)
+        {
+            return Err(self.client.fail("referrers index larger than 4 MiB"));
+        }
+        let body = resp.bytes().await.map_err(|e| self.client.fail(e))?;
+        if body.len() > MAX_MANIFEST {
+            return Err(self.client.fail("referrers index larger than 4 MiB"));
+        }
+        Ok(Some((body, filtered)))
+    }
+
+    async fn probe(&self) -> Result<()> {
+        // Any HTTP answer (200, or 401 from a registry that wants auth) proves reachability.
+        let resp = self
+            .client
+            .send(Method::GET, "/v2/", None, HeaderMap::new())
+            .await?;
+        if resp.status().is_server_error() {
+            return Err(self.client.fail(format!("/v2/ answered {}", resp.status())));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 0-9/100"), Some((0, 10, 100)));
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+}

@@ -1,0 +1,415 @@
+//! `StorageEngine`: an `object_store` store holding content in the Distribution layout.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
+
+use super::layout;
+use super::{
+    BlobMeta, BlobRead, ByteStream, Engine, EngineKind, GetBlob, LocalFile, Manifest, ManifestMeta,
+    TagLink,
+};
+use crate::error::{Error, Result};
+use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
+
+/// Blobs smaller than this are committed with one conditional `put`; larger ones stream through a
+/// multipart upload.
+const SINGLE_PUT_MAX: u64 = 16 << 20;
+
+#[derive(Debug)]
+pub struct StorageEngine {
+    id: String,
+    store: Arc<dyn ObjectStore>,
+    /// The directory of a `file://` engine: lets hits read files directly and commits hard-link
+    /// spool files into place (an atomic create-if-absent, no copy).
+    local_root: Option<PathBuf>,
+}
+
+/// Checks an engine URL without connecting (for `check-config`).
+pub fn check_url(
+    url: &str,
+    _options: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        if rest.is_empty() {
+            return Err("file:// needs a directory".into());
+        }
+        return Ok(());
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "memory" | "s3" | "s3a" | "gs" | "az" | "adl" | "azure" | "abfs" | "abfss" => Ok(()),
+        other => Err(format!(
+            "unsupported scheme {other:?}; use file://, memory://, s3://, gs:// or az://"
+        )),
+    }
+}
+
+impl StorageEngine {
+    /// Builds the store for `url`; `options` are object_store configuration keys.
+    pub fn open(
+        id: &str,
+        url: &str,
+        options: &std::collections::BTreeMap<String, String>,
+    ) -> Result<StorageEngine> {
+        let cfg_err = |m: String| Error::Config(format!("storage.engines.{id}.url: {m}"));
+        check_url(url, options).map_err(cfg_err)?;
+        if let Some(rest) = url.strip_prefix("file://") {
+            let dir = PathBuf::from(rest);
+            let dir = if dir.is_absolute() {
+                dir
+            } else {
+                std::env::current_dir()?.join(dir)
+            };
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| cfg_err(format!("cannot create {}: {e}", dir.display())))?;
+            let dir = dir.canonicalize()?;
+            let store =
+                LocalFileSystem::new_with_prefix(&dir).map_err(|e| cfg_err(e.to_string()))?;
+            return Ok(StorageEngine {
+                id: id.into(),
+                store: Arc::new(store),
+                local_root: Some(dir),
+            });
+        }
+        let parsed = url::Url::parse(url).map_err(|e| cfg_err(e.to_string()))?;
+        if parsed.scheme() == "memory" {
+            return Ok(StorageEngine::from_store(id, Arc::new(InMemory::new())));
+        }
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options.iter())
+            .map_err(|e| cfg_err(e.to_string()))?;
+        let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+            Arc::from(store)
+        } else {
+            Arc::new(PrefixStore::new(store, prefix))
+        };
+        Ok(StorageEngine::from_store(id, store))
+    }
+
+    /// Wraps any store (tests use this with fault-injecting wrappers).
+    pub fn from_store(id: &str, store: Arc<dyn ObjectStore>) -> StorageEngine {
+        StorageEngine {
+            id: id.into(),
+            store,
+            local_root: None,
+        }
+    }
+
+    pub fn local_root(&self) -> Option<&FsPath> {
+        self.local_root.as_deref()
+    }
+
+    fn fail(&self, e: object_store::Error) -> Error {
+        Error::engine(&self.id, e)
+    }
+
+    /// Reads a small object whole; `None` when absent.
+    async fn read_small(&self, path: &Path) -> Result<Option<(Bytes, object_store::ObjectMeta)>> {
+        match self.store.get(path).await {
+            Ok(r) => {
+                let meta = r.meta.clone();
+                let bytes = r.bytes().await.map_err(|e| self.fail(e))?;
+                Ok(Some((bytes, meta)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    async fn put_if_absent(&self, path: &Path, bytes: Bytes) -> Result<()> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from_bytes(bytes), opts)
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            // Stores without conditional create: content-addressed, so an overwrite is harmless.
+            Err(object_store::Error::NotImplemented { .. }) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    async fn put_link(&self, path: &Path, digest: &Digest) -> Result<()> {
+        self.store
+            .put(path, PutPayload::from(digest.to_string().into_bytes()))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Streams a verified local file into the store.
+    async fn upload_file(&self, dest: &Path, file: &FsPath, size: u64) -> Result<()> {
+        let f = Arc::new(std::fs::File::open(file)?);
+        if size <= SINGLE_PUT_MAX {
+            let bytes = crate::fileio::read_at(f, 0, size as usize).await?;
+            return self.put_if_absent(dest, bytes).await;
+        }
+        let upload = self
+            .store
+            .put_multipart(dest)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut writer = object_store::WriteMultipart::new(upload);
+        let mut chunks = crate::fileio::stream_range(f, 0, size);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    writer.abort().await.ok();
+                    return Err(e);
+                }
+            };
+            writer
+                .wait_for_capacity(4)
+                .await
+                .map_err(|e| self.fail(e))?;
+            writer.put(chunk);
+        }
+        writer.finish().await.map(|_| ()).map_err(|e| self.fail(e))
+    }
+}
+
+#[async_trait]
+impl Engine for StorageEngine {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Storage
+    }
+
+    async fn stat_blob(&self, _repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
+        match self.store.head(&layout::blob_data(digest)).await {
+            Ok(m) => Ok(Some(BlobMeta { size: m.size })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    async fn get_blob(
+        &self,
+        _repo: &RepoName,
+        digest: &Digest,
+        opts: GetBlob,
+    ) -> Result<Option<BlobRead>> {
+        if let Some(lf) = self.open_local_file(digest).await? {
+            let (offset, len) = resolve_range(opts, lf.size)?;
+            let stream = crate::fileio::stream_range(Arc::new(lf.file), offset, len);
+            return Ok(Some(BlobRead {
+                size: lf.size,
+                offset,
+                len,
+                stream,
+            }));
+        }
+        let path = layout::blob_data(digest);
+        let size = match self.store.head(&path).await {
+            Ok(m) => m.size,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.fail(e)),
+        };
+        let (offset, len) = resolve_range(opts, size)?;
+        if len == 0 {
+            return Ok(Some(BlobRead {
+                size,
+                offset,
+                len,
+                stream: Box::pin(futures::stream::empty()),
+            }));
+        }
+        let gopts = GetOptions {
+            range: Some(GetRange::Bounded(offset..offset + len)),
+            ..Default::default()
+        };
+        let res = match self.store.get_opts(&path, gopts).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.fail(e)),
+        };
+        let id = self.id.clone();
+        let stream: ByteStream =
+            Box::pin(res.into_stream().map_err(move |e| Error::engine(&id, e)));
+        Ok(Some(BlobRead {
+            size,
+            offset,
+            len,
+            stream,
+        }))
+    }
+
+    async fn open_local_file(&self, digest: &Digest) -> Result<Option<LocalFile>> {
+        let Some(root) = &self.local_root else {
+            return Ok(None);
+        };
+        let path = root.join(layout::blob_data(digest).as_ref());
+        match std::fs::File::open(&path) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some(LocalFile { file, size }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::engine(&self.id, e)),
+        }
+    }
+
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        _accept: &[String],
+    ) -> Result<Option<Manifest>> {
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(t) => match self.tag_link(repo, t).await? {
+                Some(link) => link.digest,
+                None => return Ok(None),
+            },
+        };
+        let Some((bytes, _)) = self.read_small(&layout::blob_data(&digest)).await? else {
+            return Ok(None);
+        };
+        // Never serve bytes that do not hash to the name they are served under.
+        let actual = digest.same_algorithm_of(&bytes);
+        if actual != digest {
+            return Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let media_type = media::sniff_manifest(&bytes);
+        Ok(Some(Manifest {
+            digest,
+            media_type,
+            bytes,
+        }))
+    }
+
+    async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<ManifestMeta>> {
+        Ok(self
+            .get_manifest(repo, reference, accept)
+            .await?
+            .map(|m| ManifestMeta {
+                size: m.bytes.len() as u64,
+                digest: m.digest,
+                media_type: m.media_type,
+            }))
+    }
+
+    async fn tag_link(&self, repo: &RepoName, tag: &Tag) -> Result<Option<TagLink>> {
+        let Some((bytes, meta)) = self.read_small(&layout::tag_current(repo, tag)).await? else {
+            return Ok(None);
+        };
+        let digest = layout::parse_link(&bytes)
+            .ok_or_else(|| Error::engine(&self.id, format!("corrupt tag link for {repo}:{tag}")))?;
+        Ok(Some(TagLink {
+            digest,
+            modified: Some(meta.last_modified.into()),
+        }))
+    }
+
+    async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&layout::tags_dir(repo)))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut tags: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        if tags.is_empty() {
+            return Ok(None);
+        }
+        tags.sort();
+        Ok(Some(tags))
+    }
+
+    async fn put_blob_file(&self, digest: &Digest, file: &FsPath, size: u64) -> Result<()> {
+        let dest = layout::blob_data(digest);
+        if let Some(root) = &self.local_root {
+            let target = root.join(dest.as_ref());
+            if let Some(dir) = target.parent() {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+            // A hard link is an atomic create-if-absent: the blob appears whole or not at all,
+            // and a concurrent commit of the same digest (same bytes) simply finds it there.
+            match tokio::fs::hard_link(file, &target).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+                // Another filesystem: fall through to the store's own (staged, renamed) upload.
+                Err(_) => {}
+            }
+        }
+        match self.store.head(&dest).await {
+            Ok(m) if m.size == size => return Ok(()),
+            _ => {}
+        }
+        self.upload_file(&dest, file, size).await
+    }
+
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.put_link(&layout::layer_link(repo, digest), digest)
+            .await
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
+        self.put_if_absent(&layout::blob_data(&manifest.digest), manifest.bytes.clone())
+            .await?;
+        self.put_link(
+            &layout::revision_link(repo, &manifest.digest),
+            &manifest.digest,
+        )
+        .await
+    }
+
+    async fn put_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
+        self.put_link(&layout::tag_index(repo, tag, digest), digest)
+            .await?;
+        self.put_link(&layout::tag_current(repo, tag), digest).await
+    }
+
+    async fn probe(&self) -> Result<()> {
+        match self.store.head(&layout::probe_object()).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+}
+
+/// Resolves an optional range against the blob size into `(offset, len)`.
+pub fn resolve_range(opts: GetBlob, size: u64) -> Result<(u64, u64)> {
+    match opts.range {
+        None => Ok((0, size)),
+        Some(r) => {
+            let end = r.end.unwrap_or(size).min(size);
+            if r.start >= size || r.start >= end {
+                return Err(Error::client(
+                    ErrorCode::RangeInvalid,
+                    format!("range starts at {} but the blob has {size} bytes", r.start),
+                ));
+            }
+            Ok((r.start, end - r.start))
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The HTTP front: the listener, the route table, and thin handlers that call the pull path and
+//! turn its answers (and errors) into responses. Only this module speaks HTTP.
+
+pub mod body;
+pub mod headers;
+pub mod ops;
+pub mod pull;
+pub mod route;
+pub mod server;

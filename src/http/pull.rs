@@ -1,0 +1,225 @@
+//! Thin handlers of the read side: parse what the route table left, call the `Puller`, set the
+//! headers mirrors and CDNs rely on.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+
+use super::body::{self, Body};
+use super::headers::{self as h, value};
+use crate::app::App;
+use crate::engine::set::Routed;
+use crate::error::{Error, Result};
+use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
+
+fn routed(app: &App, name: &RepoName, ns: Option<&str>) -> Result<Routed> {
+    app.puller.engines().route(name, ns)
+}
+
+fn builder(status: StatusCode) -> http::response::Builder {
+    Response::builder().status(status)
+}
+
+fn finish(b: http::response::Builder, body: Body) -> Result<Response<Body>> {
+    b.body(body).map_err(|e| Error::engine("http", e))
+}
+
+fn immutable(b: http::response::Builder, d: &Digest) -> http::response::Builder {
+    b.header(header::CACHE_CONTROL, IMMUTABLE_VALUE.clone())
+        .header(header::ETAG, value(&h::etag(d)))
+        .header(h::DOCKER_DIGEST, value(d.as_str()))
+}
+
+static IMMUTABLE_VALUE: HeaderValue = HeaderValue::from_static(h::IMMUTABLE);
+
+/// Counts body bytes by source as they are sent.
+fn counted(app: &Arc<App>, source: &Arc<str>, s: crate::engine::ByteStream) -> Body {
+    let metrics = app.metrics.clone();
+    let source = source.clone();
+    body::stream(Box::pin(s.inspect(move |r| {
+        if let Ok(b) = r {
+            metrics.bytes_served(&source, b.len() as u64);
+        }
+    })))
+}
+
+pub async fn blob(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    name: &RepoName,
+    digest: &Digest,
+    ns: Option<&str>,
+) -> Result<Response<Body>> {
+    let r = routed(app, name, ns)?;
+    if h::none_match(headers, digest) {
+        return finish(
+            immutable(builder(StatusCode::NOT_MODIFIED), digest),
+            body::empty(),
+        );
+    }
+    let range = if h::if_range_allows(headers, digest) {
+        h::parse_range(headers)?
+    } else {
+        None
+    };
+    let head = method == Method::HEAD;
+    let ans = app.puller.blob(&r, digest, range, head).await?;
+    let (status, len) = match ans.range {
+        Some(rg) => (
+            StatusCode::PARTIAL_CONTENT,
+            rg.end.unwrap_or(ans.size) - rg.start,
+        ),
+        None => (StatusCode::OK, ans.size),
+    };
+    let mut b = immutable(builder(status), digest)
+        .header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))
+        .header(h::X_SOURCE, value(&ans.source));
+    if let Some(rg) = ans.range {
+        let end = rg.end.unwrap_or(ans.size);
+        b = b.header(
+            header::CONTENT_RANGE,
+            value(&format!("bytes {}-{}/{}", rg.start, end - 1, ans.size)),
+        );
+    }
+    let body = match ans.body {
+        Some(s) if !head => counted(app, &ans.source, s),
+        _ => body::empty(),
+    };
+    finish(b, body)
+}
+
+pub async fn manifest(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    name: &RepoName,
+    reference: &Reference,
+    ns: Option<&str>,
+) -> Result<Response<Body>> {
+    let r = routed(app, name, ns)?;
+    if let Reference::Digest(d) = reference {
+        if h::none_match(headers, d) {
+            return finish(
+                immutable(builder(StatusCode::NOT_MODIFIED), d),
+                body::empty(),
+            );
+        }
+    }
+    let accept = h::accept(headers);
+    let ans = app.puller.manifest(&r, reference, &accept).await?;
+    let m = &ans.manifest;
+    let not_modified = h::none_match(headers, &m.digest);
+    let status = if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        StatusCode::OK
+    };
+    let mut b = builder(status)
+        .header(header::CONTENT_TYPE, value(&m.media_type))
+        .header(header::ETAG, value(&h::etag(&m.digest)))
+        .header(h::DOCKER_DIGEST, value(m.digest.as_str()))
+        .header(h::X_SOURCE, value(&ans.source));
+    b = match reference {
+        Reference::Digest(_) => b.header(header::CACHE_CONTROL, IMMUTABLE_VALUE.clone()),
+        Reference::Tag(_) => {
+            let b = b
+                .header(
+                    header::CACHE_CONTROL,
+                    value(&format!("public, max-age={}", app.tag_ttl.as_secs())),
+                )
+                .header(header::VARY, HeaderValue::from_static("Accept"));
+            match ans.stale_age {
+                Some(age) => b.header(header::AGE, age.as_secs()),
+                None => b,
+            }
+        }
+    };
+    if not_modified {
+        return finish(b, body::empty());
+    }
+    b = b.header(header::CONTENT_LENGTH, m.bytes.len());
+    if method == Method::HEAD {
+        return finish(b, body::empty());
+    }
+    app.metrics.bytes_served(&ans.source, m.bytes.len() as u64);
+    finish(b, body::full(m.bytes.clone()))
+}
+
+pub async fn tags(
+    app: &Arc<App>,
+    name: &RepoName,
+    query: &[(String, String)],
+    ns: Option<&str>,
+) -> Result<Response<Body>> {
+    let r = routed(app, name, ns)?;
+    let n = match query.iter().find(|(k, _)| k == "n") {
+        Some((_, v)) => Some(v.parse::<usize>().map_err(|_| {
+            Error::client(
+                ErrorCode::PaginationNumberInvalid,
+                "n must be a non-negative integer",
+            )
+        })?),
+        None => None,
+    };
+    let last = query
+        .iter()
+        .find(|(k, _)| k == "last")
+        .map(|(_, v)| v.as_str());
+    let all = app.puller.tags(&r).await?;
+    let mut page: Vec<&String> = all
+        .iter()
+        .filter(|t| last.is_none_or(|l| t.as_str() > l))
+        .collect();
+    let more = n.is_some_and(|n| page.len() > n);
+    if let Some(n) = n {
+        page.truncate(n);
+    }
+    let body = serde_json::json!({ "name": name.as_str(), "tags": page }).to_string();
+    let mut b = builder(StatusCode::OK).header(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let (true, Some(n), Some(l)) = (more, n, page.last()) {
+        let link = format!(
+            "</v2/{name}/tags/list?n={n}&last={}>; rel=\"next\"",
+            url::form_urlencoded::byte_serialize(l.as_bytes()).collect::<String>()
+        );
+        b = b.header(header::LINK, value(&link));
+    }
+    finish(b, body::full(body))
+}
+
+pub async fn referrers(
+    app: &Arc<App>,
+    name: &RepoName,
+    digest: &Digest,
+    query: &[(String, String)],
+    ns: Option<&str>,
+) -> Result<Response<Body>> {
+    let r = routed(app, name, ns)?;
+    let artifact_type = query
+        .iter()
+        .find(|(k, _)| k == "artifactType")
+        .map(|(_, v)| v.as_str());
+    let (bytes, filtered): (Bytes, bool) = app.puller.referrers(&r, digest, artifact_type).await?;
+    let mut b = builder(StatusCode::OK).header(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(media::OCI_INDEX),
+    );
+    if filtered && artifact_type.is_some() {
+        b = b.header(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    finish(b, body::full(bytes))
+}

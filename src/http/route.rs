@@ -1,0 +1,233 @@
+//! The one route table. The `/v2/` grammar is parsed by hand, splitting from the right on the
+//! endpoint markers, so repository names with any number of slashes work; names, digests and
+//! references are validated here, before any I/O.
+
+use http::Method;
+
+use crate::error::{Error, Result};
+use crate::oci::{Digest, ErrorCode, Reference, RepoName};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /v2/`
+    Base,
+    Manifest {
+        name: RepoName,
+        reference: Reference,
+    },
+    Blob {
+        name: RepoName,
+        digest: Digest,
+    },
+    /// `/v2/<name>/blobs/uploads/...`: the push side.
+    Upload {
+        name: RepoName,
+    },
+    Tags {
+        name: RepoName,
+    },
+    Referrers {
+        name: RepoName,
+        digest: Digest,
+    },
+    Catalog,
+    Healthz,
+    Readyz,
+    Metrics,
+    Status,
+}
+
+impl Route {
+    /// A stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Manifest {
+                reference: Reference::Tag(_),
+                ..
+            } => "manifest_tag",
+            Route::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            } => "manifest_digest",
+            Route::Blob { .. } => "blob",
+            Route::Upload { .. } => "upload",
+            Route::Tags { .. } => "tags",
+            Route::Referrers { .. } => "referrers",
+            Route::Catalog => "catalog",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::Status => "status",
+        }
+    }
+}
+
+fn name(s: &str) -> Result<RepoName> {
+    s.parse::<RepoName>().map_err(|e| {
+        Error::client(
+            ErrorCode::NameInvalid,
+            format!("invalid repository name: {e}"),
+        )
+    })
+}
+
+fn digest(s: &str) -> Result<Digest> {
+    s.parse::<Digest>()
+        .map_err(|e| Error::client(ErrorCode::DigestInvalid, format!("invalid digest: {e}")))
+}
+
+fn not_found() -> Error {
+    Error::Client(
+        crate::oci::OciError::new(ErrorCode::Unsupported, "no such endpoint")
+            .with_status(http::StatusCode::NOT_FOUND),
+    )
+}
+
+/// Parses a request path (without the query).
+pub fn parse(path: &str) -> Result<Route> {
+    match path {
+        "/v2" | "/v2/" => return Ok(Route::Base),
+        "/healthz" => return Ok(Route::Healthz),
+        "/readyz" => return Ok(Route::Readyz),
+        "/metrics" => return Ok(Route::Metrics),
+        "/_ociedge/status" | "/status" => return Ok(Route::Status),
+        "/v2/_catalog" => return Ok(Route::Catalog),
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Err(not_found());
+    };
+    if rest.len() > 4096 {
+        return Err(Error::client(
+            ErrorCode::NameInvalid,
+            "request path too long",
+        ));
+    }
+    if let Some(n) = rest.strip_suffix("/tags/list") {
+        return Ok(Route::Tags { name: name(n)? });
+    }
+    if let Some(i) = rest.find("/blobs/uploads") {
+        let tail = &rest[i + "/blobs/uploads".len()..];
+        if tail.is_empty() || tail.starts_with('/') {
+            return Ok(Route::Upload {
+                name: name(&rest[..i])?,
+            });
+        }
+    }
+    for (marker, kind) in [("/manifests/", 0), ("/blobs/", 1), ("/referrers/", 2)] {
+        if let Some(i) = rest.rfind(marker) {
+            let (n, last) = (&rest[..i], &rest[i + marker.len()..]);
+            if last.is_empty() || last.contains('/') {
+                continue;
+            }
+            let name = name(n)?;
+            return match kind {
+                0 => {
+                    let reference = Reference::parse(last).ok_or_else(|| {
+                        if last.contains(':') {
+                            Error::client(
+                                ErrorCode::DigestInvalid,
+                                format!("invalid digest {:?}", trunc(last)),
+                            )
+                        } else {
+                            Error::client(
+                                ErrorCode::ManifestInvalid,
+                                format!("invalid tag {:?}", trunc(last)),
+                            )
+                        }
+                    })?;
+                    Ok(Route::Manifest { name, reference })
+                }
+                1 => Ok(Route::Blob {
+                    name,
+                    digest: digest(last)?,
+                }),
+                _ => Ok(Route::Referrers {
+                    name,
+                    digest: digest(last)?,
+                }),
+            };
+        }
+    }
+    Err(not_found())
+}
+
+fn trunc(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// Whether `method` is allowed on a read route (pushes are answered separately).
+pub fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+/// Query parameters, decoded.
+pub fn query(q: Option<&str>) -> Vec<(String, String)> {
+    q.map(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .into_owned()
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(p: &str) -> &'static str {
+        match parse(p) {
+            Err(Error::Client(e)) => e.code.as_str(),
+            other => panic!("{p}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(parse("/v2/").unwrap(), Route::Base);
+        assert!(
+            matches!(parse("/v2/a/b/c/manifests/latest").unwrap(), Route::Manifest { name, .. } if name.as_str() == "a/b/c")
+        );
+        assert!(matches!(
+            parse(&format!("/v2/x/blobs/{d}")).unwrap(),
+            Route::Blob { .. }
+        ));
+        assert!(matches!(
+            parse("/v2/x/y/tags/list").unwrap(),
+            Route::Tags { .. }
+        ));
+        assert!(matches!(
+            parse(&format!("/v2/x/referrers/{d}")).unwrap(),
+            Route::Referrers { .. }
+        ));
+        assert!(matches!(
+            parse("/v2/x/blobs/uploads/").unwrap(),
+            Route::Upload { .. }
+        ));
+        assert!(matches!(
+            parse("/v2/x/blobs/uploads/abc").unwrap(),
+            Route::Upload { .. }
+        ));
+        // A repository may be called "manifests" or "blobs".
+        assert!(
+            matches!(parse("/v2/manifests/manifests/1").unwrap(), Route::Manifest { name, .. } if name.as_str() == "manifests")
+        );
+    }
+
+    #[test]
+    fn bad_input() {
+        assert_eq!(code("/v2/UPPER/manifests/latest"), "NAME_INVALID");
+        assert_eq!(code("/v2/a/../b/manifests/latest"), "NAME_INVALID");
+        assert_eq!(code("/v2/a//b/manifests/latest"), "NAME_INVALID");
+        assert_eq!(
+            code(&format!("/v2/{}/manifests/latest", "a".repeat(300))),
+            "NAME_INVALID"
+        );
+        assert_eq!(code("/v2/a/blobs/sha256:abc"), "DIGEST_INVALID");
+        assert_eq!(code("/v2/a/manifests/sha256:xyz"), "DIGEST_INVALID");
+        assert_eq!(code("/v2/a/manifests/-bad"), "MANIFEST_INVALID");
+        assert_eq!(code("/nope"), "UNSUPPORTED");
+    }
+}

@@ -1,0 +1,37 @@
+//! ociedge: an edge pull-through cache for container images.
+//!
+//! # Architecture, by file
+//! - `http/`: the front. `route.rs` is the one route table (the `/v2/` grammar parsed by hand),
+//!   `pull.rs` the thin read handlers, `ops.rs` health, readiness, metrics and status,
+//!   `server.rs` the listener.
+//! - `pull/`: the pull path. `mod.rs` (`Puller`): hits, misses, manifests, tags;
+//!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache.
+//! - `engine/`: the `Engine` trait and its two kinds, `storage.rs` (object_store in the
+//!   Distribution layout, `layout.rs`) and `registry/` (upstream registries, with token auth);
+//!   `set.rs` routes names to upstreams and orders remote engines.
+//! - `oci/`: validated names, digests, media types, wire errors. `config/`: the config tree.
+//!
+//! # The miss path
+//! `GET /v2/library/alpine/blobs/sha256:…` is parsed into `Route::Blob` (bad names and digests
+//! are refused here, before any I/O) and routed to its upstream (`?ns=`, a registry prefix, or the
+//! default; `alpine` means `library/alpine` on Docker Hub). The `Puller` looks in the local engine;
+//! on a miss it joins the fill running for that digest or starts one. The fill is a detached task:
+//! it asks the remote engines in order, streams the first one that has the blob into a spool file
+//! while hashing it, resumes from the byte reached on the next engine if a stream breaks, and
+//! commits to the local engine only once the digest matches. Every request for the digest reads
+//! the spool as it grows, at its own pace, and is sent the final byte only after the verdict, so a
+//! bad upstream yields a broken response, never a clean wrong one.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fileio;
+pub mod http;
+pub mod metrics;
+pub mod oci;
+pub mod pull;
+
+pub use error::{Error, Result};

@@ -1,0 +1,251 @@
+//! Prometheus metrics: what an operator graphs (request rates and errors by route, bytes by
+//! source, hit ratio, fills, upstream errors) and the `/metrics` text encoding.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::pull::fill::Outcome;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EngineLabels {
+    engine: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+    bytes_served: Family<SourceLabels, Counter>,
+    cache: Family<CacheLabels, Counter>,
+    fills_in_flight: Gauge,
+    fills: Family<ResultLabels, Counter>,
+    fills_joined: Counter,
+    upstream_errors: Family<EngineLabels, Counter>,
+    engine_bytes: Family<EngineLabels, Counter>,
+    digest_mismatches: Family<EngineLabels, Counter>,
+    stale_tags: Counter,
+}
+
+/// Cheap to clone; every clone records into the same registry.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ociedge");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.5, 14))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to response headers, by route",
+            duration.clone(),
+        );
+        let bytes_served = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "bytes_served",
+            "Body bytes sent to clients, by source (local or engine id)",
+            bytes_served.clone(),
+        );
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register("cache_requests", "Lookups in the local engine by kind (blob, manifest, tag) and result (hit, miss, stale)", cache.clone());
+        let fills_in_flight = Gauge::default();
+        registry.register(
+            "fills_in_flight",
+            "Fills of the local engine running now",
+            fills_in_flight.clone(),
+        );
+        let fills = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "fills",
+            "Finished fills by result (done, not_found, failed)",
+            fills.clone(),
+        );
+        let fills_joined = Counter::default();
+        registry.register(
+            "fills_joined",
+            "Requests that joined a fill already running for their digest",
+            fills_joined.clone(),
+        );
+        let upstream_errors = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed requests to remote engines, by engine",
+            upstream_errors.clone(),
+        );
+        let engine_bytes = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "engine_bytes_received",
+            "Bytes fetched from remote engines, by engine",
+            engine_bytes.clone(),
+        );
+        let digest_mismatches = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "digest_mismatches",
+            "Blobs refused because their bytes did not match the digest, by engine",
+            digest_mismatches.clone(),
+        );
+        let stale_tags = Counter::default();
+        registry.register(
+            "stale_tags_served",
+            "Tag answers served past tag_ttl because the authority was unreachable",
+            stale_tags.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                duration,
+                bytes_served,
+                cache,
+                fills_in_flight,
+                fills,
+                fills_joined,
+                upstream_errors,
+                engine_bytes,
+                digest_mismatches,
+                stale_tags,
+            }),
+        }
+    }
+
+    pub fn request(&self, route: &'static str, method: &'static str, status: u16, seconds: f64) {
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels {
+                route,
+                method,
+                status,
+            })
+            .inc();
+        self.inner
+            .duration
+            .get_or_create(&RouteLabels { route })
+            .observe(seconds);
+    }
+
+    pub fn bytes_served(&self, source: &Arc<str>, n: u64) {
+        self.inner
+            .bytes_served
+            .get_or_create(&SourceLabels {
+                source: source.clone(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn cache(&self, kind: &'static str, result: &'static str) {
+        self.inner
+            .cache
+            .get_or_create(&CacheLabels { kind, result })
+            .inc();
+    }
+
+    pub fn fill_started(&self) {
+        self.inner.fills_in_flight.inc();
+    }
+
+    pub fn fill_joined(&self) {
+        self.inner.fills_joined.inc();
+    }
+
+    pub fn fill_finished(&self, outcome: &Outcome) {
+        self.inner.fills_in_flight.dec();
+        let result = match outcome {
+            Outcome::Done => "done",
+            Outcome::NotFound => "not_found",
+            Outcome::Failed(_) => "failed",
+        };
+        self.inner
+            .fills
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn upstream_error(&self, engine: &str) {
+        self.inner
+            .upstream_errors
+            .get_or_create(&EngineLabels {
+                engine: engine.into(),
+            })
+            .inc();
+    }
+
+    pub fn engine_bytes(&self, engine: &str, n: u64) {
+        self.inner
+            .engine_bytes
+            .get_or_create(&EngineLabels {
+                engine: engine.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn digest_mismatch(&self, engine: &str) {
+        self.inner
+            .digest_mismatches
+            .get_or_create(&EngineLabels {
+                engine: engine.into(),
+            })
+            .inc();
+    }
+
+    pub fn stale_tag(&self) {
+        self.inner.stale_tags.inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.inner.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,448 @@
+//! Fills: one background copy per digest from the nearest remote engine into the local engine,
+//! which every concurrent request for that digest reads from as it grows.
+//!
+//! A fill is a detached task ([`run_fill`]) that owns the transfer: no client can slow it (readers
+//! read the spool file at their own pace, never a channel the fill waits on) or cancel it (dropping
+//! a response drops only that reader). Bytes land in a spool file first and are hashed on the way;
+//! only a whole, verified blob is committed to the local engine. Readers never see the end of the
+//! blob before the verdict: the last byte is held back until the digest has been checked, so a
+//! client that was sent wrong bytes gets a broken response, never a clean one.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::engine::{ByteRange, ByteStream, Engine, GetBlob};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::oci::{Digest, ErrorCode, RepoName, Verifier};
+
+/// Writes are batched up to this many bytes when the network delivers faster than the disk.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// How a fill ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Verified and committed (or verified but the commit failed: readers still got good bytes).
+    Done,
+    /// No engine had the blob.
+    NotFound,
+    /// The transfer failed or the digest did not match.
+    Failed(Arc<str>),
+}
+
+/// The state readers watch.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Total size, known once a source answered.
+    pub size: Option<u64>,
+    /// Engine id the bytes come from (the first one, for `X-Ociedge-Source`).
+    pub source: Option<Arc<str>>,
+    /// Bytes in the spool file.
+    pub written: u64,
+    pub outcome: Option<Outcome>,
+}
+
+/// One fill in flight.
+pub struct FillState {
+    pub digest: Digest,
+    progress: watch::Sender<Progress>,
+    /// Read handle of the spool file (readers `pread` it; it stays valid after the file is
+    /// renamed, linked or unlinked).
+    spool: OnceLock<Arc<File>>,
+}
+
+/// The single-flight table. `join_or_start` either joins the fill running for a digest or
+/// starts one.
+#[derive(Clone)]
+pub struct Fills {
+    inner: Arc<FillsInner>,
+}
+
+struct FillsInner {
+    running: Mutex<HashMap<Digest, Arc<FillState>>>,
+    spool_dir: PathBuf,
+    metrics: Metrics,
+}
+
+/// What the fill task needs to run.
+pub struct FillPlan {
+    /// Engines to ask, in order, with the repository name each knows the blob under.
+    pub sources: Vec<(Arc<dyn Engine>, RepoName)>,
+    /// Where a verified blob is committed, and the repository to link it into; `None` when the
+    /// local engine is unusable (the bytes are still streamed to clients).
+    pub target: Option<(Arc<dyn Engine>, RepoName)>,
+}
+
+impl Fills {
+    pub fn new(spool_dir: PathBuf, metrics: Metrics) -> Fills {
+        Fills {
+            inner: Arc::new(FillsInner {
+                running: Mutex::new(HashMap::new()),
+                spool_dir,
+                metrics,
+            }),
+        }
+    }
+
+    /// Number of fills in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inner.running.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Snapshot of the fills in flight: (digest, progress).
+    pub fn snapshot(&self) -> Vec<(Digest, Progress)> {
+        let Ok(m) = self.inner.running.lock() else {
+            return Vec::new();
+        };
+        m.values()
+            .map(|s| (s.digest.clone(), s.progress.borrow().clone()))
+            .collect()
+    }
+
+    /// Joins the fill of `digest`, or starts one with `plan()` (called only by the leader).
+    /// The boolean says whether this call started it.
+    pub fn join_or_start(
+        &self,
+        digest: &Digest,
+        plan: impl FnOnce() -> FillPlan,
+    ) -> (Arc<FillState>, bool) {
+        let state = {
+            let Ok(mut map) = self.inner.running.lock() else {
+                // A poisoned lock means a panic elsewhere; run an unshared fill rather than fail.
+                return (self.spawn(digest, plan()), true);
+            };
+            if let Some(s) = map.get(digest) {
+                self.inner.metrics.fill_joined();
+                return (s.clone(), false);
+            }
+            let state = Arc::new(FillState {
+                digest: digest.clone(),
+                progress: watch::Sender::new(Progress::default()),
+                spool: OnceLock::new(),
+            });
+            map.insert(digest.clone(), state.clone());
+            state
+        };
+        let fills = self.clone();
+        let plan = plan();
+        let span = tracing::info_span!("fill", digest = %digest);
+        let task_state = state.clone();
+        tokio::spawn(
+            async move {
+                fills.inner.metrics.fill_started();
+                let outcome = run_fill(
+                    &task_state,
+                    plan,
+                    &fills.inner.spool_dir,
+                    &fills.inner.metrics,
+                )
+                .await;
+                fills.inner.metrics.fill_finished(&outcome);
+                if let Ok(mut map) = fills.inner.running.lock() {
+                    map.remove(&task_state.digest);
+                }
+                task_state
+                    .progress
+                    .send_modify(|p| p.outcome = Some(outcome));
+            }
+            .instrument(span),
+        );
+        (state, true)
+    }
+
+    fn spawn(&self, digest: &Digest, plan: FillPlan) -> Arc<FillState> {
+        let state = Arc::new(FillState {
+            digest: digest.clone(),
+            progress: watch::Sender::new(Progress::default()),
+            spool: OnceLock::new(),
+        });
+        let s = state.clone();
+        let dir = self.inner.spool_dir.clone();
+        let metrics = self.inner.metrics.clone();
+        tokio::spawn(async move {
+            let outcome = run_fill(&s, plan, &dir, &metrics).await;
+            s.progress.send_modify(|p| p.outcome = Some(outcome));
+        });
+        state
+    }
+}
+
+impl FillState {
+    /// Waits until a source answered: `(size, source)`, or the fill's failure.
+    pub async fn started(&self) -> Result<(u64, Arc<str>)> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if let (Some(size), Some(src)) = (p.size, &p.source) {
+                    return Ok((size, src.clone()));
+                }
+                match &p.outcome {
+                    Some(Outcome::NotFound) => {
+                        return Err(Error::client(
+                            ErrorCode::BlobUnknown,
+                            format!("blob {} is unknown to every engine", self.digest),
+                        ))
+                    }
+                    Some(Outcome::Failed(m)) => return Err(Error::engine("fill", m)),
+                    _ => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::engine("fill", "fill ended without an outcome"));
+            }
+        }
+    }
+
+    /// A stream of `len` bytes from `offset`, read from the spool as the fill writes it. The last
+    /// byte comes only after the digest has been verified; a failed fill ends the stream with an
+    /// error.
+    pub fn reader(self: &Arc<Self>, offset: u64, len: u64) -> ByteStream {
+        let rx = self.progress.subscribe();
+        let end = offset + len;
+        let state = (self.clone(), rx, offset);
+        Box::pin(futures::stream::try_unfold(
+            state,
+            move |(fill, mut rx, pos)| async move {
+                if pos >= end {
+                    return Ok(None);
+                }
+                loop {
+                    let (allowed, failed) = {
+                        let p = rx.borrow_and_update();
+                        match &p.outcome {
+                            Some(Outcome::Done) => (end, None),
+                            Some(Outcome::NotFound) => (0, Some("blob vanished".into())),
+                            Some(Outcome::Failed(m)) => (0, Some(m.clone())),
+                            // Hold the final byte back until the verdict.
+                            None => (p.written.min(end.saturating_sub(1)), None),
+                        }
+                    };
+                    if let Some(m) = failed {
+                        return Err(Error::engine("fill", m));
+                    }
+                    if pos < allowed {
+                        let file = fill
+                            .spool
+                            .get()
+                            .cloned()
+                            .ok_or_else(|| Error::engine("fill", "spool missing"))?;
+                        let want = (allowed - pos).min(crate::fileio::CHUNK as u64) as usize;
+                        let chunk = crate::fileio::read_at(file, pos, want).await?;
+                        if chunk.is_empty() {
+                            return Err(Error::engine("fill", "spool shorter than reported"));
+                        }
+                        let next = pos + chunk.len() as u64;
+                        return Ok(Some((chunk, (fill, rx, next))));
+                    }
+                    if rx.changed().await.is_err() {
+                        return Err(Error::engine("fill", "fill task went away"));
+                    }
+                }
+            },
+        ))
+    }
+}
+
+/// Removes the spool file when the fill is over, whatever happened.
+struct SpoolGuard(PathBuf);
+
+impl Drop for SpoolGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The fill task: find a source, copy into the spool while hashing, fail over mid-stream by
+/// resuming at the offset reached, verify, commit.
+async fn run_fill(
+    state: &FillState,
+    plan: FillPlan,
+    spool_dir: &std::path::Path,
+    metrics: &Metrics,
+) -> Outcome {
+    let digest = &state.digest;
+    let mut sources = plan.sources.into_iter();
+    let mut last_err: Option<String> = None;
+
+    // 1. The first engine that has the blob.
+    let (mut stream, size, mut engine, mut current_src) = loop {
+        let Some((engine, repo)) = sources.next() else {
+            return match last_err {
+                Some(e) => Outcome::Failed(e.into()),
+                None => Outcome::NotFound,
+            };
+        };
+        match engine.get_blob(&repo, digest, GetBlob::default()).await {
+            Ok(Some(read)) => break (read.stream, read.size, engine, repo),
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(engine = engine.id(), error = %e, "fill source failed");
+                metrics.upstream_error(engine.id());
+                last_err = Some(e.to_string());
+            }
+        }
+    };
+
+    let spool_path = spool_dir.join(format!("{}.{}.part", digest.hex(), rand::random::<u64>()));
+    let _guard = SpoolGuard(spool_path.clone());
+    let (writer, reader) = match open_spool(&spool_path) {
+        Ok((w, r)) => (Arc::new(w), r),
+        Err(e) => {
+            return Outcome::Failed(
+                format!("cannot create spool {}: {e}", spool_path.display()).into(),
+            )
+        }
+    };
+    let _ = state.spool.set(Arc::new(reader));
+    let source_id: Arc<str> = engine.id().into();
+    state.progress.send_modify(|p| {
+        p.size = Some(size);
+        p.source = Some(source_id.clone());
+    });
+    tracing::info!(source = %source_id, size, "fill started");
+
+    // 2. Copy, hashing as we go; on a failed stream move to the next engine at the same offset.
+    let mut verifier = Verifier::new(digest);
+    let mut written: u64 = 0;
+    let mut batch = BytesMut::new();
+    loop {
+        let item = stream.next().await;
+        let mut end_of_stream = false;
+        match item {
+            Some(Ok(chunk)) => {
+                batch.extend_from_slice(&chunk);
+                // Take whatever else is ready now, so a fast network gets large disk writes and a
+                // slow one still reaches readers at once.
+                while batch.len() < WRITE_BATCH {
+                    match stream.next().now_or_never() {
+                        Some(Some(Ok(c))) => batch.extend_from_slice(&c),
+                        _ => break,
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(engine = engine.id(), offset = written, error = %e, "fill source failed mid-stream");
+                metrics.upstream_error(engine.id());
+                last_err = Some(e.to_string());
+                end_of_stream = true;
+            }
+            None => end_of_stream = true,
+        }
+        if !batch.is_empty() {
+            let data: Bytes = batch.split().freeze();
+            if written + data.len() as u64 > size {
+                return Outcome::Failed(
+                    format!("{} sent more bytes than the blob's size", engine.id()).into(),
+                );
+            }
+            verifier.update(&data);
+            if let Err(e) = write_spool(writer.clone(), written, data.clone()).await {
+                return Outcome::Failed(format!("spool write failed: {e}").into());
+            }
+            written += data.len() as u64;
+            metrics.engine_bytes(engine.id(), data.len() as u64);
+            state.progress.send_modify(|p| p.written = written);
+        }
+        if !end_of_stream {
+            continue;
+        }
+        if written == size {
+            break;
+        }
+        // Short or broken stream: resume from `written` on the next engine that has the blob
+        // (the same upstream is retried once first, as most failures are a dropped connection).
+        let mut resumed = None;
+        let retry_same = std::iter::once((engine.clone(), current_src.clone()));
+        for (e, repo) in retry_same.chain(sources.by_ref()) {
+            let opts = GetBlob {
+                range: Some(ByteRange {
+                    start: written,
+                    end: None,
+                }),
+            };
+            match e.get_blob(&repo, digest, opts).await {
+                Ok(Some(read)) if read.size == size && read.offset == written => {
+                    tracing::info!(engine = e.id(), offset = written, "fill resumed");
+                    resumed = Some((read.stream, e, repo));
+                    break;
+                }
+                Ok(_) => continue,
+                Err(err) => {
+                    metrics.upstream_error(e.id());
+                    last_err = Some(err.to_string());
+                }
+            }
+        }
+        match resumed {
+            Some((s, e, r)) => {
+                stream = s;
+                engine = e;
+                current_src = r;
+            }
+            None => {
+                let why = last_err.unwrap_or_else(|| "stream ended early".into());
+                return Outcome::Failed(
+                    format!("transfer of {digest} stopped at {written}/{size}: {why}").into(),
+                );
+            }
+        }
+    }
+
+    // 3. Verify, then commit whole.
+    let actual = verifier.finish();
+    if &actual != digest {
+        tracing::error!(source = %source_id, %actual, "digest mismatch: nothing stored");
+        metrics.digest_mismatch(&source_id);
+        return Outcome::Failed(format!("digest mismatch from {source_id}: got {actual}").into());
+    }
+    if let Err(e) = sync_spool(writer).await {
+        return Outcome::Failed(format!("spool sync failed: {e}").into());
+    }
+    if let Some((local, repo)) = plan.target {
+        let committed = async {
+            local.put_blob_file(digest, &spool_path, size).await?;
+            local.link_blob(&repo, digest).await
+        }
+        .await;
+        match committed {
+            Ok(()) => tracing::info!(size, "fill committed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "fill verified but not committed to the local engine")
+            }
+        }
+    }
+    Outcome::Done
+}
+
+fn open_spool(path: &std::path::Path) -> std::io::Result<(File, File)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let r = File::open(path)?;
+    Ok((w, r))
+}
+
+async fn write_spool(file: Arc<File>, offset: u64, data: Bytes) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+async fn sync_spool(file: Arc<File>) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await
+        .map_err(std::io::Error::other)?
+}

@@ -1,0 +1,522 @@
+//! The pull path: hits from the local engine, misses from the nearest remote engine with a fill
+//! of the local engine, tags from their authority.
+
+pub mod fill;
+pub mod tags;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use moka::future::Cache;
+
+use crate::engine::set::{Engines, Routed};
+use crate::engine::storage::resolve_range;
+use crate::engine::{ByteRange, ByteStream, GetBlob, Manifest};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
+use fill::{FillPlan, Fills};
+use tags::TagCache;
+
+/// The source name of content served from the local engine.
+pub const LOCAL: &str = "local";
+
+/// A client's `Range`, before the blob size is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// `bytes=a-` or `bytes=a-b` (`b` inclusive).
+    From { start: u64, last: Option<u64> },
+    /// `bytes=-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+impl RangeSpec {
+    /// The concrete range for a blob of `size` bytes, or `RANGE_INVALID` when unsatisfiable.
+    pub fn resolve(self, size: u64) -> Result<ByteRange> {
+        let bad = || {
+            Error::client(
+                ErrorCode::RangeInvalid,
+                format!("range not satisfiable for a blob of {size} bytes"),
+            )
+        };
+        match self {
+            RangeSpec::From { start, last } => {
+                if start >= size || last.is_some_and(|l| l < start) {
+                    return Err(bad());
+                }
+                Ok(ByteRange {
+                    start,
+                    end: Some(last.map_or(size, |l| (l + 1).min(size))),
+                })
+            }
+            RangeSpec::Suffix(n) => {
+                if n == 0 || size == 0 {
+                    return Err(bad());
+                }
+                Ok(ByteRange {
+                    start: size.saturating_sub(n),
+                    end: Some(size),
+                })
+            }
+        }
+    }
+}
+
+/// A blob answer: what to send and where it came from.
+pub struct BlobAnswer {
+    pub size: u64,
+    /// The range served, when the client asked for one.
+    pub range: Option<ByteRange>,
+    pub source: Arc<str>,
+    /// `None` for `HEAD`.
+    pub body: Option<ByteStream>,
+}
+
+/// A manifest answer.
+pub struct ManifestAnswer {
+    pub manifest: Manifest,
+    pub source: Arc<str>,
+    /// How old a tag answer is when it was served stale (the authority was unreachable).
+    pub stale_age: Option<Duration>,
+}
+
+pub struct Puller {
+    engines: Arc<Engines>,
+    fills: Fills,
+    tags: TagCache,
+    /// Hot manifests by digest: manifest hits are answered from memory.
+    manifests: Cache<Digest, Manifest>,
+    metrics: Metrics,
+    local_name: Arc<str>,
+}
+
+impl Puller {
+    pub fn new(engines: Arc<Engines>, fills: Fills, tags: TagCache, metrics: Metrics) -> Puller {
+        let manifests = Cache::builder()
+            .max_capacity(64 << 20)
+            .weigher(|_k: &Digest, m: &Manifest| {
+                u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX)
+            })
+            .build();
+        Puller {
+            engines,
+            fills,
+            tags,
+            manifests,
+            metrics,
+            local_name: LOCAL.into(),
+        }
+    }
+
+    pub fn engines(&self) -> &Arc<Engines> {
+        &self.engines
+    }
+
+    pub fn fills(&self) -> &Fills {
+        &self.fills
+    }
+
+    /// A blob (or a range of it). `head` answers without a body and without starting a fill.
+    pub async fn blob(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+        head: bool,
+    ) -> Result<BlobAnswer> {
+        let local = self.engines.local().clone();
+        // Hit, fast path: a file:// engine's file, read directly.
+        match local.open_local_file(digest).await {
+            Ok(Some(lf)) => {
+                self.metrics.cache("blob", "hit");
+                let range = range.map(|s| s.resolve(lf.size)).transpose()?;
+                let body = (!head).then(|| {
+                    let (offset, len) =
+                        resolve_range(GetBlob { range }, lf.size).unwrap_or((0, lf.size));
+                    crate::fileio::stream_range(Arc::new(lf.file), offset, len)
+                });
+                return Ok(BlobAnswer {
+                    size: lf.size,
+                    range,
+                    source: self.local_name.clone(),
+                    body,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "local engine read failed; serving from remotes"),
+        }
+        // Hit in another kind of local engine.
+        match local.stat_blob(&r.storage_repo, digest).await {
+            Ok(Some(meta)) => {
+                let range = range.map(|s| s.resolve(meta.size)).transpose()?;
+                if head {
+                    self.metrics.cache("blob", "hit");
+                    return Ok(BlobAnswer {
+                        size: meta.size,
+                        range,
+                        source: self.local_name.clone(),
+                        body: None,
+                    });
+                }
+                match local
+                    .get_blob(&r.storage_repo, digest, GetBlob { range })
+                    .await
+                {
+                    Ok(Some(read)) => {
+                        self.metrics.cache("blob", "hit");
+                        return Ok(BlobAnswer {
+                            size: read.size,
+                            range,
+                            source: self.local_name.clone(),
+                            body: Some(read.stream),
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(Error::Client(e)) => return Err(Error::Client(e)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "local engine read failed; serving from remotes")
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "local engine stat failed; serving from remotes"),
+        }
+        self.metrics.cache("blob", "miss");
+        if head {
+            return self.head_remote(r, digest, range).await;
+        }
+        let (fill, _leader) = self.fills.join_or_start(digest, || FillPlan {
+            sources: self.engines.remotes_for(r),
+            target: Some((local.clone(), r.storage_repo.clone())),
+        });
+        let (size, source) = fill.started().await?;
+        let range = range.map(|s| s.resolve(size)).transpose()?;
+        let (offset, len) = resolve_range(GetBlob { range }, size)?;
+        Ok(BlobAnswer {
+            size,
+            range,
+            source,
+            body: Some(fill.reader(offset, len)),
+        })
+    }
+
+    async fn head_remote(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<BlobAnswer> {
+        let mut last_err = None;
+        for (engine, repo) in self.engines.remotes_for(r) {
+            match engine.stat_blob(&repo, digest).await {
+                Ok(Some(meta)) => {
+                    let range = range.map(|s| s.resolve(meta.size)).transpose()?;
+                    return Ok(BlobAnswer {
+                        size: meta.size,
+                        range,
+                        source: engine.id().into(),
+                        body: None,
+                    });
+                }
+                Ok(None) => {}
+                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) => {
+                    self.metrics.upstream_error(engine.id());
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| {
+            Error::client(ErrorCode::BlobUnknown, format!("blob {digest} is unknown"))
+        }))
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        &self,
+        r: &Routed,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<ManifestAnswer> {
+        match reference {
+            Reference::Digest(d) => {
+                let (manifest, source) = self.manifest_by_digest(r, d, accept).await?;
+                Ok(ManifestAnswer {
+                    manifest,
+                    source,
+                    stale_age: None,
+                })
+            }
+            Reference::Tag(t) => self.manifest_by_tag(r, t, accept).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        accept: &[String],
+    ) -> Result<(Manifest, Arc<str>)> {
+        if let Some(m) = self.manifests.get(digest).await {
+            self.metrics.cache("manifest", "hit");
+            return Ok((m, self.local_name.clone()));
+        }
+        let local = self.engines.local();
+        let by_digest = Reference::Digest(digest.clone());
+        match local
+            .get_manifest(&r.storage_repo, &by_digest, accept)
+            .await
+        {
+            Ok(Some(m)) => {
+                self.metrics.cache("manifest", "hit");
+                self.manifests.insert(digest.clone(), m.clone()).await;
+                return Ok((m, self.local_name.clone()));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "local engine manifest read failed"),
+        }
+        self.metrics.cache("manifest", "miss");
+        let mut last_err = None;
+        for (engine, repo) in self.engines.remotes_for(r) {
+            match engine.get_manifest(&repo, &by_digest, accept).await {
+                Ok(Some(m)) => {
+                    if let Err(e) = local.put_manifest(&r.storage_repo, &m).await {
+                        tracing::warn!(error = %e, "manifest not stored in the local engine");
+                    }
+                    self.manifests.insert(digest.clone(), m.clone()).await;
+                    return Ok((m, engine.id().into()));
+                }
+                Ok(None) => {}
+                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) => {
+                    self.metrics.upstream_error(engine.id());
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| {
+            Error::client(
+                ErrorCode::ManifestUnknown,
+                format!("manifest {digest} is unknown"),
+            )
+        }))
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        r: &Routed,
+        tag: &Tag,
+        accept: &[String],
+    ) -> Result<ManifestAnswer> {
+        let repo = &r.storage_repo;
+        let Some(upstream) = self.engines.upstream(r) else {
+            // No upstream owns the name: the local engine is the authority.
+            let link = self.engines.local().tag_link(repo, tag).await?;
+            let link = link.ok_or_else(|| {
+                Error::client(
+                    ErrorCode::ManifestUnknown,
+                    format!("{repo}:{tag} is unknown"),
+                )
+            })?;
+            let (manifest, source) = self.manifest_by_digest(r, &link.digest, accept).await?;
+            return Ok(ManifestAnswer {
+                manifest,
+                source,
+                stale_age: None,
+            });
+        };
+        if let Some(e) = self.tags.fresh(repo, tag).await {
+            if media::accepts(accept, &e.media_type) {
+                self.metrics.cache("tag", "hit");
+                let (manifest, source) = self.manifest_by_digest(r, &e.digest, accept).await?;
+                return Ok(ManifestAnswer {
+                    manifest,
+                    source,
+                    stale_age: None,
+                });
+            }
+        }
+        // Revalidate with the authority: a HEAD, which Docker Hub does not count as a pull.
+        let by_tag = Reference::Tag(tag.clone());
+        match upstream
+            .engine
+            .head_manifest(&r.upstream_repo, &by_tag, accept)
+            .await
+        {
+            Ok(Some(meta)) => {
+                self.metrics.cache("tag", "revalidated");
+                let old = self
+                    .tags
+                    .insert(repo, tag, meta.digest.clone(), meta.media_type.clone())
+                    .await;
+                let (manifest, source) = self.manifest_by_digest(r, &meta.digest, accept).await?;
+                if old.as_ref() != Some(&meta.digest) {
+                    // Persist the answer so it survives a restart as the stale fallback.
+                    if let Err(e) = self.engines.local().put_tag(repo, tag, &meta.digest).await {
+                        tracing::warn!(error = %e, "tag link not stored in the local engine");
+                    }
+                }
+                Ok(ManifestAnswer {
+                    manifest,
+                    source,
+                    stale_age: None,
+                })
+            }
+            Ok(None) => {
+                self.tags.forget(repo, tag).await;
+                Err(Error::client(
+                    ErrorCode::ManifestUnknown,
+                    format!("{}:{tag} is unknown upstream", r.upstream_repo),
+                ))
+            }
+            Err(e @ Error::Client(_)) => Err(e),
+            Err(e) => {
+                self.metrics.upstream_error(upstream.engine.id());
+                tracing::warn!(error = %e, "tag authority unreachable; trying a stale answer");
+                self.stale_tag(r, tag, accept).await?.ok_or_else(|| {
+                    Error::client(ErrorCode::Unavailable, format!("upstream {} is unreachable and no cached answer for {repo}:{tag} is younger than max_stale", upstream.name))
+                })
+            }
+        }
+    }
+
+    /// The last known answer for a tag, if younger than `max_stale`: from memory, else from the
+    /// local engine's tag link (which survives restarts).
+    async fn stale_tag(
+        &self,
+        r: &Routed,
+        tag: &Tag,
+        accept: &[String],
+    ) -> Result<Option<ManifestAnswer>> {
+        let repo = &r.storage_repo;
+        let (digest, age) = if let Some(e) = self.tags.stale(repo, tag).await {
+            (e.digest, e.fetched.elapsed())
+        } else {
+            match self.engines.local().tag_link(repo, tag).await {
+                Ok(Some(link)) => {
+                    let age = link
+                        .modified
+                        .and_then(|m| SystemTime::now().duration_since(m).ok())
+                        .unwrap_or(Duration::MAX);
+                    if age >= self.tags.max_stale() {
+                        return Ok(None);
+                    }
+                    (link.digest, age)
+                }
+                _ => return Ok(None),
+            }
+        };
+        let Ok((manifest, source)) = self.manifest_by_digest(r, &digest, accept).await else {
+            return Ok(None);
+        };
+        self.metrics.cache("tag", "stale");
+        self.metrics.stale_tag();
+        Ok(Some(ManifestAnswer {
+            manifest,
+            source,
+            stale_age: Some(age),
+        }))
+    }
+
+    /// All tags of a repository, from the authority (or the local engine while it is down).
+    pub async fn tags(&self, r: &Routed) -> Result<Vec<String>> {
+        let local = self.engines.local();
+        if let Some(u) = self.engines.upstream(r) {
+            match u.engine.list_tags(&r.upstream_repo).await {
+                Ok(Some(t)) => return Ok(t),
+                Ok(None) => {
+                    return Err(Error::client(
+                        ErrorCode::NameUnknown,
+                        format!("repository {} is unknown upstream", r.upstream_repo),
+                    ))
+                }
+                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) => {
+                    self.metrics.upstream_error(u.engine.id());
+                    tracing::warn!(error = %e, "tags list from the local engine: authority unreachable");
+                }
+            }
+        }
+        local.list_tags(&r.storage_repo).await?.ok_or_else(|| {
+            Error::client(
+                ErrorCode::NameUnknown,
+                format!("repository {} is unknown", r.storage_repo),
+            )
+        })
+    }
+
+    /// The referrers index of a manifest, passed through from the upstream; an empty index when
+    /// nobody has referrers for it.
+    pub async fn referrers(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<(Bytes, bool)> {
+        if let Some(u) = self.engines.upstream(r) {
+            if let Some(found) = u
+                .engine
+                .referrers(&r.upstream_repo, digest, artifact_type)
+                .await?
+            {
+                return Ok(found);
+            }
+        }
+        let empty = serde_json::json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": [] });
+        Ok((Bytes::from(empty.to_string()), artifact_type.is_some()))
+    }
+
+    /// The name a routed repository is stored under (for logs).
+    pub fn storage_name<'a>(&self, r: &'a Routed) -> &'a RepoName {
+        &r.storage_repo
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve() {
+        let f = |s, l| RangeSpec::From { start: s, last: l };
+        assert_eq!(
+            f(0, Some(9)).resolve(100).unwrap(),
+            ByteRange {
+                start: 0,
+                end: Some(10)
+            }
+        );
+        assert_eq!(
+            f(90, None).resolve(100).unwrap(),
+            ByteRange {
+                start: 90,
+                end: Some(100)
+            }
+        );
+        assert_eq!(
+            f(90, Some(500)).resolve(100).unwrap(),
+            ByteRange {
+                start: 90,
+                end: Some(100)
+            }
+        );
+        assert_eq!(
+            RangeSpec::Suffix(10).resolve(100).unwrap(),
+            ByteRange {
+                start: 90,
+                end: Some(100)
+            }
+        );
+        assert_eq!(
+            RangeSpec::Suffix(1000).resolve(100).unwrap(),
+            ByteRange {
+                start: 0,
+                end: Some(100)
+            }
+        );
+        assert!(f(100, None).resolve(100).is_err());
+        assert!(f(5, Some(4)).resolve(100).is_err());
+        assert!(RangeSpec::Suffix(0).resolve(100).is_err());
+    }
+}
