@@ -165,6 +165,11 @@ pub trait Engine: Send + Sync + Debug {
         Err(unsupported(self.id(), "blob links"))
     }
 
+    /// Records that `repo` contains the manifest (Distribution's revision link).
+    async fn link_manifest(&self, _repo: &RepoName, _digest: &Digest) -> Result<()> {
+        Err(unsupported(self.id(), "manifest links"))
+    }
+
     /// Stores a verified manifest and links it into `repo`.
     async fn put_manifest(&self, _repo: &RepoName, _manifest: &Manifest) -> Result<()> {
         Err(unsupported(self.id(), "manifest writes"))

@@ -35,6 +35,17 @@ pub struct Engines {
     upstreams: Vec<Upstream>,
 }
 
+/// A registry name as a repository component: `upstream.local:5000` → `upstream.local-5000`.
+fn storage_prefix(registry: &str) -> String {
+    registry
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.' | '-' | '_') => c,
+            _ => '-',
+        })
+        .collect()
+}
+
 fn is_docker_hub(name: &str) -> bool {
     matches!(
         name,
@@ -117,7 +128,7 @@ impl Engines {
         };
         let storage_repo = match idx {
             Some(i) if i > 0 => upstream_repo
-                .with_prefix(&self.upstreams[i].name)
+                .with_prefix(&storage_prefix(&self.upstreams[i].name))
                 .map_err(|e| Error::client(ErrorCode::NameInvalid, e.to_string()))?,
             _ => upstream_repo.clone(),
         };
@@ -132,5 +143,64 @@ impl Engines {
         self.upstreams
             .iter()
             .position(|u| u.name == registry || (u.docker_hub && is_docker_hub(registry)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::storage::StorageEngine;
+
+    fn engines(names: &[&str]) -> Engines {
+        let mem = || -> Arc<dyn Engine> {
+            Arc::new(StorageEngine::from_store(
+                "m",
+                Arc::new(object_store::memory::InMemory::new()),
+            ))
+        };
+        Engines::new(
+            mem(),
+            vec![],
+            names.iter().map(|n| (n.to_string(), mem())).collect(),
+        )
+    }
+
+    fn route(e: &Engines, name: &str, ns: Option<&str>) -> (Option<usize>, String, String) {
+        let r = e.route(&name.parse().unwrap(), ns).unwrap();
+        (
+            r.upstream,
+            r.upstream_repo.to_string(),
+            r.storage_repo.to_string(),
+        )
+    }
+
+    #[test]
+    fn routing() {
+        let e = engines(&["docker.io", "ghcr.io", "upstream.local:5000"]);
+        assert_eq!(
+            route(&e, "alpine", None),
+            (Some(0), "library/alpine".into(), "library/alpine".into())
+        );
+        assert_eq!(
+            route(&e, "alpine", Some("docker.io")),
+            (Some(0), "library/alpine".into(), "library/alpine".into())
+        );
+        assert_eq!(
+            route(&e, "docker.io/library/alpine", None),
+            (Some(0), "library/alpine".into(), "library/alpine".into())
+        );
+        assert_eq!(
+            route(&e, "ghcr.io/org/app", None),
+            (Some(1), "org/app".into(), "ghcr.io/org/app".into())
+        );
+        assert_eq!(
+            route(&e, "org/app", Some("ghcr.io")),
+            (Some(1), "org/app".into(), "ghcr.io/org/app".into())
+        );
+        assert_eq!(
+            route(&e, "a/b", Some("upstream.local:5000")),
+            (Some(2), "a/b".into(), "upstream.local-5000/a/b".into())
+        );
+        assert!(e.route(&"a".parse().unwrap(), Some("quay.io")).is_err());
     }
 }

@@ -373,6 +373,11 @@ impl Engine for StorageEngine {
             .await
     }
 
+    async fn link_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.put_link(&layout::revision_link(repo, digest), digest)
+            .await
+    }
+
     async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
         self.put_if_absent(&layout::blob_data(&manifest.digest), manifest.bytes.clone())
             .await?;

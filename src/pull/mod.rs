@@ -89,6 +89,15 @@ pub struct Puller {
     manifests: Cache<Digest, Manifest>,
     metrics: Metrics,
     local_name: Arc<str>,
+    /// (repository, digest) pairs known to be linked in the local engine, so a hit links a blob
+    /// or manifest into a new repository once (what Distribution needs to serve it there).
+    linked: moka::sync::Cache<(RepoName, Digest), ()>,
+}
+
+#[derive(Clone, Copy)]
+enum LinkKind {
+    Blob,
+    Manifest,
 }
 
 impl Puller {
@@ -106,7 +115,30 @@ impl Puller {
             manifests,
             metrics,
             local_name: LOCAL.into(),
+            linked: moka::sync::Cache::new(1_000_000),
         }
+    }
+
+    /// Makes sure a local hit is linked into the requesting repository, in the background.
+    fn ensure_linked(&self, repo: &RepoName, digest: &Digest, kind: LinkKind) {
+        let key = (repo.clone(), digest.clone());
+        if self.linked.contains_key(&key) {
+            return;
+        }
+        self.linked.insert(key.clone(), ());
+        let local = self.engines.local().clone();
+        let linked = self.linked.clone();
+        tokio::spawn(async move {
+            let (repo, digest) = &key;
+            let res = match kind {
+                LinkKind::Blob => local.link_blob(repo, digest).await,
+                LinkKind::Manifest => local.link_manifest(repo, digest).await,
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, %repo, %digest, "could not link content into the repository");
+                linked.invalidate(&key);
+            }
+        });
     }
 
     pub fn engines(&self) -> &Arc<Engines> {
@@ -130,6 +162,7 @@ impl Puller {
         match local.open_local_file(digest).await {
             Ok(Some(lf)) => {
                 self.metrics.cache("blob", "hit");
+                self.ensure_linked(&r.storage_repo, digest, LinkKind::Blob);
                 let range = range.map(|s| s.resolve(lf.size)).transpose()?;
                 let body = (!head).then(|| {
                     let (offset, len) =
@@ -149,6 +182,7 @@ impl Puller {
         // Hit in another kind of local engine.
         match local.stat_blob(&r.storage_repo, digest).await {
             Ok(Some(meta)) => {
+                self.ensure_linked(&r.storage_repo, digest, LinkKind::Blob);
                 let range = range.map(|s| s.resolve(meta.size)).transpose()?;
                 if head {
                     self.metrics.cache("blob", "hit");
@@ -260,6 +294,7 @@ impl Puller {
     ) -> Result<(Manifest, Arc<str>)> {
         if let Some(m) = self.manifests.get(digest).await {
             self.metrics.cache("manifest", "hit");
+            self.ensure_linked(&r.storage_repo, digest, LinkKind::Manifest);
             return Ok((m, self.local_name.clone()));
         }
         let local = self.engines.local();
@@ -270,6 +305,7 @@ impl Puller {
         {
             Ok(Some(m)) => {
                 self.metrics.cache("manifest", "hit");
+                self.ensure_linked(&r.storage_repo, digest, LinkKind::Manifest);
                 self.manifests.insert(digest.clone(), m.clone()).await;
                 return Ok((m, self.local_name.clone()));
             }

@@ -105,11 +105,9 @@ impl Engine for RegistryEngine {
             .await?;
         match resp.status() {
             s if s.is_success() => {
-                let size = resp.content_length().or_else(|| {
-                    header_str(&resp, http::header::CONTENT_LENGTH)?
-                        .parse()
-                        .ok()
-                });
+                let size =
+                    header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+                // (the header, not reqwest's body size hint, which is 0 for a HEAD)
                 let size =
                     size.ok_or_else(|| self.client.fail("blob HEAD without Content-Length"))?;
                 Ok(Some(BlobMeta { size }))
@@ -288,11 +286,7 @@ impl Engine for RegistryEngine {
         .and_then(|s| s.parse().ok());
         let media_type = header_str(&resp, http::header::CONTENT_TYPE)
             .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-        let size = resp.content_length().or_else(|| {
-            header_str(&resp, http::header::CONTENT_LENGTH)?
-                .parse()
-                .ok()
-        });
+        let size = header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
         match (digest, media_type, size) {
             (Some(digest), Some(media_type), Some(size)) => Ok(Some(ManifestMeta {
                 digest,

@@ -1,0 +1,370 @@
+//! Test fixtures: real components on loopback, started per test and stopped on drop.
+//!
+//! - [`Origin`]: CNCF Distribution (`docker-registry`) started by `../shared/harness/registry.sh`,
+//!   filled with the harness's deterministic images (built once by `mkimage.py`, pushed by skopeo).
+//! - [`Proxy`]: the `ociedge` binary with a given config.
+//! A missing program fails the test; nothing here skips.
+#![allow(dead_code)]
+
+pub mod fake;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SMALL: &str = "sha256:a29318a1a32c0e4c464ae7b87c3c3ffb8b3e34b78416c3c832d4294303a72259";
+pub const SMALL_1_1: &str =
+    "sha256:9167fc7a0e041374cf04fd89e20dba10a4e7ff02e71f591da4f8fd785c7a8b05";
+pub const SMALL_DOCKER: &str =
+    "sha256:97244fc6f8f206043389a43037ecd5d15186ea9848dc5bf62d9091a81643c68f";
+pub const MULTI: &str = "sha256:aebbd7aedd461ec8042584e999ab2e25ffe611da15821c53395dbfce10a31acf";
+pub const APP: &str = "sha256:3dafe9950994947919d18dbf9a5a672ebe09d956e2675310d275efb32ae356d4";
+
+pub fn harness() -> PathBuf {
+    let dir = std::env::var_os("OCIEDGE_HARNESS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/harness"));
+    assert!(
+        dir.join("registry.sh").exists(),
+        "harness scripts not found at {} (set OCIEDGE_HARNESS)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The standard images of the harness, built once into a shared OCI layout (under a file lock,
+/// so parallel tests and test binaries build it once). Returns the layout directory.
+pub fn images() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("harness-images");
+    std::fs::create_dir_all(&dir).expect("images dir");
+    let lock = std::fs::File::create(dir.with_extension("lock")).expect("lock file");
+    lock.lock().expect("lock");
+    let mk = harness().join("mkimage.py");
+    let specs: &[(&str, &str, &[&str])] = &[
+        ("small-1.0", "3M,1.5M,512K", &[]),
+        ("small-1.1", "3M,1.5M,512K", &[]),
+        ("multi-1.0", "2M,1M", &["--multiarch"]),
+        ("app-v1", "1M,256K", &[]),
+    ];
+    for (tag, sizes, extra) in specs {
+        let marker = dir.join(format!(".built-{tag}"));
+        if marker.exists() {
+            continue;
+        }
+        run(Command::new("python3")
+            .arg(&mk)
+            .arg(&dir)
+            .args([tag, tag, sizes])
+            .args(*extra)
+            .arg("--quiet"));
+        std::fs::write(&marker, b"").expect("marker");
+    }
+    drop(lock);
+    dir
+}
+
+/// A docker-registry on loopback.
+pub struct Origin {
+    state: tempfile::TempDir,
+    pub port: u16,
+    name: String,
+}
+
+impl Origin {
+    pub fn start() -> Origin {
+        let state = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let o = Origin {
+            state,
+            port,
+            name: "origin".into(),
+        };
+        o.script(&["start", &o.name, &port.to_string()]);
+        o
+    }
+
+    fn script(&self, args: &[&str]) -> String {
+        run(Command::new("bash")
+            .arg(harness().join("registry.sh"))
+            .args(args)
+            .env("HARNESS_STATE", self.state.path()))
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.state
+            .path()
+            .join("registry")
+            .join(&self.name)
+            .join("data")
+    }
+
+    /// The access log (count upstream requests by grepping it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(
+            self.state
+                .path()
+                .join("registry")
+                .join(&self.name)
+                .join("registry.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Pushes images of the standard layout: `(layout_tag, "repo:tag", docker_schema2)`.
+    pub fn push(&self, items: &[(&str, &str, bool)]) {
+        let layout = images();
+        for (lt, dest, v2s2) in items {
+            let mut cmd = Command::new("skopeo");
+            cmd.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
+            if *v2s2 {
+                cmd.args(["--format", "v2s2"]);
+            } else {
+                cmd.arg("--preserve-digests");
+            }
+            cmd.arg(format!("oci:{}:{lt}", layout.display()))
+                .arg(format!("docker://{}/{dest}", self.host()));
+            run(&mut cmd);
+        }
+    }
+
+    /// The standard set used by most tests.
+    pub fn seed(&self) {
+        self.push(&[
+            ("small-1.0", "library/small:1.0", false),
+            ("small-1.1", "library/small:1.1", false),
+            ("small-1.0", "library/small-docker:1.0", true),
+            ("multi-1.0", "library/multi:1.0", false),
+            ("app-v1", "org/team/app:v1", false),
+        ]);
+    }
+
+    pub fn stop(&self) {
+        self.script(&["stop", &self.name]);
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(harness().join("registry.sh"))
+            .args(["stop", &self.name])
+            .env("HARNESS_STATE", self.state.path())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `verify-pull.sh`: skopeo pulls `repo:tag` through `host` and checks every digest.
+pub fn verify_pull(host: &str, image: &str, digest: &str) -> bool {
+    Command::new("bash")
+        .arg(harness().join("verify-pull.sh"))
+        .args([host, image, digest])
+        .stdout(Stdio::null())
+        .status()
+        .expect("verify-pull.sh")
+        .success()
+}
+
+/// A running `ociedge serve`.
+pub struct Proxy {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Proxy {
+    /// Starts ociedge with `config`, where `{PORT}` and `{DIR}` are replaced by the listen port
+    /// and a fresh directory; waits until `/healthz` answers.
+    pub fn start(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Proxy::start_in(config, dir)
+    }
+
+    pub fn start_in(config: &str, dir: tempfile::TempDir) -> Proxy {
+        let port = free_port();
+        let cfg = config
+            .replace("{PORT}", &port.to_string())
+            .replace("{DIR}", &dir.path().display().to_string());
+        let path = dir.path().join("ociedge.yaml");
+        std::fs::write(&path, cfg).expect("write config");
+        let log = std::fs::File::create(dir.path().join("ociedge.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ociedge"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("OCIEDGE_LOG", "info,ociedge=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ociedge");
+        let p = Proxy { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "ociedge did not start: {}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ociedge.log")).unwrap_or_default()
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Path of a blob in the local engine's Distribution layout.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.data().join(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- ociedge log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A config with one docker.io upstream at `origin` and a `file://` local engine in `{DIR}/data`.
+pub fn mirror_config(upstream_url: &str, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:{{PORT}}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - name: docker.io\n    url: {upstream_url}\n{extra}"
+    )
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Pushes a blob to a registry with the monolithic upload (POST, then PUT ?digest=).
+pub async fn push_blob(registry_url: &str, repo: &str, data: Vec<u8>) -> String {
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let c = client();
+    let r = c
+        .post(format!("{registry_url}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .expect("POST upload");
+    assert_eq!(r.status(), 202, "upload start");
+    let loc = r.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{registry_url}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{loc}{sep}digest={digest}"))
+        .header("content-type", "application/octet-stream")
+        .body(data)
+        .send()
+        .await
+        .expect("PUT upload");
+    assert_eq!(r.status(), 201, "upload finish");
+    digest
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A GET sent byte for byte (no client-side path normalisation): `(status, body)`.
+pub async fn raw_get(host: &str, path: &str, extra_headers: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra_headers}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
