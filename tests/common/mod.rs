@@ -3,6 +3,7 @@
 //! - [`Origin`]: CNCF Distribution (`docker-registry`) started by `../shared/harness/registry.sh`,
 //!   filled with the harness's deterministic images (built once by `mkimage.py`, pushed by skopeo).
 //! - [`Proxy`]: the `ociedge` binary with a given config.
+//!
 //! A missing program fails the test; nothing here skips.
 #![allow(dead_code)]
 
