@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs and runs all of it, the tests that drive real components
+# (docker-registry, skopeo, podman, containerd, S3 servers, network namespaces) included.
+#
+#   scripts/test.sh [extra cargo test args]
+#
+# Needs root for apt-get (and for podman/containerd/namespaces in the tests), and a Rust toolchain
+# (cargo >= 1.89). The harness scripts are taken from ../shared/harness (override with
+# OCIEDGE_HARNESS).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(docker-registry skopeo podman containerd jq python3 python3-venv curl iptables iproute2)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "test.sh: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "test.sh: cargo (Rust >= 1.89) is required" >&2; exit 1; }
+
+export OCIEDGE_HARNESS="${OCIEDGE_HARNESS:-$(cd .. && pwd)/shared/harness}"
+[ -x "$OCIEDGE_HARNESS/registry.sh" ] || [ -f "$OCIEDGE_HARNESS/registry.sh" ] \
+  || { echo "test.sh: harness not found at $OCIEDGE_HARNESS" >&2; exit 1; }
+
+cargo test --locked "$@" -- --include-ignored
