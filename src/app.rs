@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::config::Config;
+use crate::engine::nearness::{Nearness, ProbeSettings};
 use crate::engine::registry::{client, RegistryClient, RegistryEngine};
 use crate::engine::set::Engines;
 use crate::engine::storage::StorageEngine;
@@ -30,13 +31,17 @@ pub struct App {
 const STALE_SPOOL: Duration = Duration::from_secs(24 * 3600);
 
 impl App {
-    pub fn build(config: Config) -> Result<Arc<App>> {
+    /// Builds the app, probes every engine once (so the first misses are already ranked), and
+    /// starts the background prober.
+    pub async fn build(config: Config) -> Result<Arc<App>> {
         let metrics = Metrics::new();
         let pref = config.storage.preference.clone();
         let mut local: Option<Arc<StorageEngine>> = None;
         let mut remotes: Vec<Arc<dyn Engine>> = Vec::new();
+        let mut probed: Vec<(Arc<dyn Engine>, i32)> = Vec::new();
         for (id, ec) in &config.storage.engines {
             let engine = Arc::new(StorageEngine::open(id, &ec.url, &ec.options)?);
+            probed.push((engine.clone(), ec.priority.unwrap_or(0)));
             if *id == pref {
                 local = Some(engine);
             } else {
@@ -59,7 +64,9 @@ impl App {
                 .and_then(|a| a.resolve_password().map(|p| (a.username.clone(), p)));
             let engine =
                 RegistryEngine::new(RegistryClient::new(&u.name, base, http.clone(), basic));
-            upstreams.push((u.name.clone(), Arc::new(engine)));
+            let engine: Arc<dyn Engine> = Arc::new(engine);
+            probed.push((engine.clone(), 0));
+            upstreams.push((u.name.clone(), engine));
         }
         let spool_dir = match local.local_root() {
             // Same filesystem as the blobs: a verified spool file is hard-linked into place.
@@ -74,7 +81,16 @@ impl App {
         })?;
         clean_spool(&spool_dir);
         let local_dyn: Arc<dyn Engine> = local;
-        let engines = Arc::new(Engines::new(local_dyn, remotes, upstreams));
+        let p = &config.storage.probe;
+        let settings = ProbeSettings {
+            interval: p.interval.0,
+            timeout: p.timeout.0,
+            down_after: p.down_after,
+        };
+        let nearness = Arc::new(Nearness::new(probed, settings, metrics.clone()));
+        nearness.probe_all().await;
+        tokio::spawn(nearness.clone().run());
+        let engines = Arc::new(Engines::new(local_dyn, remotes, upstreams, nearness));
         let fills = Fills::new(spool_dir, metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
         let puller = Puller::new(engines, fills, tags, metrics.clone());

@@ -94,7 +94,7 @@ fn main() -> ExitCode {
 async fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listen = cfg.listen;
     let region = cfg.region.clone();
-    let app = ociedge::app::App::build(cfg)?;
+    let app = ociedge::app::App::build(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use crate::pull::fill::Outcome;
 
@@ -58,12 +59,21 @@ struct Inner {
     engine_bytes: Family<EngineLabels, Counter>,
     digest_mismatches: Family<EngineLabels, Counter>,
     stale_tags: Counter,
+    engine_rtt: Family<EngineLabels, Gauge<f64, AtomicU64>>,
+    engine_up: Family<EngineLabels, Gauge>,
+    engine_requests: Family<EngineLabels, Counter>,
 }
 
 /// Cheap to clone; every clone records into the same registry.
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
 }
 
 impl Default for Metrics {
@@ -139,8 +149,29 @@ impl Metrics {
             "Tag answers served past tag_ttl because the authority was unreachable",
             stale_tags.clone(),
         );
+        let engine_rtt = Family::<EngineLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "engine_rtt_seconds",
+            "Smoothed probe round-trip time per engine",
+            engine_rtt.clone(),
+        );
+        let engine_up = Family::<EngineLabels, Gauge>::default();
+        registry.register(
+            "engine_up",
+            "1 when the engine's probes succeed, 0 when it is marked down",
+            engine_up.clone(),
+        );
+        let engine_requests = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "engine_requests",
+            "Content requests sent to remote engines (blob and manifest fetches), by engine",
+            engine_requests.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                engine_rtt,
+                engine_up,
+                engine_requests,
                 registry,
                 requests,
                 duration,
@@ -230,6 +261,25 @@ impl Metrics {
     pub fn digest_mismatch(&self, engine: &str) {
         self.inner
             .digest_mismatches
+            .get_or_create(&EngineLabels {
+                engine: engine.into(),
+            })
+            .inc();
+    }
+
+    pub fn engine_health(&self, engine: &str, rtt: Option<f64>, up: bool) {
+        let l = EngineLabels {
+            engine: engine.into(),
+        };
+        if let Some(r) = rtt {
+            self.inner.engine_rtt.get_or_create(&l).set(r);
+        }
+        self.inner.engine_up.get_or_create(&l).set(i64::from(up));
+    }
+
+    pub fn engine_request(&self, engine: &str) {
+        self.inner
+            .engine_requests
             .get_or_create(&EngineLabels {
                 engine: engine.into(),
             })

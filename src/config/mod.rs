@@ -50,6 +50,44 @@ pub struct StorageConfig {
     pub preference: String,
     /// Storage engines by location id.
     pub engines: BTreeMap<String, EngineConfig>,
+    /// How nearness is measured.
+    #[serde(default)]
+    pub probe: ProbeConfig,
+}
+
+/// The background prober that ranks remote engines by measured round-trip time.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// Time between probes of each engine. Default 5s.
+    #[serde(default = "default_probe_interval")]
+    pub interval: HumanDuration,
+    /// A probe slower than this fails. Default 2s.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: HumanDuration,
+    /// Consecutive failed probes that mark an engine down. Default 3.
+    #[serde(default = "default_down_after")]
+    pub down_after: u32,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            interval: default_probe_interval(),
+            timeout: default_probe_timeout(),
+            down_after: default_down_after(),
+        }
+    }
+}
+
+fn default_probe_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(5))
+}
+fn default_probe_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(2))
+}
+fn default_down_after() -> u32 {
+    3
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -321,6 +359,16 @@ impl Config {
                     "passthrough is not supported by this version yet",
                 ));
             }
+        }
+        let p = &self.storage.probe;
+        if p.interval.0 < std::time::Duration::from_millis(50) {
+            return Err(err("storage.probe.interval", "must be at least 50ms"));
+        }
+        if p.timeout.0.is_zero() {
+            return Err(err("storage.probe.timeout", "must be more than 0s"));
+        }
+        if p.down_after == 0 {
+            return Err(err("storage.probe.down_after", "must be at least 1"));
         }
         if self.cache.tag_ttl.0.is_zero() {
             return Err(err("cache.tag_ttl", "must be more than 0s"));

@@ -7,7 +7,9 @@
 //! A stream that ends early or fails yields an `Err` item; callers never treat a short stream as
 //! complete. Writes commit whole objects only: a reader sees an object entirely or not at all.
 
+pub mod dns;
 pub mod layout;
+pub mod nearness;
 pub mod registry;
 pub mod set;
 pub mod storage;
@@ -112,6 +114,11 @@ pub trait Engine: Send + Sync + Debug {
         digest: &Digest,
         opts: GetBlob,
     ) -> Result<Option<BlobRead>>;
+
+    /// The directory of a `file://` engine (hits are read from it directly).
+    fn local_dir(&self) -> Option<&Path> {
+        None
+    }
 
     /// An open file for the blob when the engine is a local directory; `None` otherwise or when
     /// absent. The hot hit path uses it to skip object_store's small-buffer reads.

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::nearness::Nearness;
 use super::Engine;
 use crate::error::{Error, Result};
 use crate::oci::{ErrorCode, RepoName};
@@ -33,6 +34,7 @@ pub struct Engines {
     local: Arc<dyn Engine>,
     storage_remotes: Vec<Arc<dyn Engine>>,
     upstreams: Vec<Upstream>,
+    nearness: Arc<Nearness>,
 }
 
 /// A registry name as a repository component: `upstream.local:5000` → `upstream.local-5000`.
@@ -58,6 +60,7 @@ impl Engines {
         local: Arc<dyn Engine>,
         storage_remotes: Vec<Arc<dyn Engine>>,
         upstreams: Vec<(String, Arc<dyn Engine>)>,
+        nearness: Arc<Nearness>,
     ) -> Engines {
         let upstreams = upstreams
             .into_iter()
@@ -71,7 +74,23 @@ impl Engines {
             local,
             storage_remotes,
             upstreams,
+            nearness,
         }
+    }
+
+    pub fn nearness(&self) -> &Arc<Nearness> {
+        &self.nearness
+    }
+
+    /// Whether the local engine's probes succeed. When it is down, requests skip it (no lookups
+    /// that would wait on a dead store, no fills) and are served from remote engines.
+    pub fn local_usable(&self) -> bool {
+        self.nearness.is_up(self.local.id())
+    }
+
+    /// Every storage engine, the local one first.
+    pub fn storage(&self) -> impl Iterator<Item = &Arc<dyn Engine>> {
+        std::iter::once(&self.local).chain(self.storage_remotes.iter())
     }
 
     pub fn local(&self) -> &Arc<dyn Engine> {
@@ -86,8 +105,8 @@ impl Engines {
         routed.upstream.and_then(|i| self.upstreams.get(i))
     }
 
-    /// Every engine but the local one, in the order a miss asks them: storage engines first
-    /// (they hold verified copies and are ours), then the upstream registry that owns the name.
+    /// Every engine but the local one, nearest first: the remote storage engines and the upstream
+    /// registry that owns the name, in one ranking.
     pub fn remotes_for(&self, routed: &Routed) -> Vec<(Arc<dyn Engine>, RepoName)> {
         let mut out: Vec<(Arc<dyn Engine>, RepoName)> = self
             .storage_remotes
@@ -97,6 +116,7 @@ impl Engines {
         if let Some(u) = self.upstream(routed) {
             out.push((u.engine.clone(), routed.upstream_repo.clone()));
         }
+        self.nearness.rank(&mut out, |(e, _)| e.id());
         out
     }
 
@@ -158,10 +178,21 @@ mod tests {
                 Arc::new(object_store::memory::InMemory::new()),
             ))
         };
+        let settings = crate::engine::nearness::ProbeSettings {
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
+            down_after: 1,
+        };
+        let near = Arc::new(Nearness::new(
+            vec![],
+            settings,
+            crate::metrics::Metrics::new(),
+        ));
         Engines::new(
             mem(),
             vec![],
             names.iter().map(|n| (n.to_string(), mem())).collect(),
+            near,
         )
     }
 

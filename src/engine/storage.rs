@@ -6,13 +6,19 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 use object_store::{
     GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 };
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::layout;
 use super::{
@@ -33,6 +39,100 @@ pub struct StorageEngine {
     /// The directory of a `file://` engine: lets hits read files directly and commits hard-link
     /// spool files into place (an atomic create-if-absent, no copy).
     local_root: Option<PathBuf>,
+}
+
+/// Retries inside object_store are kept short: a failing engine is better replaced by the next
+/// one (the miss path does that) than waited for.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(5),
+    }
+}
+
+fn client_options() -> ClientOptions {
+    let mut o = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        // Whole-request bound: a blob stream is re-requested from its offset by the fill when
+        // it fails, so this only has to stop a stalled transfer, not a slow big one.
+        .with_timeout(Duration::from_secs(300))
+        .with_pool_idle_timeout(Duration::from_secs(60));
+    if let Some(dns) = super::dns::shared() {
+        o = o.with_dns_resolver(dns);
+    }
+    o
+}
+
+/// Builds an S3, GCS or Azure store from its URL and object_store configuration keys (applied
+/// after our defaults, so the user's `options` win). Credentials also come from the environment,
+/// as object_store's `from_env` reads them.
+fn cloud_store(
+    url: &url::Url,
+    options: &BTreeMap<String, String>,
+) -> Result<Arc<dyn ObjectStore>, String> {
+    let bad = |k: &str, e: &dyn std::fmt::Display| format!("option {k:?}: {e}");
+    let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
+        "s3" | "s3a" => {
+            let mut b = AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config())
+                .with_client_options(client_options());
+            for (k, v) in options {
+                let key: AmazonS3ConfigKey = k.parse().map_err(|e| bad(k, &e))?;
+                b = b.with_config(key, v);
+            }
+            (
+                Arc::new(b.build().map_err(|e| e.to_string())?),
+                url_prefix(url, false),
+            )
+        }
+        "gs" => {
+            let mut b = GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config())
+                .with_client_options(client_options());
+            for (k, v) in options {
+                let key: GoogleConfigKey = k.parse().map_err(|e| bad(k, &e))?;
+                b = b.with_config(key, v);
+            }
+            (
+                Arc::new(b.build().map_err(|e| e.to_string())?),
+                url_prefix(url, false),
+            )
+        }
+        _ => {
+            let mut b = MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry_config())
+                .with_client_options(client_options());
+            for (k, v) in options {
+                let key: AzureConfigKey = k.parse().map_err(|e| bad(k, &e))?;
+                b = b.with_config(key, v);
+            }
+            let abfs = matches!(url.scheme(), "abfs" | "abfss");
+            (
+                Arc::new(b.build().map_err(|e| e.to_string())?),
+                url_prefix(url, abfs),
+            )
+        }
+    };
+    Ok(if prefix.as_ref().is_empty() {
+        store
+    } else {
+        Arc::new(PrefixStore::new(store, prefix))
+    })
+}
+
+/// The key prefix a bucket URL names (`s3://bucket/registry` → `registry`). For `az://` and
+/// `abfs://` URLs object_store takes the container from the host or user part, so the path is the
+/// prefix there too.
+fn url_prefix(url: &url::Url, _abfs: bool) -> Path {
+    Path::from(url.path().trim_matches('/'))
 }
 
 /// Checks an engine URL without connecting (for `check-config`).
@@ -86,13 +186,7 @@ impl StorageEngine {
         if parsed.scheme() == "memory" {
             return Ok(StorageEngine::from_store(id, Arc::new(InMemory::new())));
         }
-        let (store, prefix) = object_store::parse_url_opts(&parsed, options.iter())
-            .map_err(|e| cfg_err(e.to_string()))?;
-        let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
-            Arc::from(store)
-        } else {
-            Arc::new(PrefixStore::new(store, prefix))
-        };
+        let store = cloud_store(&parsed, options).map_err(cfg_err)?;
         Ok(StorageEngine::from_store(id, store))
     }
 
@@ -193,6 +287,10 @@ impl Engine for StorageEngine {
         EngineKind::Storage
     }
 
+    fn local_dir(&self) -> Option<&FsPath> {
+        self.local_root.as_deref()
+    }
+
     async fn stat_blob(&self, _repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
         match self.store.head(&layout::blob_data(digest)).await {
             Ok(m) => Ok(Some(BlobMeta { size: m.size })),
@@ -217,23 +315,14 @@ impl Engine for StorageEngine {
                 stream,
             }));
         }
+        // One request: a miss that asks this engine pays a single GET, "not found" included.
         let path = layout::blob_data(digest);
-        let size = match self.store.head(&path).await {
-            Ok(m) => m.size,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.fail(e)),
-        };
-        let (offset, len) = resolve_range(opts, size)?;
-        if len == 0 {
-            return Ok(Some(BlobRead {
-                size,
-                offset,
-                len,
-                stream: Box::pin(futures::stream::empty()),
-            }));
-        }
+        let range = opts.range.map(|r| match r.end {
+            Some(end) => GetRange::Bounded(r.start..end),
+            None => GetRange::Offset(r.start),
+        });
         let gopts = GetOptions {
-            range: Some(GetRange::Bounded(offset..offset + len)),
+            range,
             ..Default::default()
         };
         let res = match self.store.get_opts(&path, gopts).await {
@@ -241,9 +330,24 @@ impl Engine for StorageEngine {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.fail(e)),
         };
-        let id = self.id.clone();
-        let stream: ByteStream =
-            Box::pin(res.into_stream().map_err(move |e| Error::engine(&id, e)));
+        let size = res.meta.size;
+        let (offset, len) = (res.range.start, res.range.end - res.range.start);
+        if opts.range.is_some_and(|r| r.start != offset) {
+            return Err(Error::engine(
+                &self.id,
+                format!("asked for offset {:?}, got {offset}", opts.range),
+            ));
+        }
+        let stream: ByteStream = match res.payload {
+            // A local directory used as a remote engine: large reads, not 8 KiB ones.
+            object_store::GetResultPayload::File(file, _) => {
+                crate::fileio::stream_range(Arc::new(file), offset, len)
+            }
+            object_store::GetResultPayload::Stream(s) => {
+                let id = self.id.clone();
+                Box::pin(s.map_err(move |e| Error::engine(&id, e)))
+            }
+        };
         Ok(Some(BlobRead {
             size,
             offset,

@@ -59,15 +59,45 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
         .into_iter()
         .map(|(d, p)| serde_json::json!({ "digest": d.as_str(), "size": p.size, "written": p.written, "source": p.source.as_deref() }))
         .collect();
-    let upstreams: Vec<_> = engines
-        .upstreams()
-        .iter()
-        .map(|u| serde_json::json!({ "id": u.name, "kind": "registry" }))
+    let kinds: std::collections::HashMap<String, &'static str> = engines
+        .storage()
+        .map(|e| (e.id().to_string(), "storage"))
+        .chain(
+            engines
+                .upstreams()
+                .iter()
+                .map(|u| (u.engine.id().to_string(), "registry")),
+        )
         .collect();
+    let local_id = engines.local().id().to_string();
+    let ranked: Vec<_> = engines
+        .nearness()
+        .ranking()
+        .into_iter()
+        .filter(|(id, _)| *id != local_id)
+        .enumerate()
+        .map(|(i, (id, h))| {
+            serde_json::json!({
+                "id": id,
+                "kind": kinds.get(&id).copied().unwrap_or("storage"),
+                "rank": i + 1,
+                "rtt_ms": h.rtt.map(|r| (r * 1e5).round() / 100.0),
+                "up": h.up,
+                "consecutive_failures": h.consecutive_failures,
+                "priority": h.priority,
+                "last_error": h.last_error,
+            })
+        })
+        .collect();
+    let local_health = engines.nearness().health(&local_id);
     let body = serde_json::json!({
         "region": app.config.region,
-        "local_engine": engines.local().id(),
-        "engines": upstreams,
+        "local_engine": {
+            "id": local_id,
+            "up": engines.local_usable(),
+            "rtt_ms": local_health.and_then(|h| h.rtt).map(|r| (r * 1e5).round() / 100.0),
+        },
+        "engines": ranked,
         "fills_in_flight": fills,
         "replication_backlog": 0,
     });

@@ -280,6 +280,7 @@ async fn run_fill(
                 None => Outcome::NotFound,
             };
         };
+        metrics.engine_request(engine.id());
         match engine.get_blob(&repo, digest, GetBlob::default()).await {
             Ok(Some(read)) => break (read.stream, read.size, engine, repo),
             Ok(None) => continue,
@@ -368,6 +369,7 @@ async fn run_fill(
                     end: None,
                 }),
             };
+            metrics.engine_request(e.id());
             match e.get_blob(&repo, digest, opts).await {
                 Ok(Some(read)) if read.size == size && read.offset == written => {
                     tracing::info!(engine = e.id(), offset = written, "fill resumed");

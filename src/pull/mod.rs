@@ -158,63 +158,11 @@ impl Puller {
         head: bool,
     ) -> Result<BlobAnswer> {
         let local = self.engines.local().clone();
-        // Hit, fast path: a file:// engine's file, read directly.
-        match local.open_local_file(digest).await {
-            Ok(Some(lf)) => {
-                self.metrics.cache("blob", "hit");
-                self.ensure_linked(&r.storage_repo, digest, LinkKind::Blob);
-                let range = range.map(|s| s.resolve(lf.size)).transpose()?;
-                let body = (!head).then(|| {
-                    let (offset, len) =
-                        resolve_range(GetBlob { range }, lf.size).unwrap_or((0, lf.size));
-                    crate::fileio::stream_range(Arc::new(lf.file), offset, len)
-                });
-                return Ok(BlobAnswer {
-                    size: lf.size,
-                    range,
-                    source: self.local_name.clone(),
-                    body,
-                });
+        let local_ok = self.engines.local_usable();
+        if local_ok {
+            if let Some(hit) = self.blob_hit(r, digest, range, head).await? {
+                return Ok(hit);
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "local engine read failed; serving from remotes"),
-        }
-        // Hit in another kind of local engine.
-        match local.stat_blob(&r.storage_repo, digest).await {
-            Ok(Some(meta)) => {
-                self.ensure_linked(&r.storage_repo, digest, LinkKind::Blob);
-                let range = range.map(|s| s.resolve(meta.size)).transpose()?;
-                if head {
-                    self.metrics.cache("blob", "hit");
-                    return Ok(BlobAnswer {
-                        size: meta.size,
-                        range,
-                        source: self.local_name.clone(),
-                        body: None,
-                    });
-                }
-                match local
-                    .get_blob(&r.storage_repo, digest, GetBlob { range })
-                    .await
-                {
-                    Ok(Some(read)) => {
-                        self.metrics.cache("blob", "hit");
-                        return Ok(BlobAnswer {
-                            size: read.size,
-                            range,
-                            source: self.local_name.clone(),
-                            body: Some(read.stream),
-                        });
-                    }
-                    Ok(None) => {}
-                    Err(Error::Client(e)) => return Err(Error::Client(e)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "local engine read failed; serving from remotes")
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "local engine stat failed; serving from remotes"),
         }
         self.metrics.cache("blob", "miss");
         if head {
@@ -222,7 +170,8 @@ impl Puller {
         }
         let (fill, _leader) = self.fills.join_or_start(digest, || FillPlan {
             sources: self.engines.remotes_for(r),
-            target: Some((local.clone(), r.storage_repo.clone())),
+            // With the local engine down, clients are still served; nothing is filled.
+            target: local_ok.then(|| (local.clone(), r.storage_repo.clone())),
         });
         let (size, source) = fill.started().await?;
         let range = range.map(|s| s.resolve(size)).transpose()?;
@@ -233,6 +182,67 @@ impl Puller {
             source,
             body: Some(fill.reader(offset, len)),
         })
+    }
+
+    /// A blob from the local engine, or `None` on a miss (or a local engine that fails).
+    async fn blob_hit(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+        head: bool,
+    ) -> Result<Option<BlobAnswer>> {
+        let local = self.engines.local();
+        let hit = |size: u64, range: Option<ByteRange>, body: Option<ByteStream>| {
+            self.metrics.cache("blob", "hit");
+            self.ensure_linked(&r.storage_repo, digest, LinkKind::Blob);
+            Some(BlobAnswer {
+                size,
+                range,
+                source: self.local_name.clone(),
+                body,
+            })
+        };
+        // Fast path: a file:// engine's file, read directly in large chunks.
+        match local.open_local_file(digest).await {
+            Ok(Some(lf)) => {
+                let range = range.map(|s| s.resolve(lf.size)).transpose()?;
+                let (offset, len) = resolve_range(GetBlob { range }, lf.size)?;
+                let body =
+                    (!head).then(|| crate::fileio::stream_range(Arc::new(lf.file), offset, len));
+                return Ok(hit(lf.size, range, body));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "local engine read failed; serving from remotes"),
+        }
+        if local.local_dir().is_some() {
+            return Ok(None);
+        }
+        // Any other store: stat for the size (ranges are resolved against it), then read.
+        let meta = match local.stat_blob(&r.storage_repo, digest).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "local engine stat failed; serving from remotes");
+                return Ok(None);
+            }
+        };
+        let range = range.map(|s| s.resolve(meta.size)).transpose()?;
+        if head {
+            return Ok(hit(meta.size, range, None));
+        }
+        match local
+            .get_blob(&r.storage_repo, digest, GetBlob { range })
+            .await
+        {
+            Ok(Some(read)) => Ok(hit(read.size, range, Some(read.stream))),
+            Ok(None) => Ok(None),
+            Err(e @ Error::Client(_)) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "local engine read failed; serving from remotes");
+                Ok(None)
+            }
+        }
     }
 
     async fn head_remote(
@@ -298,11 +308,16 @@ impl Puller {
             return Ok((m, self.local_name.clone()));
         }
         let local = self.engines.local();
+        let local_ok = self.engines.local_usable();
         let by_digest = Reference::Digest(digest.clone());
-        match local
-            .get_manifest(&r.storage_repo, &by_digest, accept)
-            .await
-        {
+        let found = if local_ok {
+            local
+                .get_manifest(&r.storage_repo, &by_digest, accept)
+                .await
+        } else {
+            Ok(None)
+        };
+        match found {
             Ok(Some(m)) => {
                 self.metrics.cache("manifest", "hit");
                 self.ensure_linked(&r.storage_repo, digest, LinkKind::Manifest);
@@ -315,9 +330,12 @@ impl Puller {
         self.metrics.cache("manifest", "miss");
         let mut last_err = None;
         for (engine, repo) in self.engines.remotes_for(r) {
+            self.metrics.engine_request(engine.id());
             match engine.get_manifest(&repo, &by_digest, accept).await {
                 Ok(Some(m)) => {
-                    if let Err(e) = local.put_manifest(&r.storage_repo, &m).await {
+                    // With the local engine down the manifest is served, not stored.
+                    if !local_ok {
+                    } else if let Err(e) = local.put_manifest(&r.storage_repo, &m).await {
                         tracing::warn!(error = %e, "manifest not stored in the local engine");
                     }
                     self.manifests.insert(digest.clone(), m.clone()).await;
@@ -387,7 +405,7 @@ impl Puller {
                     .insert(repo, tag, meta.digest.clone(), meta.media_type.clone())
                     .await;
                 let (manifest, source) = self.manifest_by_digest(r, &meta.digest, accept).await?;
-                if old.as_ref() != Some(&meta.digest) {
+                if old.as_ref() != Some(&meta.digest) && self.engines.local_usable() {
                     // Persist the answer so it survives a restart as the stale fallback.
                     if let Err(e) = self.engines.local().put_tag(repo, tag, &meta.digest).await {
                         tracing::warn!(error = %e, "tag link not stored in the local engine");
@@ -429,7 +447,12 @@ impl Puller {
         let (digest, age) = if let Some(e) = self.tags.stale(repo, tag).await {
             (e.digest, e.fetched.elapsed())
         } else {
-            match self.engines.local().tag_link(repo, tag).await {
+            let link = if self.engines.local_usable() {
+                self.engines.local().tag_link(repo, tag).await
+            } else {
+                Ok(None)
+            };
+            match link {
                 Ok(Some(link)) => {
                     let age = link
                         .modified

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# run.sh — one-command benchmark of ociedge against the baseline peers of /work/shared/bench.
+#
+# Usage: bench/run.sh [--runs N] [--wrk-duration D] [--label L] [--only LIST]
+#   --runs N          repetitions per measurement, median reported (compare.sh default 3)
+#   --wrk-duration D  wrk/ab duration per run, e.g. 10s (compare.sh default 10s)
+#   --label L         result file bench/results/YYYY-MM-DD-L.md (default: ociedge)
+#   --only LIST       compare.sh sections, e.g. "a,b,e" (default a,b,c,d,e,f)
+#
+# Steps: cargo build --release --locked; peers.sh start (installs docker-registry, nginx, wrk,
+# apache2-utils via apt if missing); seed-upstream.sh; ociedge on 127.0.0.1:16010 (bench/ociedge.sh);
+# compare.sh upstream A B static ociedge; bench/results/<date>-<label>.md = compare.sh's table +
+# ociedge-vs-peers ratios (bench/ratios.py) + raw TSV next to it. Everything it started (ociedge,
+# and the peers unless they were already running) is stopped on exit, by PID file only.
+# Env: BASE (default /tmp/perfbase), SHARED_BENCH (default /work/shared/bench).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+SHARED_BENCH=${SHARED_BENCH:-/work/shared/bench}
+export BASE=${BASE:-/tmp/perfbase}
+export PEERS=$SHARED_BENCH/peers.sh
+LABEL=ociedge
+PASS=()
+
+usage() { sed -n '2,17p' "$0"; exit 2; }
+while (($#)); do
+  case $1 in
+    --runs|--wrk-duration|--only) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); shift 2 ;;
+    --label) [[ $# -ge 2 ]] || usage; LABEL=$2; shift 2 ;;
+    -h|--help) usage ;;
+    *) echo "run.sh: unknown argument: $1" >&2; usage ;;
+  esac
+done
+[[ $LABEL =~ ^[A-Za-z0-9._-]+$ ]] || { echo "run.sh: --label must be [A-Za-z0-9._-]+" >&2; exit 2; }
+
+log() { echo "[$(date +%T)] run.sh: $*" >&2; }
+
+STARTED_PEERS=0 STARTED_OCIEDGE=0
+cleanup() {
+  local rc=$?
+  set +e
+  if ((STARTED_OCIEDGE)); then log "stopping ociedge"; "$HERE/ociedge.sh" stop; fi
+  if ((STARTED_PEERS)); then log "stopping peers"; "$PEERS" stop; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# 1. build
+log "cargo build --release --locked"
+(cd "$ROOT" && cargo build --release --locked)
+
+# 2. peers (reused when a previous peers.sh start is still up; then left running)
+if "$PEERS" status | grep -q stopped; then
+  STARTED_PEERS=1
+  "$PEERS" start
+else
+  log "peers already running: reusing them (not stopped at the end)"
+fi
+log "seeding the upstream"
+"$SHARED_BENCH/seed-upstream.sh" seed >/dev/null
+
+# 3. ociedge, from an empty cache
+if "$HERE/ociedge.sh" status | grep -q running; then
+  echo "run.sh: an ociedge from an earlier bench is still running ($BASE/run/ociedge.pid); stop it first: bench/ociedge.sh stop" >&2
+  exit 1
+fi
+rm -rf "$BASE/ociedge/data"
+STARTED_OCIEDGE=1
+"$HERE/ociedge.sh" start
+
+# 4. compare
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT=$BASE/results/$STAMP-$LABEL
+log "compare.sh (raw results in $OUT)"
+"$SHARED_BENCH/compare.sh" "${PASS[@]}" --out "$OUT" \
+  --reset-cmd "$HERE/ociedge.sh reset" --pids-cmd "$HERE/ociedge.sh pids" \
+  --upstream-log "$BASE/logs/upstream.access.log" \
+  --retag-cmd "$SHARED_BENCH/seed-upstream.sh retag-small" \
+  --ref-file "$BASE/seed/big.layer" \
+  upstream=http://127.0.0.1:16000 A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
+  static=http://127.0.0.1:16003 ociedge=http://127.0.0.1:16010 >/dev/null
+
+# 5. results
+mkdir -p "$HERE/results"
+DEST=$HERE/results/$(date +%F)-$LABEL
+cp "$OUT/raw.tsv" "$DEST-raw.tsv"
+{
+  echo "# ociedge vs peers — $(date +%F) ($LABEL)"
+  echo
+  echo "ociedge $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (+ uncommitted changes)'), \`bench/run.sh${PASS[*]:+ ${PASS[*]}} --label $LABEL\`; CPU: $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)."
+  echo "Peers: upstream = docker-registry :16000, A = Distribution proxy :16001, B = nginx proxy_cache :16002, static = nginx sendfile :16003; ociedge :16010 (tag_ttl 30s, file:// engine)."
+  echo
+  echo "## compare.sh"
+  echo
+  cat "$OUT/table.md"
+  echo
+  echo "## ociedge relative to the peers of the same run"
+  echo
+  echo "Medians of the per-run values. Throughput and req/s: ratio > 1 = ociedge better; times, CPU and RSS: ratio < 1 = ociedge better."
+  echo
+  python3 "$HERE/ratios.py" "$OUT/raw.tsv" ociedge
+  echo
+  echo "Raw data: \`$(basename "$DEST")-raw.tsv\` (compare.sh's raw.tsv)."
+} >"$DEST.md"
+log "wrote $DEST.md"
+cat "$DEST.md"
