@@ -365,20 +365,7 @@ impl Puller {
     ) -> Result<ManifestAnswer> {
         let repo = &r.storage_repo;
         let Some(upstream) = self.engines.upstream(r) else {
-            // No upstream owns the name: the local engine is the authority.
-            let link = self.engines.local().tag_link(repo, tag).await?;
-            let link = link.ok_or_else(|| {
-                Error::client(
-                    ErrorCode::ManifestUnknown,
-                    format!("{repo}:{tag} is unknown"),
-                )
-            })?;
-            let (manifest, source) = self.manifest_by_digest(r, &link.digest, accept).await?;
-            return Ok(ManifestAnswer {
-                manifest,
-                source,
-                stale_age: None,
-            });
+            return self.storage_tag(r, tag, accept).await;
         };
         if let Some(e) = self.tags.fresh(repo, tag).await {
             if media::accepts(accept, &e.media_type) {
@@ -433,6 +420,50 @@ impl Puller {
                 })
             }
         }
+    }
+
+    /// A tag no upstream owns: stored content (written by ociedge or by docker-registry in some
+    /// region). The local engine answers first, then the storage engines nearest first; an answer
+    /// is trusted for `tag_ttl`.
+    async fn storage_tag(&self, r: &Routed, tag: &Tag, accept: &[String]) -> Result<ManifestAnswer> {
+        let repo = &r.storage_repo;
+        let (digest, cached) = match self.tags.fresh(repo, tag).await {
+            Some(e) => {
+                self.metrics.cache("tag", "hit");
+                (e.digest, true)
+            }
+            None => {
+                let mut engines: Vec<Arc<dyn crate::engine::Engine>> = Vec::new();
+                if self.engines.local_usable() {
+                    engines.push(self.engines.local().clone());
+                }
+                engines.extend(self.engines.remotes_for(r).into_iter().map(|(e, _)| e));
+                let mut found = None;
+                let mut last_err = None;
+                for e in engines {
+                    match e.tag_link(repo, tag).await {
+                        Ok(Some(link)) => {
+                            found = Some(link.digest);
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(err) => last_err = Some(err),
+                    }
+                }
+                let Some(d) = found else {
+                    return Err(last_err.unwrap_or_else(|| {
+                        Error::client(ErrorCode::ManifestUnknown, format!("{repo}:{tag} is unknown"))
+                    }));
+                };
+                self.metrics.cache("tag", "revalidated");
+                (d, false)
+            }
+        };
+        let (manifest, source) = self.manifest_by_digest(r, &digest, accept).await?;
+        if !cached {
+            self.tags.insert(repo, tag, digest, manifest.media_type.clone()).await;
+        }
+        Ok(ManifestAnswer { manifest, source, stale_age: None })
     }
 
     /// The last known answer for a tag, if younger than `max_stale`: from memory, else from the

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod regions;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -99,6 +100,16 @@ impl Origin {
             name: "origin".into(),
         };
         o.script(&["start", &o.name, &port.to_string()]);
+        o
+    }
+
+    /// A docker-registry storing in S3 bucket `registry` at `endpoint` (its S3 driver writes the
+    /// same layout).
+    pub fn start_s3(endpoint: &str) -> Origin {
+        let state = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let o = Origin { state, port, name: "origin".into() };
+        o.script(&["start", &o.name, &port.to_string(), "--s3", endpoint, "registry"]);
         o
     }
 
