@@ -57,3 +57,15 @@ pub fn shared() -> Option<Arc<dyn DnsResolver>> {
         .clone()
         .map(|d| Arc::new(d) as Arc<dyn DnsResolver>)
 }
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn resolves_from_the_hosts_file_and_literals() {
+        let dns = super::shared().expect("system DNS configuration (/etc/resolv.conf)");
+        let ips = dns.resolve("localhost").await.expect("localhost resolves");
+        assert!(ips.iter().any(|ip| ip.is_loopback()), "{ips:?}");
+        let ips = dns.resolve("127.0.0.7").await.expect("literal");
+        assert_eq!(ips, vec!["127.0.0.7".parse::<std::net::IpAddr>().unwrap()]);
+    }
+}

@@ -425,7 +425,12 @@ impl Puller {
     /// A tag no upstream owns: stored content (written by ociedge or by docker-registry in some
     /// region). The local engine answers first, then the storage engines nearest first; an answer
     /// is trusted for `tag_ttl`.
-    async fn storage_tag(&self, r: &Routed, tag: &Tag, accept: &[String]) -> Result<ManifestAnswer> {
+    async fn storage_tag(
+        &self,
+        r: &Routed,
+        tag: &Tag,
+        accept: &[String],
+    ) -> Result<ManifestAnswer> {
         let repo = &r.storage_repo;
         let (digest, cached) = match self.tags.fresh(repo, tag).await {
             Some(e) => {
@@ -452,7 +457,10 @@ impl Puller {
                 }
                 let Some(d) = found else {
                     return Err(last_err.unwrap_or_else(|| {
-                        Error::client(ErrorCode::ManifestUnknown, format!("{repo}:{tag} is unknown"))
+                        Error::client(
+                            ErrorCode::ManifestUnknown,
+                            format!("{repo}:{tag} is unknown"),
+                        )
                     }));
                 };
                 self.metrics.cache("tag", "revalidated");
@@ -461,9 +469,15 @@ impl Puller {
         };
         let (manifest, source) = self.manifest_by_digest(r, &digest, accept).await?;
         if !cached {
-            self.tags.insert(repo, tag, digest, manifest.media_type.clone()).await;
+            self.tags
+                .insert(repo, tag, digest, manifest.media_type.clone())
+                .await;
         }
-        Ok(ManifestAnswer { manifest, source, stale_age: None })
+        Ok(ManifestAnswer {
+            manifest,
+            source,
+            stale_age: None,
+        })
     }
 
     /// The last known answer for a tag, if younger than `max_stale`: from memory, else from the

@@ -108,8 +108,19 @@ impl Origin {
     pub fn start_s3(endpoint: &str) -> Origin {
         let state = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let o = Origin { state, port, name: "origin".into() };
-        o.script(&["start", &o.name, &port.to_string(), "--s3", endpoint, "registry"]);
+        let o = Origin {
+            state,
+            port,
+            name: "origin".into(),
+        };
+        o.script(&[
+            "start",
+            &o.name,
+            &port.to_string(),
+            "--s3",
+            endpoint,
+            "registry",
+        ]);
         o
     }
 

@@ -11,7 +11,10 @@ use super::{free_port, harness};
 fn tools_dir() -> PathBuf {
     std::env::var_os("HARNESS_TOOLS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/ociedge-harness-tools"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/ociedge-harness-tools")
+        })
 }
 
 /// moto_server, installed into the harness's venv the first time (as `s3.sh --impl moto` does).
@@ -25,15 +28,28 @@ pub fn moto_bin() -> PathBuf {
     let lock = std::fs::File::create(tools_dir().join("venv-moto.lock")).expect("lock");
     lock.lock().expect("lock");
     if !bin.exists() {
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 -m venv").success()
-            && Command::new(venv.join("bin/pip")).args(["install", "-q", "moto[server]"]).status().expect("pip").success();
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv")
+            .success()
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "moto[server]"])
+                .status()
+                .expect("pip")
+                .success();
         assert!(ok, "could not install moto[server]");
     }
     bin
 }
 
 fn which(cmd: &str) -> Result<PathBuf, ()> {
-    let out = Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map_err(|_| ())?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .map_err(|_| ())?;
     if out.status.success() {
         Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
     } else {
@@ -44,7 +60,10 @@ fn which(cmd: &str) -> Result<PathBuf, ()> {
 fn wait_port(host: &str, port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect((host, port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start on {host}:{port}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on {host}:{port}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -67,7 +86,10 @@ impl Regions {
             .status()
             .expect("regions.sh")
             .success();
-        assert!(ok, "regions.sh up {specs:?} failed (needs root and iptables)");
+        assert!(
+            ok,
+            "regions.sh up {specs:?} failed (needs root and iptables)"
+        );
         Regions { state }
     }
 
@@ -121,11 +143,23 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("moto_server");
-        let m = Moto { child: Some(child), host: ip.to_string(), port };
+        let m = Moto {
+            child: Some(child),
+            host: ip.to_string(),
+            port,
+        };
         wait_port(ip, port, "moto");
         // moto accepts any credentials, and unsigned requests.
         let ok = Command::new("curl")
-            .args(["-s", "-f", "-o", "/dev/null", "-X", "PUT", &format!("{}/registry", m.endpoint())])
+            .args([
+                "-s",
+                "-f",
+                "-o",
+                "/dev/null",
+                "-X",
+                "PUT",
+                &format!("{}/registry", m.endpoint()),
+            ])
             .status()
             .expect("curl")
             .success();
@@ -139,7 +173,9 @@ impl Moto {
 
     /// The engine config line for ociedge, through `endpoint` (default: the server itself).
     pub fn engine_yaml(&self, endpoint: Option<&str>) -> String {
-        let ep = endpoint.map(str::to_string).unwrap_or_else(|| self.endpoint());
+        let ep = endpoint
+            .map(str::to_string)
+            .unwrap_or_else(|| self.endpoint());
         format!("{{ url: \"s3://registry\", options: {{ endpoint: \"{ep}\", region: us-east-1, access_key_id: harness, secret_access_key: harness-secret, allow_http: \"true\" }} }}")
     }
 
@@ -167,7 +203,11 @@ impl DelayLine {
     pub fn start(port: u16, target_port: u16, delay_ms: u64) -> DelayLine {
         let child = Command::new("python3")
             .arg(harness().join("delayproxy.py"))
-            .args([port.to_string(), target_port.to_string(), delay_ms.to_string()])
+            .args([
+                port.to_string(),
+                target_port.to_string(),
+                delay_ms.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
