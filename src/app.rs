@@ -62,8 +62,12 @@ impl App {
                 .auth
                 .as_ref()
                 .and_then(|a| a.resolve_password().map(|p| (a.username.clone(), p)));
-            let engine =
-                RegistryEngine::new(RegistryClient::new(&u.name, base, http.clone(), basic));
+            let http = match &u.ca_file {
+                Some(ca) => client::http_client_with_ca(ca)
+                    .map_err(|e| Error::Config(format!("upstreams: {}: ca_file: {e}", u.name)))?,
+                None => http.clone(),
+            };
+            let engine = RegistryEngine::new(RegistryClient::new(&u.name, base, http, basic));
             let engine: Arc<dyn Engine> = Arc::new(engine);
             probed.push((engine.clone(), 0));
             upstreams.push((u.name.clone(), engine));

@@ -2,8 +2,10 @@
 //! turn its answers (and errors) into responses. Only this module speaks HTTP.
 
 pub mod body;
+pub mod conn;
 pub mod headers;
 pub mod ops;
 pub mod pull;
 pub mod route;
 pub mod server;
+pub mod tls;
