@@ -837,6 +837,63 @@ async fn slow_loris_connections_are_closed_and_others_served() {
     assert_eq!(r.status(), 200);
 }
 
+/// HTTP/2 (prior knowledge, with hyper's own client, which honours GOAWAY): a download that
+/// outlasts `idle_timeout` is not cut, and the connection is closed `idle_timeout` after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_close_when_idle_not_while_busy() {
+    use http_body_util::BodyExt;
+    // 2 MiB in 64 KiB pieces every 120 ms: about 4 s, twice the idle timeout.
+    let data = Bytes::from(random_bytes(2 << 20, 5));
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let up = slow_upstream(data, 64 << 10, Duration::from_millis(120)).await;
+    let proxy = Proxy::start(&mirror_config(
+        &format!("http://127.0.0.1:{up}"),
+        "limits: { header_read_timeout: 1s, idle_timeout: 2s }\n",
+    ));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = conn.await;
+        Instant::now()
+    });
+    let req = http::Request::get(proxy.url(&format!("/v2/library/x/blobs/{digest}")))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let started = Instant::now();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("not cut")
+        .to_bytes();
+    let done = Instant::now();
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), digest);
+    assert!(
+        done - started > Duration::from_secs(3),
+        "the download outlasted idle_timeout ({:?})",
+        done - started
+    );
+    let closed_at = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    let idle = closed_at - done;
+    assert!(
+        idle >= Duration::from_millis(1500) && idle < Duration::from_secs(6),
+        "closed {idle:?} after the last response (idle_timeout 2s)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_queues_new_clients_until_a_slot_frees() {
     let up = common::fake::FakeUpstream::default().start().await;
@@ -1047,6 +1104,20 @@ fn tls_limits_and_ca_file_are_typed_and_checked() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls.cert: /nonexistent/c.pem"));
+    // So is an upstream CA file.
+    std::fs::write(
+        &f,
+        format!("listen: 127.0.0.1:{}\n{base}upstreams:\n  - {{ name: r.example, url: \"https://127.0.0.1:9\", ca_file: /nonexistent/ca.pem }}\n", free_port()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ociedge"))
+        .args(["serve", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ca_file: /nonexistent/ca.pem"), "{err}");
 }
 
 /// The Kubernetes example: its config is valid, its probes and ports agree with that config.

@@ -176,6 +176,8 @@ async fn accept_loop(
     slots: Arc<Semaphore>,
 ) {
     let stop = settings.stop.clone();
+    // At the cap, say so at most every 10s: a flood must not also flood the logs.
+    let mut last_warned: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -193,9 +195,12 @@ async fn accept_loop(
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                tracing::warn!(
-                    "limits.max_connections reached: new connections wait for a free slot"
-                );
+                if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    last_warned = Some(Instant::now());
+                    tracing::warn!(
+                        "limits.max_connections reached: new connections wait for a free slot"
+                    );
+                }
                 tokio::select! {
                     p = slots.clone().acquire_owned() => match p {
                         Ok(p) => p,
