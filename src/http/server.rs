@@ -155,9 +155,9 @@ pub async fn serve(
     }
     match (connections.is_ok(), fills.in_flight()) {
         (true, 0) => tracing::info!("shutdown complete"),
-        (open, fills) => tracing::warn!(
-            connections_closed = open,
-            fills_in_flight = fills,
+        (closed, left) => tracing::warn!(
+            connections_closed = closed,
+            fills_in_flight = left,
             grace = %humantime::format_duration(grace),
             "shutdown grace period over with work still in progress"
         ),
