@@ -17,10 +17,16 @@ use crate::metrics::Metrics;
 use crate::pull::fill::Fills;
 use crate::pull::tags::TagCache;
 use crate::pull::Puller;
+use crate::push::Pusher;
+use crate::replicate::copy::Copier;
+use crate::replicate::queue::Queue;
+use crate::replicate::Replicator;
 
 /// Everything a request needs.
 pub struct App {
     pub config: Config,
+    /// The push path, when `push.engine` names a storage engine.
+    pub pusher: Option<Arc<Pusher>>,
     pub region: HeaderValue,
     pub puller: Puller,
     pub metrics: Metrics,
@@ -37,11 +43,13 @@ impl App {
         let metrics = Metrics::new();
         let pref = config.storage.preference.clone();
         let mut local: Option<Arc<StorageEngine>> = None;
+        let mut by_id: std::collections::HashMap<String, Arc<StorageEngine>> = Default::default();
         let mut remotes: Vec<Arc<dyn Engine>> = Vec::new();
         let mut probed: Vec<(Arc<dyn Engine>, i32)> = Vec::new();
         for (id, ec) in &config.storage.engines {
             let engine = Arc::new(StorageEngine::open(id, &ec.url, &ec.options)?);
             probed.push((engine.clone(), ec.priority.unwrap_or(0)));
+            by_id.insert(id.clone(), engine.clone());
             if *id == pref {
                 local = Some(engine);
             } else {
@@ -91,12 +99,53 @@ impl App {
         nearness.probe_all().await;
         tokio::spawn(nearness.clone().run());
         let engines = Arc::new(Engines::new(local_dyn, remotes, upstreams, nearness));
-        let fills = Fills::new(spool_dir, metrics.clone());
+        let fills = Fills::new(spool_dir.clone(), metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
-        let puller = Puller::new(engines, fills, tags, metrics.clone());
+        let mut puller = Puller::new(engines, fills, tags.clone(), metrics.clone());
+        let pusher = match &config.push.engine {
+            Some(id) => {
+                let engine = by_id.get(id).cloned().ok_or_else(|| {
+                    Error::Config(format!("push.engine: {id:?} is not a storage engine"))
+                })?;
+                let targets: Vec<(String, Arc<dyn Engine>)> = config
+                    .storage
+                    .engines
+                    .iter()
+                    .filter(|(tid, ec)| *tid != id && ec.replicate_by_default)
+                    .filter_map(|(tid, _)| {
+                        by_id
+                            .get(tid)
+                            .map(|e| (tid.clone(), e.clone() as Arc<dyn Engine>))
+                    })
+                    .collect();
+                let copier = Copier {
+                    spool_dir: spool_dir.clone(),
+                };
+                let source: Arc<dyn Engine> = engine.clone();
+                let replicator = Arc::new(Replicator::new(
+                    Queue::new(engine.clone()),
+                    source.clone(),
+                    targets,
+                    copier,
+                    metrics.clone(),
+                ));
+                tokio::spawn(replicator.clone().run());
+                puller.set_preferred(source);
+                Some(Arc::new(Pusher::new(
+                    engine,
+                    spool_dir.clone(),
+                    replicator,
+                    tags,
+                    puller.manifest_cache(),
+                    metrics.clone(),
+                )))
+            }
+            None => None,
+        };
         let region = HeaderValue::from_str(&config.region)
             .map_err(|_| Error::Config("region: not a valid header value".into()))?;
         Ok(Arc::new(App {
+            pusher,
             tag_ttl: config.cache.tag_ttl.0,
             config,
             region,

@@ -5,5 +5,6 @@ pub mod body;
 pub mod headers;
 pub mod ops;
 pub mod pull;
+pub mod push;
 pub mod route;
 pub mod server;

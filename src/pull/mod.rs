@@ -92,6 +92,8 @@ pub struct Puller {
     /// (repository, digest) pairs known to be linked in the local engine, so a hit links a blob
     /// or manifest into a new repository once (what Distribution needs to serve it there).
     linked: moka::sync::Cache<(RepoName, Digest), ()>,
+    /// The preferred (push) engine: the authority for the tags pushed to it.
+    preferred: Option<Arc<dyn crate::engine::Engine>>,
 }
 
 #[derive(Clone, Copy)]
@@ -116,6 +118,7 @@ impl Puller {
             metrics,
             local_name: LOCAL.into(),
             linked: moka::sync::Cache::new(1_000_000),
+            preferred: None,
         }
     }
 
@@ -139,6 +142,16 @@ impl Puller {
                 linked.invalidate(&key);
             }
         });
+    }
+
+    /// Makes `engine` the authority for tags it holds (pushed repositories).
+    pub fn set_preferred(&mut self, engine: Arc<dyn crate::engine::Engine>) {
+        self.preferred = Some(engine);
+    }
+
+    /// The in-memory manifest cache (the push path invalidates deleted manifests in it).
+    pub fn manifest_cache(&self) -> Cache<Digest, Manifest> {
+        self.manifests.clone()
     }
 
     pub fn engines(&self) -> &Arc<Engines> {
@@ -364,6 +377,11 @@ impl Puller {
         accept: &[String],
     ) -> Result<ManifestAnswer> {
         let repo = &r.storage_repo;
+        if let Some(pref) = &self.preferred {
+            if let Some(ans) = self.pushed_tag(r, tag, accept, pref).await? {
+                return Ok(ans);
+            }
+        }
         let Some(upstream) = self.engines.upstream(r) else {
             return self.storage_tag(r, tag, accept).await;
         };
@@ -418,6 +436,49 @@ impl Puller {
                 self.stale_tag(r, tag, accept).await?.ok_or_else(|| {
                     Error::client(ErrorCode::Unavailable, format!("upstream {} is unreachable and no cached answer for {repo}:{tag} is younger than max_stale", upstream.name))
                 })
+            }
+        }
+    }
+
+    /// A tag of a pushed repository: the preferred engine is its authority. `None` when the
+    /// preferred engine does not have the tag (then the upstream, if any, decides).
+    async fn pushed_tag(
+        &self,
+        r: &Routed,
+        tag: &Tag,
+        accept: &[String],
+        pref: &Arc<dyn crate::engine::Engine>,
+    ) -> Result<Option<ManifestAnswer>> {
+        let repo = &r.storage_repo;
+        if let Some(e) = self.tags.fresh(repo, tag).await {
+            self.metrics.cache("tag", "hit");
+            let (manifest, source) = self.manifest_by_digest(r, &e.digest, accept).await?;
+            return Ok(Some(ManifestAnswer {
+                manifest,
+                source,
+                stale_age: None,
+            }));
+        }
+        match pref.tag_link(repo, tag).await {
+            Ok(Some(link)) => {
+                self.metrics.cache("tag", "revalidated");
+                let (manifest, source) = self.manifest_by_digest(r, &link.digest, accept).await?;
+                self.tags
+                    .insert(repo, tag, link.digest, manifest.media_type.clone())
+                    .await;
+                Ok(Some(ManifestAnswer {
+                    manifest,
+                    source,
+                    stale_age: None,
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                // The authority is unreachable: the replicated tag link of the local engine is
+                // the last known answer.
+                self.metrics.upstream_error(pref.id());
+                tracing::warn!(error = %e, "preferred engine unreachable; trying a stale answer");
+                self.stale_tag(r, tag, accept).await
             }
         }
     }
