@@ -385,3 +385,222 @@ fn proxy_blob(root: &tempfile::TempDir, digest: &str) -> std::path::PathBuf {
         &hex[..2]
     ))
 }
+
+/// A cheap pseudo-random number (no extra dependency for the tests).
+fn jitter(max_ms: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (n.wrapping_mul(6364136223846793005) >> 33) % max_ms
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs skopeo"]
+async fn kill_9_during_pushes_and_replication_loses_nothing_acknowledged() {
+    let root = tempfile::tempdir().unwrap();
+    let (eu_cfg, _) = two_regions(root.path());
+    let images = [
+        ("small-1.0", SMALL),
+        ("multi-1.0", MULTI),
+        ("app-v1", APP),
+        ("small-1.1", SMALL_1_1),
+    ];
+    let mut acknowledged: Vec<(String, &str)> = Vec::new();
+    let mut dir = tempfile::tempdir().unwrap();
+    for round in 0..5 {
+        let proxy = Proxy::start_in(&eu_cfg, dir);
+        let host = proxy.host();
+        let pushes = std::thread::spawn(move || {
+            let mut ok = Vec::new();
+            for i in 0..8 {
+                let (lt, digest) = images[(round + i) % images.len()];
+                let dest = format!("kill/r{round}:t{i}");
+                if skopeo_push(&host, lt, &dest) {
+                    ok.push((dest, digest));
+                }
+            }
+            ok
+        });
+        tokio::time::sleep(Duration::from_millis(300 + jitter(1500))).await;
+        dir = Proxy::restart(proxy); // SIGKILL
+        acknowledged.extend(pushes.join().unwrap());
+        // After every kill: no engine shows a tag it cannot serve.
+        assert_no_dangling_tags(&root.path().join("eu"));
+        assert_no_dangling_tags(&root.path().join("us"));
+    }
+    assert!(!acknowledged.is_empty(), "some pushes were acknowledged");
+    // Restarted once more: the queue left by the kills drains, and every acknowledged push is
+    // complete in every replication location.
+    let proxy = Proxy::start_in(&eu_cfg, dir);
+    assert!(
+        eventually(Duration::from_secs(60), async || backlog_empty(&proxy)
+            .await)
+        .await,
+        "replication drained"
+    );
+    for engine in ["eu", "us"] {
+        let tags = common::layout::tags(&root.path().join(engine));
+        for (dest, digest) in &acknowledged {
+            let (repo, tag) = dest.split_once(':').unwrap();
+            assert!(
+                tags.iter()
+                    .any(|(r, t, d)| r == repo && t == tag && d == digest),
+                "{engine} lacks acknowledged push {dest}"
+            );
+            complete(&root.path().join(engine), digest).unwrap();
+        }
+        assert_no_dangling_tags(&root.path().join(engine));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs skopeo, moto"]
+async fn replication_waits_for_a_target_that_is_down() {
+    use common::regions::{DelayLine, Moto};
+    let root = tempfile::tempdir().unwrap();
+    let s3 = Moto::start(None, "127.0.0.1");
+    let line_port = free_port();
+    let line = DelayLine::start(line_port, s3.port, 1);
+    let us_engine = s3.engine_yaml(Some(&format!("http://127.0.0.1:{line_port}")));
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  probe: {{ interval: 200ms }}\n  engines:\n    eu: {{ url: \"file://{}/eu\" }}\n    us: {{ url: \"s3://registry\", options: {{ endpoint: \"http://127.0.0.1:{line_port}\", region: us-east-1, access_key_id: k, secret_access_key: s, allow_http: \"true\" }}, replicate_by_default: true }}\npush: {{ engine: eu }}\n",
+        root.path().display()
+    );
+    let _ = us_engine;
+    let proxy = Proxy::start(&cfg);
+    drop(line); // the target goes down
+    assert!(
+        skopeo_push(&proxy.host(), "small-1.0", "down/app:1.0"),
+        "pushes do not wait for replication"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s: serde_json::Value = client()
+        .get(proxy.url("/_ociedge/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        s["replication_backlog"]["us"]["jobs"].as_u64().unwrap() > 0,
+        "jobs wait: {s}"
+    );
+    let m = client()
+        .get(proxy.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("ociedge_replication_failures_total{engine=\"us\"}"),
+        "{m}"
+    );
+    let _line = DelayLine::start(line_port, s3.port, 1); // back
+    assert!(
+        eventually(Duration::from_secs(60), async || backlog_empty(&proxy)
+            .await)
+        .await,
+        "jobs complete when it returns"
+    );
+    // A region whose only engine is the target serves the image: it was replicated.
+    let us_only = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: us\n  engines:\n    us: {}\n",
+        s3.engine_yaml(None)
+    );
+    let us = Proxy::start(&us_only);
+    assert!(verify_pull(&us.host(), "down/app:1.0", SMALL));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs skopeo"]
+async fn backfill_is_resumable_and_idempotent() {
+    let root = tempfile::tempdir().unwrap();
+    let base = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{0}/eu\" }}\n",
+        root.path().display()
+    );
+    let proxy = Proxy::start(&format!("{base}push: {{ engine: eu }}\n"));
+    for i in 0..6 {
+        let lt = ["small-1.0", "multi-1.0", "app-v1", "small-1.1"][i % 4];
+        assert!(skopeo_push(
+            &proxy.host(),
+            lt,
+            &format!("fill/repo{i}:v{i}")
+        ));
+    }
+    let big = random_bytes(96 << 20, 96);
+    let c = client();
+    let r = c
+        .post(proxy.url(&format!(
+            "/v2/fill/big/blobs/uploads/?digest=sha256:{}",
+            sha256_hex(&big)
+        )))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    drop(proxy);
+    // A new engine "ap" is added to the config.
+    let cfg_path = root.path().join("ociedge.yaml");
+    let base = base.replace("{PORT}", "0");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "{base}    ap: {{ url: \"file://{}/ap\" }}\n",
+            root.path().display()
+        ),
+    )
+    .unwrap();
+    let backfill = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ociedge"));
+        c.args([
+            "backfill",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--to",
+            "ap",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        c
+    };
+    // Interrupted half way.
+    let mut child = backfill().spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    while let Some(Ok(l)) = lines.next() {
+        if l.contains("[3/") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let partial = common::layout::tags(&root.path().join("ap")).len();
+    let all = common::layout::tags(&root.path().join("eu"));
+    assert!(
+        partial < all.len(),
+        "the first run was interrupted ({partial} of {} tags)",
+        all.len()
+    );
+    // Run again: complete.
+    let out = backfill().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(common::layout::tags(&root.path().join("ap")), all);
+    assert_no_dangling_tags(&root.path().join("ap"));
+    // A third run copies nothing.
+    let out = backfill().output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(" 0 blobs and 0 manifests copied"),
+        "{text}"
+    );
+}

@@ -284,9 +284,17 @@ impl Puller {
                 }
             }
         }
-        Err(last_err.unwrap_or_else(|| {
-            Error::client(ErrorCode::BlobUnknown, format!("blob {digest} is unknown"))
-        }))
+        let unknown = || Error::client(ErrorCode::BlobUnknown, format!("blob {digest} is unknown"));
+        match last_err {
+            // A registry that takes pushes answers what it knows: clients HEAD a blob before
+            // uploading it, and a remote engine being down must not fail their push.
+            Some(e) if self.preferred.is_some() => {
+                tracing::warn!(error = %e, "blob HEAD: a remote engine failed; answering unknown");
+                Err(unknown())
+            }
+            Some(e) => Err(e),
+            None => Err(unknown()),
+        }
     }
 
     /// A manifest by tag or digest.
