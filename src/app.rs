@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::pull::fill::Fills;
 use crate::pull::tags::TagCache;
 use crate::pull::Puller;
+use crate::push::forward::Forwarder;
 use crate::push::Pusher;
 use crate::replicate::copy::Copier;
 use crate::replicate::queue::Queue;
@@ -27,6 +28,8 @@ pub struct App {
     pub config: Config,
     /// The push path, when `push.engine` names a storage engine.
     pub pusher: Option<Arc<Pusher>>,
+    /// Pushes forwarded to an upstream registry, when `push.engine` names one.
+    pub forwarder: Option<Forwarder>,
     pub region: HeaderValue,
     pub puller: Puller,
     pub metrics: Metrics,
@@ -102,8 +105,19 @@ impl App {
         let fills = Fills::new(spool_dir.clone(), metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
         let mut puller = Puller::new(engines, fills, tags.clone(), metrics.clone());
+        let forwarder = match &config.push.engine {
+            Some(id) => match config.upstreams.iter().find(|u| &u.name == id) {
+                Some(u) => {
+                    let base = url::Url::parse(&u.url)
+                        .map_err(|e| Error::Config(format!("upstreams: {}: {e}", u.name)))?;
+                    Some(Forwarder::new(&u.name, base, http.clone()))
+                }
+                None => None,
+            },
+            None => None,
+        };
         let pusher = match &config.push.engine {
-            Some(id) => {
+            Some(id) if forwarder.is_none() => {
                 let engine = by_id.get(id).cloned().ok_or_else(|| {
                     Error::Config(format!("push.engine: {id:?} is not a storage engine"))
                 })?;
@@ -140,12 +154,13 @@ impl App {
                     metrics.clone(),
                 )))
             }
-            None => None,
+            _ => None,
         };
         let region = HeaderValue::from_str(&config.region)
             .map_err(|_| Error::Config("region: not a valid header value".into()))?;
         Ok(Arc::new(App {
             pusher,
+            forwarder,
             tag_ttl: config.cache.tag_ttl.0,
             config,
             region,

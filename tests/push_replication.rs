@@ -604,3 +604,48 @@ async fn backfill_is_resumable_and_idempotent() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo"]
+async fn pushes_forwarded_to_an_upstream_registry() {
+    let origin = Origin::start();
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"{0}\" }}\n  - {{ name: ghcr.io, url: \"{0}\" }}\npush: {{ engine: docker.io }}\n",
+        origin.url()
+    );
+    let proxy = Proxy::start(&cfg);
+    assert!(
+        skopeo_push(&proxy.host(), "small-1.0", "team/app:1.0"),
+        "push forwarded"
+    );
+    assert!(skopeo_push(&proxy.host(), "multi-1.0", "team/multi:1.0"));
+    // The upstream has it, byte for byte, and it pulls back through ociedge.
+    assert!(verify_pull(&origin.host(), "team/app:1.0", SMALL));
+    assert!(verify_pull(&origin.host(), "team/multi:1.0", MULTI));
+    assert!(verify_pull(&proxy.host(), "team/app:1.0", SMALL));
+    // Bodies were streamed through and Location headers pointed at the proxy.
+    let log = origin.log();
+    assert!(
+        log.contains("PATCH /v2/team/app/blobs/uploads/")
+            || log.contains("PUT /v2/team/app/blobs/uploads/"),
+        "{log}"
+    );
+    let r = client()
+        .post(proxy.url("/v2/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap();
+    assert!(loc.starts_with("/v2/team/app/blobs/uploads/"), "{loc}");
+    // Through a registry prefix, the client's name is kept in the Location.
+    let r = client()
+        .post(proxy.url("/v2/ghcr.io/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("/v2/ghcr.io/team/app/blobs/uploads/"));
+}

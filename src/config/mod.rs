@@ -254,13 +254,11 @@ impl Config {
             return Err(err("auth", "client authentication is not supported by this version yet; refusing to start rather than serve without it"));
         }
         if let Some(e) = &self.push.engine {
-            if self.upstreams.iter().any(|u| &u.name == e) {
-                return Err(err("push.engine", format!("forwarding pushes to the upstream {e:?} is not supported by this version yet; name a storage engine")));
-            }
-            if !self.storage.engines.contains_key(e) {
+            let upstream = self.upstreams.iter().any(|u| &u.name == e);
+            if !upstream && !self.storage.engines.contains_key(e) {
                 return Err(err(
                     "push.engine",
-                    format!("{e:?} is not a configured storage engine"),
+                    format!("{e:?} is neither a storage engine nor an upstream"),
                 ));
             }
         }

@@ -207,6 +207,30 @@ pub async fn upload(
     }
 }
 
+/// Any write when pushes are forwarded to an upstream registry (`push.engine` names one).
+pub async fn forward(
+    app: &Arc<App>,
+    parts: &Parts,
+    body: Incoming,
+    name: &RepoName,
+    ns: Option<&str>,
+) -> Result<Response<Body>> {
+    let Some(f) = &app.forwarder else {
+        return Err(Error::client(
+            ErrorCode::Unsupported,
+            "pushes are not forwarded",
+        ));
+    };
+    let routed = app.puller.engines().route(name, ns)?;
+    let rest = parts
+        .uri
+        .path()
+        .strip_prefix(&format!("/v2/{name}/"))
+        .ok_or_else(|| Error::client(ErrorCode::NameInvalid, "unexpected path"))?;
+    f.forward(parts, stream(body), name, &routed.upstream_repo, rest)
+        .await
+}
+
 /// `PUT /v2/<name>/manifests/<reference>`.
 pub async fn put_manifest(
     app: &Arc<App>,

@@ -118,7 +118,12 @@ pub fn parse(path: &str) -> Result<Route> {
         }
         if let Some(id) = tail.strip_prefix('/') {
             if !id.contains('/') {
-                if !crate::push::upload::valid_id(id) {
+                // Our own ids are 32 hex characters; a forwarded upstream's may be UUIDs. Anything
+                // outside a plain token alphabet is refused before any I/O.
+                let plain =
+                    |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=');
+                if id.is_empty() || id.len() > 128 || !id.bytes().all(plain) || id.starts_with('.')
+                {
                     return Err(Error::client(
                         ErrorCode::BlobUploadUnknown,
                         format!("upload {:?} is unknown", trunc(id)),
@@ -227,7 +232,9 @@ mod tests {
             parse(&format!("/v2/x/blobs/uploads/{id}")).unwrap(),
             Route::Upload { id: Some(_), .. }
         ));
-        assert!(parse("/v2/x/blobs/uploads/abc").is_err());
+        assert!(parse("/v2/x/blobs/uploads/d1289-uuid").is_ok());
+        assert!(parse("/v2/x/blobs/uploads/..").is_err());
+        assert!(parse("/v2/x/blobs/uploads/a%2fb").is_err());
         // A repository may be called "manifests" or "blobs".
         assert!(
             matches!(parse("/v2/manifests/manifests/1").unwrap(), Route::Manifest { name, .. } if name.as_str() == "manifests")

@@ -172,6 +172,14 @@ async fn dispatch(
             ErrorCode::Unsupported,
             "the catalog is not served by a pull-through cache",
         )),
+        Route::Upload { name, .. } if app.forwarder.is_some() => {
+            push::forward(app, parts, body, &name, ns).await
+        }
+        Route::Manifest { name, .. } | Route::Blob { name, .. }
+            if !read && app.forwarder.is_some() =>
+        {
+            push::forward(app, parts, body, &name, ns).await
+        }
         Route::Upload { name, id } => {
             push::upload(app, parts, body, &name, id.as_deref(), &query, ns).await
         }

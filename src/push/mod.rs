@@ -1,6 +1,7 @@
 //! The push path: ociedge as the registry, writing to the preferred storage engine. Nothing is
 //! acknowledged before it is durable there and its replication jobs are queued (durably).
 
+pub mod forward;
 pub mod manifest;
 pub mod upload;
 
