@@ -121,12 +121,29 @@ impl App {
                 let engine = by_id.get(id).cloned().ok_or_else(|| {
                     Error::Config(format!("push.engine: {id:?} is not a storage engine"))
                 })?;
-                let targets: Vec<(String, Arc<dyn Engine>)> = config
+                let defaults: Vec<String> = config
                     .storage
                     .engines
                     .iter()
                     .filter(|(tid, ec)| *tid != id && ec.replicate_by_default)
-                    .filter_map(|(tid, _)| {
+                    .map(|(tid, _)| tid.clone())
+                    .collect();
+                let rules: Vec<(String, Vec<String>)> = config
+                    .push
+                    .replicate
+                    .iter()
+                    .map(|r| (r.repos.clone(), r.to.clone()))
+                    .collect();
+                let mut all: Vec<String> = defaults
+                    .iter()
+                    .chain(rules.iter().flat_map(|(_, t)| t))
+                    .cloned()
+                    .collect();
+                all.sort();
+                all.dedup();
+                let targets: Vec<(String, Arc<dyn Engine>)> = all
+                    .iter()
+                    .filter_map(|tid| {
                         by_id
                             .get(tid)
                             .map(|e| (tid.clone(), e.clone() as Arc<dyn Engine>))
@@ -140,6 +157,8 @@ impl App {
                     Queue::new(engine.clone()),
                     source.clone(),
                     targets,
+                    defaults,
+                    rules,
                     copier,
                     metrics.clone(),
                 ));

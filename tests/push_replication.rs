@@ -649,3 +649,31 @@ async fn pushes_forwarded_to_an_upstream_registry() {
         .unwrap()
         .starts_with("/v2/ghcr.io/team/app/blobs/uploads/"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs skopeo"]
+async fn per_repository_replication_rules() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{0}/eu\" }}\n    us: {{ url: \"file://{0}/us\", replicate_by_default: true }}\n    ap: {{ url: \"file://{0}/ap\" }}\npush:\n  engine: eu\n  replicate:\n    - {{ repos: \"private/**\", to: [] }}\n    - {{ repos: \"asia/**\", to: [ap] }}\n",
+        root.path().display()
+    );
+    let proxy = Proxy::start(&cfg);
+    assert!(skopeo_push(&proxy.host(), "small-1.0", "private/x:1"));
+    assert!(skopeo_push(&proxy.host(), "app-v1", "asia/y:1"));
+    assert!(skopeo_push(&proxy.host(), "multi-1.0", "team/z:1"));
+    assert!(
+        eventually(Duration::from_secs(20), async || backlog_empty(&proxy)
+            .await)
+        .await
+    );
+    let names = |e: &str| {
+        common::layout::tags(&root.path().join(e))
+            .into_iter()
+            .map(|(r, _, _)| r)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names("eu"), ["asia/y", "private/x", "team/z"]);
+    assert_eq!(names("us"), ["team/z"]);
+    assert_eq!(names("ap"), ["asia/y"]);
+}

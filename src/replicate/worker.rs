@@ -31,6 +31,10 @@ pub struct Backlog {
 
 pub struct Replicator {
     pub queue: Queue,
+    /// Per-repository rules: (glob, targets); the first match wins.
+    rules: Vec<(String, Vec<String>)>,
+    /// Targets of repositories no rule matches.
+    defaults: Vec<String>,
     source: Arc<dyn Engine>,
     targets: Vec<(String, Arc<dyn Engine>)>,
     copier: Copier,
@@ -40,15 +44,21 @@ pub struct Replicator {
 }
 
 impl Replicator {
+    /// `targets` are every engine any job may go to; `defaults` those of repositories that no
+    /// rule matches.
     pub fn new(
         queue: Queue,
         source: Arc<dyn Engine>,
         targets: Vec<(String, Arc<dyn Engine>)>,
+        defaults: Vec<String>,
+        rules: Vec<(String, Vec<String>)>,
         copier: Copier,
         metrics: Metrics,
     ) -> Replicator {
         Replicator {
             queue,
+            rules,
+            defaults,
             source,
             targets,
             copier,
@@ -58,16 +68,35 @@ impl Replicator {
         }
     }
 
+    /// The replication locations of a repository.
+    pub fn targets_for(&self, repo: &str) -> Vec<String> {
+        match self
+            .rules
+            .iter()
+            .find(|(g, _)| super::backfill::glob_match(g, repo))
+        {
+            Some((_, to)) => to.clone(),
+            None => self.defaults.clone(),
+        }
+    }
+
     pub fn target_ids(&self) -> Vec<String> {
         self.targets.iter().map(|(id, _)| id.clone()).collect()
     }
 
     /// Queues `job` for every target (durably), then wakes the workers.
     pub async fn enqueue(&self, job: Job) -> Result<()> {
-        if self.targets.is_empty() {
+        let repo = match &job {
+            Job::Blob { repo, .. }
+            | Job::Manifest { repo, .. }
+            | Job::Tag { repo, .. }
+            | Job::Untag { repo, .. } => repo.clone(),
+        };
+        let targets = self.targets_for(&repo);
+        if targets.is_empty() {
             return Ok(());
         }
-        self.queue.enqueue(&job, &self.target_ids()).await?;
+        self.queue.enqueue(&job, &targets).await?;
         self.wake.notify_waiters();
         Ok(())
     }
