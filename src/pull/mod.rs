@@ -92,6 +92,9 @@ pub struct Puller {
     /// (repository, digest) pairs known to be linked in the local engine, so a hit links a blob
     /// or manifest into a new repository once (what Distribution needs to serve it there).
     linked: moka::sync::Cache<(RepoName, Digest), ()>,
+    /// Remote answers to blob HEADs on a miss (size, engine): digests are immutable, so a HEAD
+    /// storm for content not cached yet costs the upstream one request per digest, not one each.
+    remote_sizes: Cache<Digest, (u64, Arc<str>)>,
     /// The preferred (push) engine: the authority for the tags pushed to it.
     preferred: Option<Arc<dyn crate::engine::Engine>>,
 }
@@ -119,6 +122,10 @@ impl Puller {
             local_name: LOCAL.into(),
             linked: moka::sync::Cache::new(1_000_000),
             preferred: None,
+            remote_sizes: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(600))
+                .build(),
         }
     }
 
@@ -216,6 +223,17 @@ impl Puller {
                 body,
             })
         };
+        // HEAD on a file:// engine: one stat, no open.
+        if head {
+            if let Some(root) = local.local_dir() {
+                let path = root.join(crate::engine::layout::blob_data(digest).as_ref());
+                if let Ok(m) = std::fs::metadata(&path) {
+                    let range = range.map(|s| s.resolve(m.len())).transpose()?;
+                    return Ok(hit(m.len(), range, None));
+                }
+                return Ok(None);
+            }
+        }
         // Fast path: a file:// engine's file, read directly in large chunks.
         match local.open_local_file(digest).await {
             Ok(Some(lf)) => {
@@ -264,10 +282,22 @@ impl Puller {
         digest: &Digest,
         range: Option<RangeSpec>,
     ) -> Result<BlobAnswer> {
+        if let Some((size, source)) = self.remote_sizes.get(digest).await {
+            let range = range.map(|s| s.resolve(size)).transpose()?;
+            return Ok(BlobAnswer {
+                size,
+                range,
+                source,
+                body: None,
+            });
+        }
         let mut last_err = None;
         for (engine, repo) in self.engines.remotes_for(r) {
             match engine.stat_blob(&repo, digest).await {
                 Ok(Some(meta)) => {
+                    self.remote_sizes
+                        .insert(digest.clone(), (meta.size, engine.id().into()))
+                        .await;
                     let range = range.map(|s| s.resolve(meta.size)).transpose()?;
                     return Ok(BlobAnswer {
                         size: meta.size,
