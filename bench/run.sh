@@ -51,9 +51,13 @@ trap 'exit 143' TERM
 # 1. build
 log "cargo build --release --locked"
 (cd "$ROOT" && cargo build --release --locked)
+BUILT=$(date -u +%FT%TZ)
+# what was built (the tree may change while the bench runs)
+REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' + uncommitted changes')"
 
 # 2. peers (reused when a previous peers.sh start is still up; then left running)
-if "$PEERS" status | grep -q stopped; then
+peer_state=$("$PEERS" status)
+if [[ $peer_state == *stopped* ]]; then
   STARTED_PEERS=1
   "$PEERS" start
 else
@@ -63,7 +67,7 @@ log "seeding the upstream"
 "$SHARED_BENCH/seed-upstream.sh" seed >/dev/null
 
 # 3. ociedge, from an empty cache
-if "$HERE/ociedge.sh" status | grep -q running; then
+if [[ $("$HERE/ociedge.sh" status) == *running* ]]; then
   echo "run.sh: an ociedge from an earlier bench is still running ($BASE/run/ociedge.pid); stop it first: bench/ociedge.sh stop" >&2
   exit 1
 fi
@@ -90,7 +94,7 @@ cp "$OUT/raw.tsv" "$DEST-raw.tsv"
 {
   echo "# ociedge vs peers — $(date +%F) ($LABEL)"
   echo
-  echo "ociedge $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (+ uncommitted changes)'), \`bench/run.sh${PASS[*]:+ ${PASS[*]}} --label $LABEL\`; CPU: $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)."
+  echo "ociedge built from $REV at $BUILT, \`bench/run.sh${PASS[*]:+ ${PASS[*]}} --label $LABEL\`; CPU: $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)."
   echo "Peers: upstream = docker-registry :16000, A = Distribution proxy :16001, B = nginx proxy_cache :16002, static = nginx sendfile :16003; ociedge :16010 (tag_ttl 30s, file:// engine)."
   echo
   echo "## compare.sh"

@@ -17,10 +17,19 @@ use crate::metrics::Metrics;
 use crate::pull::fill::Fills;
 use crate::pull::tags::TagCache;
 use crate::pull::Puller;
+use crate::push::forward::Forwarder;
+use crate::push::Pusher;
+use crate::replicate::copy::Copier;
+use crate::replicate::queue::Queue;
+use crate::replicate::Replicator;
 
 /// Everything a request needs.
 pub struct App {
     pub config: Config,
+    /// The push path, when `push.engine` names a storage engine.
+    pub pusher: Option<Arc<Pusher>>,
+    /// Pushes forwarded to an upstream registry, when `push.engine` names one.
+    pub forwarder: Option<Forwarder>,
     pub region: HeaderValue,
     pub puller: Puller,
     pub metrics: Metrics,
@@ -37,11 +46,13 @@ impl App {
         let metrics = Metrics::new();
         let pref = config.storage.preference.clone();
         let mut local: Option<Arc<StorageEngine>> = None;
+        let mut by_id: std::collections::HashMap<String, Arc<StorageEngine>> = Default::default();
         let mut remotes: Vec<Arc<dyn Engine>> = Vec::new();
         let mut probed: Vec<(Arc<dyn Engine>, i32)> = Vec::new();
         for (id, ec) in &config.storage.engines {
             let engine = Arc::new(StorageEngine::open(id, &ec.url, &ec.options)?);
             probed.push((engine.clone(), ec.priority.unwrap_or(0)));
+            by_id.insert(id.clone(), engine.clone());
             if *id == pref {
                 local = Some(engine);
             } else {
@@ -95,12 +106,84 @@ impl App {
         nearness.probe_all().await;
         tokio::spawn(nearness.clone().run());
         let engines = Arc::new(Engines::new(local_dyn, remotes, upstreams, nearness));
-        let fills = Fills::new(spool_dir, metrics.clone());
+        let fills = Fills::new(spool_dir.clone(), metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
-        let puller = Puller::new(engines, fills, tags, metrics.clone());
+        let mut puller = Puller::new(engines, fills, tags.clone(), metrics.clone());
+        let forwarder = match &config.push.engine {
+            Some(id) => match config.upstreams.iter().find(|u| &u.name == id) {
+                Some(u) => {
+                    let base = url::Url::parse(&u.url)
+                        .map_err(|e| Error::Config(format!("upstreams: {}: {e}", u.name)))?;
+                    Some(Forwarder::new(&u.name, base, http.clone()))
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let pusher = match &config.push.engine {
+            Some(id) if forwarder.is_none() => {
+                let engine = by_id.get(id).cloned().ok_or_else(|| {
+                    Error::Config(format!("push.engine: {id:?} is not a storage engine"))
+                })?;
+                let defaults: Vec<String> = config
+                    .storage
+                    .engines
+                    .iter()
+                    .filter(|(tid, ec)| *tid != id && ec.replicate_by_default)
+                    .map(|(tid, _)| tid.clone())
+                    .collect();
+                let rules: Vec<(String, Vec<String>)> = config
+                    .push
+                    .replicate
+                    .iter()
+                    .map(|r| (r.repos.clone(), r.to.clone()))
+                    .collect();
+                let mut all: Vec<String> = defaults
+                    .iter()
+                    .chain(rules.iter().flat_map(|(_, t)| t))
+                    .cloned()
+                    .collect();
+                all.sort();
+                all.dedup();
+                let targets: Vec<(String, Arc<dyn Engine>)> = all
+                    .iter()
+                    .filter_map(|tid| {
+                        by_id
+                            .get(tid)
+                            .map(|e| (tid.clone(), e.clone() as Arc<dyn Engine>))
+                    })
+                    .collect();
+                let copier = Copier {
+                    spool_dir: spool_dir.clone(),
+                };
+                let source: Arc<dyn Engine> = engine.clone();
+                let replicator = Arc::new(Replicator::new(
+                    Queue::new(engine.clone()),
+                    source.clone(),
+                    targets,
+                    defaults,
+                    rules,
+                    copier,
+                    metrics.clone(),
+                ));
+                tokio::spawn(replicator.clone().run());
+                puller.set_preferred(source);
+                Some(Arc::new(Pusher::new(
+                    engine,
+                    spool_dir.clone(),
+                    replicator,
+                    tags,
+                    puller.manifest_cache(),
+                    metrics.clone(),
+                )))
+            }
+            _ => None,
+        };
         let region = HeaderValue::from_str(&config.region)
             .map_err(|_| Error::Config("region: not a valid header value".into()))?;
         Ok(Arc::new(App {
+            pusher,
+            forwarder,
             tag_ttl: config.cache.tag_ttl.0,
             config,
             region,

@@ -61,6 +61,16 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Adds a `detail` to a client error (other errors are returned as they are).
+    pub fn with_detail(self, detail: serde_json::Value) -> Error {
+        match self {
+            Error::Client(e) => Error::Client(e.with_detail(detail)),
+            other => other,
+        }
+    }
+}
+
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
         Error::Engine {

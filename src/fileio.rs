@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::stream;
+use futures::{stream, StreamExt};
 
 use crate::engine::ByteStream;
 use crate::error::Error;
@@ -36,23 +36,24 @@ pub async fn read_at(file: Arc<File>, offset: u64, len: usize) -> std::io::Resul
     .map_err(std::io::Error::other)?
 }
 
-/// A stream of exactly `len` bytes of `file` from `offset`. A file shorter than that ends the
-/// stream with an error, never a clean short end.
+/// A stream of exactly `len` bytes of `file` from `offset`, with one chunk read ahead so the
+/// disk read of the next chunk overlaps the socket write of this one. A file shorter than that
+/// ends the stream with an error, never a clean short end.
 pub fn stream_range(file: Arc<File>, offset: u64, len: u64) -> ByteStream {
-    let state = (file, offset, offset + len);
-    Box::pin(stream::try_unfold(state, |(file, pos, end)| async move {
-        if pos >= end {
-            return Ok(None);
-        }
+    let end = offset + len;
+    let chunks = (offset..end).step_by(CHUNK).map(move |pos| {
+        let file = file.clone();
         let want = (end - pos).min(CHUNK as u64) as usize;
-        let chunk = read_at(file.clone(), pos, want).await.map_err(Error::Io)?;
-        if chunk.is_empty() {
-            return Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file ended before its recorded size",
-            )));
+        async move {
+            let chunk = read_at(file, pos, want).await.map_err(Error::Io)?;
+            if chunk.len() < want {
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file ended before its recorded size",
+                )));
+            }
+            Ok(chunk)
         }
-        let next = pos + chunk.len() as u64;
-        Ok(Some((chunk, (file, next, end))))
-    }))
+    });
+    Box::pin(stream::iter(chunks).buffered(2))
 }

@@ -35,5 +35,7 @@ pub mod http;
 pub mod metrics;
 pub mod oci;
 pub mod pull;
+pub mod push;
+pub mod replicate;
 
 pub use error::{Error, Result};

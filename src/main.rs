@@ -37,6 +37,19 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Copy what engine TO lacks from engine FROM (default: the push engine, else the local
+    /// one). Resumable and idempotent; exit 1 if anything failed.
+    Backfill {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        from: Option<String>,
+        /// Only repositories matching this glob (`team/**`).
+        #[arg(long)]
+        repo: Option<String>,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -64,6 +77,36 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Backfill {
+            config,
+            to,
+            from,
+            repo,
+        } => {
+            init_logs(LogFormat::Text);
+            let cfg = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ociedge: invalid config: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ociedge: cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(backfill(cfg, to, from, repo)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("ociedge: backfill: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Serve { config, log_format } => {
             init_logs(log_format);
             let cfg = match Config::load(config.as_deref()) {
@@ -102,6 +145,101 @@ async fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(listen = %front.describe(), %region, "ociedge serving");
     ociedge::http::server::serve(app, front, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Runs a backfill with a progress bar on a terminal and log lines otherwise. `Ok(false)` when
+/// some items failed.
+async fn backfill(
+    cfg: Config,
+    to: String,
+    from: Option<String>,
+    glob: Option<String>,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    use ociedge::engine::storage::StorageEngine;
+    use ociedge::engine::Engine;
+    use std::io::IsTerminal;
+    use std::sync::Arc;
+    let from = from
+        .or_else(|| cfg.push.engine.clone())
+        .unwrap_or_else(|| cfg.storage.preference.clone());
+    let open = |id: &str| -> Result<Arc<StorageEngine>, Box<dyn std::error::Error>> {
+        let ec = cfg
+            .storage
+            .engines
+            .get(id)
+            .ok_or_else(|| format!("{id:?} is not a storage engine of this config"))?;
+        Ok(Arc::new(StorageEngine::open(id, &ec.url, &ec.options)?))
+    };
+    if from == to {
+        return Err("--from and --to name the same engine".into());
+    }
+    let src = open(&from)?;
+    let dst: Arc<dyn Engine> = open(&to)?;
+    let spool = std::env::temp_dir().join(format!("ociedge-backfill-{}", std::process::id()));
+    let copier = ociedge::replicate::copy::Copier {
+        spool_dir: spool.clone(),
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {pos}/{len} repositories {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let started = std::time::Instant::now();
+    let summary = ociedge::replicate::backfill::run(
+        &src,
+        &dst,
+        glob.as_deref(),
+        &copier,
+        |i, total, repo, copied| {
+            let msg = format!(
+                "{} blobs, {} manifests, {:.1} MiB copied",
+                copied.blobs,
+                copied.manifests,
+                copied.bytes as f64 / 1048576.0
+            );
+            match &bar {
+                Some(b) => {
+                    b.set_length(total as u64);
+                    b.set_position(i as u64);
+                    b.set_message(match repo {
+                        Some(r) => format!("{r} — {msg}"),
+                        None => msg,
+                    });
+                }
+                None => match repo {
+                    Some(r) => {
+                        eprintln!("backfill {from} -> {to}: [{}/{total}] {r} ({msg})", i + 1)
+                    }
+                    None => eprintln!("backfill {from} -> {to}: done ({msg})"),
+                },
+            }
+        },
+    )
+    .await;
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let _ = std::fs::remove_dir_all(&spool);
+    let s = summary?;
+    println!(
+        "backfill {from} -> {to}: {} repositories, {} tags, {} blobs and {} manifests copied ({} bytes) in {:.1}s, {} failures",
+        s.repositories,
+        s.tags,
+        s.copied.blobs,
+        s.copied.manifests,
+        s.copied.bytes,
+        started.elapsed().as_secs_f64(),
+        s.failures.len()
+    );
+    for f in &s.failures {
+        eprintln!("failed: {f}");
+    }
+    Ok(s.failures.is_empty())
 }
 
 async fn shutdown_signal() {

@@ -62,6 +62,12 @@ struct Inner {
     engine_rtt: Family<EngineLabels, Gauge<f64, AtomicU64>>,
     engine_up: Family<EngineLabels, Gauge>,
     engine_requests: Family<EngineLabels, Counter>,
+    repl_jobs: Family<EngineLabels, Gauge>,
+    repl_oldest: Family<EngineLabels, Gauge<f64, AtomicU64>>,
+    repl_bytes: Family<EngineLabels, Counter>,
+    repl_done: Family<EngineLabels, Counter>,
+    repl_failures: Family<EngineLabels, Counter>,
+    pushes: Family<CacheLabels, Counter>,
 }
 
 /// Cheap to clone; every clone records into the same registry.
@@ -167,8 +173,50 @@ impl Metrics {
             "Content requests sent to remote engines (blob and manifest fetches), by engine",
             engine_requests.clone(),
         );
+        let repl_jobs = Family::<EngineLabels, Gauge>::default();
+        registry.register(
+            "replication_jobs_queued",
+            "Replication jobs waiting, by target engine",
+            repl_jobs.clone(),
+        );
+        let repl_oldest = Family::<EngineLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "replication_oldest_job_age_seconds",
+            "Age of the oldest waiting replication job, by target engine",
+            repl_oldest.clone(),
+        );
+        let repl_bytes = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "replication_bytes",
+            "Bytes copied to replication targets, by target engine",
+            repl_bytes.clone(),
+        );
+        let repl_done = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "replication_jobs_done",
+            "Replication jobs completed, by target engine",
+            repl_done.clone(),
+        );
+        let repl_failures = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "replication_failures",
+            "Failed replication attempts (retried), by target engine",
+            repl_failures.clone(),
+        );
+        let pushes = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "pushes",
+            "Pushed items by kind (blob, manifest, tag) and result",
+            pushes.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                repl_jobs,
+                repl_oldest,
+                repl_bytes,
+                repl_done,
+                repl_failures,
+                pushes,
                 engine_rtt,
                 engine_up,
                 engine_requests,
@@ -283,6 +331,41 @@ impl Metrics {
             .get_or_create(&EngineLabels {
                 engine: engine.into(),
             })
+            .inc();
+    }
+
+    pub fn replication_backlog(&self, target: &str, jobs: usize, oldest_seconds: f64) {
+        let l = EngineLabels {
+            engine: target.into(),
+        };
+        self.inner
+            .repl_jobs
+            .get_or_create(&l)
+            .set(i64::try_from(jobs).unwrap_or(i64::MAX));
+        self.inner.repl_oldest.get_or_create(&l).set(oldest_seconds);
+    }
+
+    pub fn replicated(&self, target: &str, bytes: u64) {
+        let l = EngineLabels {
+            engine: target.into(),
+        };
+        self.inner.repl_bytes.get_or_create(&l).inc_by(bytes);
+        self.inner.repl_done.get_or_create(&l).inc();
+    }
+
+    pub fn replication_failure(&self, target: &str) {
+        self.inner
+            .repl_failures
+            .get_or_create(&EngineLabels {
+                engine: target.into(),
+            })
+            .inc();
+    }
+
+    pub fn push(&self, kind: &'static str, result: &'static str) {
+        self.inner
+            .pushes
+            .get_or_create(&CacheLabels { kind, result })
             .inc();
     }
 

@@ -244,6 +244,19 @@ pub enum Access {
 pub struct PushConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// Per-repository replication locations; the first rule whose glob matches wins. Without a
+    /// match, pushed content goes to every engine with `replicate_by_default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicate: Vec<ReplicationRule>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationRule {
+    /// Repository glob (`team/**`, `library/*`).
+    pub repos: String,
+    /// Storage engine ids to replicate to (may be empty: keep in the preferred engine only).
+    pub to: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -340,10 +353,29 @@ impl Config {
             return Err(err("auth", "client authentication is not supported by this version yet; refusing to start rather than serve without it"));
         }
         if let Some(e) = &self.push.engine {
-            return Err(err(
-                "push.engine",
-                format!("pushes ({e:?}) are not supported by this version yet; remove push.engine"),
-            ));
+            let upstream = self.upstreams.iter().any(|u| &u.name == e);
+            for (i, r) in self.push.replicate.iter().enumerate() {
+                if globset::Glob::new(&r.repos).is_err() {
+                    return Err(err(
+                        &format!("push.replicate[{i}].repos"),
+                        format!("{:?} is not a glob", r.repos),
+                    ));
+                }
+                for t in &r.to {
+                    if !self.storage.engines.contains_key(t) || t == e {
+                        return Err(err(
+                            &format!("push.replicate[{i}].to"),
+                            format!("{t:?} is not a storage engine other than the push engine"),
+                        ));
+                    }
+                }
+            }
+            if !upstream && !self.storage.engines.contains_key(e) {
+                return Err(err(
+                    "push.engine",
+                    format!("{e:?} is neither a storage engine nor an upstream"),
+                ));
+            }
         }
         if self.region.is_empty()
             || !self

@@ -10,6 +10,7 @@
 pub mod dns;
 pub mod layout;
 pub mod nearness;
+pub mod objects;
 pub mod registry;
 pub mod set;
 pub mod storage;
@@ -185,6 +186,22 @@ pub trait Engine: Send + Sync + Debug {
     /// Points `tag` at `digest`.
     async fn put_tag(&self, _repo: &RepoName, _tag: &Tag, _digest: &Digest) -> Result<()> {
         Err(unsupported(self.id(), "tag writes"))
+    }
+
+    /// Removes a tag (its current link). Absent is success.
+    async fn delete_tag(&self, _repo: &RepoName, _tag: &Tag) -> Result<()> {
+        Err(unsupported(self.id(), "tag deletes"))
+    }
+
+    /// Removes a manifest from `repo` (its revision link, and every tag pointing at it).
+    /// Returns whether it was there. The manifest's bytes stay for other repositories.
+    async fn delete_manifest(&self, _repo: &RepoName, _digest: &Digest) -> Result<bool> {
+        Err(unsupported(self.id(), "manifest deletes"))
+    }
+
+    /// Removes a blob from `repo` (its layer link). Returns whether it was linked.
+    async fn delete_blob(&self, _repo: &RepoName, _digest: &Digest) -> Result<bool> {
+        Err(unsupported(self.id(), "blob deletes"))
     }
 
     /// A cheap request that proves the engine is reachable; its duration is the RTT sample.

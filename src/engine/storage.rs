@@ -199,6 +199,11 @@ impl StorageEngine {
         }
     }
 
+    /// The object store under the engine (ociedge's own state objects live under `_ociedge/`).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     pub fn local_root(&self) -> Option<&FsPath> {
         self.local_root.as_deref()
     }
@@ -496,6 +501,37 @@ impl Engine for StorageEngine {
         self.put_link(&layout::tag_index(repo, tag, digest), digest)
             .await?;
         self.put_link(&layout::tag_current(repo, tag), digest).await
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<()> {
+        let dir = Path::from(format!("{}/{tag}", layout::tags_dir(repo)));
+        self.delete_prefix(&dir).await
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let link = layout::revision_link(repo, digest);
+        let present = self.read_small(&link).await?.is_some();
+        for tag in self.list_tags(repo).await?.unwrap_or_default() {
+            let Ok(tag) = tag.parse::<Tag>() else {
+                continue;
+            };
+            if self
+                .tag_link(repo, &tag)
+                .await?
+                .is_some_and(|l| &l.digest == digest)
+            {
+                self.delete_tag(repo, &tag).await?;
+            }
+        }
+        self.delete_object(&link).await?;
+        Ok(present)
+    }
+
+    async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let link = layout::layer_link(repo, digest);
+        let present = self.read_small(&link).await?.is_some();
+        self.delete_object(&link).await?;
+        Ok(present)
     }
 
     async fn probe(&self) -> Result<()> {

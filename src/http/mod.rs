@@ -6,6 +6,7 @@ pub mod conn;
 pub mod headers;
 pub mod ops;
 pub mod pull;
+pub mod push;
 pub mod route;
 pub mod server;
 pub mod tls;

@@ -99,7 +99,7 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
         },
         "engines": ranked,
         "fills_in_flight": fills,
-        "replication_backlog": 0,
+        "replication_backlog": app.pusher.as_ref().map(|p| serde_json::to_value(p.replicator().backlog()).unwrap_or_default()).unwrap_or_else(|| serde_json::json!({})),
     });
     text(StatusCode::OK, "application/json", body.to_string())
 }

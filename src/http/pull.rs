@@ -210,7 +210,14 @@ pub async fn referrers(
         .iter()
         .find(|(k, _)| k == "artifactType")
         .map(|(_, v)| v.as_str());
-    let (bytes, filtered): (Bytes, bool) = app.puller.referrers(&r, digest, artifact_type).await?;
+    let pushed = match &app.pusher {
+        Some(p) => p.referrers(&r.storage_repo, digest, artifact_type).await?,
+        None => None,
+    };
+    let (bytes, filtered): (Bytes, bool) = match pushed {
+        Some(index) => (index, true),
+        None => app.puller.referrers(&r, digest, artifact_type).await?,
+    };
     let mut b = builder(StatusCode::OK).header(
         header::CONTENT_TYPE,
         HeaderValue::from_static(media::OCI_INDEX),

@@ -19,9 +19,10 @@ pub enum Route {
         name: RepoName,
         digest: Digest,
     },
-    /// `/v2/<name>/blobs/uploads/...`: the push side.
+    /// `/v2/<name>/blobs/uploads/` (`id` None) or `/v2/<name>/blobs/uploads/<id>`.
     Upload {
         name: RepoName,
+        id: Option<String>,
     },
     Tags {
         name: RepoName,
@@ -109,10 +110,30 @@ pub fn parse(path: &str) -> Result<Route> {
     }
     if let Some(i) = rest.find("/blobs/uploads") {
         let tail = &rest[i + "/blobs/uploads".len()..];
-        if tail.is_empty() || tail.starts_with('/') {
+        if tail.is_empty() || tail == "/" {
             return Ok(Route::Upload {
                 name: name(&rest[..i])?,
+                id: None,
             });
+        }
+        if let Some(id) = tail.strip_prefix('/') {
+            if !id.contains('/') {
+                // Our own ids are 32 hex characters; a forwarded upstream's may be UUIDs. Anything
+                // outside a plain token alphabet is refused before any I/O.
+                let plain =
+                    |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=');
+                if id.is_empty() || id.len() > 128 || !id.bytes().all(plain) || id.starts_with('.')
+                {
+                    return Err(Error::client(
+                        ErrorCode::BlobUploadUnknown,
+                        format!("upload {:?} is unknown", trunc(id)),
+                    ));
+                }
+                return Ok(Route::Upload {
+                    name: name(&rest[..i])?,
+                    id: Some(id.to_string()),
+                });
+            }
         }
     }
     for (marker, kind) in [("/manifests/", 0), ("/blobs/", 1), ("/referrers/", 2)] {
@@ -206,10 +227,14 @@ mod tests {
             parse("/v2/x/blobs/uploads/").unwrap(),
             Route::Upload { .. }
         ));
+        let id = "0123456789abcdef0123456789abcdef";
         assert!(matches!(
-            parse("/v2/x/blobs/uploads/abc").unwrap(),
-            Route::Upload { .. }
+            parse(&format!("/v2/x/blobs/uploads/{id}")).unwrap(),
+            Route::Upload { id: Some(_), .. }
         ));
+        assert!(parse("/v2/x/blobs/uploads/d1289-uuid").is_ok());
+        assert!(parse("/v2/x/blobs/uploads/..").is_err());
+        assert!(parse("/v2/x/blobs/uploads/a%2fb").is_err());
         // A repository may be called "manifests" or "blobs".
         assert!(
             matches!(parse("/v2/manifests/manifests/1").unwrap(), Route::Manifest { name, .. } if name.as_str() == "manifests")

@@ -23,7 +23,7 @@ use super::conn::{self, ConnSettings};
 use super::headers as h;
 use super::route::{self, Route};
 use super::tls::Tls;
-use super::{ops, pull};
+use super::{ops, pull, push};
 use crate::app::App;
 use crate::config::{Config, LimitsConfig};
 use crate::error::{Error, Result};
@@ -250,13 +250,16 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
+        let mlabel = method_label(req.method());
         let parsed = route::parse(req.uri().path());
         let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
         let is_v2 = req.uri().path().starts_with("/v2");
         let mut resp = match parsed {
-            Ok(r) => dispatch(&app, r, &req)
-                .await
-                .unwrap_or_else(|e| error_response(&e)),
+            Ok(r) => {
+                let (parts, body) = req.into_parts();
+                let resp = dispatch(&app, r, &parts, body).await;
+                resp.unwrap_or_else(|e| error_response(&e))
+            }
             Err(e) => error_response(&e),
         };
         let hs = resp.headers_mut();
@@ -268,8 +271,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         let status = resp.status().as_u16();
         tracing::Span::current().record("status", status);
         let secs = start.elapsed().as_secs_f64();
-        app.metrics
-            .request(label, method_label(req.method()), status, secs);
+        app.metrics.request(label, mlabel, status, secs);
         if status >= 500 {
             tracing::warn!(status, ms = secs * 1e3, "request failed");
         } else {
@@ -281,31 +283,32 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     .await
 }
 
-async fn dispatch(app: &Arc<App>, route: Route, req: &Request<Incoming>) -> Result<Response<Body>> {
-    let method = req.method();
-    let headers = req.headers();
-    let query = route::query(req.uri().query());
+async fn dispatch(
+    app: &Arc<App>,
+    route: Route,
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<Response<Body>> {
+    let method = &parts.method;
+    let headers = &parts.headers;
+    let query = route::query(parts.uri.query());
     let ns = query
         .iter()
         .find(|(k, _)| k == "ns")
         .map(|(_, v)| v.as_str());
-    let read_only = || -> Result<()> {
-        if route::is_read(method) {
-            Ok(())
-        } else {
-            Err(Error::client(
-                ErrorCode::Unsupported,
-                "this ociedge does not accept pushes or deletes (push.engine is not set)",
-            ))
-        }
+    let not_allowed = || -> Error {
+        Error::client(
+            ErrorCode::Unsupported,
+            format!("{method} is not allowed on this endpoint"),
+        )
     };
+    let read = route::is_read(method);
     match route {
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(ops::readyz(app).await),
         Route::Metrics => Ok(ops::metrics(app)),
         Route::Status => Ok(ops::status(app)),
-        Route::Base => {
-            read_only()?;
+        Route::Base if read => {
             let mut r = Response::new(body::full("{}"));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -317,26 +320,37 @@ async fn dispatch(app: &Arc<App>, route: Route, req: &Request<Incoming>) -> Resu
             ErrorCode::Unsupported,
             "the catalog is not served by a pull-through cache",
         )),
-        Route::Upload { .. } => Err(Error::client(
-            ErrorCode::Unsupported,
-            "this ociedge does not accept pushes (push.engine is not set)",
-        )),
-        Route::Blob { name, digest } => {
-            read_only()?;
+        Route::Upload { name, .. } if app.forwarder.is_some() => {
+            push::forward(app, parts, body, &name, ns).await
+        }
+        Route::Manifest { name, .. } | Route::Blob { name, .. }
+            if !read && app.forwarder.is_some() =>
+        {
+            push::forward(app, parts, body, &name, ns).await
+        }
+        Route::Upload { name, id } => {
+            push::upload(app, parts, body, &name, id.as_deref(), &query, ns).await
+        }
+        Route::Blob { name, digest } if read => {
             pull::blob(app, method, headers, &name, &digest, ns).await
         }
-        Route::Manifest { name, reference } => {
-            read_only()?;
+        Route::Blob { name, digest } if method == Method::DELETE => {
+            push::delete_blob(app, &name, &digest, ns).await
+        }
+        Route::Manifest { name, reference } if read => {
             pull::manifest(app, method, headers, &name, &reference, ns).await
         }
-        Route::Tags { name } => {
-            read_only()?;
-            pull::tags(app, &name, &query, ns).await
+        Route::Manifest { name, reference } if method == Method::PUT => {
+            push::put_manifest(app, parts, body, &name, &reference, ns).await
         }
-        Route::Referrers { name, digest } => {
-            read_only()?;
+        Route::Manifest { name, reference } if method == Method::DELETE => {
+            push::delete_manifest(app, &name, &reference, ns).await
+        }
+        Route::Tags { name } if read => pull::tags(app, &name, &query, ns).await,
+        Route::Referrers { name, digest } if read => {
             pull::referrers(app, &name, &digest, &query, ns).await
         }
+        _ => Err(not_allowed()),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Progress {
     pub source: Option<Arc<str>>,
     /// Bytes in the spool file.
     pub written: u64,
+    /// The whole blob is in the spool and matched its digest.
+    pub verified: bool,
     pub outcome: Option<Outcome>,
 }
 
@@ -311,7 +313,7 @@ async fn run_fill(
     tracing::info!(source = %source_id, size, "fill started");
 
     // 2. Copy, hashing as we go; on a failed stream move to the next engine at the same offset.
-    let mut verifier = Verifier::new(digest);
+    let mut sink = SpoolSink::new(writer.clone(), Verifier::new(digest));
     let mut written: u64 = 0;
     let mut batch = BytesMut::new();
     loop {
@@ -339,17 +341,25 @@ async fn run_fill(
         }
         if !batch.is_empty() {
             let data: Bytes = batch.split().freeze();
-            if written + data.len() as u64 > size {
+            if sink.queued() + data.len() as u64 > size {
                 return Outcome::Failed(
                     format!("{} sent more bytes than the blob's size", engine.id()).into(),
                 );
             }
-            verifier.update(&data);
-            if let Err(e) = write_spool(writer.clone(), written, data.clone()).await {
-                return Outcome::Failed(format!("spool write failed: {e}").into());
-            }
-            written += data.len() as u64;
             metrics.engine_bytes(engine.id(), data.len() as u64);
+            // Hash and write in the background while the next chunk is read from the network.
+            match sink.push(data).await {
+                Ok(done) => written = done,
+                Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
+            }
+            state.progress.send_modify(|p| p.written = written);
+        }
+        if end_of_stream {
+            // Everything read so far must be on disk before deciding what is missing.
+            match sink.drain().await {
+                Ok(done) => written = done,
+                Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
+            }
             state.progress.send_modify(|p| p.written = written);
         }
         if !end_of_stream {
@@ -399,12 +409,17 @@ async fn run_fill(
     }
 
     // 3. Verify, then commit whole.
+    let Some(verifier) = sink.finish() else {
+        return Outcome::Failed("spool writer lost its hash state".into());
+    };
     let actual = verifier.finish();
     if &actual != digest {
         tracing::error!(source = %source_id, %actual, "digest mismatch: nothing stored");
         metrics.digest_mismatch(&source_id);
         return Outcome::Failed(format!("digest mismatch from {source_id}: got {actual}").into());
     }
+    // The bytes are right: readers may have their last byte now, before the sync and commit.
+    state.progress.send_modify(|p| p.verified = true);
     if let Err(e) = sync_spool(writer).await {
         return Outcome::Failed(format!("spool sync failed: {e}").into());
     }
@@ -436,11 +451,66 @@ fn open_spool(path: &std::path::Path) -> std::io::Result<(File, File)> {
     Ok((w, r))
 }
 
-async fn write_spool(file: Arc<File>, offset: u64, data: Bytes) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-        .await
-        .map_err(std::io::Error::other)?
+/// The spool writer: hashes and writes each batch on a blocking thread, one batch in flight, so
+/// hashing and disk writes overlap the network reads.
+struct SpoolSink {
+    file: Arc<File>,
+    verifier: Option<Verifier>,
+    inflight: Option<tokio::task::JoinHandle<(Verifier, std::io::Result<()>, u64)>>,
+    written: u64,
+    queued: u64,
+}
+
+impl SpoolSink {
+    fn new(file: Arc<File>, verifier: Verifier) -> SpoolSink {
+        SpoolSink {
+            file,
+            verifier: Some(verifier),
+            inflight: None,
+            written: 0,
+            queued: 0,
+        }
+    }
+
+    /// Bytes written or being written.
+    fn queued(&self) -> u64 {
+        self.queued
+    }
+
+    /// Waits for the batch in flight; returns the bytes on disk.
+    async fn drain(&mut self) -> std::io::Result<u64> {
+        if let Some(h) = self.inflight.take() {
+            let (v, res, n) = h.await.map_err(std::io::Error::other)?;
+            self.verifier = Some(v);
+            res?;
+            self.written += n;
+        }
+        Ok(self.written)
+    }
+
+    /// Queues `data` after the batch in flight; returns the bytes on disk so far.
+    async fn push(&mut self, data: Bytes) -> std::io::Result<u64> {
+        let written = self.drain().await?;
+        let mut v = self
+            .verifier
+            .take()
+            .ok_or_else(|| std::io::Error::other("hash state lost"))?;
+        let file = self.file.clone();
+        let offset = self.queued;
+        self.queued += data.len() as u64;
+        self.inflight = Some(tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            v.update(&data);
+            let res = file.write_all_at(&data, offset);
+            (v, res, data.len() as u64)
+        }));
+        Ok(written)
+    }
+
+    /// The hash state, once drained.
+    fn finish(self) -> Option<Verifier> {
+        self.verifier
+    }
 }
 
 async fn sync_spool(file: Arc<File>) -> std::io::Result<()> {

@@ -92,6 +92,11 @@ pub struct Puller {
     /// (repository, digest) pairs known to be linked in the local engine, so a hit links a blob
     /// or manifest into a new repository once (what Distribution needs to serve it there).
     linked: moka::sync::Cache<(RepoName, Digest), ()>,
+    /// Remote answers to blob HEADs on a miss (size, engine): digests are immutable, so a HEAD
+    /// storm for content not cached yet costs the upstream one request per digest, not one each.
+    remote_sizes: Cache<Digest, (u64, Arc<str>)>,
+    /// The preferred (push) engine: the authority for the tags pushed to it.
+    preferred: Option<Arc<dyn crate::engine::Engine>>,
 }
 
 #[derive(Clone, Copy)]
@@ -116,6 +121,11 @@ impl Puller {
             metrics,
             local_name: LOCAL.into(),
             linked: moka::sync::Cache::new(1_000_000),
+            preferred: None,
+            remote_sizes: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(600))
+                .build(),
         }
     }
 
@@ -139,6 +149,16 @@ impl Puller {
                 linked.invalidate(&key);
             }
         });
+    }
+
+    /// Makes `engine` the authority for tags it holds (pushed repositories).
+    pub fn set_preferred(&mut self, engine: Arc<dyn crate::engine::Engine>) {
+        self.preferred = Some(engine);
+    }
+
+    /// The in-memory manifest cache (the push path invalidates deleted manifests in it).
+    pub fn manifest_cache(&self) -> Cache<Digest, Manifest> {
+        self.manifests.clone()
     }
 
     pub fn engines(&self) -> &Arc<Engines> {
@@ -203,6 +223,17 @@ impl Puller {
                 body,
             })
         };
+        // HEAD on a file:// engine: one stat, no open.
+        if head {
+            if let Some(root) = local.local_dir() {
+                let path = root.join(crate::engine::layout::blob_data(digest).as_ref());
+                if let Ok(m) = std::fs::metadata(&path) {
+                    let range = range.map(|s| s.resolve(m.len())).transpose()?;
+                    return Ok(hit(m.len(), range, None));
+                }
+                return Ok(None);
+            }
+        }
         // Fast path: a file:// engine's file, read directly in large chunks.
         match local.open_local_file(digest).await {
             Ok(Some(lf)) => {
@@ -251,10 +282,22 @@ impl Puller {
         digest: &Digest,
         range: Option<RangeSpec>,
     ) -> Result<BlobAnswer> {
+        if let Some((size, source)) = self.remote_sizes.get(digest).await {
+            let range = range.map(|s| s.resolve(size)).transpose()?;
+            return Ok(BlobAnswer {
+                size,
+                range,
+                source,
+                body: None,
+            });
+        }
         let mut last_err = None;
         for (engine, repo) in self.engines.remotes_for(r) {
             match engine.stat_blob(&repo, digest).await {
                 Ok(Some(meta)) => {
+                    self.remote_sizes
+                        .insert(digest.clone(), (meta.size, engine.id().into()))
+                        .await;
                     let range = range.map(|s| s.resolve(meta.size)).transpose()?;
                     return Ok(BlobAnswer {
                         size: meta.size,
@@ -271,9 +314,17 @@ impl Puller {
                 }
             }
         }
-        Err(last_err.unwrap_or_else(|| {
-            Error::client(ErrorCode::BlobUnknown, format!("blob {digest} is unknown"))
-        }))
+        let unknown = || Error::client(ErrorCode::BlobUnknown, format!("blob {digest} is unknown"));
+        match last_err {
+            // A registry that takes pushes answers what it knows: clients HEAD a blob before
+            // uploading it, and a remote engine being down must not fail their push.
+            Some(e) if self.preferred.is_some() => {
+                tracing::warn!(error = %e, "blob HEAD: a remote engine failed; answering unknown");
+                Err(unknown())
+            }
+            Some(e) => Err(e),
+            None => Err(unknown()),
+        }
     }
 
     /// A manifest by tag or digest.
@@ -364,6 +415,11 @@ impl Puller {
         accept: &[String],
     ) -> Result<ManifestAnswer> {
         let repo = &r.storage_repo;
+        if let Some(pref) = &self.preferred {
+            if let Some(ans) = self.pushed_tag(r, tag, accept, pref).await? {
+                return Ok(ans);
+            }
+        }
         let Some(upstream) = self.engines.upstream(r) else {
             return self.storage_tag(r, tag, accept).await;
         };
@@ -418,6 +474,49 @@ impl Puller {
                 self.stale_tag(r, tag, accept).await?.ok_or_else(|| {
                     Error::client(ErrorCode::Unavailable, format!("upstream {} is unreachable and no cached answer for {repo}:{tag} is younger than max_stale", upstream.name))
                 })
+            }
+        }
+    }
+
+    /// A tag of a pushed repository: the preferred engine is its authority. `None` when the
+    /// preferred engine does not have the tag (then the upstream, if any, decides).
+    async fn pushed_tag(
+        &self,
+        r: &Routed,
+        tag: &Tag,
+        accept: &[String],
+        pref: &Arc<dyn crate::engine::Engine>,
+    ) -> Result<Option<ManifestAnswer>> {
+        let repo = &r.storage_repo;
+        if let Some(e) = self.tags.fresh(repo, tag).await {
+            self.metrics.cache("tag", "hit");
+            let (manifest, source) = self.manifest_by_digest(r, &e.digest, accept).await?;
+            return Ok(Some(ManifestAnswer {
+                manifest,
+                source,
+                stale_age: None,
+            }));
+        }
+        match pref.tag_link(repo, tag).await {
+            Ok(Some(link)) => {
+                self.metrics.cache("tag", "revalidated");
+                let (manifest, source) = self.manifest_by_digest(r, &link.digest, accept).await?;
+                self.tags
+                    .insert(repo, tag, link.digest, manifest.media_type.clone())
+                    .await;
+                Ok(Some(ManifestAnswer {
+                    manifest,
+                    source,
+                    stale_age: None,
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                // The authority is unreachable: the replicated tag link of the local engine is
+                // the last known answer.
+                self.metrics.upstream_error(pref.id());
+                tracing::warn!(error = %e, "preferred engine unreachable; trying a stale answer");
+                self.stale_tag(r, tag, accept).await
             }
         }
     }

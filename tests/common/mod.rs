@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod layout;
 pub mod regions;
 
 use std::path::{Path, PathBuf};
@@ -203,6 +204,26 @@ impl Drop for Origin {
     }
 }
 
+/// skopeo pushes an image of the standard layout to `host` (a registry or ociedge); `true` when
+/// skopeo reported success (the push was acknowledged).
+pub fn skopeo_push(host: &str, layout_tag: &str, dest: &str) -> bool {
+    let layout = images();
+    Command::new("skopeo")
+        .args([
+            "copy",
+            "--all",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:{layout_tag}", layout.display()))
+        .arg(format!("docker://{host}/{dest}"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("skopeo")
+        .success()
+}
+
 /// `verify-pull.sh`: skopeo pulls `repo:tag` through `host` and checks every digest.
 pub fn verify_pull(host: &str, image: &str, digest: &str) -> bool {
     Command::new("bash")
@@ -267,6 +288,14 @@ impl Proxy {
 
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the proxy with SIGKILL and hands back its directory (to start it again there).
+    pub fn restart(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
     }
 
     pub fn url(&self, path: &str) -> String {

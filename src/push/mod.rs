@@ -1,0 +1,430 @@
+//! The push path: ociedge as the registry, writing to the preferred storage engine. Nothing is
+//! acknowledged before it is durable there and its replication jobs are queued (durably).
+
+pub mod forward;
+pub mod manifest;
+pub mod upload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use moka::future::Cache;
+use object_store::path::Path;
+
+use crate::engine::storage::StorageEngine;
+use crate::engine::{ByteStream, Engine, Manifest};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Verifier};
+use crate::pull::tags::TagCache;
+use crate::replicate::{Job, Replicator};
+use upload::{Session, Uploads};
+
+pub struct Pusher {
+    engine: Arc<StorageEngine>,
+    dyn_engine: Arc<dyn Engine>,
+    uploads: Uploads,
+    spool_dir: PathBuf,
+    replicator: Arc<Replicator>,
+    tags: TagCache,
+    manifests: Cache<Digest, Manifest>,
+    metrics: Metrics,
+}
+
+/// What a manifest push answers.
+pub struct Pushed {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+/// A spool file removed when dropped.
+struct Spool(PathBuf);
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Pusher {
+    pub fn new(
+        engine: Arc<StorageEngine>,
+        spool_dir: PathBuf,
+        replicator: Arc<Replicator>,
+        tags: TagCache,
+        manifests: Cache<Digest, Manifest>,
+        metrics: Metrics,
+    ) -> Pusher {
+        let dyn_engine: Arc<dyn Engine> = engine.clone();
+        Pusher {
+            uploads: Uploads::new(engine.clone()),
+            engine,
+            dyn_engine,
+            spool_dir,
+            replicator,
+            tags,
+            manifests,
+            metrics,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.dyn_engine
+    }
+
+    pub fn replicator(&self) -> &Arc<Replicator> {
+        &self.replicator
+    }
+
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
+        self.uploads.start(repo).await
+    }
+
+    pub async fn upload_offset(&self, repo: &RepoName, id: &str) -> Result<u64> {
+        Ok(self.uploads.session(repo, id).await?.offset)
+    }
+
+    /// A chunk (`PATCH`). `range` is the `Content-Range` (`start`, inclusive `end`) if sent; a
+    /// start other than the session's offset is `416`.
+    pub async fn patch(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        range: Option<(u64, u64)>,
+        body: ByteStream,
+    ) -> Result<u64> {
+        let lock = self.uploads.lock(id);
+        let _held = lock.lock().await;
+        let session = self.uploads.session(repo, id).await?;
+        if let Some((start, _)) = range {
+            if start != session.offset {
+                return Err(Error::Client(
+                    crate::oci::OciError::new(
+                        ErrorCode::BlobUploadInvalid,
+                        format!(
+                            "chunk starts at {start}, the upload is at {}",
+                            session.offset
+                        ),
+                    )
+                    .with_status(http::StatusCode::RANGE_NOT_SATISFIABLE),
+                ));
+            }
+        }
+        let expected = range.map(|(a, b)| b + 1 - a);
+        self.uploads.append(&session, body, expected).await
+    }
+
+    /// Finishes an upload (`PUT ?digest=`), with an optional last chunk in `body`.
+    pub async fn finish(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<()> {
+        let lock = self.uploads.lock(id);
+        let _held = lock.lock().await;
+        let session: Session = self.uploads.session(repo, id).await?;
+        let stream = self.uploads.read(&session).await?.chain(body);
+        let result = self.commit_stream(repo, digest, Box::pin(stream)).await;
+        match &result {
+            // A wrong digest ends the session (as Distribution does); a failed engine keeps it for
+            // a retry of the PUT.
+            Ok(()) | Err(Error::Client(_)) | Err(Error::DigestMismatch { .. }) => {
+                let _ = self.uploads.remove(id).await;
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// A monolithic upload (`POST ?digest=` with the blob as body).
+    pub async fn monolithic(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<()> {
+        self.commit_stream(repo, digest, body).await
+    }
+
+    pub async fn cancel(&self, repo: &RepoName, id: &str) -> Result<()> {
+        self.uploads.session(repo, id).await?;
+        self.uploads.remove(id).await
+    }
+
+    /// Cross-repository mount: `true` when the blob exists and is now linked into `repo`.
+    pub async fn mount(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<bool> {
+        let from = from.unwrap_or(repo);
+        if self.engine.stat_blob(from, digest).await?.is_none() {
+            return Ok(false);
+        }
+        self.engine.link_blob(repo, digest).await?;
+        self.replicator
+            .enqueue(Job::Blob {
+                repo: repo.to_string(),
+                digest: digest.to_string(),
+            })
+            .await?;
+        self.metrics.push("blob", "mounted");
+        Ok(true)
+    }
+
+    /// Spools `body` while hashing it, and commits it under `digest` only if it matches.
+    async fn commit_stream(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        mut body: ByteStream,
+    ) -> Result<()> {
+        std::fs::create_dir_all(&self.spool_dir)?;
+        let spool = Spool(self.spool_dir.join(format!(
+            "push-{}.{:016x}.part",
+            digest.hex(),
+            rand::random::<u64>()
+        )));
+        let mut file = tokio::fs::File::create(&spool.0).await?;
+        let mut verifier = Verifier::new(digest);
+        let mut size: u64 = 0;
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            verifier.update(&chunk);
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        file.sync_all().await?;
+        drop(file);
+        let actual = verifier.finish();
+        if &actual != digest {
+            self.metrics.push("blob", "digest_invalid");
+            return Err(Error::client(
+                ErrorCode::DigestInvalid,
+                format!("the upload hashes to {actual}, not {digest}"),
+            ));
+        }
+        self.engine.put_blob_file(digest, &spool.0, size).await?;
+        self.engine.link_blob(repo, digest).await?;
+        self.replicator
+            .enqueue(Job::Blob {
+                repo: repo.to_string(),
+                digest: digest.to_string(),
+            })
+            .await?;
+        self.metrics.push("blob", "ok");
+        tracing::info!(%repo, %digest, size, "blob pushed");
+        Ok(())
+    }
+
+    /// A manifest push, by tag or digest: validated, its references checked, stored, tagged.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<Pushed> {
+        let parsed = manifest::parse(&bytes, content_type)?;
+        let digest = match reference {
+            Reference::Digest(d) => {
+                let actual = d.same_algorithm_of(&bytes);
+                if &actual != d {
+                    return Err(Error::client(
+                        ErrorCode::DigestInvalid,
+                        format!("the manifest hashes to {actual}, not {d}"),
+                    ));
+                }
+                d.clone()
+            }
+            Reference::Tag(_) => Digest::sha256_of(&bytes),
+        };
+        for b in &parsed.blobs {
+            if self.engine.stat_blob(repo, b).await?.is_none() {
+                return Err(Error::client(
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("blob {b} is not in {repo}"),
+                )
+                .with_detail(serde_json::json!({ "digest": b.to_string() })));
+            }
+        }
+        for m in &parsed.manifests {
+            let present = self
+                .engine
+                .get_manifest(repo, &Reference::Digest(m.clone()), &[])
+                .await?
+                .is_some();
+            if !present {
+                return Err(Error::client(
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("manifest {m} is not in {repo}"),
+                )
+                .with_detail(serde_json::json!({ "digest": m.to_string() })));
+            }
+        }
+        let m = Manifest {
+            digest: digest.clone(),
+            media_type: parsed.media_type.clone(),
+            bytes: bytes.clone(),
+        };
+        self.engine.put_manifest(repo, &m).await?;
+        if let Some(subject) = &parsed.subject {
+            self.record_referrer(repo, subject, &digest, &parsed, bytes.len())
+                .await?;
+        }
+        let job = match reference {
+            Reference::Tag(tag) => {
+                self.engine.put_tag(repo, tag, &digest).await?;
+                self.tags
+                    .insert(repo, tag, digest.clone(), parsed.media_type.clone())
+                    .await;
+                Job::Tag {
+                    repo: repo.to_string(),
+                    tag: tag.to_string(),
+                    digest: digest.to_string(),
+                }
+            }
+            Reference::Digest(_) => Job::Manifest {
+                repo: repo.to_string(),
+                digest: digest.to_string(),
+            },
+        };
+        self.replicator.enqueue(job).await?;
+        self.manifests.insert(digest.clone(), m).await;
+        self.metrics.push("manifest", "ok");
+        tracing::info!(%repo, %reference, %digest, "manifest pushed");
+        Ok(Pushed {
+            digest,
+            subject: parsed.subject,
+        })
+    }
+
+    /// Deletes a tag, or a manifest (and the tags pointing at it) from the repository.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        match reference {
+            Reference::Tag(tag) => {
+                if self.engine.tag_link(repo, tag).await?.is_none() {
+                    return Err(Error::client(
+                        ErrorCode::ManifestUnknown,
+                        format!("{repo}:{tag} is unknown"),
+                    ));
+                }
+                self.engine.delete_tag(repo, tag).await?;
+                self.tags.forget(repo, tag).await;
+                self.replicator
+                    .enqueue(Job::Untag {
+                        repo: repo.to_string(),
+                        tag: tag.to_string(),
+                    })
+                    .await?;
+            }
+            Reference::Digest(d) => {
+                let tags = self.engine.list_tags(repo).await?.unwrap_or_default();
+                if !self.engine.delete_manifest(repo, d).await? {
+                    return Err(Error::client(
+                        ErrorCode::ManifestUnknown,
+                        format!("manifest {d} is not in {repo}"),
+                    ));
+                }
+                for t in tags.iter().filter_map(|t| t.parse().ok()) {
+                    self.tags.forget(repo, &t).await;
+                }
+                self.manifests.invalidate(d).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        if !self.engine.delete_blob(repo, digest).await? {
+            return Err(Error::client(
+                ErrorCode::BlobUnknown,
+                format!("blob {digest} is not in {repo}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn referrers_dir(repo: &RepoName, subject: &Digest) -> String {
+        format!(
+            "_ociedge/referrers/{repo}/@{}-{}",
+            subject.algorithm(),
+            subject.hex()
+        )
+    }
+
+    async fn record_referrer(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        digest: &Digest,
+        parsed: &manifest::Parsed,
+        size: usize,
+    ) -> Result<()> {
+        let mut desc = serde_json::json!({ "mediaType": parsed.media_type, "digest": digest.to_string(), "size": size });
+        if let Some(t) = &parsed.artifact_type {
+            desc["artifactType"] = serde_json::Value::String(t.clone());
+        }
+        if let Some(a) = &parsed.annotations {
+            desc["annotations"] = a.clone();
+        }
+        let path = format!(
+            "{}/{}-{}",
+            Self::referrers_dir(repo, subject),
+            digest.algorithm(),
+            digest.hex()
+        );
+        self.engine
+            .put_object(&Path::from(path), Bytes::from(desc.to_string()))
+            .await
+    }
+
+    /// The referrers index of `subject` from what was pushed: `None` when nothing refers to it.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<Bytes>> {
+        let dir = Path::from(Self::referrers_dir(repo, subject));
+        let mut manifests = Vec::new();
+        for (p, _) in self.engine.list_objects(&dir).await? {
+            let Some(b) = self.engine.get_object(&p).await? else {
+                continue;
+            };
+            let Ok(desc) = serde_json::from_slice::<serde_json::Value>(&b) else {
+                continue;
+            };
+            // A referrer whose manifest was deleted is no longer listed.
+            let Some(d) = desc["digest"]
+                .as_str()
+                .and_then(|d| d.parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            if self
+                .engine
+                .get_manifest(repo, &Reference::Digest(d), &[])
+                .await?
+                .is_none()
+            {
+                continue;
+            }
+            if artifact_type.is_none_or(|t| desc["artifactType"].as_str() == Some(t)) {
+                manifests.push(desc);
+            }
+        }
+        if manifests.is_empty() && artifact_type.is_none() {
+            return Ok(None);
+        }
+        let index = serde_json::json!({ "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests });
+        Ok(Some(Bytes::from(index.to_string())))
+    }
+}

@@ -1,0 +1,155 @@
+//! `ociedge backfill --to ENGINE [--from ENGINE] [--repo GLOB]`: copy everything the target
+//! lacks, repository by repository, in the replication order (blobs, manifests, tags). Idempotent,
+//! so an interrupted run is resumed by running it again, and a second run copies nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::path::Path;
+
+use super::copy::{Copied, Copier};
+use crate::engine::storage::StorageEngine;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::oci::{Digest, RepoName, Tag};
+
+const REPOS: &str = "docker/registry/v2/repositories";
+
+/// What a backfill did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub repositories: usize,
+    pub tags: usize,
+    pub copied: Copied,
+    pub failures: Vec<String>,
+}
+
+/// Every repository in a storage engine: directories under `repositories/` that hold
+/// `_manifests` (found by listing, never by reading blobs).
+pub async fn repositories(engine: &StorageEngine) -> Result<Vec<RepoName>> {
+    let mut out = Vec::new();
+    let mut stack = vec![Path::from(REPOS)];
+    while let Some(dir) = stack.pop() {
+        let children = engine.list_dirs(&dir).await?;
+        let mut is_repo = false;
+        for c in &children {
+            match c.filename() {
+                Some("_manifests") => is_repo = true,
+                Some(n) if n.starts_with('_') => {}
+                Some(_) => stack.push(c.clone()),
+                None => {}
+            }
+        }
+        if is_repo {
+            let name = dir
+                .as_ref()
+                .strip_prefix(REPOS)
+                .unwrap_or("")
+                .trim_start_matches('/');
+            if let Ok(r) = name.parse() {
+                out.push(r);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The manifest digests a repository has revisions for.
+async fn revisions(engine: &StorageEngine, repo: &RepoName) -> Result<Vec<Digest>> {
+    let mut out = Vec::new();
+    for alg in ["sha256", "sha512"] {
+        let dir = Path::from(format!("{REPOS}/{repo}/_manifests/revisions/{alg}"));
+        for d in engine.list_dirs(&dir).await? {
+            if let Some(Ok(digest)) = d.filename().map(|h| format!("{alg}:{h}").parse::<Digest>()) {
+                out.push(digest);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A `**`/`*` glob on repository names (`*` stays within a path component).
+pub fn glob_match(glob: &str, name: &str) -> bool {
+    globset::GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher().is_match(name))
+        .unwrap_or(false)
+}
+
+/// Copies what `to` lacks from `from`. `progress` is told about each repository as it starts.
+pub async fn run(
+    from: &Arc<StorageEngine>,
+    to: &Arc<dyn Engine>,
+    repo_glob: Option<&str>,
+    copier: &Copier,
+    mut progress: impl FnMut(usize, usize, Option<&RepoName>, &Copied),
+) -> Result<Summary> {
+    let src: Arc<dyn Engine> = from.clone();
+    let mut repos = repositories(from).await?;
+    if let Some(g) = repo_glob {
+        repos.retain(|r| glob_match(g, r.as_str()));
+    }
+    let mut summary = Summary {
+        repositories: repos.len(),
+        ..Default::default()
+    };
+    let total = repos.len();
+    for (i, repo) in repos.iter().enumerate() {
+        progress(i, total, Some(repo), &summary.copied);
+        // Untagged manifests first, then tags (each tag re-checks its manifest: cheap).
+        for d in revisions(from, repo).await? {
+            match with_retry(|| copier.manifest(&src, to, repo, &d)).await {
+                Ok(c) => summary.copied += c,
+                Err(e) => summary.failures.push(format!("{repo}@{d}: {e}")),
+            }
+        }
+        for tag in src.list_tags(repo).await?.unwrap_or_default() {
+            let Ok(tag) = tag.parse::<Tag>() else {
+                continue;
+            };
+            let Some(link) = src.tag_link(repo, &tag).await? else {
+                continue;
+            };
+            summary.tags += 1;
+            match with_retry(|| copier.tag(&src, to, repo, &tag, &link.digest)).await {
+                Ok(c) => summary.copied += c,
+                Err(e) => summary.failures.push(format!("{repo}:{tag}: {e}")),
+            }
+        }
+    }
+    progress(total, total, None, &summary.copied);
+    Ok(summary)
+}
+
+async fn with_retry<F, Fut>(mut f: F) -> Result<Copied>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Copied>>,
+{
+    let mut last = None;
+    for attempt in 0..3u32 {
+        match f().await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200 * (1 << attempt))).await;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::engine("backfill", "retries exhausted")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn globs() {
+        use super::glob_match;
+        assert!(glob_match("team/**", "team/app/x"));
+        assert!(glob_match("team/*", "team/app"));
+        assert!(!glob_match("team/*", "team/app/x"));
+        assert!(glob_match("**", "a/b"));
+        assert!(!glob_match("library/*", "team/app"));
+    }
+}

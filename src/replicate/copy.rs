@@ -1,0 +1,149 @@
+//! Copying content between engines, idempotently and in dependency order: blobs, then the
+//! manifests that name them, then tags. Shared by the replication worker and `backfill`.
+//! Every byte is verified against its digest before it is committed in the target.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+
+use crate::engine::{Engine, GetBlob};
+use crate::error::{Error, Result};
+use crate::oci::{Digest, Reference, RepoName, Tag, Verifier};
+use crate::push::manifest;
+
+/// What one copy did.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Copied {
+    pub blobs: u64,
+    pub manifests: u64,
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for Copied {
+    fn add_assign(&mut self, o: Copied) {
+        self.blobs += o.blobs;
+        self.manifests += o.manifests;
+        self.bytes += o.bytes;
+    }
+}
+
+#[derive(Clone)]
+pub struct Copier {
+    pub spool_dir: PathBuf,
+}
+
+impl Copier {
+    /// Makes `dst` hold the blob (linked into `repo`). A blob already there costs one stat.
+    pub async fn blob(
+        &self,
+        src: &Arc<dyn Engine>,
+        dst: &Arc<dyn Engine>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Copied> {
+        if dst.stat_blob(repo, digest).await?.is_some() {
+            dst.link_blob(repo, digest).await?;
+            return Ok(Copied::default());
+        }
+        let read = src
+            .get_blob(repo, digest, GetBlob::default())
+            .await?
+            .ok_or_else(|| {
+                Error::engine(src.id(), format!("blob {digest} missing in the source"))
+            })?;
+        let spool = self.spool_dir.join(format!(
+            "copy-{}.{}.part",
+            digest.hex(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&self.spool_dir)?;
+        let result = async {
+            let mut file = tokio::fs::File::create(&spool).await?;
+            let mut verifier = Verifier::new(digest);
+            let mut stream = read.stream;
+            let mut n: u64 = 0;
+            use tokio::io::AsyncWriteExt;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                verifier.update(&chunk);
+                n += chunk.len() as u64;
+                file.write_all(&chunk).await?;
+            }
+            file.flush().await?;
+            file.sync_data().await?;
+            let actual = verifier.finish();
+            if &actual != digest || n != read.size {
+                return Err(Error::DigestMismatch {
+                    expected: digest.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+            dst.put_blob_file(digest, &spool, n).await?;
+            dst.link_blob(repo, digest).await?;
+            Ok(Copied {
+                blobs: 1,
+                manifests: 0,
+                bytes: n,
+            })
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&spool).await;
+        result
+    }
+
+    /// Makes `dst` hold the manifest, after every blob and child manifest it references.
+    pub fn manifest<'a>(
+        &'a self,
+        src: &'a Arc<dyn Engine>,
+        dst: &'a Arc<dyn Engine>,
+        repo: &'a RepoName,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Copied>> {
+        async move {
+            let by_digest = Reference::Digest(digest.clone());
+            if dst.get_manifest(repo, &by_digest, &[]).await?.is_some() {
+                // Present means its children are too: manifests are only written after them.
+                dst.link_manifest(repo, digest).await?;
+                return Ok(Copied::default());
+            }
+            let m = src
+                .get_manifest(repo, &by_digest, &[])
+                .await?
+                .ok_or_else(|| {
+                    Error::engine(src.id(), format!("manifest {digest} missing in the source"))
+                })?;
+            let parsed = manifest::parse(&m.bytes, Some(&m.media_type))?;
+            let mut copied = Copied::default();
+            for b in &parsed.blobs {
+                copied += self.blob(src, dst, repo, b).await?;
+            }
+            for child in &parsed.manifests {
+                copied += self.manifest(src, dst, repo, child).await?;
+            }
+            dst.put_manifest(repo, &m).await?;
+            copied.manifests += 1;
+            copied.bytes += m.bytes.len() as u64;
+            Ok(copied)
+        }
+        .boxed()
+    }
+
+    /// Points `tag` at `digest` in `dst`, after making sure the manifest is there.
+    pub async fn tag(
+        &self,
+        src: &Arc<dyn Engine>,
+        dst: &Arc<dyn Engine>,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> Result<Copied> {
+        let copied = self.manifest(src, dst, repo, digest).await?;
+        let current = dst.tag_link(repo, tag).await?;
+        if current.as_ref().map(|l| &l.digest) != Some(digest) {
+            dst.put_tag(repo, tag, digest).await?;
+        }
+        Ok(copied)
+    }
+}

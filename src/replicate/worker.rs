@@ -1,0 +1,210 @@
+//! The replication worker: for each target engine, runs the queued jobs (oldest first), retries
+//! failures with backoff, and reports the backlog. Jobs are idempotent, so a job interrupted by a
+//! kill simply runs again after the restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use super::copy::{Copied, Copier};
+use super::queue::{Queue, Queued};
+use super::task::{Job, Parsed};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// How often queues are re-read when nothing woke the worker (jobs queued by other processes).
+const POLL: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The backlog of one target.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Backlog {
+    pub jobs: usize,
+    pub oldest_age_seconds: f64,
+    pub failing: usize,
+    pub last_error: Option<String>,
+}
+
+pub struct Replicator {
+    pub queue: Queue,
+    /// Per-repository rules: (glob, targets); the first match wins.
+    rules: Vec<(String, Vec<String>)>,
+    /// Targets of repositories no rule matches.
+    defaults: Vec<String>,
+    source: Arc<dyn Engine>,
+    targets: Vec<(String, Arc<dyn Engine>)>,
+    copier: Copier,
+    wake: Notify,
+    metrics: Metrics,
+    backlog: Mutex<HashMap<String, Backlog>>,
+}
+
+impl Replicator {
+    /// `targets` are every engine any job may go to; `defaults` those of repositories that no
+    /// rule matches.
+    pub fn new(
+        queue: Queue,
+        source: Arc<dyn Engine>,
+        targets: Vec<(String, Arc<dyn Engine>)>,
+        defaults: Vec<String>,
+        rules: Vec<(String, Vec<String>)>,
+        copier: Copier,
+        metrics: Metrics,
+    ) -> Replicator {
+        Replicator {
+            queue,
+            rules,
+            defaults,
+            source,
+            targets,
+            copier,
+            wake: Notify::new(),
+            metrics,
+            backlog: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The replication locations of a repository.
+    pub fn targets_for(&self, repo: &str) -> Vec<String> {
+        match self
+            .rules
+            .iter()
+            .find(|(g, _)| super::backfill::glob_match(g, repo))
+        {
+            Some((_, to)) => to.clone(),
+            None => self.defaults.clone(),
+        }
+    }
+
+    pub fn target_ids(&self) -> Vec<String> {
+        self.targets.iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Queues `job` for every target (durably), then wakes the workers.
+    pub async fn enqueue(&self, job: Job) -> Result<()> {
+        let repo = match &job {
+            Job::Blob { repo, .. }
+            | Job::Manifest { repo, .. }
+            | Job::Tag { repo, .. }
+            | Job::Untag { repo, .. } => repo.clone(),
+        };
+        let targets = self.targets_for(&repo);
+        if targets.is_empty() {
+            return Ok(());
+        }
+        self.queue.enqueue(&job, &targets).await?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    pub fn backlog(&self) -> HashMap<String, Backlog> {
+        self.backlog.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// Runs one worker per target, forever (spawn it).
+    pub async fn run(self: Arc<Self>) {
+        let workers = self.targets.clone().into_iter().map(|(id, engine)| {
+            let me = self.clone();
+            tokio::spawn(async move { me.work(id, engine).await })
+        });
+        futures::future::join_all(workers).await;
+    }
+
+    async fn work(&self, target: String, engine: Arc<dyn Engine>) {
+        // Per-job retry state: attempts and when the next try is due.
+        let mut retry: HashMap<String, (u32, Instant)> = HashMap::new();
+        loop {
+            let woken = self.wake.notified();
+            let pending = match self.queue.pending(&target).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(target = %target, error = %e, "cannot read the replication queue");
+                    Vec::new()
+                }
+            };
+            self.report(&target, &pending, &retry, None);
+            let mut last_error = None;
+            for q in &pending {
+                let key = q.path.to_string();
+                if retry.get(&key).is_some_and(|(_, at)| Instant::now() < *at) {
+                    continue;
+                }
+                let span = tracing::info_span!("replicate", target = %target, kind = q.job.kind());
+                match self.execute(&engine, &q.job).instrument(span).await {
+                    Ok(c) => {
+                        retry.remove(&key);
+                        self.metrics.replicated(&target, c.bytes);
+                        if let Err(e) = self.queue.done(q).await {
+                            tracing::warn!(target = %target, error = %e, "job done but not removed; it will run again");
+                        }
+                    }
+                    Err(e) => {
+                        let attempts = retry.get(&key).map_or(1, |(a, _)| a + 1);
+                        let backoff =
+                            Duration::from_millis(200u64.saturating_mul(1 << attempts.min(8)))
+                                .min(MAX_BACKOFF);
+                        tracing::warn!(target = %target, job = ?q.job, attempts, error = %e, "replication job failed; will retry");
+                        self.metrics.replication_failure(&target);
+                        retry.insert(key, (attempts, Instant::now() + backoff));
+                        last_error = Some(e.to_string());
+                    }
+                }
+            }
+            let left = self.queue.pending(&target).await.unwrap_or_default();
+            retry.retain(|k, _| left.iter().any(|q| q.path.as_ref() == k));
+            self.report(&target, &left, &retry, last_error);
+            if left.is_empty() || left.iter().all(|q| retry.contains_key(q.path.as_ref())) {
+                let _ = tokio::time::timeout(POLL, woken).await;
+            }
+        }
+    }
+
+    fn report(
+        &self,
+        target: &str,
+        pending: &[Queued],
+        retry: &HashMap<String, (u32, Instant)>,
+        last_error: Option<String>,
+    ) {
+        let oldest = pending
+            .iter()
+            .map(|q| {
+                SystemTime::now()
+                    .duration_since(q.queued_at)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            })
+            .fold(0.0, f64::max);
+        self.metrics
+            .replication_backlog(target, pending.len(), oldest);
+        if let Ok(mut b) = self.backlog.lock() {
+            let entry = b.entry(target.to_string()).or_default();
+            entry.jobs = pending.len();
+            entry.oldest_age_seconds = oldest;
+            entry.failing = retry.len();
+            if last_error.is_some() || pending.is_empty() {
+                entry.last_error = last_error;
+            }
+        }
+    }
+
+    async fn execute(&self, target: &Arc<dyn Engine>, job: &Job) -> Result<Copied> {
+        let parsed = job
+            .parse()
+            .ok_or_else(|| Error::engine("queue", format!("invalid job {job:?}")))?;
+        let src = &self.source;
+        match parsed {
+            Parsed::Blob(repo, d) => self.copier.blob(src, target, &repo, &d).await,
+            Parsed::Manifest(repo, d) => self.copier.manifest(src, target, &repo, &d).await,
+            Parsed::Tag(repo, tag, d) => self.copier.tag(src, target, &repo, &tag, &d).await,
+            Parsed::Untag(repo, tag) => {
+                target.delete_tag(&repo, &tag).await?;
+                Ok(Copied::default())
+            }
+        }
+    }
+}
