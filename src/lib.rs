@@ -30,6 +30,7 @@ pub mod app;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod evict;
 pub mod fileio;
 pub mod http;
 pub mod metrics;

@@ -268,9 +268,32 @@ pub struct CacheConfig {
     /// How long a stale tag is served while its authority is down. Default 24h.
     #[serde(default = "default_max_stale")]
     pub max_stale: HumanDuration,
-    /// Local engine cap (not yet enforced by this version).
+    /// Local engine cap: least recently used cached content is evicted above it. Unset: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<ByteSize>,
+    /// Eviction stops once usage is under this fraction of `max_size`. Default 0.9.
+    #[serde(default = "default_low_water")]
+    pub low_water: f64,
+    /// Content accessed more recently than this is never evicted (longer than any transfer,
+    /// so another process sharing the engine cannot be reading it). Default 10m.
+    #[serde(default = "default_min_idle")]
+    pub min_idle: HumanDuration,
+    /// Upload sessions and fill spools older than this are removed. Default 24h.
+    #[serde(default = "default_stale_uploads")]
+    pub stale_uploads: HumanDuration,
+}
+
+/// The smallest `cache.max_size` accepted: below it a cache thrashes on one image.
+pub const MIN_MAX_SIZE: u64 = 16 << 20;
+
+fn default_low_water() -> f64 {
+    0.9
+}
+fn default_min_idle() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(600))
+}
+fn default_stale_uploads() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(24 * 3600))
 }
 
 impl Default for CacheConfig {
@@ -279,6 +302,9 @@ impl Default for CacheConfig {
             tag_ttl: default_tag_ttl(),
             max_stale: default_max_stale(),
             max_size: None,
+            low_water: default_low_water(),
+            min_idle: default_min_idle(),
+            stale_uploads: default_stale_uploads(),
         }
     }
 }
@@ -492,6 +518,17 @@ impl Config {
         }
         if p.down_after == 0 {
             return Err(err("storage.probe.down_after", "must be at least 1"));
+        }
+        if let Some(m) = self.cache.max_size {
+            if m.0 < MIN_MAX_SIZE {
+                return Err(err(
+                    "cache.max_size",
+                    format!("{m} is below the floor of 16MiB"),
+                ));
+            }
+        }
+        if !(0.1..=1.0).contains(&self.cache.low_water) {
+            return Err(err("cache.low_water", "must be between 0.1 and 1.0"));
         }
         if self.cache.tag_ttl.0.is_zero() {
             return Err(err("cache.tag_ttl", "must be more than 0s"));
