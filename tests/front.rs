@@ -1021,9 +1021,6 @@ async fn json_logs_carry_the_request_id() {
         );
     }
     assert!(request_lines >= 4, "{log}");
-    if std::env::var_os("FRONT_SHOW_LOG").is_some() {
-        eprintln!("{log}");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
