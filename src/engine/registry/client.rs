@@ -30,6 +30,8 @@ pub fn http_client() -> Result<Client> {
         .user_agent(USER_AGENT)
         .hickory_dns(true)
         .connect_timeout(Duration::from_secs(10))
+        // A stalled upstream fails the read (and the fill moves on) instead of hanging it.
+        .read_timeout(Duration::from_secs(30))
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .build()
