@@ -32,6 +32,8 @@ pub mod engine;
 pub mod error;
 pub mod evict;
 pub mod fileio;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod oci;

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod faults;
 pub mod layout;
 pub mod regions;
 

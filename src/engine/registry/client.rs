@@ -52,6 +52,8 @@ fn client_builder() -> reqwest::ClientBuilder {
         .user_agent(USER_AGENT)
         .hickory_dns(true)
         .connect_timeout(Duration::from_secs(10))
+        // A stalled upstream fails the read (and the fill moves on) instead of hanging it.
+        .read_timeout(Duration::from_secs(30))
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
 }
