@@ -87,8 +87,11 @@ pub fn www_authenticate(data: &[u8]) {
     let _ = crate::engine::registry::auth::parse_challenge(s);
 }
 
+/// A fuzz entry point.
+pub type Target = fn(&[u8]);
+
 /// All targets by name (for the corpus replay).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("route", route),
     ("names", names),
     ("headers", headers),
