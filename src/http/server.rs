@@ -17,7 +17,7 @@ use tracing::Instrument;
 use super::body::{self, Body};
 use super::headers as h;
 use super::route::{self, Route};
-use super::{ops, pull, push};
+use super::{ops, page, pull, push};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::oci::ErrorCode;
@@ -160,6 +160,7 @@ async fn dispatch(
         Route::Readyz => Ok(ops::readyz(app).await),
         Route::Metrics => Ok(ops::metrics(app)),
         Route::Status => Ok(ops::status(app)),
+        Route::StatusPage if read => Ok(page::status_page()),
         Route::Base if read => {
             let mut r = Response::new(body::full("{}"));
             r.headers_mut().insert(
