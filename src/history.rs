@@ -53,8 +53,8 @@ impl Totals {
     pub fn read(metrics: &Metrics, sources: &[String], engines: &[String]) -> Totals {
         let content = ["blob", "manifest"];
         Totals {
-            hits: content.iter().map(|k| metrics.cache_count(*k, "hit")).sum(),
-            misses: content.iter().map(|k| metrics.cache_count(*k, "miss")).sum(),
+            hits: content.map(|k| metrics.cache_count(k, "hit")).iter().sum(),
+            misses: content.map(|k| metrics.cache_count(k, "miss")).iter().sum(),
             served: sources
                 .iter()
                 .map(|s| (s.clone(), metrics.bytes_served_total(s)))
@@ -71,7 +71,12 @@ impl Totals {
     fn since(&self, prev: &Totals, t: f64, secs: f64) -> Sample {
         let diff = |cur: &BTreeMap<String, u64>, old: &BTreeMap<String, u64>| {
             cur.iter()
-                .map(|(k, v)| (k.clone(), v.saturating_sub(old.get(k).copied().unwrap_or(0))))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.saturating_sub(old.get(k).copied().unwrap_or(0)),
+                    )
+                })
                 .filter(|(_, v)| *v > 0)
                 .collect()
         };
@@ -217,7 +222,10 @@ mod tests {
         let h = History::new(3);
         let t0 = Instant::now();
         h.record(totals(5, 1, 100, 0), t0, 1000.0);
-        assert!(h.view(None).samples.is_empty(), "the first reading is a baseline");
+        assert!(
+            h.view(None).samples.is_empty(),
+            "the first reading is a baseline"
+        );
         for i in 1..=5u64 {
             h.record(
                 totals(5 + i, 1 + 2 * i, 100 + 10 * i, 7 * i),

@@ -336,7 +336,12 @@ impl Metrics {
             self.inner.engine_rtt.get_or_create(&l).set(r);
         }
         self.inner.engine_up.get_or_create(&l).set(i64::from(up));
-        if self.inner.local_engine.get().is_some_and(|id| **id == *engine) {
+        if self
+            .inner
+            .local_engine
+            .get()
+            .is_some_and(|id| **id == *engine)
+        {
             self.inner
                 .local_engine_up
                 .get_or_create(&l)

@@ -13,7 +13,9 @@ use std::time::Duration;
 use common::*;
 
 fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(path)
 }
 
 /// Names PromQL gives to metrics, not functions, keywords, labels or Grafana variables.
@@ -212,7 +214,10 @@ fn exported(text: &str) -> BTreeSet<String> {
 /// A blob written straight into a `file://` engine's Distribution layout.
 fn plant_blob(root: &Path, digest: &str, data: &[u8]) {
     let hex = digest.trim_start_matches("sha256:");
-    let dir = root.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}", &hex[..2]));
+    let dir = root.join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}",
+        &hex[..2]
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("data"), data).unwrap();
 }

@@ -108,10 +108,7 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
 
 /// The in-memory last hour, with the live interval read from the counters now.
 fn history(app: &Arc<App>) -> serde_json::Value {
-    let live = crate::history::Totals::read(
-        &app.metrics,
-        &app.history_sources,
-        &app.history_engines,
-    );
+    let live =
+        crate::history::Totals::read(&app.metrics, &app.history_sources, &app.history_engines);
     serde_json::to_value(app.history.view(Some(live))).unwrap_or_default()
 }

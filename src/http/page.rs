@@ -71,12 +71,26 @@ mod tests {
     fn one_inline_script_and_nothing_external() {
         let script = inline_script(STATUS_HTML).expect("an inline script");
         assert!(script.len() > 1000);
-        assert_eq!(STATUS_HTML.matches("<script").count(), 1, "one script, inline");
-        for external in ["src=\"http", "href=\"http", "src=\"//", "href=\"//", "@import", "url(http"] {
+        assert_eq!(
+            STATUS_HTML.matches("<script").count(),
+            1,
+            "one script, inline"
+        );
+        for external in [
+            "src=\"http",
+            "href=\"http",
+            "src=\"//",
+            "href=\"//",
+            "@import",
+            "url(http",
+        ] {
             assert!(!STATUS_HTML.contains(external), "{external}");
         }
         let csp = CSP.to_str().expect("ascii");
         assert!(csp.contains("script-src 'sha256-"), "{csp}");
-        assert!(!csp.contains("script-src 'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"), "hash of an empty script");
+        assert!(
+            !csp.contains("script-src 'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"),
+            "hash of an empty script"
+        );
     }
 }
