@@ -2,6 +2,7 @@
 //! turn its answers (and errors) into responses. Only this module speaks HTTP.
 
 pub mod body;
+pub mod conn;
 pub mod headers;
 pub mod ops;
 pub mod page;
@@ -9,3 +10,4 @@ pub mod pull;
 pub mod push;
 pub mod route;
 pub mod server;
+pub mod tls;
