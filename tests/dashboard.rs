@@ -332,6 +332,8 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
         "ociedge_replication_jobs_queued",
         "ociedge_replication_oldest_job_age_seconds",
         "ociedge_replication_failures_total",
+        "ociedge_local_engine_bytes",
+        "ociedge_evicted_bytes_total",
     ] {
         assert!(named.contains(family), "nothing shows {family}");
     }

@@ -328,6 +328,10 @@ async fn chromium_renders_engines_fills_and_the_backlog_of_a_running_ociedge() {
         "oldest job age: {backlog}"
     );
     assert_eq!(text_after(&dom, "id=\"t-backlog\">"), jobs.to_string());
+    assert!(
+        dom.contains("id=\"t-usage-tile\" hidden=\"\""),
+        "no cache.max_size, no usage tile"
+    );
     let fill = row(&dom, &format!("data-digest=\"{big_digest}\""));
     assert!(fill.contains("role=\"progressbar\""), "{fill}");
     assert!(fill.contains("of 8.0 MiB"), "{fill}");
@@ -404,6 +408,7 @@ fn canned_status() -> serde_json::Value {
             { "digest": format!("sha256:{}", "ab".repeat(32)), "size": 8 * mib, "written": 3 * mib, "source": "us" }
         ],
         "replication_backlog": { "ap": { "jobs": 12, "oldest_age_seconds": 754.2, "failing": 3, "last_error": "connection refused" } },
+        "local_engine_usage": { "bytes": 120u64 << 30, "entries": 5000, "max_size": 500u64 << 30 },
         "history": { "now": now, "interval_seconds": 10, "window_seconds": 3600, "samples": samples }
     })
 }
@@ -436,6 +441,15 @@ async fn chromium_draws_an_hour_of_history_on_a_laptop_and_a_phone() {
     assert_eq!(text_after(&dom, "id=\"t-rate\">"), "1.5 MiB/s");
     assert_eq!(text_after(&dom, "id=\"t-fills\">"), "1");
     assert_eq!(text_after(&dom, "id=\"t-backlog\">"), "12");
+    assert_eq!(text_after(&dom, "id=\"t-usage\">"), "120 GiB");
+    assert_eq!(
+        text_after(&dom, "id=\"t-usage-k\">"),
+        "Local engine used, of 500 GiB"
+    );
+    assert!(
+        dom.contains("id=\"t-usage-tile\">"),
+        "usage shown (not hidden)"
+    );
     let us = row(&dom, "data-engine=\"us\"");
     assert!(us.contains(">150 MiB<"), "served from us in 5 min: {us}");
     assert!(us.contains(">81.3 ms<"), "{us}");
