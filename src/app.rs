@@ -146,6 +146,9 @@ impl App {
         if let Some(ev) = &evictor {
             puller.set_evictor(ev.clone());
         }
+        if let Some(d) = config.storage.redirect_blobs {
+            puller.set_redirect(d.0);
+        }
         let forwarder = match &config.push.engine {
             Some(id) => match config.upstreams.iter().find(|u| &u.name == id) {
                 Some(u) => {
