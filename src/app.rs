@@ -14,6 +14,7 @@ use crate::engine::storage::StorageEngine;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::evict::{Evictor, Limits};
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::pull::fill::Fills;
 use crate::pull::tags::TagCache;
@@ -36,6 +37,12 @@ pub struct App {
     pub region: HeaderValue,
     pub puller: Puller,
     pub metrics: Metrics,
+    /// The last hour of hits, misses and bytes by source, for the status page.
+    pub history: Arc<History>,
+    /// The labels `history` reads: bytes are served from these sources…
+    pub history_sources: Vec<String>,
+    /// …and fetched from these remote engines.
+    pub history_engines: Vec<String>,
     pub tag_ttl: Duration,
 }
 
@@ -106,6 +113,16 @@ impl App {
             timeout: p.timeout.0,
             down_after: p.down_after,
         };
+        metrics.set_local_engine(local_dyn.id());
+        // Every label bytes can be counted under: `local` for hits, an engine id otherwise.
+        let history_engines: Vec<String> = probed
+            .iter()
+            .map(|(e, _)| e.id().to_string())
+            .filter(|id| *id != pref)
+            .collect();
+        let history_sources: Vec<String> = std::iter::once(crate::pull::LOCAL.to_string())
+            .chain(probed.iter().map(|(e, _)| e.id().to_string()))
+            .collect();
         let nearness = Arc::new(Nearness::new(probed, settings, metrics.clone()));
         nearness.probe_all().await;
         tokio::spawn(nearness.clone().run());
@@ -209,6 +226,13 @@ impl App {
             }
             _ => None,
         };
+        let history = Arc::new(History::default());
+        tokio::spawn(crate::history::run(
+            history.clone(),
+            metrics.clone(),
+            history_sources.clone(),
+            history_engines.clone(),
+        ));
         let region = HeaderValue::from_str(&config.region)
             .map_err(|_| Error::Config("region: not a valid header value".into()))?;
         if let Some(ev) = &evictor {
@@ -223,6 +247,9 @@ impl App {
             region,
             puller,
             metrics,
+            history,
+            history_sources,
+            history_engines,
         }))
     }
 }
