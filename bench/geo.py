@@ -78,8 +78,12 @@ def main():
             d = "sha256:" + hashlib.sha256(data).hexdigest()
             for name in ("near", "far"):
                 base = s3[name][2]
-                req = urllib.request.Request(f"{base}/v2/geo/blob/blobs/uploads/?digest={d}", data=data, method="POST")
-                urllib.request.urlopen(req).read()
+                # Distribution wants POST, then PUT ?digest= with the bytes.
+                r = urllib.request.urlopen(urllib.request.Request(f"{base}/v2/geo/blob/blobs/uploads/", data=b"", method="POST"))
+                loc = r.headers["Location"]
+                loc = loc if loc.startswith("http") else base + loc
+                sep = "&" if "?" in loc else "?"
+                urllib.request.urlopen(urllib.request.Request(f"{loc}{sep}digest={d}", data=data, method="PUT")).read()
             digests.append(d)
         oport = free_port()
         engine = lambda line: f'{{ url: "s3://registry", options: {{ endpoint: "http://127.0.0.1:{line}", region: us-east-1, access_key_id: k, secret_access_key: s, allow_http: "true" }} }}'

@@ -38,8 +38,15 @@ def http(method, url, body=None, headers=None, timeout=60):
 
 
 def push_blob(base, repo, data):
+    """POST, then PUT ?digest= with the bytes (what Distribution and ociedge both take)."""
     d = "sha256:" + hashlib.sha256(data).hexdigest()
-    st, _, _ = http("POST", f"{base}/v2/{repo}/blobs/uploads/?digest={d}", data, {"Content-Type": "application/octet-stream"})
+    st, h, _ = http("POST", f"{base}/v2/{repo}/blobs/uploads/", b"")
+    if st != 202:
+        return None
+    loc = h.get("Location") or h.get("location") or ""
+    loc = loc if loc.startswith("http") else base + loc
+    sep = "&" if "?" in loc else "?"
+    st, _, _ = http("PUT", f"{loc}{sep}digest={d}", data, {"Content-Type": "application/octet-stream"})
     return d if st == 201 else None
 
 
