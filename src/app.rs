@@ -30,6 +30,8 @@ pub struct App {
     pub pusher: Option<Arc<Pusher>>,
     /// Pushes forwarded to an upstream registry, when `push.engine` names one.
     pub forwarder: Option<Forwarder>,
+    /// Access control, when the config has an `auth:` section.
+    pub auth: Option<Arc<crate::auth::Auth>>,
     pub region: HeaderValue,
     pub puller: Puller,
     pub metrics: Metrics,
@@ -175,11 +177,18 @@ impl App {
             }
             _ => None,
         };
+        let auth = match &config.auth {
+            Some(a) => Some(Arc::new(
+                crate::auth::Auth::new(a, &config.upstreams, http.clone()).map_err(Error::Config)?,
+            )),
+            None => None,
+        };
         let region = HeaderValue::from_str(&config.region)
             .map_err(|_| Error::Config("region: not a valid header value".into()))?;
         Ok(Arc::new(App {
             pusher,
             forwarder,
+            auth,
             tag_ttl: config.cache.tag_ttl.0,
             config,
             region,

@@ -10,6 +10,9 @@
 //!   Distribution layout, `layout.rs`) and `registry/` (upstream registries, with token auth);
 //!   `set.rs` routes names to upstreams and orders remote engines.
 //! - `oci/`: validated names, digests, media types, wire errors. `config/`: the config tree.
+//! - `auth/`: access control (htpasswd users, ES256 tokens, per-repository rules, passthrough
+//!   checks against upstreams); `http/access.rs` applies it per route, `http/token.rs` is
+//!   `/token`.
 //!
 //! # The miss path
 //! `GET /v2/library/alpine/blobs/sha256:…` is parsed into `Route::Blob` (bad names and digests
@@ -25,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -1,6 +1,7 @@
 //! The HTTP front: the listener, the route table, and thin handlers that call the pull path and
 //! turn its answers (and errors) into responses. Only this module speaks HTTP.
 
+pub mod access;
 pub mod body;
 pub mod headers;
 pub mod ops;
@@ -8,3 +9,4 @@ pub mod pull;
 pub mod push;
 pub mod route;
 pub mod server;
+pub mod token;

@@ -32,6 +32,8 @@ pub enum Route {
         digest: Digest,
     },
     Catalog,
+    /// `/token`: the token endpoint of the `auth:` section.
+    Token,
     Healthz,
     Readyz,
     Metrics,
@@ -56,6 +58,7 @@ impl Route {
             Route::Tags { .. } => "tags",
             Route::Referrers { .. } => "referrers",
             Route::Catalog => "catalog",
+            Route::Token => "token",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
@@ -94,6 +97,7 @@ pub fn parse(path: &str) -> Result<Route> {
         "/metrics" => return Ok(Route::Metrics),
         "/_ociedge/status" | "/status" => return Ok(Route::Status),
         "/v2/_catalog" => return Ok(Route::Catalog),
+        "/token" => return Ok(Route::Token),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {

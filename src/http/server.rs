@@ -17,7 +17,7 @@ use tracing::Instrument;
 use super::body::{self, Body};
 use super::headers as h;
 use super::route::{self, Route};
-use super::{ops, pull, push};
+use super::{access, ops, pull, push, token};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::oci::ErrorCode;
@@ -143,7 +143,12 @@ async fn dispatch(
 ) -> Result<Response<Body>> {
     let method = &parts.method;
     let headers = &parts.headers;
-    let query = route::query(parts.uri.query());
+    let mut query = route::query(parts.uri.query());
+    if let Some(auth) = &app.auth {
+        if let Some(refused) = access::check(app, auth, &route, parts, &mut query).await? {
+            return Ok(refused);
+        }
+    }
     let ns = query
         .iter()
         .find(|(k, _)| k == "ns")
@@ -160,6 +165,7 @@ async fn dispatch(
         Route::Readyz => Ok(ops::readyz(app).await),
         Route::Metrics => Ok(ops::metrics(app)),
         Route::Status => Ok(ops::status(app)),
+        Route::Token => token::token(app, parts, body).await,
         Route::Base if read => {
             let mut r = Response::new(body::full("{}"));
             r.headers_mut().insert(

@@ -1,0 +1,174 @@
+//! The access check of the route table: which action a route needs, the call into
+//! [`crate::auth::Auth`], and refusals as registries send them (`401` with a Bearer challenge
+//! pointing at this proxy's `/token`, or `403 DENIED`).
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response};
+
+use super::body::Body;
+use super::route::{self, Route};
+use super::server::error_response;
+use crate::app::App;
+use crate::auth::{self, Action, Auth, Refusal, Target};
+use crate::error::{Error, Result};
+use crate::oci::{ErrorCode, OciError, RepoName};
+
+/// The action `route` needs with `method`; `None` for routes outside access control (health,
+/// metrics, status, the token endpoint itself) and for `/v2/`, which [`check`] answers apart.
+pub fn action<'a>(route: &'a Route, method: &Method) -> Option<(&'a RepoName, Action)> {
+    let read = route::is_read(method);
+    match route {
+        Route::Manifest { name, .. } | Route::Blob { name, .. } => Some((
+            name,
+            if read {
+                Action::Pull
+            } else if method == Method::DELETE {
+                Action::Delete
+            } else {
+                Action::Push
+            },
+        )),
+        Route::Upload { name, .. } => Some((name, Action::Push)),
+        Route::Tags { name } | Route::Referrers { name, .. } => Some((name, Action::Pull)),
+        _ => None,
+    }
+}
+
+/// Checks one request before it is handled: `Ok(None)` to go on, `Ok(Some(refusal))` to answer.
+/// A cross-repository mount needs pull on its `from` repository; without it the mount is dropped
+/// from `query` and the client gets a plain upload session, as Distribution answers.
+pub async fn check(
+    app: &Arc<App>,
+    auth: &Auth,
+    route: &Route,
+    parts: &Parts,
+    query: &mut Vec<(String, String)>,
+) -> Result<Option<Response<Body>>> {
+    let presented = auth::presented(&parts.headers);
+    if *route == Route::Base {
+        return Ok(auth.base(&presented).await.err().map(|r| refusal(app, parts, r)));
+    }
+    let Some((name, action)) = action(route, &parts.method) else {
+        return Ok(None);
+    };
+    let ns = query
+        .iter()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.clone());
+    let engines = app.puller.engines();
+    let r = engines.route(name, ns.as_deref())?;
+    let t = Target {
+        repo: &r.storage_repo,
+        upstream: r.upstream,
+        upstream_repo: &r.upstream_repo,
+    };
+    if let Err(refused) = auth.authorize(&presented, &t, action).await {
+        tracing::debug!(repo = %r.storage_repo, action = action.as_str(), ?refused, "access refused");
+        return Ok(Some(refusal(app, parts, refused)));
+    }
+    if matches!(route, Route::Upload { id: None, .. }) && query.iter().any(|(k, _)| k == "mount") {
+        let from = query
+            .iter()
+            .find(|(k, _)| k == "from")
+            .and_then(|(_, f)| f.parse::<RepoName>().ok());
+        // Storage holds blobs once for all repositories: a mount without a readable `from`
+        // would hand out any blob whose digest the client knows.
+        let readable = match from {
+            Some(f) => match engines.route(&f, ns.as_deref()) {
+                Ok(fr) => {
+                    let ft = Target {
+                        repo: &fr.storage_repo,
+                        upstream: fr.upstream,
+                        upstream_repo: &fr.upstream_repo,
+                    };
+                    auth.authorize(&presented, &ft, Action::Pull).await.is_ok()
+                }
+                Err(_) => false,
+            },
+            None => false,
+        };
+        if !readable {
+            query.retain(|(k, _)| k != "mount" && k != "from");
+        }
+    }
+    Ok(None)
+}
+
+/// `<scheme>://<Host of the request>/token`: the realm clients fetch tokens from. The scheme is
+/// the request's own (HTTP/2), else a front proxy's `X-Forwarded-Proto`, else ours.
+pub fn realm(app: &App, parts: &Parts) -> String {
+    let forwarded = parts
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http");
+    let scheme = parts.uri.scheme_str().or(forwarded).unwrap_or(
+        if app.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+    );
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        // Only host-name characters: the value is quoted into a header.
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| app.config.listen.to_string());
+    format!("{scheme}://{host}/token")
+}
+
+/// The response for a refusal.
+pub fn refusal(app: &App, parts: &Parts, r: Refusal) -> Response<Body> {
+    match r {
+        Refusal::Failed(e) => error_response(&e),
+        Refusal::Denied { message } => {
+            error_response(&Error::Client(OciError::new(ErrorCode::Denied, message)))
+        }
+        Refusal::Unauthorized {
+            message,
+            scope,
+            error,
+        } => {
+            let mut oci = OciError::new(ErrorCode::Unauthorized, message);
+            let mut ch = format!(
+                r#"Bearer realm="{}",service="{}""#,
+                realm(app, parts),
+                auth::token::SERVICE
+            );
+            if let Some(s) = &scope {
+                ch.push_str(&format!(r#",scope="{s}""#));
+                // Distribution's detail: what was asked for.
+                if let Some((name, actions)) = s
+                    .strip_prefix("repository:")
+                    .and_then(|r| r.rsplit_once(':'))
+                {
+                    let detail: Vec<_> = actions
+                        .split(',')
+                        .map(|a| serde_json::json!({"Type": "repository", "Name": name, "Action": a}))
+                        .collect();
+                    oci = oci.with_detail(serde_json::Value::Array(detail));
+                }
+            }
+            if let Some(e) = error {
+                ch.push_str(&format!(r#",error="{e}""#));
+            }
+            let mut resp = error_response(&Error::Client(oci));
+            if let Ok(v) = HeaderValue::from_str(&ch) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            resp
+        }
+    }
+}
