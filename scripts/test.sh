@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(docker-registry skopeo podman containerd jq python3 python3-venv curl iptables iproute2)
+pkgs=(docker-registry skopeo podman containerd jq python3 python3-venv curl iptables iproute2 apache2-utils openssl)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -360,7 +360,11 @@ impl Auth {
         }
     }
 
-    /// `/v2/`: fine for a client that may do something somewhere, else a challenge.
+    /// `/v2/`: fine for a client whose credentials are good and may do something somewhere,
+    /// else a challenge. An anonymous client is always challenged, even where anonymous pulls
+    /// are allowed, as Distribution and Docker Hub answer: clients learn the token realm from
+    /// this answer only, so a `200` here would keep them from ever sending their credentials.
+    /// (They then fetch an anonymous token, which opens what anonymous clients may do.)
     pub async fn base(&self, p: &Presented) -> Result<(), Refusal> {
         let challenge = |message: &str, error| Refusal::Unauthorized {
             message: message.to_string(),
@@ -369,7 +373,6 @@ impl Auth {
         };
         match p {
             Presented::Malformed => Err(challenge("unreadable Authorization header", None)),
-            Presented::None if self.rules.grants_anything(&Principal::Anonymous) => Ok(()),
             Presented::None => Err(challenge("authentication required", None)),
             Presented::Basic(c) => {
                 if let Some(u) = self.local_user(c).await {
