@@ -179,7 +179,8 @@ impl App {
         };
         let auth = match &config.auth {
             Some(a) => Some(Arc::new(
-                crate::auth::Auth::new(a, &config.upstreams, http.clone()).map_err(Error::Config)?,
+                crate::auth::Auth::new(a, &config.upstreams, http.clone())
+                    .map_err(Error::Config)?,
             )),
             None => None,
         };

@@ -19,7 +19,14 @@ fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let key = dir.join(format!("{name}.pem"));
     let public = dir.join(format!("{name}.pub"));
     let ok = Command::new("openssl")
-        .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
         .arg(&key)
         .status()
         .expect("openssl (apt-get install openssl)")
@@ -231,7 +238,10 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
         &format!("push: {{ engine: eu }}\n{auth}"),
     ));
     let host = p.host();
-    assert!(push(&host, "app-v1", "team/app:v1", "alice:pw"), "alice pushes");
+    assert!(
+        push(&host, "app-v1", "team/app:v1", "alice:pw"),
+        "alice pushes"
+    );
     assert_eq!(
         pull(&host, "team/app:v1", Some("alice:pw")).as_deref(),
         Some(APP)
@@ -252,7 +262,12 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["errors"][0]["code"], "DENIED");
     // bob's token does not grant push; the rules refuse it, so it is DENIED, not a new challenge.
-    let (_, bob_token) = token(&p, Some(("bob", "bobpw")), "repository:team/other:pull,push").await;
+    let (_, bob_token) = token(
+        &p,
+        Some(("bob", "bobpw")),
+        "repository:team/other:pull,push",
+    )
+    .await;
     let r = client()
         .post(p.url("/v2/team/other/blobs/uploads/"))
         .bearer_auth(&bob_token)
@@ -297,18 +312,28 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
     assert_eq!(get(&p, "/v2/", Some(&basic("alice", "pw"))).await.0, 200);
     assert_eq!(get(&p, "/v2/", Some(&basic("alice", "x"))).await.0, 401);
     // Wrong credentials at /token are a 401, not an empty token.
-    assert_eq!(token(&p, Some(("alice", "x")), "repository:team/app:pull").await.0, 401);
+    assert_eq!(
+        token(&p, Some(("alice", "x")), "repository:team/app:pull")
+            .await
+            .0,
+        401
+    );
     // OAuth2 form (containerd, docker): grant_type=password.
     let r = client()
         .post(p.url("/token"))
-        .form(&[
-            ("grant_type", "password"),
-            ("username", "alice"),
-            ("password", "pw"),
-            ("service", "ociedge"),
-            ("scope", "repository:team/app:pull,push"),
-            ("client_id", "test"),
-        ])
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs([
+                    ("grant_type", "password"),
+                    ("username", "alice"),
+                    ("password", "pw"),
+                    ("service", "ociedge"),
+                    ("scope", "repository:team/app:pull,push"),
+                    ("client_id", "test"),
+                ])
+                .finish(),
+        )
         .send()
         .await
         .unwrap();
@@ -316,7 +341,12 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["scope"], "repository:team/app:pull,push");
     let t = v["access_token"].as_str().unwrap();
-    let (status, _, _) = get(&p, "/v2/team/app/manifests/v1", Some(&format!("Bearer {t}"))).await;
+    let (status, _, _) = get(
+        &p,
+        "/v2/team/app/manifests/v1",
+        Some(&format!("Bearer {t}")),
+    )
+    .await;
     assert_eq!(status, 200);
     // alice deletes with her credentials.
     let r = client()
@@ -339,7 +369,10 @@ async fn tokens_cross_regions_and_unknown_or_expired_ones_are_refused() {
     let (key_x, _) = keypair(d.path(), "stranger");
     let ht = htpasswd(d.path(), &[("alice", "pw")]);
     let rules = [r#"{ repos: "library/**", pull: [alice] }"#];
-    let a = Proxy::start(&mirror_config(&origin.url(), &auth_yaml(&ht, &key_a, &[], &rules)));
+    let a = Proxy::start(&mirror_config(
+        &origin.url(),
+        &auth_yaml(&ht, &key_a, &[], &rules),
+    ));
     let b = Proxy::start(&mirror_config(
         &origin.url(),
         &auth_yaml(&ht, &key_b, &[&pub_a], &rules),
@@ -349,12 +382,19 @@ async fn tokens_cross_regions_and_unknown_or_expired_ones_are_refused() {
     assert_eq!(status, 200);
     let bearer = format!("Bearer {t}");
     assert_eq!(get(&a, manifest, Some(&bearer)).await.0, 200);
-    assert_eq!(get(&b, manifest, Some(&bearer)).await.0, 200, "B accepts A's token");
+    assert_eq!(
+        get(&b, manifest, Some(&bearer)).await.0,
+        200,
+        "B accepts A's token"
+    );
     // B's tokens are not accepted by A (A does not have B's key).
     let (_, tb) = token(&b, Some(("alice", "pw")), "repository:library/small:pull").await;
     let (status, code, challenge) = get(&a, manifest, Some(&format!("Bearer {tb}"))).await;
     assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
-    assert!(challenge.contains(r#"error="invalid_token""#), "{challenge}");
+    assert!(
+        challenge.contains(r#"error="invalid_token""#),
+        "{challenge}"
+    );
     // Signed by a key no region knows, with every claim right.
     let load = |k: &Path| {
         ociedge::auth::token::Keys::load(&ociedge::config::auth::TokenConfig {
@@ -372,7 +412,10 @@ async fn tokens_cross_regions_and_unknown_or_expired_ones_are_refused() {
     let forged = load(&key_x)
         .issue("alice", Some("htpasswd"), vec![entry.clone()])
         .unwrap();
-    assert_eq!(get(&b, manifest, Some(&format!("Bearer {forged}"))).await.0, 401);
+    assert_eq!(
+        get(&b, manifest, Some(&format!("Bearer {forged}"))).await.0,
+        401
+    );
     // Expired: A's own key, a minute past its expiry (beyond the clock-skew leeway).
     let now = ociedge::auth::token::now_secs();
     let expired = load(&key_a)
@@ -388,8 +431,18 @@ async fn tokens_cross_regions_and_unknown_or_expired_ones_are_refused() {
             idp: Some("htpasswd".into()),
         })
         .unwrap();
-    assert_eq!(get(&a, manifest, Some(&format!("Bearer {expired}"))).await.0, 401);
-    assert_eq!(get(&b, manifest, Some(&format!("Bearer {expired}"))).await.0, 401);
+    assert_eq!(
+        get(&a, manifest, Some(&format!("Bearer {expired}")))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        get(&b, manifest, Some(&format!("Bearer {expired}")))
+            .await
+            .0,
+        401
+    );
     // A token for another repository opens nothing here.
     let (_, other) = token(&a, Some(("alice", "pw")), "repository:library/multi:pull").await;
     let (status, _, challenge) = get(&b, manifest, Some(&format!("Bearer {other}"))).await;
@@ -427,7 +480,9 @@ async fn passthrough_serves_only_clients_the_upstream_lets_in_local_hits_include
     assert_eq!(pull(&host, "library/small:1.0", None), None);
     assert_eq!(pull(&host, "library/small:1.0", Some("bob:wrong")), None);
     assert_eq!(pull(&host, "library/small:1.0", Some("alice:pw")), None);
-    let stored = p.data().join("docker/registry/v2/repositories/library/small");
+    let stored = p
+        .data()
+        .join("docker/registry/v2/repositories/library/small");
     assert!(!stored.exists(), "nothing fetched for refused clients");
     // bob's own upstream credentials open it.
     assert_eq!(
@@ -442,10 +497,16 @@ async fn passthrough_serves_only_clients_the_upstream_lets_in_local_hits_include
     let (status, code, challenge) = get(&p, &manifest, None).await;
     assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
     assert!(challenge.contains(r#"scope="repository:library/small:pull""#));
-    assert_eq!(get(&p, &manifest, Some(&basic("bob", "wrong"))).await.0, 401);
+    assert_eq!(
+        get(&p, &manifest, Some(&basic("bob", "wrong"))).await.0,
+        401
+    );
     assert_eq!(get(&p, &manifest, Some(&basic("alice", "pw"))).await.0, 401);
     // Direct Basic credentials work as well as the token flow.
-    assert_eq!(get(&p, &manifest, Some(&basic("bob", "bobpw"))).await.0, 200);
+    assert_eq!(
+        get(&p, &manifest, Some(&basic("bob", "bobpw"))).await.0,
+        200
+    );
     assert_eq!(
         pull(&host, "library/small:1.0", Some("bob:bobpw")).as_deref(),
         Some(SMALL)
@@ -461,7 +522,12 @@ async fn gated_upstream_is_decided_by_the_rules() {
     let d = tempfile::tempdir().unwrap();
     let (key, _) = keypair(d.path(), "eu");
     let ht = htpasswd(d.path(), &[("alice", "pw"), ("carol", "cpw")]);
-    let auth = auth_yaml(&ht, &key, &[], &[r#"{ repos: "library/**", pull: [alice] }"#]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[r#"{ repos: "library/**", pull: [alice] }"#],
+    );
     // access defaults to gated for an upstream with credentials.
     let cfg = format!(
         "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"http://127.0.0.1:{port}\", auth: {{ username: svc, password: svcpw }} }}\n{auth}"

@@ -45,7 +45,10 @@ pub fn parse(text: &str) -> Result<HashMap<String, String>, String> {
             ));
         }
         if user.is_empty() || user == "anonymous" || user == "authenticated" {
-            return Err(format!("line {}: {user:?} is not a usable user name", i + 1));
+            return Err(format!(
+                "line {}: {user:?} is not a usable user name",
+                i + 1
+            ));
         }
         users.insert(user.to_string(), hash.to_string());
     }

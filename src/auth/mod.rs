@@ -328,17 +328,19 @@ impl Auth {
                 let Some(user) = self.local_user(c).await else {
                     return Err(challenge("invalid username or password", None));
                 };
-                if self.rules.allows(repo, action, &Principal::User(user.clone())) {
+                if self
+                    .rules
+                    .allows(repo, action, &Principal::User(user.clone()))
+                {
                     Ok(())
                 } else {
                     Err(denied(&user))
                 }
             }
             Presented::Bearer(tok) => {
-                let claims = self
-                    .keys
-                    .verify(tok)
-                    .map_err(|e| challenge(&format!("invalid token: {e}"), Some("invalid_token")))?;
+                let claims = self.keys.verify(tok).map_err(|e| {
+                    challenge(&format!("invalid token: {e}"), Some("invalid_token"))
+                })?;
                 if claims.grants(repo, action.as_str()) {
                     return Ok(());
                 }
@@ -388,7 +390,10 @@ impl Auth {
             }
             Presented::Bearer(t) => match self.keys.verify(t) {
                 Ok(_) => Ok(()),
-                Err(e) => Err(challenge(&format!("invalid token: {e}"), Some("invalid_token"))),
+                Err(e) => Err(challenge(
+                    &format!("invalid token: {e}"),
+                    Some("invalid_token"),
+                )),
             },
         }
     }
@@ -415,9 +420,8 @@ impl Auth {
                     Some(g) => {
                         let opens = self.passthrough.opens(g, t.upstream_repo, creds).await?;
                         vouched |= opens && creds.is_some();
-                        let who = creds.map_or(Principal::Anonymous, |c| {
-                            Principal::User(c.user.clone())
-                        });
+                        let who =
+                            creds.map_or(Principal::Anonymous, |c| Principal::User(c.user.clone()));
                         opens && self.rules.allows(t.repo.as_str(), *a, &who)
                     }
                     None => self.rules.allows(t.repo.as_str(), *a, &local_who),
@@ -522,10 +526,7 @@ mod tests {
             s,
             vec![
                 ("library/a".into(), vec![Action::Pull, Action::Push]),
-                (
-                    "b".into(),
-                    vec![Action::Pull, Action::Push, Action::Delete]
-                ),
+                ("b".into(), vec![Action::Pull, Action::Push, Action::Delete]),
                 ("c".into(), vec![Action::Delete]),
             ]
         );

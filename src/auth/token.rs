@@ -240,7 +240,8 @@ mod tests {
     pub fn keypair() -> (String, String) {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref()).unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref()).unwrap();
         let mut spki = P256_SPKI_PREFIX.to_vec();
         spki.extend_from_slice(pair.public_key().as_ref());
         (

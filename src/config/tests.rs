@@ -53,9 +53,18 @@ fn auth_section_is_typed_and_validated() {
     assert_eq!(c.auth.as_ref().unwrap().token.ttl.0.as_secs(), 300);
     let cases = [
         ("  colour: red\n", "auth: unknown field `colour`"),
-        ("  rules:\n    - { repos: 'a/[', pull: [x] }\n", "auth.rules[0].repos"),
-        ("  rules:\n    - { repos: 'a/**', pull: ['a b'] }\n", "auth.rules[0].pull[0]"),
-        ("  rules:\n    - { repos: 'a/**', pul: [x] }\n", "auth.rules[0]"),
+        (
+            "  rules:\n    - { repos: 'a/[', pull: [x] }\n",
+            "auth.rules[0].repos",
+        ),
+        (
+            "  rules:\n    - { repos: 'a/**', pull: ['a b'] }\n",
+            "auth.rules[0].pull[0]",
+        ),
+        (
+            "  rules:\n    - { repos: 'a/**', pul: [x] }\n",
+            "auth.rules[0]",
+        ),
     ];
     for (extra, want) in cases {
         let y = format!("{AUTH_BASE}auth:\n  token: {{ signing_key: /k }}\n{extra}");
@@ -76,8 +85,15 @@ fn access_modes_need_an_auth_section_and_inline_keys_are_masked() {
         format!("{AUTH_BASE}upstreams:\n  - {{ name: ghcr.io, url: 'https://ghcr.io', auth: {{ username: u, password: p }}{access} }}\n")
     };
     for access in ["", ", access: gated", ", access: passthrough"] {
-        let e = Config::parse(&up(access)).unwrap().validate().unwrap_err().0;
-        assert!(e.contains("upstreams[0].access") && e.contains("auth:"), "{e}");
+        let e = Config::parse(&up(access))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("upstreams[0].access") && e.contains("auth:"),
+            "{e}"
+        );
         let with = format!("{}auth:\n  token: {{ signing_key: /k }}\n", up(access));
         Config::parse(&with).unwrap().validate().unwrap();
     }
@@ -89,6 +105,9 @@ fn access_modes_need_an_auth_section_and_inline_keys_are_masked() {
     let c = Config::parse(&y).unwrap();
     c.validate().unwrap();
     let out = c.to_masked_yaml();
-    assert!(!out.contains("c2VjcmV0") && out.contains("********"), "{out}");
+    assert!(
+        !out.contains("c2VjcmV0") && out.contains("********"),
+        "{out}"
+    );
     Config::parse(&out).unwrap();
 }

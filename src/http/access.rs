@@ -49,7 +49,11 @@ pub async fn check(
 ) -> Result<Option<Response<Body>>> {
     let presented = auth::presented(&parts.headers);
     if *route == Route::Base {
-        return Ok(auth.base(&presented).await.err().map(|r| refusal(app, parts, r)));
+        return Ok(auth
+            .base(&presented)
+            .await
+            .err()
+            .map(|r| refusal(app, parts, r)));
     }
     let Some((name, action)) = action(route, &parts.method) else {
         return Ok(None);
@@ -105,13 +109,15 @@ pub fn realm(app: &App, parts: &Parts) -> String {
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
         .filter(|p| *p == "https" || *p == "http");
-    let scheme = parts.uri.scheme_str().or(forwarded).unwrap_or(
-        if app.config.tls.is_some() {
+    let scheme = parts
+        .uri
+        .scheme_str()
+        .or(forwarded)
+        .unwrap_or(if app.config.tls.is_some() {
             "https"
         } else {
             "http"
-        },
-    );
+        });
     let host = parts
         .headers
         .get(header::HOST)

@@ -24,7 +24,10 @@ const MAX_FORM: usize = 64 << 10;
 fn json(status: StatusCode, v: serde_json::Value) -> Result<Response<Body>> {
     Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )
         // A token is a credential: no cache may keep it.
         .header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))
         .body(body::full(v.to_string()))
@@ -42,8 +45,11 @@ fn oauth_error(code: &str, description: &str) -> Result<Response<Body>> {
 pub async fn token(app: &Arc<App>, parts: &Parts, body: Incoming) -> Result<Response<Body>> {
     let Some(auth) = &app.auth else {
         return Err(Error::Client(
-            OciError::new(ErrorCode::Unsupported, "no such endpoint (no auth: section)")
-                .with_status(StatusCode::NOT_FOUND),
+            OciError::new(
+                ErrorCode::Unsupported,
+                "no such endpoint (no auth: section)",
+            )
+            .with_status(StatusCode::NOT_FOUND),
         ));
     };
     let (creds, params, oauth) = match parts.method {
@@ -70,9 +76,8 @@ pub async fn token(app: &Arc<App>, parts: &Parts, body: Incoming) -> Result<Resp
                 Ok(c) => c.to_bytes(),
                 Err(_) => return oauth_error("invalid_request", "unreadable or oversized form"),
             };
-            let form: Vec<(String, String)> = url::form_urlencoded::parse(&bytes)
-                .into_owned()
-                .collect();
+            let form: Vec<(String, String)> =
+                url::form_urlencoded::parse(&bytes).into_owned().collect();
             let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             let creds = match get("grant_type").as_deref() {
                 Some("password") => match (get("username"), get("password")) {
@@ -107,7 +112,10 @@ pub async fn token(app: &Arc<App>, parts: &Parts, body: Incoming) -> Result<Resp
         .iter()
         .find(|(k, v)| k == "service" && v != auth::token::SERVICE)
     {
-        let msg = format!("this token service is {:?}, not {s:?}", auth::token::SERVICE);
+        let msg = format!(
+            "this token service is {:?}, not {s:?}",
+            auth::token::SERVICE
+        );
         return oauth_error("invalid_request", &msg);
     }
     let scopes = auth::parse_scopes(
