@@ -210,6 +210,19 @@ async fn public_pulls_without_auth_and_with_an_anonymous_rule() {
         Some(APP)
     );
     assert_eq!(pull(&p.host(), "org/team/app:v1", Some("alice:nope")), None);
+    // alice's image is now stored locally; its digests must not open it under a repository
+    // anonymous clients may read (storage keeps one copy of a blob for all repositories).
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.blob_path(APP)).unwrap()).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    assert!(p.blob_path(&layer).exists());
+    let (status, code, _) = get(&p, &format!("/v2/library/small/blobs/{layer}"), None).await;
+    assert_eq!((status, code.as_str()), (404, "BLOB_UNKNOWN"));
+    let (status, code, _) = get(&p, &format!("/v2/library/small/manifests/{APP}"), None).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    let alice = basic("alice", "pw");
+    let (status, _, _) = get(&p, &format!("/v2/org/team/app/blobs/{layer}"), Some(&alice)).await;
+    assert_eq!(status, 200);
     // No rule at all for this one: denied by default, even to a known user.
     let (status, code, _) = get(
         &p,

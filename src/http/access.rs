@@ -14,7 +14,8 @@ use super::server::error_response;
 use crate::app::App;
 use crate::auth::{self, Action, Auth, Refusal, Target};
 use crate::error::{Error, Result};
-use crate::oci::{ErrorCode, OciError, RepoName};
+use crate::engine::set::Routed;
+use crate::oci::{ErrorCode, OciError, Reference, RepoName};
 
 /// The action `route` needs with `method`; `None` for routes outside access control (health,
 /// metrics, status, the token endpoint itself) and for `/v2/`, which [`check`] answers apart.
@@ -73,6 +74,9 @@ pub async fn check(
         tracing::debug!(repo = %r.storage_repo, action = action.as_str(), ?refused, "access refused");
         return Ok(Some(refusal(app, parts, refused)));
     }
+    if action == Action::Pull {
+        member_or_unknown(app, route, &r).await?;
+    }
     if matches!(route, Route::Upload { id: None, .. }) && query.iter().any(|(k, _)| k == "mount") {
         let from = query
             .iter()
@@ -99,6 +103,54 @@ pub async fn check(
         }
     }
     Ok(None)
+}
+
+/// Content by digest is served only under a repository that holds it. Storage keeps one copy of
+/// each blob for all repositories, so without this a client allowed one repository could read
+/// another's private content by naming its digest there. A repository holds a digest when a
+/// storage engine links it there (fills, hits, pushes and replication link what they serve), or
+/// when the repository's upstream has it under that name (checked with a HEAD; the pull then
+/// links it). Otherwise the answer is the spec's "unknown", as Distribution gives.
+async fn member_or_unknown(app: &App, route: &Route, r: &Routed) -> Result<()> {
+    let (digest, manifest) = match route {
+        Route::Blob { digest, .. } => (digest, false),
+        Route::Manifest {
+            reference: Reference::Digest(d),
+            ..
+        } => (d, true),
+        _ => return Ok(()),
+    };
+    let engines = app.puller.engines();
+    for e in engines.storage() {
+        match e.is_linked(&r.storage_repo, digest, manifest).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // An engine that cannot answer proves nothing; the next one may.
+            Err(err) => tracing::warn!(engine = e.id(), error = %err, "link check failed"),
+        }
+    }
+    if let Some(u) = engines.upstream(r) {
+        let there = if manifest {
+            u.engine
+                .head_manifest(&r.upstream_repo, &Reference::Digest(digest.clone()), &[])
+                .await?
+                .is_some()
+        } else {
+            u.engine.stat_blob(&r.upstream_repo, digest).await?.is_some()
+        };
+        if there {
+            return Ok(());
+        }
+    }
+    let (code, what) = if manifest {
+        (ErrorCode::ManifestUnknown, "manifest")
+    } else {
+        (ErrorCode::BlobUnknown, "blob")
+    };
+    Err(Error::client(
+        code,
+        format!("{what} {digest} is unknown to repository {}", r.storage_repo),
+    ))
 }
 
 /// `<scheme>://<Host of the request>/token`: the realm clients fetch tokens from. The scheme is
