@@ -263,6 +263,26 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
         pull(&host, "team/app:v1", Some("bob:bobpw")).as_deref(),
         Some(APP)
     );
+    // Cross-repository mounts: from a repository alice may read that holds the blob, a mount;
+    // from one she may not read, a plain upload session.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.blob_path(APP)).unwrap()).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    for (from, status) in [
+        ("team/app", 201),
+        ("secret/app", 202),
+        ("team/nothing", 202),
+    ] {
+        let r = client()
+            .post(p.url(&format!(
+                "/v2/team/copy/blobs/uploads/?mount={layer}&from={from}"
+            )))
+            .header("authorization", basic("alice", "pw"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "mount from {from}");
+    }
     // bob may pull but not push: skopeo fails, and the registry says DENIED.
     assert!(!push(&host, "small-1.0", "team/other:1", "bob:bobpw"));
     let r = client()

@@ -13,8 +13,8 @@ use super::route::{self, Route};
 use super::server::error_response;
 use crate::app::App;
 use crate::auth::{self, Action, Auth, Refusal, Target};
-use crate::error::{Error, Result};
 use crate::engine::set::Routed;
+use crate::error::{Error, Result};
 use crate::oci::{ErrorCode, OciError, Reference, RepoName};
 
 /// The action `route` needs with `method`; `None` for routes outside access control (health,
@@ -82,21 +82,28 @@ pub async fn check(
             .iter()
             .find(|(k, _)| k == "from")
             .and_then(|(_, f)| f.parse::<RepoName>().ok());
+        let mount = query
+            .iter()
+            .find(|(k, _)| k == "mount")
+            .and_then(|(_, d)| d.parse::<crate::oci::Digest>().ok());
         // Storage holds blobs once for all repositories: a mount without a readable `from`
         // would hand out any blob whose digest the client knows.
-        let readable = match from {
-            Some(f) => match engines.route(&f, ns.as_deref()) {
+        // The blob must also be in `from`, not merely somewhere in storage.
+        let readable = match (from, mount) {
+            (Some(f), Some(digest)) => match engines.route(&f, ns.as_deref()) {
                 Ok(fr) => {
                     let ft = Target {
                         repo: &fr.storage_repo,
                         upstream: fr.upstream,
                         upstream_repo: &fr.upstream_repo,
                     };
+                    let blob = Route::Blob { name: f, digest };
                     auth.authorize(&presented, &ft, Action::Pull).await.is_ok()
+                        && member_or_unknown(app, &blob, &fr).await.is_ok()
                 }
                 Err(_) => false,
             },
-            None => false,
+            _ => false,
         };
         if !readable {
             query.retain(|(k, _)| k != "mount" && k != "from");
@@ -136,7 +143,10 @@ async fn member_or_unknown(app: &App, route: &Route, r: &Routed) -> Result<()> {
                 .await?
                 .is_some()
         } else {
-            u.engine.stat_blob(&r.upstream_repo, digest).await?.is_some()
+            u.engine
+                .stat_blob(&r.upstream_repo, digest)
+                .await?
+                .is_some()
         };
         if there {
             return Ok(());
@@ -149,7 +159,10 @@ async fn member_or_unknown(app: &App, route: &Route, r: &Routed) -> Result<()> {
     };
     Err(Error::client(
         code,
-        format!("{what} {digest} is unknown to repository {}", r.storage_repo),
+        format!(
+            "{what} {digest} is unknown to repository {}",
+            r.storage_repo
+        ),
     ))
 }
 
