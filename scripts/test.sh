@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs and runs all of it, the tests that drive real components
-# (docker-registry, skopeo, podman, containerd, S3 servers, network namespaces) included.
+# (docker-registry, skopeo, podman, containerd, the Docker daemon, S3 servers, network namespaces)
+# included.
 #
 #   scripts/test.sh [extra cargo test args]
 #
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(docker-registry skopeo podman containerd jq python3 python3-venv curl iptables iproute2 apache2-utils openssl)
+pkgs=(docker-registry skopeo podman containerd docker.io jq python3 python3-venv curl iptables iproute2 apache2-utils openssl)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

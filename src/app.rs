@@ -13,6 +13,7 @@ use crate::engine::set::Engines;
 use crate::engine::storage::StorageEngine;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::evict::{Evictor, Limits};
 use crate::metrics::Metrics;
 use crate::pull::fill::Fills;
 use crate::pull::tags::TagCache;
@@ -30,6 +31,8 @@ pub struct App {
     pub pusher: Option<Arc<Pusher>>,
     /// Pushes forwarded to an upstream registry, when `push.engine` names one.
     pub forwarder: Option<Forwarder>,
+    /// Keeps the local engine under `cache.max_size`, when set.
+    pub evictor: Option<Arc<Evictor>>,
     /// Access control, when the config has an `auth:` section.
     pub auth: Option<Arc<crate::auth::Auth>>,
     pub region: HeaderValue,
@@ -75,8 +78,12 @@ impl App {
                 .auth
                 .as_ref()
                 .and_then(|a| a.resolve_password().map(|p| (a.username.clone(), p)));
-            let engine =
-                RegistryEngine::new(RegistryClient::new(&u.name, base, http.clone(), basic));
+            let http = match &u.ca_file {
+                Some(ca) => client::http_client_with_ca(ca)
+                    .map_err(|e| Error::Config(format!("upstreams: {}: ca_file: {e}", u.name)))?,
+                None => http.clone(),
+            };
+            let engine = RegistryEngine::new(RegistryClient::new(&u.name, base, http, basic));
             let engine: Arc<dyn Engine> = Arc::new(engine);
             probed.push((engine.clone(), 0));
             upstreams.push((u.name.clone(), engine));
@@ -93,6 +100,7 @@ impl App {
             ))
         })?;
         clean_spool(&spool_dir);
+        let local_storage = local.clone();
         let local_dyn: Arc<dyn Engine> = local;
         let p = &config.storage.probe;
         let settings = ProbeSettings {
@@ -107,6 +115,22 @@ impl App {
         let fills = Fills::new(spool_dir.clone(), metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
         let mut puller = Puller::new(engines, fills, tags.clone(), metrics.clone());
+        let evictor = config.cache.max_size.map(|m| {
+            let push_engine = config.push.engine.as_deref();
+            let limits = Limits {
+                max_size: Some(m.0),
+                low_water: config.cache.low_water,
+                min_idle: config.cache.min_idle.0,
+                stale_uploads: config.cache.stale_uploads.0,
+                // Pushed elsewhere and replicated here: every local copy exists elsewhere.
+                all_cached: push_engine
+                    .is_some_and(|p| p != pref && !config.upstreams.iter().any(|u| u.name == p)),
+            };
+            Arc::new(Evictor::new(local_storage.clone(), limits, metrics.clone()))
+        });
+        if let Some(ev) = &evictor {
+            puller.set_evictor(ev.clone());
+        }
         let forwarder = match &config.push.engine {
             Some(id) => match config.upstreams.iter().find(|u| &u.name == id) {
                 Some(u) => {
@@ -166,14 +190,21 @@ impl App {
                 ));
                 tokio::spawn(replicator.clone().run());
                 puller.set_preferred(source);
-                Some(Arc::new(Pusher::new(
+                let mut pusher = Pusher::new(
                     engine,
                     spool_dir.clone(),
-                    replicator,
+                    replicator.clone(),
                     tags,
                     puller.manifest_cache(),
                     metrics.clone(),
-                )))
+                );
+                if *id == pref {
+                    if let Some(ev) = &evictor {
+                        pusher.set_evictor(ev.clone());
+                        ev.set_replicator(replicator);
+                    }
+                }
+                Some(Arc::new(pusher))
             }
             _ => None,
         };
@@ -186,9 +217,13 @@ impl App {
         };
         let region = HeaderValue::from_str(&config.region)
             .map_err(|_| Error::Config("region: not a valid header value".into()))?;
+        if let Some(ev) = &evictor {
+            tokio::spawn(ev.clone().run(spool_dir.clone()));
+        }
         Ok(Arc::new(App {
             pusher,
             forwarder,
+            evictor,
             auth,
             tag_ttl: config.cache.tag_ttl.0,
             config,

@@ -3,7 +3,9 @@
 //! # Architecture, by file
 //! - `http/`: the front. `route.rs` is the one route table (the `/v2/` grammar parsed by hand),
 //!   `pull.rs` the thin read handlers, `ops.rs` health, readiness, metrics and status,
-//!   `server.rs` the listener.
+//!   `server.rs` the listeners, connection cap and graceful shutdown, `conn.rs` one connection
+//!   (TLS handshake, HTTP/1.1 or HTTP/2, idle and header timeouts), `tls.rs` the rustls
+//!   acceptor and certificate reloading.
 //! - `pull/`: the pull path. `mod.rs` (`Puller`): hits, misses, manifests, tags;
 //!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache.
 //! - `engine/`: the `Engine` trait and its two kinds, `storage.rs` (object_store in the
@@ -32,7 +34,10 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod evict;
 pub mod fileio;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod oci;

@@ -123,7 +123,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(serve(cfg)) {
+            let served = rt.block_on(serve(cfg));
+            // `serve` has already waited out the grace period for responses and fills; do not
+            // let a task stuck in blocking I/O hold the exit.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ociedge: {e}");
@@ -135,14 +139,11 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let listen = cfg.listen;
     let region = cfg.region.clone();
     let app = ociedge::app::App::build(cfg).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    tracing::info!(%listen, %region, "ociedge serving");
-    ociedge::http::server::serve(app, listener, shutdown_signal()).await?;
+    let front = ociedge::http::server::Front::bind(&app.config).await?;
+    tracing::info!(listen = %front.describe(), %region, "ociedge serving");
+    ociedge::http::server::serve(app, front, shutdown_signal()).await?;
     Ok(())
 }
 

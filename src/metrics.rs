@@ -68,6 +68,10 @@ struct Inner {
     repl_done: Family<EngineLabels, Counter>,
     repl_failures: Family<EngineLabels, Counter>,
     pushes: Family<CacheLabels, Counter>,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
+    evicted_bytes: Counter,
+    evictions: Counter,
 }
 
 /// Cheap to clone; every clone records into the same registry.
@@ -209,8 +213,36 @@ impl Metrics {
             "Pushed items by kind (blob, manifest, tag) and result",
             pushes.clone(),
         );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "local_engine_bytes",
+            "Bytes of content in the local engine (eviction index)",
+            cache_bytes.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "local_engine_index_entries",
+            "Blobs and manifests in the eviction index",
+            cache_entries.clone(),
+        );
+        let evicted_bytes = Counter::default();
+        registry.register(
+            "evicted_bytes",
+            "Bytes deleted from the local engine by eviction",
+            evicted_bytes.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "evictions",
+            "Blobs and manifests deleted by eviction",
+            evictions.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                cache_bytes,
+                cache_entries,
+                evicted_bytes,
+                evictions,
                 repl_jobs,
                 repl_oldest,
                 repl_bytes,
@@ -367,6 +399,20 @@ impl Metrics {
             .pushes
             .get_or_create(&CacheLabels { kind, result })
             .inc();
+    }
+
+    pub fn cache_usage(&self, bytes: u64, entries: usize) {
+        self.inner
+            .cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.inner
+            .cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    pub fn evicted(&self, bytes: u64) {
+        self.inner.evicted_bytes.inc_by(bytes);
+        self.inner.evictions.inc();
     }
 
     pub fn stale_tag(&self) {

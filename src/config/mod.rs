@@ -7,7 +7,7 @@ pub mod units;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -22,9 +22,9 @@ pub struct Config {
     /// Address of the HTTP listener. Default `0.0.0.0:5000`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// TLS for the listener (not yet served by this version: refused by `validate`).
+    /// TLS for the listener: with it, `listen` speaks HTTPS (HTTP/1.1 and HTTP/2 by ALPN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<serde_yaml_ng::Value>,
+    pub tls: Option<TlsConfig>,
     /// Region name, reported in `X-Ociedge-Region`. Default `local`.
     #[serde(default = "default_region")]
     pub region: String,
@@ -42,6 +42,87 @@ pub struct Config {
     pub auth: Option<auth::AuthConfig>,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Bounds on what clients may hold: connections, header size and time, idle time.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// TLS termination on `listen`. The files are PEM; they are reloaded without a restart when
+/// they change (checked every `reload_interval`) and on `SIGHUP`, so that a renewed certificate
+/// (cert-manager, certbot, a Kubernetes secret update) is served without dropping connections.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Private key of the leaf certificate (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// An optional plain-HTTP listener beside the TLS one (in-cluster clients, health checks
+    /// that do not speak TLS). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_listen: Option<SocketAddr>,
+    /// How often the files' modification times are checked. Default 5s.
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval: HumanDuration,
+}
+
+/// Limits that keep slow or idle clients from holding the server (slow-loris), and the time
+/// a shutdown may take.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections served at once, over all listeners. Beyond it new connections wait in the
+    /// kernel's accept queue until one closes. Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest request head (request line and headers; HTTP/2: the decoded header list).
+    /// A larger one is answered `431`. Default 64KiB.
+    #[serde(default = "default_max_header_size")]
+    pub max_header_size: ByteSize,
+    /// Time a client has to send a whole request head, and for TLS to finish its handshake.
+    /// On HTTP/1.1 it also bounds the wait for the next request on a kept-alive connection.
+    /// Default 10s.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: HumanDuration,
+    /// A connection with no request in progress for this long is closed (HTTP/2: `GOAWAY`).
+    /// Default 60s.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// After `SIGTERM`, how long responses and fills in progress may take to finish before the
+    /// process exits anyway. Default 30s.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: default_max_connections(),
+            max_header_size: default_max_header_size(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_tls_reload_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(5))
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_header_size() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+fn default_header_read_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -122,6 +203,10 @@ pub struct UpstreamConfig {
     /// `public`, `gated` or `passthrough` (see DESIGN.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<Access>,
+    /// A PEM file of CA certificates trusted for this upstream, in addition to the system
+    /// roots (a private registry with its own CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -184,9 +269,32 @@ pub struct CacheConfig {
     /// How long a stale tag is served while its authority is down. Default 24h.
     #[serde(default = "default_max_stale")]
     pub max_stale: HumanDuration,
-    /// Local engine cap (not yet enforced by this version).
+    /// Local engine cap: least recently used cached content is evicted above it. Unset: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<ByteSize>,
+    /// Eviction stops once usage is under this fraction of `max_size`. Default 0.9.
+    #[serde(default = "default_low_water")]
+    pub low_water: f64,
+    /// Content accessed more recently than this is never evicted (longer than any transfer,
+    /// so another process sharing the engine cannot be reading it). Default 10m.
+    #[serde(default = "default_min_idle")]
+    pub min_idle: HumanDuration,
+    /// Upload sessions and fill spools older than this are removed. Default 24h.
+    #[serde(default = "default_stale_uploads")]
+    pub stale_uploads: HumanDuration,
+}
+
+/// The smallest `cache.max_size` accepted: below it a cache thrashes on one image.
+pub const MIN_MAX_SIZE: u64 = 16 << 20;
+
+fn default_low_water() -> f64 {
+    0.9
+}
+fn default_min_idle() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(600))
+}
+fn default_stale_uploads() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(24 * 3600))
 }
 
 impl Default for CacheConfig {
@@ -195,6 +303,9 @@ impl Default for CacheConfig {
             tag_ttl: default_tag_ttl(),
             max_stale: default_max_stale(),
             max_size: None,
+            low_water: default_low_water(),
+            min_idle: default_min_idle(),
+            stale_uploads: default_stale_uploads(),
         }
     }
 }
@@ -261,9 +372,10 @@ impl Config {
 
     /// Checks what serde cannot: references between sections, URLs, features this version lacks.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.tls.is_some() {
-            return Err(err("tls", "TLS termination is not supported by this version yet; terminate TLS in front of ociedge"));
+        if let Some(t) = &self.tls {
+            t.validate(self.listen)?;
         }
+        self.limits.validate()?;
         if let Some(a) = &self.auth {
             a.validate()?;
         }
@@ -388,6 +500,11 @@ impl Config {
             {
                 return Err(err(&format!("{path}.access"), "gated access needs an auth: section (our rules decide who may pull what ociedge fetches with this upstream's credentials); add one, or set access: public to serve this upstream's content to every client"));
             }
+            if let Some(ca) = &u.ca_file {
+                if ca.as_os_str().is_empty() {
+                    return Err(err(&format!("{path}.ca_file"), "must be a file path"));
+                }
+            }
             if self.auth.is_none() && u.access == Some(Access::Passthrough) {
                 return Err(err(
                     &format!("{path}.access"),
@@ -404,6 +521,17 @@ impl Config {
         }
         if p.down_after == 0 {
             return Err(err("storage.probe.down_after", "must be at least 1"));
+        }
+        if let Some(m) = self.cache.max_size {
+            if m.0 < MIN_MAX_SIZE {
+                return Err(err(
+                    "cache.max_size",
+                    format!("{m} is below the floor of 16MiB"),
+                ));
+            }
+        }
+        if !(0.1..=1.0).contains(&self.cache.low_water) {
+            return Err(err("cache.low_water", "must be between 0.1 and 1.0"));
         }
         if self.cache.tag_ttl.0.is_zero() {
             return Err(err("cache.tag_ttl", "must be more than 0s"));
@@ -436,6 +564,57 @@ impl Config {
             }
         }
         serde_yaml_ng::to_string(&c).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+impl TlsConfig {
+    /// Checks the shape only: the files are read when the server starts (and on every reload),
+    /// so that `check-config` also works on a machine without the secrets, such as CI.
+    fn validate(&self, listen: SocketAddr) -> Result<(), ConfigError> {
+        if self.cert.as_os_str().is_empty() {
+            return Err(err("tls.cert", "must be a file path"));
+        }
+        if self.key.as_os_str().is_empty() {
+            return Err(err("tls.key", "must be a file path"));
+        }
+        if self.plain_listen == Some(listen) {
+            return Err(err(
+                "tls.plain_listen",
+                "must differ from listen (which serves TLS)",
+            ));
+        }
+        if self.reload_interval.0 < std::time::Duration::from_millis(100) {
+            return Err(err("tls.reload_interval", "must be at least 100ms"));
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 || self.max_connections > u32::MAX as usize {
+            return Err(err(
+                "limits.max_connections",
+                "must be between 1 and 4294967295",
+            ));
+        }
+        // hyper's HTTP/1 read buffer cannot be smaller than 8KiB; HTTP/2 counts the header
+        // list in a u32.
+        if self.max_header_size.0 < 8192 || self.max_header_size.0 > u64::from(u32::MAX) {
+            return Err(err(
+                "limits.max_header_size",
+                "must be between 8KiB and 4GiB",
+            ));
+        }
+        for (key, d) in [
+            ("limits.header_read_timeout", self.header_read_timeout),
+            ("limits.idle_timeout", self.idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(err(key, "must be more than 0s"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -3,10 +3,12 @@
 
 pub mod access;
 pub mod body;
+pub mod conn;
 pub mod headers;
 pub mod ops;
 pub mod pull;
 pub mod push;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod token;

@@ -99,6 +99,10 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
         },
         "engines": ranked,
         "fills_in_flight": fills,
+        "local_engine_usage": app.evictor.as_ref().map(|e| {
+            let (bytes, entries) = e.usage();
+            serde_json::json!({ "bytes": bytes, "entries": entries, "max_size": app.config.cache.max_size.map(|m| m.0) })
+        }),
         "replication_backlog": app.pusher.as_ref().map(|p| serde_json::to_value(p.replicator().backlog()).unwrap_or_default()).unwrap_or_else(|| serde_json::json!({})),
     });
     text(StatusCode::OK, "application/json", body.to_string())

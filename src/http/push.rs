@@ -64,7 +64,7 @@ fn query_digest(query: &[(String, String)]) -> Result<Option<Digest>> {
 }
 
 /// `Content-Range: <start>-<end>` of a chunk (inclusive; `bytes ` prefix tolerated).
-fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
+pub fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     let Some(v) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };

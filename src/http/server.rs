@@ -1,81 +1,229 @@
-//! The listener: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, a span and metrics per
-//! request, OCI error bodies, graceful shutdown.
+//! The listeners: HTTPS (rustls; HTTP/2 or HTTP/1.1 by ALPN) or plain HTTP (HTTP/1.1 and HTTP/2
+//! prior knowledge) on `listen`, an optional plain listener beside TLS, a cap on connections,
+//! a span and metrics per request, OCI error bodies, and a graceful shutdown that lets responses
+//! and fills in progress finish.
 
-use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::body::{self, Body};
+use super::conn::{self, ConnSettings};
 use super::headers as h;
 use super::route::{self, Route};
+use super::tls::Tls;
 use super::{access, ops, pull, push, token};
 use crate::app::App;
+use crate::config::{Config, LimitsConfig};
 use crate::error::{Error, Result};
 use crate::oci::ErrorCode;
 
-/// How long in-flight responses may take to finish after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// HTTP/2 keep-alive pings: a peer that stops answering them is gone, and its connection is
+/// closed instead of held until the idle timeout.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 
-/// Serves until `shutdown` resolves, then drains connections for up to [`SHUTDOWN_GRACE`].
-pub async fn serve(
-    app: Arc<App>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+/// The bound sockets, and the TLS side when `tls` is configured.
+pub struct Front {
+    /// `listen`: TLS when `tls` is set, plain HTTP otherwise.
+    pub main: TcpListener,
+    pub tls: Option<Arc<Tls>>,
+    /// `tls.plain_listen`: plain HTTP beside TLS.
+    pub plain: Option<TcpListener>,
+}
+
+impl Front {
+    /// Loads the certificate (a bad one is a startup error) and binds the listeners.
+    pub async fn bind(cfg: &Config) -> Result<Front> {
+        let tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(Tls::new(t)?)),
+            None => None,
+        };
+        let main = bind(cfg.listen, "listen").await?;
+        let plain = match cfg.tls.as_ref().and_then(|t| t.plain_listen) {
+            Some(addr) => Some(bind(addr, "tls.plain_listen").await?),
+            None => None,
+        };
+        Ok(Front { main, tls, plain })
+    }
+
+    /// The addresses bound, with their scheme, for the startup log.
+    pub fn describe(&self) -> String {
+        let addr = |l: &TcpListener| {
+            l.local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut s = format!("{scheme}://{}", addr(&self.main));
+        if let Some(p) = &self.plain {
+            s.push_str(&format!(" http://{}", addr(p)));
+        }
+        s
+    }
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Config(format!("{key}: cannot listen on {addr}: {e}")))
+}
+
+/// The HTTP settings every connection shares, from `limits`.
+fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let header_max = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
-    builder.http2().max_concurrent_streams(256);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(handle(app, req).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-            _ = &mut shutdown => break,
-        }
+        .timer(TokioTimer::new())
+        // Also bounds the wait for the next request on a kept-alive connection (hyper starts
+        // the timer whenever it waits for a request head).
+        .header_read_timeout(limits.header_read_timeout.0)
+        // The read buffer bounds the request head: a larger one is answered 431.
+        .max_buf_size(header_max.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(u32::try_from(limits.max_header_size.0).unwrap_or(u32::MAX))
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE);
+    builder
+}
+
+/// Serves until `shutdown` resolves. Then: no new connections, every open connection finishes
+/// the responses it has in progress and closes, and fills in progress complete, all within
+/// `limits.shutdown_grace`; the certificate watcher stops.
+pub async fn serve(
+    app: Arc<App>,
+    front: Front,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let limits = app.config.limits.clone();
+    let stop = CancellationToken::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let settings = ConnSettings {
+        builder: Arc::new(http_builder(&limits)),
+        header_read_timeout: limits.header_read_timeout.0,
+        idle_timeout: limits.idle_timeout.0,
+        stop: stop.clone(),
+    };
+    if let Some(tls) = &front.tls {
+        tokio::spawn(tls.clone().watch(stop.clone()));
     }
-    drop(listener);
-    tracing::info!("shutting down: draining connections");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the grace period");
+    let mut loops = tokio::task::JoinSet::new();
+    loops.spawn(accept_loop(
+        app.clone(),
+        front.main,
+        front.tls.clone(),
+        settings.clone(),
+        slots.clone(),
+    ));
+    if let Some(plain) = front.plain {
+        loops.spawn(accept_loop(
+            app.clone(),
+            plain,
+            None,
+            settings.clone(),
+            slots.clone(),
+        ));
+    }
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; finishing responses and fills in progress");
+    stop.cancel();
+    // The loops drop their listeners as they end: new connections are refused from here on.
+    while loops.join_next().await.is_some() {}
+    let grace = limits.shutdown_grace.0;
+    let deadline = tokio::time::Instant::now() + grace;
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let connections = tokio::time::timeout_at(deadline, slots.acquire_many(all)).await;
+    // Fills are detached from connections (a vanished client does not cancel its fill): wait
+    // for them too, or a blob being fetched would be lost and fetched again after the restart.
+    let fills = app.puller.fills();
+    while fills.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match (connections.is_ok(), fills.in_flight()) {
+        (true, 0) => tracing::info!("shutdown complete"),
+        (closed, left) => tracing::warn!(
+            connections_closed = closed,
+            fills_in_flight = left,
+            grace = %humantime::format_duration(grace),
+            "shutdown grace period over with work still in progress"
+        ),
     }
     Ok(())
+}
+
+/// Accepts connections on `listener` until `settings.stop`, each in its own task and under a
+/// slot of `slots`. At the cap, the loop stops accepting until a slot frees: further clients
+/// wait in the kernel's queue instead of being served badly.
+async fn accept_loop(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    settings: ConnSettings,
+    slots: Arc<Semaphore>,
+) {
+    let stop = settings.stop.clone();
+    // At the cap, say so at most every 10s: a flood must not also flood the logs.
+    let mut last_warned: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    last_warned = Some(Instant::now());
+                    tracing::warn!(
+                        "limits.max_connections reached: new connections wait for a free slot"
+                    );
+                }
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::debug_span!("conn", %peer);
+        tokio::spawn(
+            conn::serve_conn(
+                app.clone(),
+                stream,
+                peer,
+                tls.clone(),
+                settings.clone(),
+                permit,
+            )
+            .instrument(span),
+        );
+    }
 }
 
 fn method_label(m: &Method) -> &'static str {

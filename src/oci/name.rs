@@ -62,6 +62,11 @@ fn valid_component(c: &str) -> bool {
 }
 
 impl RepoName {
+    /// A valid name for calls whose engine ignores the repository (content-addressed reads).
+    pub fn placeholder() -> RepoName {
+        RepoName("x".into())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -69,6 +69,8 @@ pub struct Fills {
 
 struct FillsInner {
     running: Mutex<HashMap<Digest, Arc<FillState>>>,
+    /// Told about every committed fill (cached content, evictable).
+    evictor: OnceLock<Arc<crate::evict::Evictor>>,
     spool_dir: PathBuf,
     metrics: Metrics,
 }
@@ -87,10 +89,16 @@ impl Fills {
         Fills {
             inner: Arc::new(FillsInner {
                 running: Mutex::new(HashMap::new()),
+                evictor: OnceLock::new(),
                 spool_dir,
                 metrics,
             }),
         }
+    }
+
+    /// Committed fills are reported to `e` from now on.
+    pub fn set_evictor(&self, e: Arc<crate::evict::Evictor>) {
+        let _ = self.inner.evictor.set(e);
     }
 
     /// Number of fills in flight.
@@ -144,6 +152,7 @@ impl Fills {
                     plan,
                     &fills.inner.spool_dir,
                     &fills.inner.metrics,
+                    fills.inner.evictor.get(),
                 )
                 .await;
                 fills.inner.metrics.fill_finished(&outcome);
@@ -169,7 +178,7 @@ impl Fills {
         let dir = self.inner.spool_dir.clone();
         let metrics = self.inner.metrics.clone();
         tokio::spawn(async move {
-            let outcome = run_fill(&s, plan, &dir, &metrics).await;
+            let outcome = run_fill(&s, plan, &dir, &metrics, None).await;
             s.progress.send_modify(|p| p.outcome = Some(outcome));
         });
         state
@@ -269,6 +278,7 @@ async fn run_fill(
     plan: FillPlan,
     spool_dir: &std::path::Path,
     metrics: &Metrics,
+    evictor: Option<&Arc<crate::evict::Evictor>>,
 ) -> Outcome {
     let digest = &state.digest;
     let mut sources = plan.sources.into_iter();
@@ -430,7 +440,12 @@ async fn run_fill(
         }
         .await;
         match committed {
-            Ok(()) => tracing::info!(size, "fill committed"),
+            Ok(()) => {
+                tracing::info!(size, "fill committed");
+                if let Some(e) = evictor {
+                    e.touch(digest, size, Some(true));
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "fill verified but not committed to the local engine")
             }

@@ -95,6 +95,8 @@ pub struct Puller {
     /// Remote answers to blob HEADs on a miss (size, engine): digests are immutable, so a HEAD
     /// storm for content not cached yet costs the upstream one request per digest, not one each.
     remote_sizes: Cache<Digest, (u64, Arc<str>)>,
+    /// Told about every access to the local engine, when a size cap is set.
+    evictor: Option<Arc<crate::evict::Evictor>>,
     /// The preferred (push) engine: the authority for the tags pushed to it.
     preferred: Option<Arc<dyn crate::engine::Engine>>,
 }
@@ -122,6 +124,7 @@ impl Puller {
             local_name: LOCAL.into(),
             linked: moka::sync::Cache::new(1_000_000),
             preferred: None,
+            evictor: None,
             remote_sizes: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(600))
@@ -149,6 +152,12 @@ impl Puller {
                 linked.invalidate(&key);
             }
         });
+    }
+
+    /// Reports accesses to `e` (and committed fills, through the fill table).
+    pub fn set_evictor(&mut self, e: Arc<crate::evict::Evictor>) {
+        self.fills.set_evictor(e.clone());
+        self.evictor = Some(e);
     }
 
     /// Makes `engine` the authority for tags it holds (pushed repositories).
@@ -216,6 +225,13 @@ impl Puller {
         let hit = |size: u64, range: Option<ByteRange>, body: Option<ByteStream>| {
             self.metrics.cache("blob", "hit");
             self.ensure_linked(&r.storage_repo, digest, LinkKind::Blob);
+            let body = match &self.evictor {
+                Some(ev) => {
+                    ev.touch(digest, size, None);
+                    body.map(|b| ev.pinned_stream(digest, b))
+                }
+                None => body,
+            };
             Some(BlobAnswer {
                 size,
                 range,
@@ -356,6 +372,9 @@ impl Puller {
         if let Some(m) = self.manifests.get(digest).await {
             self.metrics.cache("manifest", "hit");
             self.ensure_linked(&r.storage_repo, digest, LinkKind::Manifest);
+            if let Some(ev) = &self.evictor {
+                ev.touch(digest, m.bytes.len() as u64, None);
+            }
             return Ok((m, self.local_name.clone()));
         }
         let local = self.engines.local();
@@ -372,6 +391,9 @@ impl Puller {
             Ok(Some(m)) => {
                 self.metrics.cache("manifest", "hit");
                 self.ensure_linked(&r.storage_repo, digest, LinkKind::Manifest);
+                if let Some(ev) = &self.evictor {
+                    ev.manifest_seen(&r.storage_repo, &m, None);
+                }
                 self.manifests.insert(digest.clone(), m.clone()).await;
                 return Ok((m, self.local_name.clone()));
             }
@@ -388,6 +410,8 @@ impl Puller {
                     if !local_ok {
                     } else if let Err(e) = local.put_manifest(&r.storage_repo, &m).await {
                         tracing::warn!(error = %e, "manifest not stored in the local engine");
+                    } else if let Some(ev) = &self.evictor {
+                        ev.manifest_seen(&r.storage_repo, &m, Some(true));
                     }
                     self.manifests.insert(digest.clone(), m.clone()).await;
                     return Ok((m, engine.id().into()));

@@ -31,6 +31,9 @@ pub struct Pusher {
     tags: TagCache,
     manifests: Cache<Digest, Manifest>,
     metrics: Metrics,
+    /// Set when the preferred engine is the local one: pushed content is recorded as not
+    /// evictable (its only copy may be here).
+    evictor: Option<Arc<crate::evict::Evictor>>,
 }
 
 /// What a manifest push answers.
@@ -67,7 +70,12 @@ impl Pusher {
             tags,
             manifests,
             metrics,
+            evictor: None,
         }
+    }
+
+    pub fn set_evictor(&mut self, e: Arc<crate::evict::Evictor>) {
+        self.evictor = Some(e);
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -163,10 +171,13 @@ impl Pusher {
         from: Option<&RepoName>,
     ) -> Result<bool> {
         let from = from.unwrap_or(repo);
-        if self.engine.stat_blob(from, digest).await?.is_none() {
+        let Some(meta) = self.engine.stat_blob(from, digest).await? else {
             return Ok(false);
-        }
+        };
         self.engine.link_blob(repo, digest).await?;
+        if let Some(ev) = &self.evictor {
+            ev.touch(digest, meta.size, Some(false));
+        }
         self.replicator
             .enqueue(Job::Blob {
                 repo: repo.to_string(),
@@ -213,6 +224,9 @@ impl Pusher {
         }
         self.engine.put_blob_file(digest, &spool.0, size).await?;
         self.engine.link_blob(repo, digest).await?;
+        if let Some(ev) = &self.evictor {
+            ev.touch(digest, size, Some(false));
+        }
         self.replicator
             .enqueue(Job::Blob {
                 repo: repo.to_string(),
@@ -275,6 +289,9 @@ impl Pusher {
             bytes: bytes.clone(),
         };
         self.engine.put_manifest(repo, &m).await?;
+        if let Some(ev) = &self.evictor {
+            ev.manifest_seen(repo, &m, Some(false));
+        }
         if let Some(subject) = &parsed.subject {
             self.record_referrer(repo, subject, &digest, &parsed, bytes.len())
                 .await?;

@@ -56,7 +56,7 @@ pub async fn repositories(engine: &StorageEngine) -> Result<Vec<RepoName>> {
 }
 
 /// The manifest digests a repository has revisions for.
-async fn revisions(engine: &StorageEngine, repo: &RepoName) -> Result<Vec<Digest>> {
+pub async fn revisions(engine: &StorageEngine, repo: &RepoName) -> Result<Vec<Digest>> {
     let mut out = Vec::new();
     for alg in ["sha256", "sha512"] {
         let dir = Path::from(format!("{REPOS}/{repo}/_manifests/revisions/{alg}"));

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod faults;
 pub mod layout;
 pub mod regions;
 
@@ -237,7 +238,8 @@ pub fn verify_pull(host: &str, image: &str, digest: &str) -> bool {
 
 /// A running `ociedge serve`.
 pub struct Proxy {
-    child: Child,
+    /// The `ociedge serve` process (signal it by `child.id()`).
+    pub child: Child,
     pub dir: tempfile::TempDir,
     pub port: u16,
 }
@@ -251,6 +253,11 @@ impl Proxy {
     }
 
     pub fn start_in(config: &str, dir: tempfile::TempDir) -> Proxy {
+        Proxy::start_with(config, dir, &[])
+    }
+
+    /// [`Proxy::start_in`] with more `serve` arguments (`--log-format json`).
+    pub fn start_with(config: &str, dir: tempfile::TempDir, args: &[&str]) -> Proxy {
         let port = free_port();
         let cfg = config
             .replace("{PORT}", &port.to_string())
@@ -261,6 +268,7 @@ impl Proxy {
         let child = Command::new(env!("CARGO_BIN_EXE_ociedge"))
             .args(["serve", "--config"])
             .arg(&path)
+            .args(args)
             .env("OCIEDGE_LOG", "info,ociedge=debug")
             .stdout(Stdio::null())
             .stderr(log)

@@ -26,14 +26,36 @@ pub struct RegistryClient {
 
 /// Builds the shared HTTP client: rustls with the system roots, hickory DNS, pooled keep-alive.
 pub fn http_client() -> Result<Client> {
+    client_builder()
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build HTTP client: {e}")))
+}
+
+/// A client like [`http_client`] that also trusts the CA certificates of the PEM file `ca_file`
+/// (an upstream with a private CA). The system roots stay trusted: adding a CA must not turn
+/// off verification of the public ones. A client of its own, as rustls roots are per client.
+pub fn http_client_with_ca(ca_file: &std::path::Path) -> Result<Client> {
+    let bad = |e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", ca_file.display()));
+    let pem = std::fs::read(ca_file).map_err(|e| bad(&e))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"no PEM certificate in the file"));
+    }
+    client_builder()
+        .tls_certs_merge(certs)
+        .build()
+        .map_err(|e| bad(&e))
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
     Client::builder()
         .user_agent(USER_AGENT)
         .hickory_dns(true)
         .connect_timeout(Duration::from_secs(10))
+        // A stalled upstream fails the read (and the fill moves on) instead of hanging it.
+        .read_timeout(Duration::from_secs(30))
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
-        .build()
-        .map_err(|e| Error::Config(format!("cannot build HTTP client: {e}")))
 }
 
 impl RegistryClient {

@@ -1,0 +1,259 @@
+//! One client connection: the TLS handshake (bounded in time), HTTP/1.1 or HTTP/2 on top, and
+//! the rules that keep a client from holding it for nothing.
+//!
+//! A connection is *idle* when no request is in progress on it. Before its first request an idle
+//! connection gets `header_read_timeout` (a client that connects and sends nothing, half a TLS
+//! hello or only the HTTP/2 preface is a slow-loris, not a customer); after that, `idle_timeout`
+//! between requests. An idle connection is closed gracefully (HTTP/2: `GOAWAY`), and dropped if
+//! the client does not let it close. A request is in progress from the moment its head is parsed
+//! until its response body is finished or dropped, so a slow download or upload is never cut.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::body::Body;
+use super::tls::Tls;
+use crate::app::App;
+use crate::error::BoxError;
+
+/// What a connection needs besides its socket.
+#[derive(Clone)]
+pub struct ConnSettings {
+    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Time for the TLS handshake, and for the first request's head.
+    pub header_read_timeout: Duration,
+    /// Time with no request in progress after the first one.
+    pub idle_timeout: Duration,
+    /// Cancelled at shutdown: finish what is in progress, accept no new request.
+    pub stop: CancellationToken,
+}
+
+/// Serves one accepted connection to its end. `_permit` is this connection's slot under
+/// `limits.max_connections`, given back when the connection is gone.
+pub async fn serve_conn(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<Tls>>,
+    settings: ConnSettings,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Some(tls) = tls else {
+        return drive(app, TokioIo::new(stream), &settings).await;
+    };
+    let handshake =
+        tokio::time::timeout(settings.header_read_timeout, tls.acceptor().accept(stream));
+    let stream = tokio::select! {
+        r = handshake => r,
+        _ = settings.stop.cancelled() => return,
+    };
+    match stream {
+        Ok(Ok(s)) => drive(app, TokioIo::new(s), &settings).await,
+        // Scanners, clients that do not trust our certificate, plain HTTP sent to the TLS
+        // port: the client's problem, and frequent; debug, not warn.
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// Runs HTTP on `io` until the client closes, the connection goes idle, or shutdown.
+async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let svc = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let app = app.clone();
+            let guard = activity.begin();
+            async move {
+                let resp = super::server::handle(app, req).await;
+                Ok::<_, Infallible>(resp.map(|body| Guarded {
+                    inner: body,
+                    _guard: guard,
+                }))
+            }
+        })
+    };
+    let conn = settings.builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    // Once a close is asked for, by shutdown or idleness.
+    let mut closing = false;
+    // Set when the close is for idleness: nothing is in progress, so a client that does not
+    // let the connection close (an HTTP/2 peer ignoring GOAWAY) is dropped after this.
+    let mut hard_deadline: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection closed with an error");
+                }
+                return;
+            }
+            _ = settings.stop.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = activity.idle(settings.header_read_timeout, settings.idle_timeout), if !closing => {
+                tracing::debug!("closing an idle connection");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                hard_deadline = Some(Instant::now() + settings.header_read_timeout);
+            }
+            _ = sleep_until(hard_deadline) => {
+                tracing::debug!("idle connection did not close; dropping it");
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Requests in progress on one connection, and when the last one ended.
+struct Activity {
+    active: AtomicUsize,
+    /// Whether any request has been seen (switches the idle limit from the header timeout to
+    /// the idle timeout).
+    seen: AtomicBool,
+    last_end: Mutex<Instant>,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            active: AtomicUsize::new(0),
+            seen: AtomicBool::new(false),
+            last_end: Mutex::new(Instant::now()),
+            changed: Notify::new(),
+        }
+    }
+
+    /// A request began; it ends when the returned guard is dropped.
+    fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.seen.store(true, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        RequestGuard(self.clone())
+    }
+
+    /// Resolves once no request has been in progress for the applicable limit.
+    async fn idle(&self, before_first: Duration, between: Duration) {
+        loop {
+            // Registered before the state is read, so a change in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.active.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let limit = if self.seen.load(Ordering::Relaxed) {
+                between
+            } else {
+                before_first
+            };
+            let since = *self.last_end.lock().unwrap_or_else(|p| p.into_inner());
+            let deadline = since + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = changed => {}
+            }
+        }
+    }
+}
+
+struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A response body that keeps its request "in progress" until hyper is done with it (sent to
+/// the end, or dropped because the client went away).
+struct Guarded {
+    inner: Body,
+    _guard: RequestGuard,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_waits_for_requests_to_end() {
+        let (first, between) = (Duration::from_millis(100), Duration::from_millis(300));
+        let a = Arc::new(Activity::new());
+        let t0 = Instant::now();
+        // Before any request: the first-request limit.
+        a.idle(first, between).await;
+        assert!(
+            t0.elapsed() >= first && t0.elapsed() < between,
+            "{:?}",
+            t0.elapsed()
+        );
+        let g = a.begin();
+        let a2 = a.clone();
+        let waiter = tokio::spawn(async move {
+            a2.idle(first, between).await;
+            Instant::now()
+        });
+        tokio::time::sleep(3 * between).await;
+        assert!(!waiter.is_finished(), "a request in progress is not idle");
+        let ended = Instant::now();
+        drop(g);
+        let idle_at = waiter.await.expect("waiter");
+        // After a request: the between-requests limit, counted from its end.
+        assert!(idle_at - ended >= between, "{:?}", idle_at - ended);
+        assert!(idle_at - ended < 3 * between, "{:?}", idle_at - ended);
+    }
+}
