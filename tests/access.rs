@@ -581,3 +581,33 @@ async fn gated_upstream_is_decided_by_the_rules() {
     assert_eq!(get(&p, manifest, None).await.0, 401);
     assert_eq!(get(&p, manifest, Some(&basic("alice", "pw"))).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn over_tls_the_challenge_points_at_https() {
+    let origin = Origin::start();
+    origin.seed();
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw")]);
+    let auth = auth_yaml(&ht, &key, &[], &[r#"{ repos: "library/**", pull: [alice] }"#]);
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
+    let tls = "tls: { cert: \"{DIR}/tls.crt\", key: \"{DIR}/tls.key\" }\n";
+    let p = Proxy::start_in(&mirror_config(&origin.url(), &format!("{tls}{auth}")), dir);
+    // skopeo follows the realm: an http:// realm on this port would fail the token request.
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = Command::new("skopeo")
+        .args(["copy", "--all", "--quiet", "--src-tls-verify=false"])
+        .args(["--src-creds", "alice:pw"])
+        .arg(format!("docker://{}/library/small:1.0", p.host()))
+        .arg(format!("dir:{}", tmp.path().display()))
+        .status()
+        .expect("skopeo")
+        .success();
+    assert!(ok, "pull over TLS with credentials");
+    let m = std::fs::read(tmp.path().join("manifest.json")).unwrap();
+    assert_eq!(format!("sha256:{}", common::sha256_hex(&m)), SMALL);
+}
