@@ -590,7 +590,12 @@ async fn over_tls_the_challenge_points_at_https() {
     let d = tempfile::tempdir().unwrap();
     let (key, _) = keypair(d.path(), "eu");
     let ht = htpasswd(d.path(), &[("alice", "pw")]);
-    let auth = auth_yaml(&ht, &key, &[], &[r#"{ repos: "library/**", pull: [alice] }"#]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[r#"{ repos: "library/**", pull: [alice] }"#],
+    );
     let dir = tempfile::tempdir().unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();

@@ -159,6 +159,17 @@ mod tests {
         assert!(!ht.verify("alice", "nope").await.0);
         assert!(!ht.verify("bob", "pw").await.0);
 
+        // Edited in place: re-read once the recheck interval has passed; a broken edit keeps
+        // the last good users.
+        let hb = bcrypt::hash("bpw", 4).unwrap();
+        std::fs::write(&f, format!("bob:{hb}\n")).unwrap();
+        tokio::time::sleep(RECHECK + Duration::from_millis(100)).await;
+        assert_eq!(ht.verify("bob", "bpw").await, (true, true));
+        assert!(!ht.verify("alice", "pw").await.0);
+        std::fs::write(&f, "garbage\n").unwrap();
+        tokio::time::sleep(RECHECK + Duration::from_millis(100)).await;
+        assert_eq!(ht.verify("bob", "bpw").await, (true, false));
+
         let e = parse("bob:$apr1$abc$def\n").unwrap_err();
         assert!(e.contains("line 1") && e.contains("htpasswd -B"), "{e}");
         assert!(parse("plain\n").unwrap_err().contains("user:hash"));

@@ -1,25 +1,27 @@
 //! Access control: who the client is, and whether it may do what it asks.
 //!
+//! - `request.rs`: the credentials a request presents, the scopes `/token` is asked for.
 //! - `htpasswd.rs`: local users (bcrypt). `token.rs`: the ES256 tokens `/token` issues and every
 //!   region verifies. `rules.rs`: per-repository rules, first match wins, no match = denied.
 //!   `passthrough.rs`: asking an upstream whether the client's own credentials open a repository.
 //! - [`Auth::authorize`] is the one decision for a repository request (called from the route
 //!   table for every pull, push and delete); [`Auth::base`] answers `/v2/`; [`Auth::grant`]
-//!   decides what a token from `/token` contains.
+//!   (`grant.rs`) decides what a token from `/token` contains.
 //!
 //! Repositories are named as they are stored (`library/alpine` for Docker Hub's `alpine`,
 //! `ghcr.io/org/app` for another upstream's `org/app`), whatever form the client used (`?ns=`, a
 //! path prefix), so one rule covers every way of naming a repository, and tokens name them that
 //! way too.
 
+mod grant;
 pub mod htpasswd;
 pub mod passthrough;
+pub mod request;
 pub mod rules;
 pub mod token;
 
 use std::time::Duration;
 
-use http::HeaderMap;
 use moka::future::Cache;
 use sha2::Digest as _;
 
@@ -29,8 +31,9 @@ use crate::error::Error;
 use crate::oci::RepoName;
 pub use passthrough::Creds;
 use passthrough::{Gate, Passthrough};
+pub use request::{parse_scopes, presented, Presented};
 use rules::Rules;
-use token::{AccessEntry, Claims, Keys};
+use token::{Claims, Keys};
 
 /// How long a verified password is remembered (bcrypt costs tens of milliseconds, and clients
 /// that send Basic credentials send them on every request).
@@ -79,51 +82,6 @@ impl Action {
 pub enum Principal {
     Anonymous,
     User(String),
-}
-
-/// The credentials a request carries.
-#[derive(Debug)]
-pub enum Presented {
-    None,
-    Basic(Creds),
-    Bearer(String),
-    /// An `Authorization` header we cannot read: refused rather than taken as anonymous, so a
-    /// client with broken credentials learns it.
-    Malformed,
-}
-
-/// Reads the `Authorization` header. Schemes other than Basic and Bearer count as none.
-pub fn presented(headers: &HeaderMap) -> Presented {
-    use base64::Engine as _;
-    let Some(v) = headers.get(http::header::AUTHORIZATION) else {
-        return Presented::None;
-    };
-    let Ok(v) = v.to_str() else {
-        return Presented::Malformed;
-    };
-    let (scheme, rest) = v.trim().split_once(' ').unwrap_or((v.trim(), ""));
-    let rest = rest.trim();
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return if rest.is_empty() {
-            Presented::Malformed
-        } else {
-            Presented::Bearer(rest.to_string())
-        };
-    }
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Presented::None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(rest)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok());
-    match decoded.as_deref().and_then(|s| s.split_once(':')) {
-        Some((u, p)) if !u.is_empty() => Presented::Basic(Creds {
-            user: u.to_string(),
-            password: p.to_string(),
-        }),
-        _ => Presented::Malformed,
-    }
 }
 
 /// The repository a request is about, routed.
@@ -397,87 +355,6 @@ impl Auth {
             },
         }
     }
-
-    /// What a token for `creds` asking for `wanted` grants: each requested action the rules
-    /// (and, for pulls of passthrough content, the upstream) allow. Wrong credentials are a 401,
-    /// not an empty token: the client must learn its password is wrong.
-    pub async fn grant(
-        &self,
-        creds: Option<&Creds>,
-        wanted: &[(Target<'_>, Vec<Action>)],
-    ) -> Result<Grant, Refusal> {
-        let local = match creds {
-            Some(c) => self.local_user(c).await,
-            None => None,
-        };
-        let local_who = local.clone().map_or(Principal::Anonymous, Principal::User);
-        let mut vouched = false;
-        let mut access: Vec<AccessEntry> = Vec::new();
-        for (t, actions) in wanted {
-            let mut ok: Vec<String> = Vec::new();
-            for a in actions {
-                let allowed = match self.gate(t, *a) {
-                    Some(g) => {
-                        let opens = self.passthrough.opens(g, t.upstream_repo, creds).await?;
-                        vouched |= opens && creds.is_some();
-                        let who =
-                            creds.map_or(Principal::Anonymous, |c| Principal::User(c.user.clone()));
-                        opens && self.rules.allows(t.repo.as_str(), *a, &who)
-                    }
-                    None => self.rules.allows(t.repo.as_str(), *a, &local_who),
-                };
-                if allowed && !ok.iter().any(|x| x == a.as_str()) {
-                    ok.push(a.as_str().to_string());
-                }
-            }
-            if ok.is_empty() {
-                continue;
-            }
-            match access.iter_mut().find(|e| e.name == t.repo.as_str()) {
-                Some(e) => {
-                    for a in ok {
-                        if !e.actions.contains(&a) {
-                            e.actions.push(a);
-                        }
-                    }
-                }
-                None => access.push(AccessEntry {
-                    kind: "repository".into(),
-                    name: t.repo.to_string(),
-                    actions: ok,
-                }),
-            }
-        }
-        let (sub, idp) = match creds {
-            None => (String::new(), None),
-            Some(c) if local.is_some() => (c.user.clone(), Some("htpasswd")),
-            Some(c) if vouched => (c.user.clone(), Some("upstream")),
-            Some(c) if wanted.is_empty() && self.upstream_login(c).await? => {
-                (c.user.clone(), Some("upstream"))
-            }
-            Some(_) => {
-                return Err(Refusal::Unauthorized {
-                    message: "invalid username or password".into(),
-                    scope: None,
-                    error: None,
-                })
-            }
-        };
-        let scope = access
-            .iter()
-            .map(|e| format!("repository:{}:{}", e.name, e.actions.join(",")))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let token = self
-            .keys
-            .issue(&sub, idp, access)
-            .map_err(|e| Refusal::Failed(Error::Config(format!("cannot sign a token: {e}"))))?;
-        Ok(Grant {
-            token,
-            expires_in: self.keys.ttl(),
-            scope,
-        })
-    }
 }
 
 /// The principal a token's subject is for our own rules: only htpasswd users count; a user only
@@ -487,64 +364,5 @@ fn local_principal(c: &Claims) -> Principal {
         Principal::User(c.sub.clone())
     } else {
         Principal::Anonymous
-    }
-}
-
-/// Parses `/token` scopes (`repository:<name>:<actions>`, several per parameter when separated
-/// by spaces). Other resource types (`registry:catalog:*`) grant nothing and are skipped.
-pub fn parse_scopes<'a>(params: impl IntoIterator<Item = &'a str>) -> Vec<(String, Vec<Action>)> {
-    let mut out = Vec::new();
-    for p in params {
-        for s in p.split(' ').filter(|s| !s.is_empty()) {
-            let Some((kind, rest)) = s.split_once(':') else {
-                continue;
-            };
-            let Some((name, actions)) = rest.rsplit_once(':') else {
-                continue;
-            };
-            if kind != "repository" || name.is_empty() {
-                continue;
-            }
-            out.push((name.to_string(), Action::parse_list(actions)));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_parse() {
-        let s = parse_scopes([
-            "repository:library/a:pull,push",
-            "repository:b:* registry:catalog:* repository:c:delete",
-            "garbage",
-        ]);
-        assert_eq!(
-            s,
-            vec![
-                ("library/a".into(), vec![Action::Pull, Action::Push]),
-                ("b".into(), vec![Action::Pull, Action::Push, Action::Delete]),
-                ("c".into(), vec![Action::Delete]),
-            ]
-        );
-    }
-
-    #[test]
-    fn authorization_headers() {
-        let mut h = HeaderMap::new();
-        assert!(matches!(presented(&h), Presented::None));
-        h.insert("authorization", "Basic YWxpY2U6cDpx".parse().unwrap()); // alice:p:q
-        assert!(
-            matches!(presented(&h), Presented::Basic(c) if c.user == "alice" && c.password == "p:q")
-        );
-        h.insert("authorization", "Basic !!".parse().unwrap());
-        assert!(matches!(presented(&h), Presented::Malformed));
-        h.insert("authorization", "Bearer abc".parse().unwrap());
-        assert!(matches!(presented(&h), Presented::Bearer(t) if t == "abc"));
-        h.insert("authorization", "Negotiate xyz".parse().unwrap());
-        assert!(matches!(presented(&h), Presented::None));
     }
 }
