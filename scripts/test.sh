@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs and runs all of it, the tests that drive real components
-# (docker-registry, skopeo, podman, containerd, the Docker daemon, S3 servers, network namespaces)
-# included.
+# (docker-registry, skopeo, podman, containerd, the Docker daemon, S3 servers, network namespaces,
+# headless Chromium, promtool) included. Screenshots of the status page land in target/test-artifacts/.
 #
 #   scripts/test.sh [extra cargo test args]
 #
@@ -11,7 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(docker-registry skopeo podman containerd docker.io jq python3 python3-venv curl iptables iproute2 apache2-utils openssl)
+# chromium draws the status page (tests/status_page.rs); prometheus brings promtool, which checks
+# deploy/prometheus/ociedge-rules.yaml and the dashboard's queries (about 19 MB, no service is
+# started in a container without systemd). apache2-utils (htpasswd -B) and openssl make the users
+# and token keys of tests/access.rs.
+pkgs=(docker-registry skopeo podman containerd docker.io jq python3 python3-venv curl iptables iproute2 chromium prometheus apache2-utils openssl)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -14,6 +14,7 @@ use crate::engine::storage::StorageEngine;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::evict::{Evictor, Limits};
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::pull::fill::Fills;
 use crate::pull::tags::TagCache;
@@ -38,6 +39,12 @@ pub struct App {
     pub region: HeaderValue,
     pub puller: Puller,
     pub metrics: Metrics,
+    /// The last hour of hits, misses and bytes by source, for the status page.
+    pub history: Arc<History>,
+    /// The labels `history` reads: bytes are served from these sources…
+    pub history_sources: Vec<String>,
+    /// …and fetched from these remote engines.
+    pub history_engines: Vec<String>,
     pub tag_ttl: Duration,
 }
 
@@ -108,6 +115,16 @@ impl App {
             timeout: p.timeout.0,
             down_after: p.down_after,
         };
+        metrics.set_local_engine(local_dyn.id());
+        // Every label bytes can be counted under: `local` for hits, an engine id otherwise.
+        let history_engines: Vec<String> = probed
+            .iter()
+            .map(|(e, _)| e.id().to_string())
+            .filter(|id| *id != pref)
+            .collect();
+        let history_sources: Vec<String> = std::iter::once(crate::pull::LOCAL.to_string())
+            .chain(probed.iter().map(|(e, _)| e.id().to_string()))
+            .collect();
         let nearness = Arc::new(Nearness::new(probed, settings, metrics.clone()));
         nearness.probe_all().await;
         tokio::spawn(nearness.clone().run());
@@ -130,6 +147,9 @@ impl App {
         });
         if let Some(ev) = &evictor {
             puller.set_evictor(ev.clone());
+        }
+        if let Some(d) = config.storage.redirect_blobs {
+            puller.set_redirect(d.0);
         }
         let forwarder = match &config.push.engine {
             Some(id) => match config.upstreams.iter().find(|u| &u.name == id) {
@@ -208,6 +228,13 @@ impl App {
             }
             _ => None,
         };
+        let history = Arc::new(History::default());
+        tokio::spawn(crate::history::run(
+            history.clone(),
+            metrics.clone(),
+            history_sources.clone(),
+            history_engines.clone(),
+        ));
         let auth = match &config.auth {
             Some(a) => Some(Arc::new(
                 crate::auth::Auth::new(a, &config.upstreams, http.clone())
@@ -230,6 +257,9 @@ impl App {
             region,
             puller,
             metrics,
+            history,
+            history_sources,
+            history_engines,
         }))
     }
 }

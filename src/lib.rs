@@ -12,6 +12,8 @@
 //!   Distribution layout, `layout.rs`) and `registry/` (upstream registries, with token auth);
 //!   `set.rs` routes names to upstreams and orders remote engines.
 //! - `oci/`: validated names, digests, media types, wire errors. `config/`: the config tree.
+//! - `metrics.rs`: the Prometheus counters; `history.rs`: the last hour of them, sampled in
+//!   memory for the status page (`http/page.rs` serves `http/status.html` at `/_ociedge/`).
 //! - `auth/`: access control (htpasswd users, ES256 tokens, per-repository rules, passthrough
 //!   checks against upstreams); `http/access.rs` applies it per route, `http/token.rs` is
 //!   `/token`.
@@ -38,6 +40,7 @@ pub mod evict;
 pub mod fileio;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod oci;

@@ -1,7 +1,7 @@
 //! Prometheus metrics: what an operator graphs (request rates and errors by route, bytes by
 //! source, hit ratio, fills, upstream errors) and the `/metrics` text encoding.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -72,6 +72,9 @@ struct Inner {
     cache_entries: Gauge,
     evicted_bytes: Counter,
     evictions: Counter,
+    local_engine_up: Family<EngineLabels, Gauge>,
+    /// The local engine's id, once known: its probes also set `local_engine_up`.
+    local_engine: OnceLock<Arc<str>>,
 }
 
 /// Cheap to clone; every clone records into the same registry.
@@ -237,12 +240,22 @@ impl Metrics {
             "Blobs and manifests deleted by eviction",
             evictions.clone(),
         );
+        // Alert rules cannot tell the local engine from the others in `engine_up`: this one
+        // says "can this region serve from its own storage" without a join on config.
+        let local_engine_up = Family::<EngineLabels, Gauge>::default();
+        registry.register(
+            "local_engine_up",
+            "1 when the local engine's probes succeed, 0 when it is marked down (labelled with its id)",
+            local_engine_up.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 cache_bytes,
                 cache_entries,
                 evicted_bytes,
                 evictions,
+                local_engine_up,
+                local_engine: OnceLock::new(),
                 repl_jobs,
                 repl_oldest,
                 repl_bytes,
@@ -355,6 +368,29 @@ impl Metrics {
             self.inner.engine_rtt.get_or_create(&l).set(r);
         }
         self.inner.engine_up.get_or_create(&l).set(i64::from(up));
+        if self
+            .inner
+            .local_engine
+            .get()
+            .is_some_and(|id| **id == *engine)
+        {
+            self.inner
+                .local_engine_up
+                .get_or_create(&l)
+                .set(i64::from(up));
+        }
+    }
+
+    /// Names the local engine (once; later calls are ignored). Its series starts at 0 (down)
+    /// until the first probe says otherwise, so a region that never reached its storage is
+    /// never reported healthy.
+    pub fn set_local_engine(&self, id: &str) {
+        if self.inner.local_engine.set(Arc::from(id)).is_ok() {
+            self.inner
+                .local_engine_up
+                .get_or_create(&EngineLabels { engine: id.into() })
+                .set(0);
+        }
     }
 
     pub fn engine_request(&self, engine: &str) {
@@ -417,6 +453,37 @@ impl Metrics {
 
     pub fn stale_tag(&self) {
         self.inner.stale_tags.inc();
+    }
+
+    /// Lookups so far of `kind` with `result` (read back for the in-memory history).
+    pub fn cache_count(&self, kind: &'static str, result: &'static str) -> u64 {
+        self.inner
+            .cache
+            .get(&CacheLabels { kind, result })
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+
+    /// Body bytes served so far from `source` (`local` or an engine id).
+    pub fn bytes_served_total(&self, source: &str) -> u64 {
+        self.inner
+            .bytes_served
+            .get(&SourceLabels {
+                source: source.into(),
+            })
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+
+    /// Bytes fetched so far from remote engine `engine`.
+    pub fn engine_bytes_total(&self, engine: &str) -> u64 {
+        self.inner
+            .engine_bytes
+            .get(&EngineLabels {
+                engine: engine.into(),
+            })
+            .map(|c| c.get())
+            .unwrap_or(0)
     }
 
     /// The Prometheus text exposition.

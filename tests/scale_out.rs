@@ -141,3 +141,53 @@ async fn three_processes_share_one_directory() {
     assert!(all_objects_whole(Arc::new(store)).await >= digests.len());
     common::layout::assert_no_dangling_tags(&dir.path().join("data"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, moto"]
+async fn blob_hits_on_a_bucket_can_redirect_to_presigned_urls() {
+    let s3 = Moto::start(None, "127.0.0.1");
+    let writer = Origin::start_s3(&s3.endpoint());
+    let data = random_bytes(3 << 20, 31);
+    let digest = push_blob(&writer.url(), "redirect/app", data).await;
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: b\n  redirect_blobs: 15m\n  engines:\n    b: {}\n",
+        s3.engine_yaml(None)
+    );
+    let proxy = Proxy::start(&cfg);
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = proxy.url(&format!("/v2/redirect/app/blobs/{digest}"));
+    let r = no_follow.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        loc.starts_with(&s3.endpoint()) && loc.contains("X-Amz-Signature"),
+        "{loc}"
+    );
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    // A client following it gets the bytes from the store.
+    let body = client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), digest);
+    // HEAD is answered directly.
+    assert_eq!(no_follow.head(&url).send().await.unwrap().status(), 200);
+    // Off by default: the same engine without the key serves the bytes itself.
+    let plain = Proxy::start(&cfg.replace("  redirect_blobs: 15m\n", ""));
+    assert_eq!(
+        no_follow
+            .get(plain.url(&format!("/v2/redirect/app/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

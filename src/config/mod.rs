@@ -135,6 +135,11 @@ pub struct StorageConfig {
     /// How nearness is measured.
     #[serde(default)]
     pub probe: ProbeConfig,
+    /// When set, blob GETs served from a local S3/GCS/Azure engine are answered with a redirect
+    /// to a presigned URL valid this long (the bytes then flow from the store, not through
+    /// ociedge). Off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_blobs: Option<HumanDuration>,
 }
 
 /// The background prober that ranks remote engines by measured round-trip time.

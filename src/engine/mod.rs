@@ -116,6 +116,16 @@ pub trait Engine: Send + Sync + Debug {
         opts: GetBlob,
     ) -> Result<Option<BlobRead>>;
 
+    /// A time-limited URL a client can fetch the blob from directly (S3, GCS, Azure engines);
+    /// `None` for engines that cannot sign.
+    async fn presigned_get(
+        &self,
+        _digest: &Digest,
+        _expires_in: std::time::Duration,
+    ) -> Result<Option<url::Url>> {
+        Ok(None)
+    }
+
     /// The directory of a `file://` engine (hits are read from it directly).
     fn local_dir(&self) -> Option<&Path> {
         None

@@ -13,6 +13,7 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
+use object_store::signer::Signer;
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 use object_store::{
     GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
@@ -39,6 +40,9 @@ pub struct StorageEngine {
     /// The directory of a `file://` engine: lets hits read files directly and commits hard-link
     /// spool files into place (an atomic create-if-absent, no copy).
     local_root: Option<PathBuf>,
+    /// Signs URLs of a cloud store (and the key prefix the store's paths are under), for blob
+    /// GETs redirected to the store.
+    signer: Option<(Arc<dyn Signer>, Path)>,
 }
 
 /// Retries inside object_store are kept short: a failing engine is better replaced by the next
@@ -71,12 +75,12 @@ fn client_options() -> ClientOptions {
 /// Builds an S3, GCS or Azure store from its URL and object_store configuration keys (applied
 /// after our defaults, so the user's `options` win). Credentials also come from the environment,
 /// as object_store's `from_env` reads them.
-fn cloud_store(
-    url: &url::Url,
-    options: &BTreeMap<String, String>,
-) -> Result<Arc<dyn ObjectStore>, String> {
+type Cloud = (Arc<dyn ObjectStore>, Option<(Arc<dyn Signer>, Path)>);
+
+fn cloud_store(url: &url::Url, options: &BTreeMap<String, String>) -> Result<Cloud, String> {
     let bad = |k: &str, e: &dyn std::fmt::Display| format!("option {k:?}: {e}");
-    let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
+    let (store, signer, prefix): (Arc<dyn ObjectStore>, Arc<dyn Signer>, Path) = match url.scheme()
+    {
         "s3" | "s3a" => {
             let mut b = AmazonS3Builder::from_env()
                 .with_url(url.as_str())
@@ -86,10 +90,8 @@ fn cloud_store(
                 let key: AmazonS3ConfigKey = k.parse().map_err(|e| bad(k, &e))?;
                 b = b.with_config(key, v);
             }
-            (
-                Arc::new(b.build().map_err(|e| e.to_string())?),
-                url_prefix(url, false),
-            )
+            let s = Arc::new(b.build().map_err(|e| e.to_string())?);
+            (s.clone(), s, url_prefix(url, false))
         }
         "gs" => {
             let mut b = GoogleCloudStorageBuilder::from_env()
@@ -100,10 +102,8 @@ fn cloud_store(
                 let key: GoogleConfigKey = k.parse().map_err(|e| bad(k, &e))?;
                 b = b.with_config(key, v);
             }
-            (
-                Arc::new(b.build().map_err(|e| e.to_string())?),
-                url_prefix(url, false),
-            )
+            let s = Arc::new(b.build().map_err(|e| e.to_string())?);
+            (s.clone(), s, url_prefix(url, false))
         }
         _ => {
             let mut b = MicrosoftAzureBuilder::from_env()
@@ -115,17 +115,16 @@ fn cloud_store(
                 b = b.with_config(key, v);
             }
             let abfs = matches!(url.scheme(), "abfs" | "abfss");
-            (
-                Arc::new(b.build().map_err(|e| e.to_string())?),
-                url_prefix(url, abfs),
-            )
+            let s = Arc::new(b.build().map_err(|e| e.to_string())?);
+            (s.clone(), s, url_prefix(url, abfs))
         }
     };
-    Ok(if prefix.as_ref().is_empty() {
+    let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
         store
     } else {
-        Arc::new(PrefixStore::new(store, prefix))
-    })
+        Arc::new(PrefixStore::new(store, prefix.clone()))
+    };
+    Ok((store, Some((signer, prefix))))
 }
 
 /// The key prefix a bucket URL names (`s3://bucket/registry` → `registry`). For `az://` and
@@ -180,14 +179,17 @@ impl StorageEngine {
                 id: id.into(),
                 store: Arc::new(store),
                 local_root: Some(dir),
+                signer: None,
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| cfg_err(e.to_string()))?;
         if parsed.scheme() == "memory" {
             return Ok(StorageEngine::from_store(id, Arc::new(InMemory::new())));
         }
-        let store = cloud_store(&parsed, options).map_err(cfg_err)?;
-        Ok(StorageEngine::from_store(id, store))
+        let (store, signer) = cloud_store(&parsed, options).map_err(cfg_err)?;
+        let mut e = StorageEngine::from_store(id, store);
+        e.signer = signer;
+        Ok(e)
     }
 
     /// Wraps any store (tests use this with fault-injecting wrappers).
@@ -196,6 +198,7 @@ impl StorageEngine {
             id: id.into(),
             store,
             local_root: None,
+            signer: None,
         }
     }
 
@@ -290,6 +293,27 @@ impl Engine for StorageEngine {
 
     fn kind(&self) -> EngineKind {
         EngineKind::Storage
+    }
+
+    async fn presigned_get(
+        &self,
+        digest: &Digest,
+        expires_in: Duration,
+    ) -> Result<Option<url::Url>> {
+        let Some((signer, prefix)) = &self.signer else {
+            return Ok(None);
+        };
+        let key = layout::blob_data(digest);
+        let full = if prefix.as_ref().is_empty() {
+            key
+        } else {
+            Path::from(format!("{prefix}/{key}"))
+        };
+        signer
+            .signed_url(http::Method::GET, &full, expires_in)
+            .await
+            .map(Some)
+            .map_err(|e| self.fail(e))
     }
 
     fn local_dir(&self) -> Option<&FsPath> {

@@ -6,6 +6,7 @@ pub mod body;
 pub mod conn;
 pub mod headers;
 pub mod ops;
+pub mod page;
 pub mod pull;
 pub mod push;
 pub mod route;

@@ -1,4 +1,5 @@
-//! Operator endpoints: `/healthz`, `/readyz`, `/metrics`, `/_ociedge/status`.
+//! Operator endpoints: `/healthz`, `/readyz`, `/metrics`, `/_ociedge/status` (the JSON the
+//! status page at `/_ociedge/`, `page.rs`, is drawn from).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +100,7 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
         },
         "engines": ranked,
         "fills_in_flight": fills,
+        "history": history(app),
         "local_engine_usage": app.evictor.as_ref().map(|e| {
             let (bytes, entries) = e.usage();
             serde_json::json!({ "bytes": bytes, "entries": entries, "max_size": app.config.cache.max_size.map(|m| m.0) })
@@ -106,4 +108,11 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
         "replication_backlog": app.pusher.as_ref().map(|p| serde_json::to_value(p.replicator().backlog()).unwrap_or_default()).unwrap_or_else(|| serde_json::json!({})),
     });
     text(StatusCode::OK, "application/json", body.to_string())
+}
+
+/// The in-memory last hour, with the live interval read from the counters now.
+fn history(app: &Arc<App>) -> serde_json::Value {
+    let live =
+        crate::history::Totals::read(&app.metrics, &app.history_sources, &app.history_engines);
+    serde_json::to_value(app.history.view(Some(live))).unwrap_or_default()
 }

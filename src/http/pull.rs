@@ -68,6 +68,16 @@ pub async fn blob(
     };
     let head = method == Method::HEAD;
     let ans = app.puller.blob(&r, digest, range, head).await?;
+    if let Some(url) = &ans.redirect {
+        // The presigned URL expires: a CDN must not keep the redirect.
+        let b = builder(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, value(url.as_str()))
+            .header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))
+            .header(h::DOCKER_DIGEST, value(digest.as_str()))
+            .header(h::X_SOURCE, value(&ans.source))
+            .header(header::CONTENT_LENGTH, 0);
+        return finish(b, body::empty());
+    }
     let (status, len) = match ans.range {
         Some(rg) => (
             StatusCode::PARTIAL_CONTENT,

@@ -38,6 +38,8 @@ pub enum Route {
     Readyz,
     Metrics,
     Status,
+    /// `/_ociedge/`: the HTML status page drawn from `Status`.
+    StatusPage,
 }
 
 impl Route {
@@ -63,6 +65,7 @@ impl Route {
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
             Route::Status => "status",
+            Route::StatusPage => "status_page",
         }
     }
 }
@@ -96,6 +99,7 @@ pub fn parse(path: &str) -> Result<Route> {
         "/readyz" => return Ok(Route::Readyz),
         "/metrics" => return Ok(Route::Metrics),
         "/_ociedge/status" | "/status" => return Ok(Route::Status),
+        "/_ociedge/" | "/_ociedge" => return Ok(Route::StatusPage),
         "/v2/_catalog" => return Ok(Route::Catalog),
         "/token" => return Ok(Route::Token),
         _ => {}
@@ -238,6 +242,9 @@ mod tests {
         ));
         assert!(parse("/v2/x/blobs/uploads/d1289-uuid").is_ok());
         assert!(parse("/v2/x/blobs/uploads/..").is_err());
+        assert_eq!(parse("/_ociedge/").unwrap(), Route::StatusPage);
+        assert_eq!(parse("/_ociedge").unwrap(), Route::StatusPage);
+        assert_eq!(parse("/_ociedge/status").unwrap(), Route::Status);
         assert!(parse("/v2/x/blobs/uploads/a%2fb").is_err());
         // A repository may be called "manifests" or "blobs".
         assert!(

@@ -23,7 +23,7 @@ use super::conn::{self, ConnSettings};
 use super::headers as h;
 use super::route::{self, Route};
 use super::tls::Tls;
-use super::{access, ops, pull, push, token};
+use super::{access, ops, page, pull, push, token};
 use crate::app::App;
 use crate::config::{Config, LimitsConfig};
 use crate::error::{Error, Result};
@@ -313,6 +313,7 @@ async fn dispatch(
         Route::Readyz => Ok(ops::readyz(app).await),
         Route::Metrics => Ok(ops::metrics(app)),
         Route::Status => Ok(ops::status(app)),
+        Route::StatusPage if read => Ok(page::status_page()),
         Route::Token => token::token(app, parts, body).await,
         Route::Base if read => {
             let mut r = Response::new(body::full("{}"));

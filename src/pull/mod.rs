@@ -71,6 +71,8 @@ pub struct BlobAnswer {
     pub source: Arc<str>,
     /// `None` for `HEAD`.
     pub body: Option<ByteStream>,
+    /// Where the client should fetch the bytes instead (a presigned URL of the local engine).
+    pub redirect: Option<url::Url>,
 }
 
 /// A manifest answer.
@@ -95,6 +97,8 @@ pub struct Puller {
     /// Remote answers to blob HEADs on a miss (size, engine): digests are immutable, so a HEAD
     /// storm for content not cached yet costs the upstream one request per digest, not one each.
     remote_sizes: Cache<Digest, (u64, Arc<str>)>,
+    /// Blob hits on a cloud local engine are redirected to presigned URLs valid this long.
+    redirect: Option<std::time::Duration>,
     /// Told about every access to the local engine, when a size cap is set.
     evictor: Option<Arc<crate::evict::Evictor>>,
     /// The preferred (push) engine: the authority for the tags pushed to it.
@@ -125,6 +129,7 @@ impl Puller {
             linked: moka::sync::Cache::new(1_000_000),
             preferred: None,
             evictor: None,
+            redirect: None,
             remote_sizes: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(600))
@@ -152,6 +157,11 @@ impl Puller {
                 linked.invalidate(&key);
             }
         });
+    }
+
+    /// Redirects blob GET hits of a cloud local engine to presigned URLs valid for `d`.
+    pub fn set_redirect(&mut self, d: std::time::Duration) {
+        self.redirect = Some(d);
     }
 
     /// Reports accesses to `e` (and committed fills, through the fill table).
@@ -210,6 +220,7 @@ impl Puller {
             range,
             source,
             body: Some(fill.reader(offset, len)),
+            redirect: None,
         })
     }
 
@@ -237,6 +248,7 @@ impl Puller {
                 range,
                 source: self.local_name.clone(),
                 body,
+                redirect: None,
             })
         };
         // HEAD on a file:// engine: one stat, no open.
@@ -278,6 +290,19 @@ impl Puller {
         if head {
             return Ok(hit(meta.size, range, None));
         }
+        if let Some(expiry) = self.redirect {
+            match local.presigned_get(digest, expiry).await {
+                Ok(Some(url)) => {
+                    let mut ans = hit(meta.size, range, None);
+                    if let Some(a) = ans.as_mut() {
+                        a.redirect = Some(url);
+                    }
+                    return Ok(ans);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot presign; serving the bytes"),
+            }
+        }
         match local
             .get_blob(&r.storage_repo, digest, GetBlob { range })
             .await
@@ -305,6 +330,7 @@ impl Puller {
                 range,
                 source,
                 body: None,
+                redirect: None,
             });
         }
         let mut last_err = None;
@@ -320,6 +346,7 @@ impl Puller {
                         range,
                         source: engine.id().into(),
                         body: None,
+                        redirect: None,
                     });
                 }
                 Ok(None) => {}

@@ -201,13 +201,27 @@ pub struct DelayLine {
 
 impl DelayLine {
     pub fn start(port: u16, target_port: u16, delay_ms: u64) -> DelayLine {
-        let child = Command::new("python3")
-            .arg(harness().join("delayproxy.py"))
-            .args([
-                port.to_string(),
-                target_port.to_string(),
-                delay_ms.to_string(),
-            ])
+        DelayLine::start_limited(port, target_port, delay_ms, None)
+    }
+
+    /// Like [`DelayLine::start`], each direction of each connection capped at `bytes_per_s`
+    /// (a slow WAN link: fills through it stay in flight long enough to be watched).
+    pub fn start_limited(
+        port: u16,
+        target_port: u16,
+        delay_ms: u64,
+        bytes_per_s: Option<u64>,
+    ) -> DelayLine {
+        let mut cmd = Command::new("python3");
+        cmd.arg(harness().join("delayproxy.py")).args([
+            port.to_string(),
+            target_port.to_string(),
+            delay_ms.to_string(),
+        ]);
+        if let Some(rate) = bytes_per_s {
+            cmd.args(["--rate".to_string(), rate.to_string()]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
