@@ -13,8 +13,9 @@ cd "$(dirname "$0")/.."
 
 # chromium draws the status page (tests/status_page.rs); prometheus brings promtool, which checks
 # deploy/prometheus/ociedge-rules.yaml and the dashboard's queries (about 19 MB, no service is
-# started in a container without systemd).
-pkgs=(docker-registry skopeo podman containerd docker.io jq python3 python3-venv curl iptables iproute2 chromium prometheus)
+# started in a container without systemd). apache2-utils (htpasswd -B) and openssl make the users
+# and token keys of tests/access.rs.
+pkgs=(docker-registry skopeo podman containerd docker.io jq python3 python3-venv curl iptables iproute2 chromium prometheus apache2-utils openssl)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -34,6 +34,8 @@ pub struct App {
     pub forwarder: Option<Forwarder>,
     /// Keeps the local engine under `cache.max_size`, when set.
     pub evictor: Option<Arc<Evictor>>,
+    /// Access control, when the config has an `auth:` section.
+    pub auth: Option<Arc<crate::auth::Auth>>,
     pub region: HeaderValue,
     pub puller: Puller,
     pub metrics: Metrics,
@@ -233,6 +235,13 @@ impl App {
             history_sources.clone(),
             history_engines.clone(),
         ));
+        let auth = match &config.auth {
+            Some(a) => Some(Arc::new(
+                crate::auth::Auth::new(a, &config.upstreams, http.clone())
+                    .map_err(Error::Config)?,
+            )),
+            None => None,
+        };
         let region = HeaderValue::from_str(&config.region)
             .map_err(|_| Error::Config("region: not a valid header value".into()))?;
         if let Some(ev) = &evictor {
@@ -242,6 +251,7 @@ impl App {
             pusher,
             forwarder,
             evictor,
+            auth,
             tag_ttl: config.cache.tag_ttl.0,
             config,
             region,

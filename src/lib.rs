@@ -14,6 +14,9 @@
 //! - `oci/`: validated names, digests, media types, wire errors. `config/`: the config tree.
 //! - `metrics.rs`: the Prometheus counters; `history.rs`: the last hour of them, sampled in
 //!   memory for the status page (`http/page.rs` serves `http/status.html` at `/_ociedge/`).
+//! - `auth/`: access control (htpasswd users, ES256 tokens, per-repository rules, passthrough
+//!   checks against upstreams); `http/access.rs` applies it per route, `http/token.rs` is
+//!   `/token`.
 //!
 //! # The miss path
 //! `GET /v2/library/alpine/blobs/sha256:…` is parsed into `Route::Blob` (bad names and digests
@@ -29,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -1,6 +1,7 @@
 //! The configuration tree of DESIGN.md: one serde tree, unknown keys refused, every value
 //! validated with its key path in the message. `Config::load` = parse → env overrides → validate.
 
+pub mod auth;
 pub mod env;
 pub mod units;
 
@@ -35,10 +36,10 @@ pub struct Config {
     /// Where pushes go. Without `engine`, pushes are answered `UNSUPPORTED`.
     #[serde(default)]
     pub push: PushConfig,
-    /// Client authentication and per-repository rules (not yet in this version: refused by
-    /// `validate` rather than silently ignored).
+    /// Client authentication and per-repository rules. Without it anyone may pull (and push,
+    /// when `push.engine` is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auth: Option<serde_yaml_ng::Value>,
+    pub auth: Option<auth::AuthConfig>,
     #[serde(default)]
     pub cache: CacheConfig,
     /// Bounds on what clients may hold: connections, header size and time, idle time.
@@ -380,8 +381,8 @@ impl Config {
             t.validate(self.listen)?;
         }
         self.limits.validate()?;
-        if self.auth.is_some() {
-            return Err(err("auth", "client authentication is not supported by this version yet; refusing to start rather than serve without it"));
+        if let Some(a) = &self.auth {
+            a.validate()?;
         }
         if let Some(e) = &self.push.engine {
             let upstream = self.upstreams.iter().any(|u| &u.name == e);
@@ -499,18 +500,20 @@ impl Config {
                     }
                 }
             }
-            if u.access == Some(Access::Gated) || (u.access.is_none() && u.auth.is_some()) {
-                return Err(err(&format!("{path}.access"), "gated access needs an auth: section, which this version does not support yet; set access: public to serve this upstream's content to every client"));
+            if self.auth.is_none()
+                && (u.access == Some(Access::Gated) || (u.access.is_none() && u.auth.is_some()))
+            {
+                return Err(err(&format!("{path}.access"), "gated access needs an auth: section (our rules decide who may pull what ociedge fetches with this upstream's credentials); add one, or set access: public to serve this upstream's content to every client"));
             }
             if let Some(ca) = &u.ca_file {
                 if ca.as_os_str().is_empty() {
                     return Err(err(&format!("{path}.ca_file"), "must be a file path"));
                 }
             }
-            if u.access == Some(Access::Passthrough) {
+            if self.auth.is_none() && u.access == Some(Access::Passthrough) {
                 return Err(err(
                     &format!("{path}.access"),
-                    "passthrough is not supported by this version yet",
+                    "passthrough needs an auth: section (its token service carries the client's upstream credentials)",
                 ));
             }
         }
@@ -544,6 +547,7 @@ impl Config {
     /// The effective configuration as YAML, secrets masked.
     pub fn to_masked_yaml(&self) -> String {
         let mut c = self.clone();
+        c.auth = c.auth.as_ref().map(auth::AuthConfig::masked);
         for u in &mut c.upstreams {
             if let Some(a) = &mut u.auth {
                 if a.password.is_some() {

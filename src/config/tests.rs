@@ -42,3 +42,72 @@ fn masked_output_round_trips() {
     let back = Config::parse(&out).unwrap();
     assert_eq!(back.storage.engines["a"].options["region"], "x");
 }
+
+const AUTH_BASE: &str = "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\n";
+
+#[test]
+fn auth_section_is_typed_and_validated() {
+    let ok = format!("{AUTH_BASE}auth:\n  htpasswd: /etc/h\n  token: {{ signing_key: /etc/k.pem, verify_keys: [/etc/o.pub] }}\n  rules:\n    - {{ repos: 'library/**', pull: [anonymous] }}\n");
+    let c = Config::parse(&ok).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.auth.as_ref().unwrap().token.ttl.0.as_secs(), 300);
+    let cases = [
+        ("  colour: red\n", "auth: unknown field `colour`"),
+        (
+            "  rules:\n    - { repos: 'a/[', pull: [x] }\n",
+            "auth.rules[0].repos",
+        ),
+        (
+            "  rules:\n    - { repos: 'a/**', pull: ['a b'] }\n",
+            "auth.rules[0].pull[0]",
+        ),
+        (
+            "  rules:\n    - { repos: 'a/**', pul: [x] }\n",
+            "auth.rules[0]",
+        ),
+    ];
+    for (extra, want) in cases {
+        let y = format!("{AUTH_BASE}auth:\n  token: {{ signing_key: /k }}\n{extra}");
+        let e = Config::parse(&y)
+            .and_then(|c| c.validate().map(|_| c))
+            .unwrap_err()
+            .0;
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let y = format!("{AUTH_BASE}auth:\n  token: {{ signing_key: /k, ttl: 2h }}\n");
+    let e = Config::parse(&y).unwrap().validate().unwrap_err().0;
+    assert!(e.contains("auth.token.ttl"), "{e}");
+}
+
+#[test]
+fn access_modes_need_an_auth_section_and_inline_keys_are_masked() {
+    let up = |access: &str| {
+        format!("{AUTH_BASE}upstreams:\n  - {{ name: ghcr.io, url: 'https://ghcr.io', auth: {{ username: u, password: p }}{access} }}\n")
+    };
+    for access in ["", ", access: gated", ", access: passthrough"] {
+        let e = Config::parse(&up(access))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("upstreams[0].access") && e.contains("auth:"),
+            "{e}"
+        );
+        let with = format!("{}auth:\n  token: {{ signing_key: /k }}\n", up(access));
+        Config::parse(&with).unwrap().validate().unwrap();
+    }
+    Config::parse(&up(", access: public"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    let y = format!("{AUTH_BASE}auth:\n  token:\n    signing_key: |\n      -----BEGIN EC PRIVATE KEY-----\n      c2VjcmV0\n      -----END EC PRIVATE KEY-----\n");
+    let c = Config::parse(&y).unwrap();
+    c.validate().unwrap();
+    let out = c.to_masked_yaml();
+    assert!(
+        !out.contains("c2VjcmV0") && out.contains("********"),
+        "{out}"
+    );
+    Config::parse(&out).unwrap();
+}

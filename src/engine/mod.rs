@@ -188,6 +188,14 @@ pub trait Engine: Send + Sync + Debug {
         Err(unsupported(self.id(), "manifest links"))
     }
 
+    /// Whether `repo` links the blob (or, with `manifest`, the manifest) `digest`: blobs are
+    /// stored once for all repositories, and access control serves content only under a
+    /// repository that holds it. `false` for engines without links (registries answer
+    /// `stat_blob`/`head_manifest` per repository instead).
+    async fn is_linked(&self, _repo: &RepoName, _digest: &Digest, _manifest: bool) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Stores a verified manifest and links it into `repo`.
     async fn put_manifest(&self, _repo: &RepoName, _manifest: &Manifest) -> Result<()> {
         Err(unsupported(self.id(), "manifest writes"))

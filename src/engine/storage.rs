@@ -551,6 +551,19 @@ impl Engine for StorageEngine {
         Ok(present)
     }
 
+    async fn is_linked(&self, repo: &RepoName, digest: &Digest, manifest: bool) -> Result<bool> {
+        let link = if manifest {
+            layout::revision_link(repo, digest)
+        } else {
+            layout::layer_link(repo, digest)
+        };
+        match self.store.head(&link).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
     async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
         let link = layout::layer_link(repo, digest);
         let present = self.read_small(&link).await?.is_some();

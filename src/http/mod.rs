@@ -1,6 +1,7 @@
 //! The HTTP front: the listener, the route table, and thin handlers that call the pull path and
 //! turn its answers (and errors) into responses. Only this module speaks HTTP.
 
+pub mod access;
 pub mod body;
 pub mod conn;
 pub mod headers;
@@ -11,3 +12,4 @@ pub mod push;
 pub mod route;
 pub mod server;
 pub mod tls;
+pub mod token;

@@ -227,6 +227,15 @@ pub async fn forward(
         .path()
         .strip_prefix(&format!("/v2/{name}/"))
         .ok_or_else(|| Error::client(ErrorCode::NameInvalid, "unexpected path"))?;
+    if app.auth.is_some() {
+        // With an auth: section the client's credentials are ours (an htpasswd password or a
+        // token we signed): they must never reach the upstream.
+        let mut own = parts.clone();
+        own.headers.remove(header::AUTHORIZATION);
+        return f
+            .forward(&own, stream(body), name, &routed.upstream_repo, rest)
+            .await;
+    }
     f.forward(parts, stream(body), name, &routed.upstream_repo, rest)
         .await
 }

@@ -32,6 +32,8 @@ pub enum Route {
         digest: Digest,
     },
     Catalog,
+    /// `/token`: the token endpoint of the `auth:` section.
+    Token,
     Healthz,
     Readyz,
     Metrics,
@@ -58,6 +60,7 @@ impl Route {
             Route::Tags { .. } => "tags",
             Route::Referrers { .. } => "referrers",
             Route::Catalog => "catalog",
+            Route::Token => "token",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
@@ -98,6 +101,7 @@ pub fn parse(path: &str) -> Result<Route> {
         "/_ociedge/status" | "/status" => return Ok(Route::Status),
         "/_ociedge/" | "/_ociedge" => return Ok(Route::StatusPage),
         "/v2/_catalog" => return Ok(Route::Catalog),
+        "/token" => return Ok(Route::Token),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {

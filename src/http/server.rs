@@ -23,7 +23,7 @@ use super::conn::{self, ConnSettings};
 use super::headers as h;
 use super::route::{self, Route};
 use super::tls::Tls;
-use super::{ops, page, pull, push};
+use super::{access, ops, page, pull, push, token};
 use crate::app::App;
 use crate::config::{Config, LimitsConfig};
 use crate::error::{Error, Result};
@@ -291,7 +291,12 @@ async fn dispatch(
 ) -> Result<Response<Body>> {
     let method = &parts.method;
     let headers = &parts.headers;
-    let query = route::query(parts.uri.query());
+    let mut query = route::query(parts.uri.query());
+    if let Some(auth) = &app.auth {
+        if let Some(refused) = access::check(app, auth, &route, parts, &mut query).await? {
+            return Ok(refused);
+        }
+    }
     let ns = query
         .iter()
         .find(|(k, _)| k == "ns")
@@ -309,6 +314,7 @@ async fn dispatch(
         Route::Metrics => Ok(ops::metrics(app)),
         Route::Status => Ok(ops::status(app)),
         Route::StatusPage if read => Ok(page::status_page()),
+        Route::Token => token::token(app, parts, body).await,
         Route::Base if read => {
             let mut r = Response::new(body::full("{}"));
             r.headers_mut().insert(

@@ -119,6 +119,8 @@ pub struct TokenGate {
     pub basic: Option<String>,
     pub tokens_issued: Arc<AtomicUsize>,
     pub scopes: Arc<Mutex<Vec<String>>>,
+    /// More `Basic …` values accepted besides `basic` (see [`TokenGate::also_accept`]).
+    more_basic: Vec<String>,
     issued: Arc<Mutex<Vec<String>>>,
     port: Arc<Mutex<u16>>,
 }
@@ -137,9 +139,20 @@ impl TokenGate {
             }),
             tokens_issued: Arc::default(),
             scopes: Arc::default(),
+            more_basic: Vec::new(),
             issued: Arc::default(),
             port: Arc::default(),
         }
+    }
+
+    /// Also accepts `user:password` (a second account: a proxy's own and a client's).
+    pub fn also_accept(mut self, basic: &str) -> TokenGate {
+        use base64::Engine as _;
+        self.more_basic.push(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(basic)
+        ));
+        self
     }
 
     pub async fn start(self) -> u16 {
@@ -161,7 +174,8 @@ impl TokenGate {
             .map(str::to_string);
         let path = req.uri().path().to_string();
         if path == "/token" {
-            if self.basic.is_some() && auth != self.basic {
+            let more = auth.as_ref().is_some_and(|a| self.more_basic.contains(a));
+            if self.basic.is_some() && auth != self.basic && !more {
                 return resp(StatusCode::UNAUTHORIZED, "bad credentials");
             }
             let q: HashMap<String, String> =

@@ -1,0 +1,119 @@
+//! The `auth:` section: who the clients are (htpasswd), the tokens this region signs and the keys
+//! it accepts, and the per-repository rules. Only structure is checked here; the files are read
+//! (and their errors reported with the same key paths) when the server starts.
+
+use serde::{Deserialize, Serialize};
+
+use super::{err, ConfigError, HumanDuration};
+
+/// Client authentication and authorization. Without this section anyone may pull (and push,
+/// when `push.engine` is set), exactly as before it existed.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`). Re-read when it changes. Without it
+    /// the only clients are anonymous ones and those a passthrough upstream vouches for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub htpasswd: Option<String>,
+    /// The token service (`/token`) and the keys tokens are checked with.
+    pub token: TokenConfig,
+    /// First match wins; a repository no rule matches is denied to everyone.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The ECDSA P-256 private key (PEM: `EC PRIVATE KEY` or PKCS#8 `PRIVATE KEY`) this region
+    /// signs ES256 tokens with: a file path, or the PEM text itself (masked by `check-config`).
+    /// Its public key is always accepted.
+    pub signing_key: String,
+    /// More public keys (PEM `PUBLIC KEY`: paths or PEM text) whose tokens are accepted: the
+    /// other regions' keys, and a retired key during a rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_keys: Vec<String>,
+    /// Lifetime of an issued token. Default 5m; between 10s and 1h.
+    #[serde(default = "default_ttl")]
+    pub ttl: HumanDuration,
+}
+
+/// One rule: which repositories, and who may do what there. Entries are user names,
+/// `authenticated` (any user whose credentials were verified) or `anonymous` (everyone).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Glob on repository names as stored (`library/**`, `ghcr.io/org/*`): `*` stays within one
+    /// path component, `**` crosses them.
+    pub repos: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
+}
+
+fn default_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(300))
+}
+
+/// Whether a key setting holds the PEM text itself rather than a path.
+pub fn is_inline_pem(v: &str) -> bool {
+    v.trim_start().starts_with("-----BEGIN")
+}
+
+impl AuthConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.htpasswd.as_deref().is_some_and(str::is_empty) {
+            return Err(err("auth.htpasswd", "must be a file path"));
+        }
+        if self.token.signing_key.trim().is_empty() {
+            return Err(err(
+                "auth.token.signing_key",
+                "must be a PEM file path or PEM text",
+            ));
+        }
+        for (i, k) in self.token.verify_keys.iter().enumerate() {
+            if k.trim().is_empty() {
+                return Err(err(
+                    &format!("auth.token.verify_keys[{i}]"),
+                    "must be a PEM file path or PEM text",
+                ));
+            }
+        }
+        let ttl = self.token.ttl.0.as_secs();
+        if !(10..=3600).contains(&ttl) {
+            return Err(err("auth.token.ttl", "must be between 10s and 1h"));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            if globset::Glob::new(&r.repos).is_err() || r.repos.is_empty() {
+                return Err(err(
+                    &format!("auth.rules[{i}].repos"),
+                    format!("{:?} is not a glob", r.repos),
+                ));
+            }
+            for (action, who) in [("pull", &r.pull), ("push", &r.push), ("delete", &r.delete)] {
+                for (j, w) in who.iter().enumerate() {
+                    if w.is_empty() || w.contains(':') || w.chars().any(char::is_whitespace) {
+                        return Err(err(
+                            &format!("auth.rules[{i}].{action}[{j}]"),
+                            format!("{w:?} is not a user name, `authenticated` or `anonymous`"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy fit for printing: a private key given inline is masked (public keys are not
+    /// secrets, and paths are shown so an operator can see which files are read).
+    pub fn masked(&self) -> AuthConfig {
+        let mut c = self.clone();
+        if is_inline_pem(&c.token.signing_key) {
+            c.token.signing_key = "********".into();
+        }
+        c
+    }
+}

@@ -1,0 +1,245 @@
+//! The access check of the route table: which action a route needs, the call into
+//! [`crate::auth::Auth`], and refusals as registries send them (`401` with a Bearer challenge
+//! pointing at this proxy's `/token`, or `403 DENIED`).
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response};
+
+use super::body::Body;
+use super::route::{self, Route};
+use super::server::error_response;
+use crate::app::App;
+use crate::auth::{self, Action, Auth, Refusal, Target};
+use crate::engine::set::Routed;
+use crate::error::{Error, Result};
+use crate::oci::{ErrorCode, OciError, Reference, RepoName};
+
+/// The action `route` needs with `method`; `None` for routes outside access control (health,
+/// metrics, status, the token endpoint itself) and for `/v2/`, which [`check`] answers apart.
+pub fn action<'a>(route: &'a Route, method: &Method) -> Option<(&'a RepoName, Action)> {
+    let read = route::is_read(method);
+    match route {
+        Route::Manifest { name, .. } | Route::Blob { name, .. } => Some((
+            name,
+            if read {
+                Action::Pull
+            } else if method == Method::DELETE {
+                Action::Delete
+            } else {
+                Action::Push
+            },
+        )),
+        Route::Upload { name, .. } => Some((name, Action::Push)),
+        Route::Tags { name } | Route::Referrers { name, .. } => Some((name, Action::Pull)),
+        _ => None,
+    }
+}
+
+/// Checks one request before it is handled: `Ok(None)` to go on, `Ok(Some(refusal))` to answer.
+/// A cross-repository mount needs pull on its `from` repository; without it the mount is dropped
+/// from `query` and the client gets a plain upload session, as Distribution answers.
+pub async fn check(
+    app: &Arc<App>,
+    auth: &Auth,
+    route: &Route,
+    parts: &Parts,
+    query: &mut Vec<(String, String)>,
+) -> Result<Option<Response<Body>>> {
+    let presented = auth::presented(&parts.headers);
+    if *route == Route::Base {
+        return Ok(auth
+            .base(&presented)
+            .await
+            .err()
+            .map(|r| refusal(app, parts, r)));
+    }
+    let Some((name, action)) = action(route, &parts.method) else {
+        return Ok(None);
+    };
+    let ns = query
+        .iter()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.clone());
+    let engines = app.puller.engines();
+    let r = engines.route(name, ns.as_deref())?;
+    let t = Target {
+        repo: &r.storage_repo,
+        upstream: r.upstream,
+        upstream_repo: &r.upstream_repo,
+    };
+    if let Err(refused) = auth.authorize(&presented, &t, action).await {
+        tracing::debug!(repo = %r.storage_repo, action = action.as_str(), ?refused, "access refused");
+        return Ok(Some(refusal(app, parts, refused)));
+    }
+    if action == Action::Pull {
+        member_or_unknown(app, route, &r).await?;
+    }
+    if matches!(route, Route::Upload { id: None, .. }) && query.iter().any(|(k, _)| k == "mount") {
+        let from = query
+            .iter()
+            .find(|(k, _)| k == "from")
+            .and_then(|(_, f)| f.parse::<RepoName>().ok());
+        let mount = query
+            .iter()
+            .find(|(k, _)| k == "mount")
+            .and_then(|(_, d)| d.parse::<crate::oci::Digest>().ok());
+        // Storage holds blobs once for all repositories: a mount without a readable `from`
+        // would hand out any blob whose digest the client knows.
+        // The blob must also be in `from`, not merely somewhere in storage.
+        let readable = match (from, mount) {
+            (Some(f), Some(digest)) => match engines.route(&f, ns.as_deref()) {
+                Ok(fr) => {
+                    let ft = Target {
+                        repo: &fr.storage_repo,
+                        upstream: fr.upstream,
+                        upstream_repo: &fr.upstream_repo,
+                    };
+                    let blob = Route::Blob { name: f, digest };
+                    auth.authorize(&presented, &ft, Action::Pull).await.is_ok()
+                        && member_or_unknown(app, &blob, &fr).await.is_ok()
+                }
+                Err(_) => false,
+            },
+            _ => false,
+        };
+        if !readable {
+            query.retain(|(k, _)| k != "mount" && k != "from");
+        }
+    }
+    Ok(None)
+}
+
+/// Content by digest is served only under a repository that holds it. Storage keeps one copy of
+/// each blob for all repositories, so without this a client allowed one repository could read
+/// another's private content by naming its digest there. A repository holds a digest when a
+/// storage engine links it there (fills, hits, pushes and replication link what they serve), or
+/// when the repository's upstream has it under that name (checked with a HEAD; the pull then
+/// links it). Otherwise the answer is the spec's "unknown", as Distribution gives.
+async fn member_or_unknown(app: &App, route: &Route, r: &Routed) -> Result<()> {
+    let (digest, manifest) = match route {
+        Route::Blob { digest, .. } => (digest, false),
+        Route::Manifest {
+            reference: Reference::Digest(d),
+            ..
+        } => (d, true),
+        _ => return Ok(()),
+    };
+    let engines = app.puller.engines();
+    for e in engines.storage() {
+        match e.is_linked(&r.storage_repo, digest, manifest).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // An engine that cannot answer proves nothing; the next one may.
+            Err(err) => tracing::warn!(engine = e.id(), error = %err, "link check failed"),
+        }
+    }
+    if let Some(u) = engines.upstream(r) {
+        let there = if manifest {
+            u.engine
+                .head_manifest(&r.upstream_repo, &Reference::Digest(digest.clone()), &[])
+                .await?
+                .is_some()
+        } else {
+            u.engine
+                .stat_blob(&r.upstream_repo, digest)
+                .await?
+                .is_some()
+        };
+        if there {
+            return Ok(());
+        }
+    }
+    let (code, what) = if manifest {
+        (ErrorCode::ManifestUnknown, "manifest")
+    } else {
+        (ErrorCode::BlobUnknown, "blob")
+    };
+    Err(Error::client(
+        code,
+        format!(
+            "{what} {digest} is unknown to repository {}",
+            r.storage_repo
+        ),
+    ))
+}
+
+/// `<scheme>://<Host of the request>/token`: the realm clients fetch tokens from. The scheme is
+/// the request's own (HTTP/2), else a front proxy's `X-Forwarded-Proto`, else ours.
+pub fn realm(app: &App, parts: &Parts) -> String {
+    let forwarded = parts
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http");
+    let scheme = parts
+        .uri
+        .scheme_str()
+        .or(forwarded)
+        .unwrap_or(if app.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        });
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        // Only host-name characters: the value is quoted into a header.
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| app.config.listen.to_string());
+    format!("{scheme}://{host}/token")
+}
+
+/// The response for a refusal.
+pub fn refusal(app: &App, parts: &Parts, r: Refusal) -> Response<Body> {
+    match r {
+        Refusal::Failed(e) => error_response(&e),
+        Refusal::Denied { message } => {
+            error_response(&Error::Client(OciError::new(ErrorCode::Denied, message)))
+        }
+        Refusal::Unauthorized {
+            message,
+            scope,
+            error,
+        } => {
+            let mut oci = OciError::new(ErrorCode::Unauthorized, message);
+            let mut ch = format!(
+                r#"Bearer realm="{}",service="{}""#,
+                realm(app, parts),
+                auth::token::SERVICE
+            );
+            if let Some(s) = &scope {
+                ch.push_str(&format!(r#",scope="{s}""#));
+                // Distribution's detail: what was asked for.
+                if let Some((name, actions)) = s
+                    .strip_prefix("repository:")
+                    .and_then(|r| r.rsplit_once(':'))
+                {
+                    let detail: Vec<_> = actions
+                        .split(',')
+                        .map(|a| serde_json::json!({"Type": "repository", "Name": name, "Action": a}))
+                        .collect();
+                    oci = oci.with_detail(serde_json::Value::Array(detail));
+                }
+            }
+            if let Some(e) = error {
+                ch.push_str(&format!(r#",error="{e}""#));
+            }
+            let mut resp = error_response(&Error::Client(oci));
+            if let Ok(v) = HeaderValue::from_str(&ch) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            resp
+        }
+    }
+}

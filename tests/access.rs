@@ -1,0 +1,618 @@
+//! Access control (`auth:`), end to end: skopeo against ociedge in front of docker-registry.
+//! Public pulls with and without an `auth:` section; pushes and pulls with credentials through
+//! the Bearer challenge and `/token`; DENIED and the anonymous challenge; tokens shared between
+//! regions, and refused when signed by an unknown key or expired; private upstreams behind a
+//! token gate with `access: passthrough` (local hits included) and `access: gated`.
+//!
+//! Keys come from `openssl` and users from `htpasswd -B` (apache2-utils), as an operator would
+//! make them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{client, images, mirror_config, Origin, Proxy, APP, SMALL};
+
+/// Makes an ECDSA P-256 key pair with openssl: (private key PEM path, public key PEM path).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub"));
+    let ok = Command::new("openssl")
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
+        .arg(&key)
+        .status()
+        .expect("openssl (apt-get install openssl)")
+        .success();
+    assert!(ok, "openssl ecparam");
+    let ok = Command::new("openssl")
+        .args(["ec", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&public)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl")
+        .success();
+    assert!(ok, "openssl ec -pubout");
+    (key, public)
+}
+
+/// An htpasswd file with bcrypt entries, made by `htpasswd -B`.
+fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    let f = dir.join("htpasswd");
+    for (i, (u, p)) in users.iter().enumerate() {
+        let mut cmd = Command::new("htpasswd");
+        cmd.arg("-bB");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let ok = cmd
+            .arg(&f)
+            .args([u, p])
+            .stderr(Stdio::null())
+            .status()
+            .expect("htpasswd (apt-get install apache2-utils)")
+            .success();
+        assert!(ok, "htpasswd -B");
+    }
+    f
+}
+
+/// An `auth:` section.
+fn auth_yaml(htpasswd: &Path, key: &Path, verify: &[&Path], rules: &[&str]) -> String {
+    let verify: Vec<String> = verify
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
+    let mut s = format!(
+        "auth:\n  htpasswd: \"{}\"\n  token: {{ signing_key: \"{}\", verify_keys: [{}], ttl: 5m }}\n  rules:\n",
+        htpasswd.display(),
+        key.display(),
+        verify.join(", ")
+    );
+    for r in rules {
+        s.push_str(&format!("    - {r}\n"));
+    }
+    s
+}
+
+/// skopeo pulls `image` through `host` (with `creds` if given) into a directory; the top
+/// manifest's digest, or `None` when skopeo failed.
+fn pull(host: &str, image: &str, creds: Option<&str>) -> Option<String> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--all", "--quiet", "--src-tls-verify=false"]);
+    match creds {
+        Some(c) => cmd.args(["--src-creds", c]),
+        None => cmd.arg("--src-no-creds"),
+    };
+    let ok = cmd
+        .arg(format!("docker://{host}/{image}"))
+        .arg(format!("dir:{}", tmp.path().display()))
+        .stderr(Stdio::null())
+        .status()
+        .expect("skopeo")
+        .success();
+    if !ok {
+        return None;
+    }
+    let m = std::fs::read(tmp.path().join("manifest.json")).expect("manifest.json");
+    Some(format!("sha256:{}", common::sha256_hex(&m)))
+}
+
+/// skopeo pushes the standard layout's `layout_tag` to `host/dest` with `creds`.
+fn push(host: &str, layout_tag: &str, dest: &str, creds: &str) -> bool {
+    Command::new("skopeo")
+        .args(["copy", "--all", "--quiet", "--preserve-digests"])
+        .args(["--dest-tls-verify=false", "--dest-creds", creds])
+        .arg(format!("oci:{}:{layout_tag}", images().display()))
+        .arg(format!("docker://{host}/{dest}"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("skopeo")
+        .success()
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    )
+}
+
+/// A token from `/token` (GET, Basic credentials if given) for `scope`.
+async fn token(proxy: &Proxy, creds: Option<(&str, &str)>, scope: &str) -> (u16, String) {
+    let mut rb = client()
+        .get(proxy.url("/token"))
+        .query(&[("service", "ociedge"), ("scope", scope)]);
+    if let Some((u, p)) = creds {
+        rb = rb.header("authorization", basic(u, p));
+    }
+    let r = rb.send().await.expect("GET /token");
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    (status, v["token"].as_str().unwrap_or_default().to_string())
+}
+
+/// `(status, error code, WWW-Authenticate)` of a GET with an optional `Authorization`.
+async fn get(proxy: &Proxy, path: &str, authz: Option<&str>) -> (u16, String, String) {
+    let mut rb = client().get(proxy.url(path));
+    if let Some(a) = authz {
+        rb = rb.header("authorization", a);
+    }
+    let r = rb.send().await.expect("GET");
+    let status = r.status().as_u16();
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    let code = v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (status, code, challenge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn public_pulls_without_auth_and_with_an_anonymous_rule() {
+    let origin = Origin::start();
+    origin.seed();
+    // No auth: section: exactly as before.
+    let open = Proxy::start(&mirror_config(&origin.url(), ""));
+    assert_eq!(
+        pull(&open.host(), "library/small:1.0", None).as_deref(),
+        Some(SMALL)
+    );
+    assert_eq!(get(&open, "/v2/", None).await.0, 200);
+    assert_eq!(get(&open, "/token", None).await.0, 404);
+
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw")]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[
+            r#"{ repos: "library/**", pull: [anonymous] }"#,
+            r#"{ repos: "org/**", pull: [alice] }"#,
+        ],
+    );
+    let p = Proxy::start(&mirror_config(&origin.url(), &auth));
+    // Login-less: skopeo follows the challenge to an anonymous token.
+    assert_eq!(
+        pull(&p.host(), "library/small:1.0", None).as_deref(),
+        Some(SMALL)
+    );
+    // Docker Hub's short name is the same repository for the rules.
+    assert_eq!(pull(&p.host(), "small:1.0", None).as_deref(), Some(SMALL));
+    // A plain client without the token dance, too.
+    assert_eq!(
+        get(&p, "/v2/library/small/manifests/1.0", None).await.0,
+        200
+    );
+    // Not covered by an anonymous rule: refused, and opened by alice's credentials.
+    assert_eq!(pull(&p.host(), "org/team/app:v1", None), None);
+    assert_eq!(
+        pull(&p.host(), "org/team/app:v1", Some("alice:pw")).as_deref(),
+        Some(APP)
+    );
+    assert_eq!(pull(&p.host(), "org/team/app:v1", Some("alice:nope")), None);
+    // alice's image is now stored locally; its digests must not open it under a repository
+    // anonymous clients may read (storage keeps one copy of a blob for all repositories).
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.blob_path(APP)).unwrap()).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    assert!(p.blob_path(&layer).exists());
+    let (status, code, _) = get(&p, &format!("/v2/library/small/blobs/{layer}"), None).await;
+    assert_eq!((status, code.as_str()), (404, "BLOB_UNKNOWN"));
+    let (status, code, _) = get(&p, &format!("/v2/library/small/manifests/{APP}"), None).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    let alice = basic("alice", "pw");
+    let (status, _, _) = get(&p, &format!("/v2/org/team/app/blobs/{layer}"), Some(&alice)).await;
+    assert_eq!(status, 200);
+    // No rule at all for this one: denied by default, even to a known user.
+    let (status, code, _) = get(
+        &p,
+        "/v2/other/app/manifests/1.0",
+        Some(&basic("alice", "pw")),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (403, "DENIED"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn push_and_pull_with_credentials_denied_and_challenged() {
+    let origin = Origin::start();
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw"), ("bob", "bobpw")]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[r#"{ repos: "team/**", pull: [authenticated], push: [alice], delete: [alice] }"#],
+    );
+    let p = Proxy::start(&mirror_config(
+        &origin.url(),
+        &format!("push: {{ engine: eu }}\n{auth}"),
+    ));
+    let host = p.host();
+    assert!(
+        push(&host, "app-v1", "team/app:v1", "alice:pw"),
+        "alice pushes"
+    );
+    assert_eq!(
+        pull(&host, "team/app:v1", Some("alice:pw")).as_deref(),
+        Some(APP)
+    );
+    assert_eq!(
+        pull(&host, "team/app:v1", Some("bob:bobpw")).as_deref(),
+        Some(APP)
+    );
+    // Cross-repository mounts: from a repository alice may read that holds the blob, a mount;
+    // from one she may not read, a plain upload session.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.blob_path(APP)).unwrap()).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    for (from, status) in [
+        ("team/app", 201),
+        ("secret/app", 202),
+        ("team/nothing", 202),
+    ] {
+        let r = client()
+            .post(p.url(&format!(
+                "/v2/team/copy/blobs/uploads/?mount={layer}&from={from}"
+            )))
+            .header("authorization", basic("alice", "pw"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "mount from {from}");
+    }
+    // bob may pull but not push: skopeo fails, and the registry says DENIED.
+    assert!(!push(&host, "small-1.0", "team/other:1", "bob:bobpw"));
+    let r = client()
+        .post(p.url("/v2/team/other/blobs/uploads/"))
+        .header("authorization", basic("bob", "bobpw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "DENIED");
+    // bob's token does not grant push; the rules refuse it, so it is DENIED, not a new challenge.
+    let (_, bob_token) = token(
+        &p,
+        Some(("bob", "bobpw")),
+        "repository:team/other:pull,push",
+    )
+    .await;
+    let r = client()
+        .post(p.url("/v2/team/other/blobs/uploads/"))
+        .bearer_auth(&bob_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client()
+        .delete(p.url(&format!("/v2/team/app/manifests/{APP}")))
+        .header("authorization", basic("bob", "bobpw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "bob may not delete");
+    // Anonymous: a challenge naming this proxy's realm and the scope, with the spec's body.
+    let (status, code, challenge) = get(&p, "/v2/team/app/manifests/v1", None).await;
+    assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
+    assert_eq!(
+        challenge,
+        format!(
+            r#"Bearer realm="http://{host}/token",service="ociedge",scope="repository:team/app:pull""#
+        )
+    );
+    let r = client()
+        .put(p.url("/v2/team/app/manifests/v2"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .ends_with(r#"scope="repository:team/app:pull,push""#));
+    // /v2/: a challenge for anonymous clients, 200 with good credentials, 401 with bad ones.
+    let (status, _, challenge) = get(&p, "/v2/", None).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        challenge,
+        format!(r#"Bearer realm="http://{host}/token",service="ociedge""#)
+    );
+    assert_eq!(get(&p, "/v2/", Some(&basic("alice", "pw"))).await.0, 200);
+    assert_eq!(get(&p, "/v2/", Some(&basic("alice", "x"))).await.0, 401);
+    // Wrong credentials at /token are a 401, not an empty token.
+    assert_eq!(
+        token(&p, Some(("alice", "x")), "repository:team/app:pull")
+            .await
+            .0,
+        401
+    );
+    // OAuth2 form (containerd, docker): grant_type=password.
+    let r = client()
+        .post(p.url("/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs([
+                    ("grant_type", "password"),
+                    ("username", "alice"),
+                    ("password", "pw"),
+                    ("service", "ociedge"),
+                    ("scope", "repository:team/app:pull,push"),
+                    ("client_id", "test"),
+                ])
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["scope"], "repository:team/app:pull,push");
+    let t = v["access_token"].as_str().unwrap();
+    let (status, _, _) = get(
+        &p,
+        "/v2/team/app/manifests/v1",
+        Some(&format!("Bearer {t}")),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // alice deletes with her credentials.
+    let r = client()
+        .delete(p.url(&format!("/v2/team/app/manifests/{APP}")))
+        .header("authorization", basic("alice", "pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn tokens_cross_regions_and_unknown_or_expired_ones_are_refused() {
+    let origin = Origin::start();
+    origin.seed();
+    let d = tempfile::tempdir().unwrap();
+    let (key_a, pub_a) = keypair(d.path(), "a");
+    let (key_b, _) = keypair(d.path(), "b");
+    let (key_x, _) = keypair(d.path(), "stranger");
+    let ht = htpasswd(d.path(), &[("alice", "pw")]);
+    let rules = [r#"{ repos: "library/**", pull: [alice] }"#];
+    let a = Proxy::start(&mirror_config(
+        &origin.url(),
+        &auth_yaml(&ht, &key_a, &[], &rules),
+    ));
+    let b = Proxy::start(&mirror_config(
+        &origin.url(),
+        &auth_yaml(&ht, &key_b, &[&pub_a], &rules),
+    ));
+    let manifest = "/v2/library/small/manifests/1.0";
+    let (status, t) = token(&a, Some(("alice", "pw")), "repository:library/small:pull").await;
+    assert_eq!(status, 200);
+    let bearer = format!("Bearer {t}");
+    assert_eq!(get(&a, manifest, Some(&bearer)).await.0, 200);
+    assert_eq!(
+        get(&b, manifest, Some(&bearer)).await.0,
+        200,
+        "B accepts A's token"
+    );
+    // B's tokens are not accepted by A (A does not have B's key).
+    let (_, tb) = token(&b, Some(("alice", "pw")), "repository:library/small:pull").await;
+    let (status, code, challenge) = get(&a, manifest, Some(&format!("Bearer {tb}"))).await;
+    assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
+    assert!(
+        challenge.contains(r#"error="invalid_token""#),
+        "{challenge}"
+    );
+    // Signed by a key no region knows, with every claim right.
+    let load = |k: &Path| {
+        ociedge::auth::token::Keys::load(&ociedge::config::auth::TokenConfig {
+            signing_key: k.display().to_string(),
+            verify_keys: vec![],
+            ttl: ociedge::config::HumanDuration(std::time::Duration::from_secs(300)),
+        })
+        .unwrap()
+    };
+    let entry = ociedge::auth::token::AccessEntry {
+        kind: "repository".into(),
+        name: "library/small".into(),
+        actions: vec!["pull".into()],
+    };
+    let forged = load(&key_x)
+        .issue("alice", Some("htpasswd"), vec![entry.clone()])
+        .unwrap();
+    assert_eq!(
+        get(&b, manifest, Some(&format!("Bearer {forged}"))).await.0,
+        401
+    );
+    // Expired: A's own key, a minute past its expiry (beyond the clock-skew leeway).
+    let now = ociedge::auth::token::now_secs();
+    let expired = load(&key_a)
+        .sign(&ociedge::auth::token::Claims {
+            iss: "ociedge".into(),
+            sub: "alice".into(),
+            aud: "ociedge".into(),
+            exp: now - 60,
+            nbf: now - 400,
+            iat: now - 400,
+            jti: "x".into(),
+            access: vec![entry],
+            idp: Some("htpasswd".into()),
+        })
+        .unwrap();
+    assert_eq!(
+        get(&a, manifest, Some(&format!("Bearer {expired}")))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        get(&b, manifest, Some(&format!("Bearer {expired}")))
+            .await
+            .0,
+        401
+    );
+    // A token for another repository opens nothing here.
+    let (_, other) = token(&a, Some(("alice", "pw")), "repository:library/multi:pull").await;
+    let (status, _, challenge) = get(&b, manifest, Some(&format!("Bearer {other}"))).await;
+    assert_eq!(status, 401);
+    assert!(challenge.contains("insufficient_scope"), "{challenge}");
+}
+
+/// An upstream that needs credentials: a Bearer token gate in front of docker-registry, which
+/// knows ociedge's service account (`svc`) and one client (`bob`).
+async fn private_upstream(origin: &Origin) -> u16 {
+    common::fake::TokenGate::new(origin.url(), Some("svc:svcpw"))
+        .also_accept("bob:bobpw")
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn passthrough_serves_only_clients_the_upstream_lets_in_local_hits_included() {
+    let origin = Origin::start();
+    origin.seed();
+    let port = private_upstream(&origin).await;
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    // alice is a local user; the upstream does not know her.
+    let ht = htpasswd(d.path(), &[("alice", "pw")]);
+    let auth = auth_yaml(&ht, &key, &[], &[r#"{ repos: "**", pull: [anonymous] }"#]);
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"http://127.0.0.1:{port}\", auth: {{ username: svc, password: svcpw }}, access: passthrough }}\n{auth}"
+    );
+    let p = Proxy::start(&cfg);
+    let host = p.host();
+    // Nobody is served before the upstream vouches: not anonymous, not wrong credentials, not a
+    // local user whose credentials mean nothing upstream.
+    assert_eq!(pull(&host, "library/small:1.0", None), None);
+    assert_eq!(pull(&host, "library/small:1.0", Some("bob:wrong")), None);
+    assert_eq!(pull(&host, "library/small:1.0", Some("alice:pw")), None);
+    let stored = p
+        .data()
+        .join("docker/registry/v2/repositories/library/small");
+    assert!(!stored.exists(), "nothing fetched for refused clients");
+    // bob's own upstream credentials open it.
+    assert_eq!(
+        pull(&host, "library/small:1.0", Some("bob:bobpw")).as_deref(),
+        Some(SMALL)
+    );
+    // Now a local hit: still refused to those the upstream does not let in.
+    let manifest = format!("/v2/library/small/manifests/{SMALL}");
+    assert!(stored.exists());
+    assert_eq!(pull(&host, "library/small:1.0", None), None);
+    assert_eq!(pull(&host, "library/small:1.0", Some("bob:wrong")), None);
+    let (status, code, challenge) = get(&p, &manifest, None).await;
+    assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
+    assert!(challenge.contains(r#"scope="repository:library/small:pull""#));
+    assert_eq!(
+        get(&p, &manifest, Some(&basic("bob", "wrong"))).await.0,
+        401
+    );
+    assert_eq!(get(&p, &manifest, Some(&basic("alice", "pw"))).await.0, 401);
+    // Direct Basic credentials work as well as the token flow.
+    assert_eq!(
+        get(&p, &manifest, Some(&basic("bob", "bobpw"))).await.0,
+        200
+    );
+    assert_eq!(
+        pull(&host, "library/small:1.0", Some("bob:bobpw")).as_deref(),
+        Some(SMALL)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn gated_upstream_is_decided_by_the_rules() {
+    let origin = Origin::start();
+    origin.seed();
+    let port = private_upstream(&origin).await;
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw"), ("carol", "cpw")]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[r#"{ repos: "library/**", pull: [alice] }"#],
+    );
+    // access defaults to gated for an upstream with credentials.
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"http://127.0.0.1:{port}\", auth: {{ username: svc, password: svcpw }} }}\n{auth}"
+    );
+    let p = Proxy::start(&cfg);
+    let host = p.host();
+    assert_eq!(
+        pull(&host, "library/small:1.0", Some("alice:pw")).as_deref(),
+        Some(SMALL)
+    );
+    // bob's upstream account means nothing here; carol is known but not in the rule.
+    assert_eq!(pull(&host, "library/small:1.0", Some("bob:bobpw")), None);
+    assert_eq!(pull(&host, "library/small:1.0", Some("carol:cpw")), None);
+    assert_eq!(pull(&host, "library/small:1.0", None), None);
+    let manifest = "/v2/library/small/manifests/1.0";
+    let (status, code, _) = get(&p, manifest, Some(&basic("carol", "cpw"))).await;
+    assert_eq!((status, code.as_str()), (403, "DENIED"));
+    assert_eq!(get(&p, manifest, None).await.0, 401);
+    assert_eq!(get(&p, manifest, Some(&basic("alice", "pw"))).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn over_tls_the_challenge_points_at_https() {
+    let origin = Origin::start();
+    origin.seed();
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw")]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[r#"{ repos: "library/**", pull: [alice] }"#],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
+    let tls = "tls: { cert: \"{DIR}/tls.crt\", key: \"{DIR}/tls.key\" }\n";
+    let p = Proxy::start_in(&mirror_config(&origin.url(), &format!("{tls}{auth}")), dir);
+    // skopeo follows the realm: an http:// realm on this port would fail the token request.
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = Command::new("skopeo")
+        .args(["copy", "--all", "--quiet", "--src-tls-verify=false"])
+        .args(["--src-creds", "alice:pw"])
+        .arg(format!("docker://{}/library/small:1.0", p.host()))
+        .arg(format!("dir:{}", tmp.path().display()))
+        .status()
+        .expect("skopeo")
+        .success();
+    assert!(ok, "pull over TLS with credentials");
+    let m = std::fs::read(tmp.path().join("manifest.json")).unwrap();
+    assert_eq!(format!("sha256:{}", common::sha256_hex(&m)), SMALL);
+}
