@@ -7,7 +7,7 @@ usage: bench/geo.py [--blobs 8] [--near-ms 5] [--far-ms 40] [--out bench/results
 Needs a release build (cargo build --release), docker-registry, curl, and moto (installed into
 the harness venv on first use, as ../shared/harness/s3.sh does). Only 127.0.0.1.
 """
-import argparse, datetime, hashlib, os, random, shutil, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+import argparse, datetime, hashlib, os, random, shutil, socket, statistics, subprocess, sys, tempfile, time, urllib.error, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.environ.get("OCIEDGE_HARNESS", os.path.join(os.path.dirname(ROOT), "shared", "harness"))
@@ -83,7 +83,10 @@ def main():
                 loc = r.headers["Location"]
                 loc = loc if loc.startswith("http") else base + loc
                 sep = "&" if "?" in loc else "?"
-                urllib.request.urlopen(urllib.request.Request(f"{loc}{sep}digest={d}", data=data, method="PUT")).read()
+                try:
+                    urllib.request.urlopen(urllib.request.Request(f"{loc}{sep}digest={d}", data=data, method="PUT", headers={"Content-Type": "application/octet-stream"})).read()
+                except urllib.error.HTTPError as e:
+                    raise SystemExit(f"upload to the {name} registry failed: {e.code} {e.read()[:300]!r}")
             digests.append(d)
         oport = free_port()
         engine = lambda line: f'{{ url: "s3://registry", options: {{ endpoint: "http://127.0.0.1:{line}", region: us-east-1, access_key_id: k, secret_access_key: s, allow_http: "true" }} }}'
