@@ -341,6 +341,9 @@ pub fn mirror_config(upstream_url: &str, extra: &str) -> String {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
+        // Shorter than ociedge's idle-connection limits, so a pooled connection is never reused
+        // just as the server closes it (the keep-alive race every HTTP client must live with).
+        .pool_idle_timeout(std::time::Duration::from_secs(4))
         .build()
         .expect("client")
 }
