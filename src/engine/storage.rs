@@ -253,6 +253,50 @@ impl StorageEngine {
             .map_err(|e| self.fail(e))
     }
 
+    /// Points a link at `digest` with a compare-and-swap where the store has one
+    /// (`PutMode::Create` when absent, `PutMode::Update` on the version read): two processes
+    /// moving one tag at once never interleave, and each write is decided against the value it
+    /// replaced. Losing to a writer of the same digest is success; losing to another digest is
+    /// retried (the latest push wins, as in Distribution). Stores without conditional updates
+    /// (the local filesystem) fall back to a plain overwrite, which is atomic there (rename).
+    async fn swap_link(&self, path: &Path, digest: &Digest) -> Result<()> {
+        let body = || PutPayload::from(digest.to_string().into_bytes());
+        for _ in 0..5 {
+            let mode = match self.store.get(path).await {
+                Ok(r) => {
+                    let version = object_store::UpdateVersion {
+                        e_tag: r.meta.e_tag.clone(),
+                        version: r.meta.version.clone(),
+                    };
+                    let current = r.bytes().await.map_err(|e| self.fail(e))?;
+                    if layout::parse_link(&current).as_ref() == Some(digest) {
+                        return Ok(());
+                    }
+                    if version.e_tag.is_none() && version.version.is_none() {
+                        break;
+                    }
+                    PutMode::Update(version)
+                }
+                Err(object_store::Error::NotFound { .. }) => PutMode::Create,
+                Err(e) => return Err(self.fail(e)),
+            };
+            let opts = PutOptions {
+                mode,
+                ..Default::default()
+            };
+            match self.store.put_opts(path, body(), opts).await {
+                Ok(_) => return Ok(()),
+                // Someone else wrote first: look again.
+                Err(object_store::Error::Precondition { .. })
+                | Err(object_store::Error::AlreadyExists { .. }) => continue,
+                Err(object_store::Error::NotImplemented { .. })
+                | Err(object_store::Error::NotSupported { .. }) => break,
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        self.put_link(path, digest).await
+    }
+
     /// Streams a verified local file into the store.
     async fn upload_file(&self, dest: &Path, file: &FsPath, size: u64) -> Result<()> {
         let f = Arc::new(std::fs::File::open(file)?);
@@ -524,7 +568,8 @@ impl Engine for StorageEngine {
     async fn put_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
         self.put_link(&layout::tag_index(repo, tag, digest), digest)
             .await?;
-        self.put_link(&layout::tag_current(repo, tag), digest).await
+        self.swap_link(&layout::tag_current(repo, tag), digest)
+            .await
     }
 
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<()> {
@@ -593,5 +638,54 @@ pub fn resolve_range(opts: GetBlob, size: u64) -> Result<(u64, u64)> {
             }
             Ok((r.start, end - r.start))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Engine;
+
+    async fn race(engine: Arc<StorageEngine>) {
+        let repo: RepoName = "team/app".parse().unwrap();
+        let tag: Tag = "latest".parse().unwrap();
+        let digests: Vec<Digest> = (0..8u8).map(|i| Digest::sha256_of(&[i])).collect();
+        let writes = digests.iter().map(|d| {
+            let (e, r, t, d) = (engine.clone(), repo.clone(), tag.clone(), d.clone());
+            tokio::spawn(async move { e.put_tag(&r, &t, &d).await })
+        });
+        for w in futures::future::join_all(writes).await {
+            w.unwrap().unwrap();
+        }
+        let link = engine.tag_link(&repo, &tag).await.unwrap().unwrap();
+        assert!(
+            digests.contains(&link.digest),
+            "the tag ends on one of the written digests"
+        );
+        // Writing the current value again is a no-op success.
+        engine.put_tag(&repo, &tag, &link.digest).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_tag_writes_compare_and_swap() {
+        // InMemory supports PutMode::Update: the compare-and-swap path.
+        race(Arc::new(StorageEngine::from_store(
+            "m",
+            Arc::new(InMemory::new()),
+        )))
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_tag_writes_fall_back_on_a_directory() {
+        // The local filesystem has no conditional update: the documented overwrite fallback.
+        let dir = tempfile::tempdir().unwrap();
+        let e = StorageEngine::open(
+            "f",
+            &format!("file://{}", dir.path().display()),
+            &Default::default(),
+        )
+        .unwrap();
+        race(Arc::new(e)).await;
     }
 }
