@@ -616,3 +616,36 @@ async fn over_tls_the_challenge_points_at_https() {
     let m = std::fs::read(tmp.path().join("manifest.json")).unwrap();
     assert_eq!(format!("sha256:{}", common::sha256_hex(&m)), SMALL);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs openssl, htpasswd"]
+async fn the_status_page_obeys_the_rules() {
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw"), ("bob", "pw")]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[
+            r#"{ repos: "_ociedge", pull: [alice] }"#,
+            r#"{ repos: "library/**", pull: [anonymous] }"#,
+        ],
+    );
+    let p = Proxy::start(&mirror_config("http://127.0.0.1:9", &auth));
+    for path in ["/_ociedge/status", "/_ociedge/"] {
+        assert_eq!(get(&p, path, None).await.0, 401, "{path} anonymous");
+        assert_eq!(
+            get(&p, path, Some(&basic("bob", "pw"))).await.0,
+            403,
+            "{path} bob"
+        );
+        assert_eq!(
+            get(&p, path, Some(&basic("alice", "pw"))).await.0,
+            200,
+            "{path} alice"
+        );
+    }
+    // Health and readiness stay open for load balancers.
+    assert_eq!(get(&p, "/healthz", None).await.0, 200);
+}

@@ -56,6 +56,21 @@ pub async fn check(
             .err()
             .map(|r| refusal(app, parts, r)));
     }
+    if matches!(route, Route::Status | Route::StatusPage) {
+        // The operator's view: open to whoever a rule gives `pull` on `_ociedge` (an admin rule
+        // on `**` included), never to everyone by default.
+        let status = RepoName::status_pseudo();
+        let t = Target {
+            repo: &status,
+            upstream: None,
+            upstream_repo: &status,
+        };
+        return Ok(auth
+            .authorize(&presented, &t, Action::Pull)
+            .await
+            .err()
+            .map(|r| refusal(app, parts, r)));
+    }
     let Some((name, action)) = action(route, &parts.method) else {
         return Ok(None);
     };

@@ -62,6 +62,12 @@ fn valid_component(c: &str) -> bool {
 }
 
 impl RepoName {
+    /// The pseudo-repository `_ociedge` that access rules name to open the status page and
+    /// `/_ociedge/status` (it can never be a real repository: components cannot start with `_`).
+    pub fn status_pseudo() -> RepoName {
+        RepoName("_ociedge".into())
+    }
+
     /// A valid name for calls whose engine ignores the repository (content-addressed reads).
     pub fn placeholder() -> RepoName {
         RepoName("x".into())
