@@ -17,7 +17,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-SHARED_BENCH=${SHARED_BENCH:-/work/shared/bench}
+SHARED_BENCH=${SHARED_BENCH:-$(cd "$(dirname "$0")/../.." && pwd)/shared/bench}
 export BASE=${BASE:-/tmp/perfbase}
 export PEERS=$SHARED_BENCH/peers.sh
 LABEL=ociedge
