@@ -57,3 +57,53 @@ pub fn stream_range(file: Arc<File>, offset: u64, len: u64) -> ByteStream {
     });
     Box::pin(stream::iter(chunks).buffered(2))
 }
+
+/// A spool file, removed when dropped (committed copies are hard links or uploads of it).
+pub struct Spool {
+    pub path: std::path::PathBuf,
+    /// Bytes written.
+    pub size: u64,
+    /// What the bytes hash to (with the algorithm of the digest they were expected under).
+    pub actual: crate::oci::Digest,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Writes `body` into a new file of `dir` while hashing it, and syncs it: the caller compares
+/// `actual` with the digest it expected before committing anything under that digest.
+pub async fn spool_hashed(
+    dir: &std::path::Path,
+    prefix: &str,
+    expected: &crate::oci::Digest,
+    mut body: ByteStream,
+) -> crate::error::Result<Spool> {
+    use tokio::io::AsyncWriteExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!(
+        "{prefix}-{}.{:016x}.part",
+        expected.hex(),
+        rand::random::<u64>()
+    ));
+    // From here on the file is removed on every exit, error or not.
+    let mut spool = Spool {
+        path,
+        size: 0,
+        actual: expected.clone(),
+    };
+    let mut file = tokio::fs::File::create(&spool.path).await?;
+    let mut verifier = crate::oci::Verifier::new(expected);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        verifier.update(&chunk);
+        spool.size += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    file.sync_all().await?;
+    spool.actual = verifier.finish();
+    Ok(spool)
+}

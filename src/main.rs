@@ -64,6 +64,21 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// The config and a runtime for the commands that run one, or the exit code after saying why.
+fn config_and_runtime(
+    path: Option<&std::path::Path>,
+) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let cfg = Config::load(path).map_err(|e| {
+        eprintln!("ociedge: invalid config: {e}");
+        ExitCode::FAILURE
+    })?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("ociedge: cannot start runtime: {e}");
+        ExitCode::FAILURE
+    })?;
+    Ok((cfg, rt))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
@@ -84,19 +99,9 @@ fn main() -> ExitCode {
             repo,
         } => {
             init_logs(LogFormat::Text);
-            let cfg = match Config::load(config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("ociedge: invalid config: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ociedge: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let (cfg, rt) = match config_and_runtime(config.as_deref()) {
+                Ok(x) => x,
+                Err(code) => return code,
             };
             match rt.block_on(backfill(cfg, to, from, repo)) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -109,19 +114,9 @@ fn main() -> ExitCode {
         }
         Cmd::Serve { config, log_format } => {
             init_logs(log_format);
-            let cfg = match Config::load(config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("ociedge: invalid config: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ociedge: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let (cfg, rt) = match config_and_runtime(config.as_deref()) {
+                Ok(x) => x,
+                Err(code) => return code,
             };
             let served = rt.block_on(serve(cfg));
             // `serve` has already waited out the grace period for responses and fills; do not

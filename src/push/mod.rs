@@ -17,7 +17,7 @@ use crate::engine::storage::StorageEngine;
 use crate::engine::{ByteStream, Engine, Manifest};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Verifier};
+use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
 use crate::pull::tags::TagCache;
 use crate::replicate::{Job, Replicator};
 use upload::{Session, Uploads};
@@ -40,15 +40,6 @@ pub struct Pusher {
 pub struct Pushed {
     pub digest: Digest,
     pub subject: Option<Digest>,
-}
-
-/// A spool file removed when dropped.
-struct Spool(PathBuf);
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 impl Pusher {
@@ -193,36 +184,18 @@ impl Pusher {
         &self,
         repo: &RepoName,
         digest: &Digest,
-        mut body: ByteStream,
+        body: ByteStream,
     ) -> Result<()> {
-        std::fs::create_dir_all(&self.spool_dir)?;
-        let spool = Spool(self.spool_dir.join(format!(
-            "push-{}.{:016x}.part",
-            digest.hex(),
-            rand::random::<u64>()
-        )));
-        let mut file = tokio::fs::File::create(&spool.0).await?;
-        let mut verifier = Verifier::new(digest);
-        let mut size: u64 = 0;
-        use tokio::io::AsyncWriteExt;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            verifier.update(&chunk);
-            size += chunk.len() as u64;
-            file.write_all(&chunk).await?;
-        }
-        file.flush().await?;
-        file.sync_all().await?;
-        drop(file);
-        let actual = verifier.finish();
-        if &actual != digest {
+        let spool = crate::fileio::spool_hashed(&self.spool_dir, "push", digest, body).await?;
+        let (actual, size) = (&spool.actual, spool.size);
+        if actual != digest {
             self.metrics.push("blob", "digest_invalid");
             return Err(Error::client(
                 ErrorCode::DigestInvalid,
                 format!("the upload hashes to {actual}, not {digest}"),
             ));
         }
-        self.engine.put_blob_file(digest, &spool.0, size).await?;
+        self.engine.put_blob_file(digest, &spool.path, size).await?;
         self.engine.link_blob(repo, digest).await?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, size, Some(false));

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 
 use crate::engine::{Engine, GetBlob};
 use crate::error::{Error, Result};
-use crate::oci::{Digest, Reference, RepoName, Tag, Verifier};
+use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::push::manifest;
 
 /// What one copy did.
@@ -53,44 +53,21 @@ impl Copier {
             .ok_or_else(|| {
                 Error::engine(src.id(), format!("blob {digest} missing in the source"))
             })?;
-        let spool = self.spool_dir.join(format!(
-            "copy-{}.{}.part",
-            digest.hex(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&self.spool_dir)?;
-        let result = async {
-            let mut file = tokio::fs::File::create(&spool).await?;
-            let mut verifier = Verifier::new(digest);
-            let mut stream = read.stream;
-            let mut n: u64 = 0;
-            use tokio::io::AsyncWriteExt;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                verifier.update(&chunk);
-                n += chunk.len() as u64;
-                file.write_all(&chunk).await?;
-            }
-            file.flush().await?;
-            file.sync_data().await?;
-            let actual = verifier.finish();
-            if &actual != digest || n != read.size {
-                return Err(Error::DigestMismatch {
-                    expected: digest.to_string(),
-                    actual: actual.to_string(),
-                });
-            }
-            dst.put_blob_file(digest, &spool, n).await?;
-            dst.link_blob(repo, digest).await?;
-            Ok(Copied {
-                blobs: 1,
-                manifests: 0,
-                bytes: n,
-            })
+        let spool =
+            crate::fileio::spool_hashed(&self.spool_dir, "copy", digest, read.stream).await?;
+        if &spool.actual != digest || spool.size != read.size {
+            return Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                actual: spool.actual.to_string(),
+            });
         }
-        .await;
-        let _ = tokio::fs::remove_file(&spool).await;
-        result
+        dst.put_blob_file(digest, &spool.path, spool.size).await?;
+        dst.link_blob(repo, digest).await?;
+        Ok(Copied {
+            blobs: 1,
+            manifests: 0,
+            bytes: spool.size,
+        })
     }
 
     /// Makes `dst` hold the manifest, after every blob and child manifest it references.
