@@ -336,27 +336,11 @@ async fn storage_layout_interop_with_docker_registry_both_ways() {
         assert!(verify_pull(&proxy.host(), image, digest));
     }
     tokio::time::sleep(Duration::from_millis(300)).await; // background links of shared layers
-    let state = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfgfile = state.path().join("config.yml");
-    std::fs::write(&cfgfile, format!("version: 0.1\nstorage:\n  filesystem: {{ rootdirectory: {} }}\nhttp: {{ addr: \"127.0.0.1:{port}\" }}\n", proxy.data().display())).unwrap();
-    let mut reg = std::process::Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfgfile)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("docker-registry");
-    let up = eventually(Duration::from_secs(10), async || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-    .await;
-    let host = format!("127.0.0.1:{port}");
-    let ok = up
-        && verify_pull(&host, "library/small:1.0", SMALL)
+    let reg = DirRegistry::start(&proxy.data());
+    let host = reg.host();
+    let ok = verify_pull(&host, "library/small:1.0", SMALL)
         && verify_pull(&host, "library/small-docker:1.0", SMALL_DOCKER)
         && verify_pull(&host, "library/multi:1.0", MULTI);
-    let _ = reg.kill();
-    let _ = reg.wait();
     assert!(ok, "docker-registry serving what ociedge filled");
 }
 

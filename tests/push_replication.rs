@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::layout::{assert_no_dangling_tags, complete};
@@ -89,26 +88,11 @@ async fn pushed_images_are_pulled_in_every_region_after_replication() {
         assert_no_dangling_tags(&root.path().join(dir));
     }
     // docker-registry serves what ociedge wrote and replicated.
-    let port = free_port();
-    let cfg = root.path().join("registry.yml");
-    std::fs::write(&cfg, format!("version: 0.1\nstorage:\n  filesystem: {{ rootdirectory: {}/us }}\nhttp: {{ addr: \"127.0.0.1:{port}\" }}\n", root.path().display())).unwrap();
-    let mut reg = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let up = eventually(Duration::from_secs(10), async || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-    .await;
-    let host = format!("127.0.0.1:{port}");
-    let ok = up
-        && verify_pull(&host, "team/app:1.0", SMALL)
+    let reg = DirRegistry::start(&root.path().join("us"));
+    let host = reg.host();
+    let ok = verify_pull(&host, "team/app:1.0", SMALL)
         && verify_pull(&host, "team/multi:1.0", MULTI)
         && verify_pull(&host, "team/other:v1", APP);
-    let _ = reg.kill();
-    let _ = reg.wait();
     assert!(ok, "docker-registry serving the replicated layout");
 }
 

@@ -431,3 +431,55 @@ pub async fn raw_get(host: &str, path: &str, extra_headers: &str) -> (u16, Strin
         .unwrap_or_default();
     (status, body)
 }
+
+/// docker-registry serving an existing directory in the Distribution layout (to check that what
+/// ociedge wrote there is what Distribution reads); stopped on drop.
+pub struct DirRegistry {
+    child: Child,
+    _state: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl DirRegistry {
+    pub fn start(root: &Path) -> DirRegistry {
+        let state = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let cfg = state.path().join("config.yml");
+        let yaml = format!(
+            "version: 0.1\nstorage:\n  filesystem: {{ rootdirectory: {} }}\nhttp: {{ addr: \"127.0.0.1:{port}\" }}\n",
+            root.display()
+        );
+        std::fs::write(&cfg, yaml).expect("registry config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry");
+        let r = DirRegistry {
+            child,
+            _state: state,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for DirRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
