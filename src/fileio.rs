@@ -58,6 +58,22 @@ pub fn stream_range(file: Arc<File>, offset: u64, len: u64) -> ByteStream {
     Box::pin(stream::iter(chunks).buffered(2))
 }
 
+/// A byte range of an open local file, as a response body: the plain HTTP/1.1 front sends it with
+/// `sendfile`, anything else reads it with [`stream_range`].
+pub struct FileSlice {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: u64,
+    /// Held until the slice is sent or dropped (an eviction pin: the file stays where it is).
+    pub keep: Option<Box<dyn Send + Sync>>,
+}
+
+impl FileSlice {
+    pub fn stream(&self) -> ByteStream {
+        stream_range(self.file.clone(), self.offset, self.len)
+    }
+}
+
 /// A spool file, removed when dropped (committed copies are hard links or uploads of it).
 pub struct Spool {
     pub path: std::path::PathBuf,

@@ -26,7 +26,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::body::Body;
+use super::body::{Body, RequestBody};
 use super::tls::Tls;
 use crate::app::App;
 use crate::error::BoxError;
@@ -54,7 +54,7 @@ pub async fn serve_conn(
     _permit: OwnedSemaphorePermit,
 ) {
     let Some(tls) = tls else {
-        return drive(app, TokioIo::new(stream), &settings).await;
+        return super::fast::serve(app, stream, &settings).await;
     };
     let handshake =
         tokio::time::timeout(settings.header_read_timeout, tls.acceptor().accept(stream));
@@ -72,7 +72,7 @@ pub async fn serve_conn(
 }
 
 /// Runs HTTP on `io` until the client closes, the connection goes idle, or shutdown.
-async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings)
+pub(super) async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -83,7 +83,7 @@ where
             let app = app.clone();
             let guard = activity.begin();
             async move {
-                let resp = super::server::handle(app, req).await;
+                let resp = super::server::handle(app, req.map(RequestBody::Hyper)).await;
                 Ok::<_, Infallible>(resp.map(|body| Guarded {
                     inner: body,
                     _guard: guard,

@@ -4,11 +4,13 @@
 pub mod access;
 pub mod body;
 pub mod conn;
+pub mod fast;
 pub mod headers;
 pub mod ops;
 pub mod page;
 pub mod pull;
 pub mod push;
+pub mod rewind;
 pub mod route;
 pub mod server;
 pub mod tls;

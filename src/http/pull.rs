@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::engine::set::Routed;
 use crate::error::{Error, Result};
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
+use crate::pull::BlobBody;
 
 fn routed(app: &App, name: &RepoName, ns: Option<&str>) -> Result<Routed> {
     app.puller.engines().route(name, ns)
@@ -101,7 +102,12 @@ pub async fn blob(
         );
     }
     let body = match ans.body {
-        Some(s) if !head => counted(app, &ans.source, s),
+        Some(BlobBody::Stream(s)) if !head => counted(app, &ans.source, s),
+        Some(BlobBody::File(f)) if !head => {
+            let metrics = app.metrics.clone();
+            let source = ans.source.clone();
+            body::file(f, move |n| metrics.bytes_served(&source, n))
+        }
         _ => body::empty(),
     };
     finish(b, body)

@@ -9,9 +9,8 @@ use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, BodyStream, Limited};
-use hyper::body::Incoming;
 
-use super::body::{self, Body};
+use super::body::{self, Body, RequestBody};
 use super::headers::{self as h, value};
 use crate::app::App;
 use crate::engine::ByteStream;
@@ -30,7 +29,7 @@ fn pusher(app: &App) -> Result<&Pusher> {
 }
 
 /// A request body as a byte stream (for blobs: never buffered whole).
-pub fn stream(body: Incoming) -> ByteStream {
+pub fn stream(body: RequestBody) -> ByteStream {
     Box::pin(BodyStream::new(body).filter_map(|frame| async move {
         match frame {
             Ok(f) => f.into_data().ok().map(Ok),
@@ -104,7 +103,7 @@ fn range_header(offset: u64) -> String {
 pub async fn upload(
     app: &Arc<App>,
     parts: &Parts,
-    body: Incoming,
+    body: RequestBody,
     name: &RepoName,
     id: Option<&str>,
     query: &[(String, String)],
@@ -211,7 +210,7 @@ pub async fn upload(
 pub async fn forward(
     app: &Arc<App>,
     parts: &Parts,
-    body: Incoming,
+    body: RequestBody,
     name: &RepoName,
     ns: Option<&str>,
 ) -> Result<Response<Body>> {
@@ -244,7 +243,7 @@ pub async fn forward(
 pub async fn put_manifest(
     app: &Arc<App>,
     parts: &Parts,
-    body: Incoming,
+    body: RequestBody,
     name: &RepoName,
     reference: &Reference,
     ns: Option<&str>,

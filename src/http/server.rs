@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -18,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::body::{self, Body};
+use super::body::{self, Body, RequestBody};
 use super::conn::{self, ConnSettings};
 use super::headers as h;
 use super::route::{self, Route};
@@ -239,7 +238,7 @@ fn method_label(m: &Method) -> &'static str {
 }
 
 /// One request: route, handle, map errors to OCI bodies, stamp the common headers.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> {
     let start = Instant::now();
     let id = req
         .headers()
@@ -287,7 +286,7 @@ async fn dispatch(
     app: &Arc<App>,
     route: Route,
     parts: &http::request::Parts,
-    body: Incoming,
+    body: RequestBody,
 ) -> Result<Response<Body>> {
     let method = &parts.method;
     let headers = &parts.headers;

@@ -9,10 +9,9 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use super::access::refusal;
-use super::body::{self, Body};
+use super::body::{self, Body, RequestBody};
 use crate::app::App;
 use crate::auth::{self, Creds, Presented, Refusal, Target};
 use crate::error::{Error, Result};
@@ -42,7 +41,7 @@ fn oauth_error(code: &str, description: &str) -> Result<Response<Body>> {
     )
 }
 
-pub async fn token(app: &Arc<App>, parts: &Parts, body: Incoming) -> Result<Response<Body>> {
+pub async fn token(app: &Arc<App>, parts: &Parts, body: RequestBody) -> Result<Response<Body>> {
     let Some(auth) = &app.auth else {
         return Err(Error::Client(
             OciError::new(

@@ -70,9 +70,16 @@ pub struct BlobAnswer {
     pub range: Option<ByteRange>,
     pub source: Arc<str>,
     /// `None` for `HEAD`.
-    pub body: Option<ByteStream>,
+    pub body: Option<BlobBody>,
     /// Where the client should fetch the bytes instead (a presigned URL of the local engine).
     pub redirect: Option<url::Url>,
+}
+
+/// The bytes of a blob answer.
+pub enum BlobBody {
+    Stream(ByteStream),
+    /// A local file (a `file://` engine's hit): the front may send it without copying it.
+    File(crate::fileio::FileSlice),
 }
 
 /// A manifest answer.
@@ -219,7 +226,7 @@ impl Puller {
             size,
             range,
             source,
-            body: Some(fill.reader(offset, len)),
+            body: Some(BlobBody::Stream(fill.reader(offset, len))),
             redirect: None,
         })
     }
@@ -233,13 +240,19 @@ impl Puller {
         head: bool,
     ) -> Result<Option<BlobAnswer>> {
         let local = self.engines.local();
-        let hit = |size: u64, range: Option<ByteRange>, body: Option<ByteStream>| {
+        let hit = |size: u64, range: Option<ByteRange>, body: Option<BlobBody>| {
             self.metrics.cache("blob", "hit");
             self.ensure_linked(&r.storage_repo, digest, LinkKind::Blob);
             let body = match &self.evictor {
                 Some(ev) => {
                     ev.touch(digest, size, None);
-                    body.map(|b| ev.pinned_stream(digest, b))
+                    body.map(|b| match b {
+                        BlobBody::Stream(s) => BlobBody::Stream(ev.pinned_stream(digest, s)),
+                        BlobBody::File(mut f) => {
+                            f.keep = Some(Box::new(ev.pin(digest)));
+                            BlobBody::File(f)
+                        }
+                    })
                 }
                 None => body,
             };
@@ -267,8 +280,14 @@ impl Puller {
             Ok(Some(lf)) => {
                 let range = range.map(|s| s.resolve(lf.size)).transpose()?;
                 let (offset, len) = resolve_range(GetBlob { range }, lf.size)?;
-                let body =
-                    (!head).then(|| crate::fileio::stream_range(Arc::new(lf.file), offset, len));
+                let body = (!head).then(|| {
+                    BlobBody::File(crate::fileio::FileSlice {
+                        file: Arc::new(lf.file),
+                        offset,
+                        len,
+                        keep: None,
+                    })
+                });
                 return Ok(hit(lf.size, range, body));
             }
             Ok(None) => {}
@@ -307,7 +326,7 @@ impl Puller {
             .get_blob(&r.storage_repo, digest, GetBlob { range })
             .await
         {
-            Ok(Some(read)) => Ok(hit(read.size, range, Some(read.stream))),
+            Ok(Some(read)) => Ok(hit(read.size, range, Some(BlobBody::Stream(read.stream)))),
             Ok(None) => Ok(None),
             Err(e @ Error::Client(_)) => Err(e),
             Err(e) => {

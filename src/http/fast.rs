@@ -1,0 +1,461 @@
+//! The plain-HTTP/1.1 front: GET and HEAD requests without a body, the bulk of a cache's traffic,
+//! are parsed and answered here instead of by hyper, for two reasons hyper cannot serve:
+//!
+//! * a local file is sent with `sendfile(2)`: the bytes go from the page cache to the socket
+//!   without passing through user space (hyper writes buffers, so every byte would be read into
+//!   memory and copied out again);
+//! * a small answer goes out in one `write` with its head, and the head is written straight from
+//!   the header map (no intermediate `Response` encoding).
+//!
+//! Anything else (a request with a body, an upgrade, `Expect`, HTTP/2 prior knowledge, a head that
+//! does not parse or is too large) hands the connection, with the bytes already read, to hyper,
+//! which keeps it to the end: the rules for the hard cases stay in one well-tested place. TLS
+//! connections never come here (the bytes are encrypted in user space anyway).
+//!
+//! Timeouts follow [`super::conn`]: `header_read_timeout` for a head (counted from its first
+//! byte, or from the connection's start for the first one), `idle_timeout` between requests. At
+//! shutdown a connection finishes the response in progress and closes.
+
+use std::io::{self, IoSlice};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Buf, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::body::{Body, FileBody, RequestBody};
+use super::conn::{self, ConnSettings};
+use super::rewind::Rewind;
+use crate::app::App;
+
+/// Most header lines a request handled here may have; more goes to hyper (which allows 100).
+const MAX_HEADERS: usize = 64;
+
+/// A full body up to this size is copied behind the head and sent in one `write`.
+const COALESCE: usize = 16 * 1024;
+
+/// Serves a plain TCP connection until the client closes it, it idles out, or shutdown.
+pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings) {
+    let max_head = usize::try_from(app.config.limits.max_header_size.0)
+        .unwrap_or(usize::MAX)
+        .max(8192);
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut out = Vec::with_capacity(1024);
+    let mut deadline = Instant::now() + settings.header_read_timeout;
+    loop {
+        let next = match parse(&buf, max_head) {
+            Parsed::Request(r) => r,
+            Parsed::Partial => {
+                let was_empty = buf.is_empty();
+                if buf.capacity() - buf.len() < 4096 {
+                    buf.reserve(8192);
+                }
+                let read = tokio::select! {
+                    r = stream.read_buf(&mut buf) => r,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        tracing::debug!("no complete request head in time; closing");
+                        return;
+                    }
+                    _ = settings.stop.cancelled(), if was_empty => return,
+                };
+                match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if was_empty {
+                    // The first byte of a head: from here the head must come within the limit.
+                    deadline = deadline.min(Instant::now() + settings.header_read_timeout);
+                }
+                continue;
+            }
+            Parsed::HandOff => {
+                let io = Rewind::new(buf.freeze(), stream);
+                return conn::drive(app, TokioIo::new(io), settings).await;
+            }
+        };
+        buf.advance(next.head_len);
+        let keep_alive = next.keep_alive && !settings.stop.is_cancelled();
+        let head_only = next.req.method() == Method::HEAD;
+        let http10 = next.req.version() == Version::HTTP_10;
+        let resp = super::server::handle(app.clone(), next.req).await;
+        let keep_alive = keep_alive && !settings.stop.is_cancelled();
+        match send(&mut stream, &mut out, resp, head_only, keep_alive, http10).await {
+            Ok(true) if keep_alive => {}
+            Ok(_) => {
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "response aborted");
+                return;
+            }
+        }
+        deadline = Instant::now() + settings.idle_timeout;
+    }
+}
+
+struct Next {
+    req: Request<RequestBody>,
+    head_len: usize,
+    keep_alive: bool,
+}
+
+enum Parsed {
+    Request(Next),
+    Partial,
+    HandOff,
+}
+
+fn parse(buf: &[u8], max_head: usize) -> Parsed {
+    if buf.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_head => n,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
+        _ => return Parsed::HandOff,
+    };
+    let method = match parsed.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Parsed::HandOff,
+    };
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Parsed::HandOff,
+    };
+    let Some(path) = parsed.path.filter(|p| p.starts_with('/')) else {
+        return Parsed::HandOff;
+    };
+    let Ok(uri) = path.parse::<http::Uri>() else {
+        return Parsed::HandOff;
+    };
+    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    let mut keep_alive = version == Version::HTTP_11;
+    for h in parsed.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::HandOff;
+        };
+        if name == header::CONNECTION {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Parsed::HandOff;
+                }
+            }
+        }
+        let bodiless = match name {
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => false,
+            header::CONTENT_LENGTH => h.value == b"0",
+            _ => true,
+        };
+        if !bodiless {
+            return Parsed::HandOff;
+        }
+        map.append(name, value);
+    }
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = map;
+    Parsed::Request(Next {
+        req,
+        head_len,
+        keep_alive,
+    })
+}
+
+/// Writes `resp`; `Ok(false)` when the connection cannot carry another request (the body's end
+/// was marked by closing it).
+async fn send(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    resp: Response<Body>,
+    head_only: bool,
+    keep_alive: bool,
+    http10: bool,
+) -> io::Result<bool> {
+    let (parts, body) = resp.into_parts();
+    let status = parts.status;
+    let no_body = head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let exact = hyper::body::Body::size_hint(&body).exact();
+    // How the end of the body is marked: a length, chunks, or (HTTP/1.0) closing the connection.
+    let length = declared.or(exact);
+    let chunked = !no_body && length.is_none() && !http10;
+    let reusable = no_body || length.is_some() || chunked;
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        date(out);
+    }
+    if declared.is_none() && !status.is_informational() && status != StatusCode::NO_CONTENT {
+        match exact {
+            Some(n) if !(head_only && n == 0) => line(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            ),
+            _ if chunked => line(out, b"transfer-encoding", b"chunked"),
+            _ => {}
+        }
+    }
+    if !keep_alive || !reusable {
+        line(out, b"connection", b"close");
+    } else if http10 {
+        line(out, b"connection", b"keep-alive");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    if no_body {
+        stream.write_all(out).await?;
+        return Ok(reusable);
+    }
+    let expected = length;
+    let sent = match body {
+        Body::Empty => {
+            stream.write_all(out).await?;
+            0
+        }
+        Body::Full(None) => {
+            stream.write_all(out).await?;
+            0
+        }
+        Body::Full(Some(b)) => {
+            let n = b.len() as u64;
+            if chunked {
+                let mut framed = format!("{:x}\r\n", b.len()).into_bytes();
+                framed.extend_from_slice(&b);
+                framed.extend_from_slice(b"\r\n0\r\n\r\n");
+                write_two(stream, out, &framed).await?;
+            } else if b.len() <= COALESCE {
+                out.extend_from_slice(&b);
+                stream.write_all(out).await?;
+            } else {
+                write_two(stream, out, &b).await?;
+            }
+            n
+        }
+        Body::File(f) => send_file(stream, out, f).await?,
+        Body::Stream(mut s) => {
+            stream.write_all(out).await?;
+            let mut n = 0u64;
+            while let Some(frame) = s.frame().await {
+                let frame = frame.map_err(io::Error::other)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                n += data.len() as u64;
+                if chunked {
+                    let size = format!("{:x}\r\n", data.len());
+                    write_two(stream, size.as_bytes(), &data).await?;
+                    stream.write_all(b"\r\n").await?;
+                } else {
+                    stream.write_all(&data).await?;
+                }
+            }
+            if chunked {
+                stream.write_all(b"0\r\n\r\n").await?;
+            }
+            n
+        }
+    };
+    if let Some(want) = expected {
+        if sent != want {
+            // The client was promised `want` bytes: closing without them is how it learns.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("body ended at {sent} of {want} bytes"),
+            ));
+        }
+    }
+    Ok(reusable)
+}
+
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `date` line, formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        line(out, b"date", c.1.as_bytes());
+    });
+}
+
+/// Writes `a` then `b` with as few system calls as the socket allows.
+async fn write_two(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() {
+        let n = stream
+            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    stream.write_all(b).await
+}
+
+/// The head (held back with `MSG_MORE` so it leaves in the first packet of data), then the
+/// file by `sendfile`. The socket is non-blocking: each call moves what the send buffer takes.
+/// A page-cache miss blocks this worker thread on the disk read inside `sendfile`, as it does
+/// nginx's without `aio threads`; the file is marked sequential so the kernel reads ahead.
+async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Result<u64> {
+    let mut head = head;
+    while !head.is_empty() {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || {
+            rustix::net::send(stream.as_fd(), head, rustix::net::SendFlags::MORE)
+                .map_err(io::Error::from)
+        }) {
+            Ok(n) => head = &head[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let slice = &f.slice;
+    let _ = rustix::fs::fadvise(
+        slice.file.as_fd(),
+        slice.offset,
+        std::num::NonZeroU64::new(slice.len),
+        rustix::fs::Advice::Sequential,
+    );
+    let end = slice.offset + slice.len;
+    let mut pos = slice.offset;
+    let result = loop {
+        if pos >= end {
+            break Ok(());
+        }
+        // Linux moves at most 0x7ffff000 bytes per call.
+        let want = usize::try_from(end - pos)
+            .unwrap_or(usize::MAX)
+            .min(0x7fff_f000);
+        if let Err(e) = stream.writable().await {
+            break Err(e);
+        }
+        match stream.try_io(Interest::WRITABLE, || {
+            rustix::fs::sendfile(stream.as_fd(), slice.file.as_fd(), Some(&mut pos), want)
+                .map_err(io::Error::from)
+        }) {
+            Ok(0) => {
+                break Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file ended before its recorded size",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let sent = pos - slice.offset;
+    (f.sent)(sent);
+    result.map(|()| sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(s: &str) -> Parsed {
+        parse(s.as_bytes(), 8192)
+    }
+
+    #[test]
+    fn bodiless_requests_are_ours_the_rest_is_hyper_s() {
+        let Parsed::Request(n) = req("GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\nGET") else {
+            panic!("a GET is handled here");
+        };
+        assert_eq!(n.head_len, 30);
+        assert!(n.keep_alive);
+        let Parsed::Request(n) = req("HEAD /v2/ HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n") else {
+            panic!("a HEAD is handled here");
+        };
+        assert!(n.keep_alive, "HTTP/1.0 keep-alive when asked");
+        let Parsed::Request(n) = req("GET / HTTP/1.0\r\n\r\n") else {
+            panic!()
+        };
+        assert!(!n.keep_alive, "HTTP/1.0 closes by default");
+        let Parsed::Request(n) = req("GET / HTTP/1.1\r\nConnection: close\r\n\r\n") else {
+            panic!()
+        };
+        assert!(!n.keep_alive);
+        assert!(matches!(
+            req("GET / HTTP/1.1\r\nHost: x\r\n"),
+            Parsed::Partial
+        ));
+        for other in [
+            "PUT /v2/a/manifests/t HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET http://example.com/ HTTP/1.1\r\n\r\n",
+            "GARBAGE\r\n\r\n",
+        ] {
+            assert!(matches!(req(other), Parsed::HandOff), "{other:?}");
+        }
+        // Over the head limit: hyper answers it (431).
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+        assert!(matches!(req(&big), Parsed::HandOff));
+        assert!(matches!(req(&big[..8500]), Parsed::HandOff));
+    }
+}
