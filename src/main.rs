@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use ociedge::config::{env, Config};
 
+/// glibc's allocator took ~12% of the CPU of small answers (malloc/free and arena locks between
+/// the runtime's threads); mimalloc's thread-local free lists do the same work for much less.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ociedge",

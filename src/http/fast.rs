@@ -49,9 +49,13 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
     let mut buf = BytesMut::with_capacity(8192);
     let mut out = Vec::with_capacity(1024);
     let mut deadline = Instant::now() + settings.header_read_timeout;
+    // Armed once and moved only when it fires early: moving a timer for every request costs
+    // more than the rest of a small answer.
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
     loop {
         let next = match parse(&buf, max_head) {
-            Parsed::Request(r) => r,
+            Parsed::Request(r) => *r,
             Parsed::Partial => {
                 let was_empty = buf.is_empty();
                 if buf.capacity() - buf.len() < 4096 {
@@ -59,7 +63,11 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
                 }
                 let read = tokio::select! {
                     r = stream.read_buf(&mut buf) => r,
-                    _ = tokio::time::sleep_until(deadline) => {
+                    _ = timer.as_mut() => {
+                        if Instant::now() < deadline {
+                            timer.as_mut().reset(deadline);
+                            continue;
+                        }
                         tracing::debug!("no complete request head in time; closing");
                         return;
                     }
@@ -72,6 +80,9 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
                 if was_empty {
                     // The first byte of a head: from here the head must come within the limit.
                     deadline = deadline.min(Instant::now() + settings.header_read_timeout);
+                    if deadline < timer.deadline() {
+                        timer.as_mut().reset(deadline);
+                    }
                 }
                 continue;
             }
@@ -108,7 +119,7 @@ struct Next {
 }
 
 enum Parsed {
-    Request(Next),
+    Request(Box<Next>),
     Partial,
     HandOff,
 }
@@ -176,11 +187,11 @@ fn parse(buf: &[u8], max_head: usize) -> Parsed {
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     *req.headers_mut() = map;
-    Parsed::Request(Next {
+    Parsed::Request(Box::new(Next {
         req,
         head_len,
         keep_alive,
-    })
+    }))
 }
 
 /// Writes `resp`; `Ok(false)` when the connection cannot carry another request (the body's end

@@ -104,6 +104,10 @@ pub struct Puller {
     /// Remote answers to blob HEADs on a miss (size, engine): digests are immutable, so a HEAD
     /// storm for content not cached yet costs the upstream one request per digest, not one each.
     remote_sizes: Cache<Digest, (u64, Arc<str>)>,
+    /// Sizes of blobs seen in a `file://` local engine in the last second: a HEAD storm costs
+    /// one `stat` a second per digest. Deletes through the API forget the entry at once; an
+    /// eviction is seen within the second (a GET in between refetches, the bytes are the same).
+    local_sizes: moka::sync::Cache<Digest, u64>,
     /// Blob hits on a cloud local engine are redirected to presigned URLs valid this long.
     redirect: Option<std::time::Duration>,
     /// Told about every access to the local engine, when a size cap is set.
@@ -137,6 +141,10 @@ impl Puller {
             preferred: None,
             evictor: None,
             redirect: None,
+            local_sizes: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(1))
+                .build(),
             remote_sizes: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(600))
@@ -267,12 +275,19 @@ impl Puller {
         // HEAD on a file:// engine: one stat, no open.
         if head {
             if let Some(root) = local.local_dir() {
-                let path = root.join(crate::engine::layout::blob_data(digest).as_ref());
-                if let Ok(m) = std::fs::metadata(&path) {
-                    let range = range.map(|s| s.resolve(m.len())).transpose()?;
-                    return Ok(hit(m.len(), range, None));
-                }
-                return Ok(None);
+                let size = match self.local_sizes.get(digest) {
+                    Some(size) => size,
+                    None => {
+                        let path = root.join(crate::engine::layout::blob_data(digest).as_ref());
+                        let Ok(m) = std::fs::metadata(&path) else {
+                            return Ok(None);
+                        };
+                        self.local_sizes.insert(digest.clone(), m.len());
+                        m.len()
+                    }
+                };
+                let range = range.map(|s| s.resolve(size)).transpose()?;
+                return Ok(hit(size, range, None));
             }
         }
         // Fast path: a file:// engine's file, read directly in large chunks.
@@ -334,6 +349,11 @@ impl Puller {
                 Ok(None)
             }
         }
+    }
+
+    /// A blob was deleted from the local engine through the API.
+    pub fn forget_local(&self, digest: &Digest) {
+        self.local_sizes.invalidate(digest);
     }
 
     async fn head_remote(
