@@ -46,6 +46,8 @@ pub struct App {
     /// …and fetched from these remote engines.
     pub history_engines: Vec<String>,
     pub tag_ttl: Duration,
+    /// `Cache-Control` of answers by tag (`public, max-age=<tag_ttl>`), made once.
+    pub tag_cache_control: http::HeaderValue,
 }
 
 /// Spool files older than this are leftovers of a crashed process (a fill never takes a day).
@@ -253,6 +255,11 @@ impl App {
             evictor,
             auth,
             tag_ttl: config.cache.tag_ttl.0,
+            tag_cache_control: http::HeaderValue::from_str(&format!(
+                "public, max-age={}",
+                config.cache.tag_ttl.0.as_secs()
+            ))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("no-cache")),
             config,
             region,
             puller,

@@ -56,6 +56,9 @@ pub fn etag(d: &Digest) -> String {
 
 /// Whether `If-None-Match` matches the ETag (so the answer is `304`).
 pub fn none_match(headers: &HeaderMap, d: &Digest) -> bool {
+    if !headers.contains_key(header::IF_NONE_MATCH) {
+        return false;
+    }
     let tag = etag(d);
     headers
         .get_all(header::IF_NONE_MATCH)

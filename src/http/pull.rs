@@ -148,10 +148,7 @@ pub async fn manifest(
         Reference::Digest(_) => b.header(header::CACHE_CONTROL, IMMUTABLE_VALUE.clone()),
         Reference::Tag(_) => {
             let b = b
-                .header(
-                    header::CACHE_CONTROL,
-                    value(&format!("public, max-age={}", app.tag_ttl.as_secs())),
-                )
+                .header(header::CACHE_CONTROL, app.tag_cache_control.clone())
                 .header(header::VARY, HeaderValue::from_static("Accept"));
             match ans.stale_age {
                 Some(age) => b.header(header::AGE, age.as_secs()),

@@ -237,6 +237,18 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
+/// 16 random hex digits (without `format!`: this runs for every request).
+fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u64>();
+    let mut s = String::with_capacity(16);
+    for _ in 0..16 {
+        s.push(char::from(HEX[(n >> 60) as usize]));
+        n <<= 4;
+    }
+    s
+}
+
 /// One request: route, handle, map errors to OCI bodies, stamp the common headers.
 pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> {
     let start = Instant::now();
@@ -246,7 +258,7 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
-        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+        .unwrap_or_else(new_request_id);
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
