@@ -4,7 +4,9 @@
 //! - `http/`: the front. `route.rs` is the one route table (the `/v2/` grammar parsed by hand),
 //!   `pull.rs` the thin read handlers, `ops.rs` health, readiness, metrics and status,
 //!   `server.rs` the listeners, connection cap and graceful shutdown, `conn.rs` one connection
-//!   (TLS handshake, HTTP/1.1 or HTTP/2, idle and header timeouts), `tls.rs` the rustls
+//!   (TLS handshake, HTTP/1.1 or HTTP/2 by hyper, idle and header timeouts), `fast.rs` the
+//!   plain HTTP/1.1 front for bodiless GET/HEAD (local blobs by `sendfile`; everything else
+//!   handed to hyper through `rewind.rs`), `body.rs` the body types, `tls.rs` the rustls
 //!   acceptor and certificate reloading.
 //! - `pull/`: the pull path. `mod.rs` (`Puller`): hits, misses, manifests, tags;
 //!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache.

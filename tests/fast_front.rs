@@ -1,0 +1,226 @@
+//! The plain HTTP/1.1 front: bodiless GET/HEAD answered without hyper (local blobs by
+//! `sendfile`), pipelined requests answered in order, HTTP/1.0 keep-alive rules, and the hand-off
+//! to hyper (a request with a body, HTTP/2 prior knowledge) on the same connection.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One response read off a raw connection: status, lower-cased headers, body.
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response from `s` (`buf` keeps what was read past it). Bodies are delimited by
+/// `content-length` (none for `head`).
+async fn read_resp(s: &mut TcpStream, buf: &mut Vec<u8>, head: bool) -> Resp {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "connection closed before a response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let text = String::from_utf8(buf[..end].to_vec()).expect("ascii head");
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    buf.drain(..end);
+    let len: usize = if head {
+        0
+    } else {
+        headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .map(|(_, v)| v.parse().expect("length"))
+            .unwrap_or(0)
+    };
+    while buf.len() < len {
+        let mut chunk = vec![0u8; 1 << 20];
+        let n = s.read(&mut chunk).await.expect("read body");
+        assert!(n > 0, "connection closed inside a body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf.drain(..len).collect();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo"]
+async fn plain_http1_front_pipelines_sends_files_and_hands_off_to_hyper() {
+    let origin = Origin::start();
+    origin.push(&[("small-1.0", "library/small:1.0", false)]);
+    let proxy = Proxy::start(&mirror_config(&origin.url(), ""));
+    let c = client();
+    let m: serde_json::Value = c
+        .get(proxy.url(&format!("/v2/library/small/manifests/{SMALL}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let layer = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64())
+        .unwrap()
+        .clone();
+    let digest = layer["digest"].as_str().unwrap().to_string();
+    let size = layer["size"].as_u64().unwrap() as usize;
+    // Fill the local engine, then every read below is a local file hit.
+    let full = c
+        .get(proxy.url(&format!("/v2/library/small/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(format!("sha256:{}", sha256_hex(&full)), digest);
+    let path = proxy.blob_path(&digest);
+    assert!(
+        eventually(Duration::from_secs(10), async || path.exists()).await,
+        "blob committed"
+    );
+
+    // Three pipelined requests in one write: a range, a HEAD, the whole blob.
+    let mut s = TcpStream::connect(proxy.host()).await.unwrap();
+    let blob = format!("/v2/library/small/blobs/{digest}");
+    let reqs = format!(
+        "GET {blob} HTTP/1.1\r\nHost: x\r\nRange: bytes=10-19\r\n\r\n\
+         HEAD {blob} HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET {blob} HTTP/1.1\r\nHost: x\r\n\r\n"
+    );
+    s.write_all(reqs.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, full[10..20]);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 10-19/{size}").as_str())
+    );
+    assert_eq!(r.header("x-ociedge-source"), Some("local"));
+    let r = read_resp(&mut s, &mut buf, true).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some(size.to_string().as_str()));
+    assert!(r.header("date").is_some(), "a date on every answer");
+    let r = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), size);
+    assert!(r.body == full, "sendfile sent the blob's bytes");
+
+    // A request with a body on the same connection goes to hyper, and the connection stays
+    // usable (hyper now serves it).
+    s.write_all(
+        b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+          Content-Length: 5\r\n\r\na=b&c",
+    )
+    .await
+    .unwrap();
+    let r = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 404, "no auth: section, no token endpoint");
+    let err: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(err["errors"][0]["code"], "UNSUPPORTED");
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
+
+    // HTTP/1.0: closed after the answer unless keep-alive is asked for.
+    let mut s = TcpStream::connect(proxy.host()).await.unwrap();
+    s.write_all(b"GET /v2/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n").await.unwrap();
+    let r = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(n, 0, "nothing after the answer, then EOF");
+
+    // An error answer keeps its OCI body and the connection.
+    let mut s = TcpStream::connect(proxy.host()).await.unwrap();
+    s.write_all(b"GET /v2/library/small/blobs/sha256:abc HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 400);
+    let err: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(err["errors"][0]["code"], "DIGEST_INVALID");
+    assert_eq!(read_resp(&mut s, &mut buf, false).await.status, 200);
+
+    // HTTP/2 prior knowledge on the plain port: hyper's, file bodies read in chunks.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(proxy.url(&blob)).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap() == full);
+
+    // Bytes sent by sendfile are counted like the others: three whole blobs and a range here,
+    // two whole blobs and the range outside the fill.
+    let metrics = c
+        .get(proxy.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let local: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("ociedge_bytes_served_total{source=\"local\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("bytes served from local");
+    assert!(
+        local >= (2 * size + 10) as u64,
+        "{local} bytes counted for two local blobs and a range"
+    );
+}
