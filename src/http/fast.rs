@@ -38,6 +38,9 @@ use crate::app::App;
 /// Most header lines a request handled here may have; more goes to hyper (which allows 100).
 const MAX_HEADERS: usize = 64;
 
+/// `sendfile` progress is added to the byte counters every this many bytes.
+const COUNT_STEP: u64 = 64 << 20;
+
 /// A full body up to this size is copied behind the head and sent in one `write`.
 const COALESCE: usize = 16 * 1024;
 
@@ -293,6 +296,10 @@ async fn send(
                     continue;
                 }
                 n += data.len() as u64;
+                if expected.is_some_and(|want| n > want) {
+                    // More than promised would be read as the start of the next response.
+                    return Err(io::Error::other("body longer than its content-length"));
+                }
                 if chunked {
                     let size = format!("{:x}\r\n", data.len());
                     write_two(stream, size.as_bytes(), &data).await?;
@@ -390,7 +397,13 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Resu
     );
     let end = slice.offset + slice.len;
     let mut pos = slice.offset;
+    // Counted in steps, so a long download shows on the graphs while it runs.
+    let mut counted = pos;
     let result = loop {
+        if pos - counted >= COUNT_STEP {
+            (f.sent)(pos - counted);
+            counted = pos;
+        }
         if pos >= end {
             break Ok(());
         }
@@ -416,9 +429,8 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Resu
             Err(e) => break Err(e),
         }
     };
-    let sent = pos - slice.offset;
-    (f.sent)(sent);
-    result.map(|()| sent)
+    (f.sent)(pos - counted);
+    result.map(|()| pos - slice.offset)
 }
 
 #[cfg(test)]
