@@ -342,3 +342,53 @@ async fn bad_input_gets_precise_errors_and_harms_nothing() {
     assert!(verify_pull(&proxy.host(), "library/small:1.0", SMALL));
     drop(origin);
 }
+
+/// A client that accepts only OCI manifests asks for a tag whose answer is Docker schema 2: the
+/// authority has nothing else (Distribution answers 400), so the fresh answer is served as it is,
+/// and the authority is not asked again for each such request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo"]
+async fn a_tag_the_client_cannot_negotiate_is_not_revalidated_per_request() {
+    let origin = Origin::start();
+    origin.push(&[("small-1.0", "library/v2s2:1.0", true)]);
+    let proxy = Proxy::start(&mirror_config(&origin.url(), "cache: { tag_ttl: 60s }\n"));
+    let c = client();
+    let docker = "application/vnd.docker.distribution.manifest.v2+json";
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let r = c
+        .get(proxy.url("/v2/library/v2s2/manifests/1.0"))
+        .header("accept", format!("{oci}, {docker}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], docker);
+    let asked = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("/v2/library/v2s2/manifests/1.0") && l.contains("response completed")
+            })
+            .count()
+    };
+    let before = asked(&origin.log());
+    for _ in 0..20 {
+        let r = c
+            .get(proxy.url("/v2/library/v2s2/manifests/1.0"))
+            .header("accept", oci)
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 200 {
+            eprintln!("{}\n{}", proxy.log(), origin.log());
+        }
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], docker);
+        assert!(r.headers().get("age").is_none(), "fresh, not stale");
+    }
+    let after = asked(&origin.log());
+    assert!(
+        after - before <= 1,
+        "the authority was asked {} times for 20 requests",
+        after - before
+    );
+}

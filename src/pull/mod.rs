@@ -108,6 +108,9 @@ pub struct Puller {
     /// one `stat` a second per digest. Deletes through the API forget the entry at once; an
     /// eviction is seen within the second (a GET in between refetches, the bytes are the same).
     local_sizes: moka::sync::Cache<Digest, u64>,
+    /// Tags whose fresh answer is of a type some client did not accept and the authority had no
+    /// other: served as they are until the TTL, instead of asking the authority per request.
+    unnegotiable: moka::sync::Cache<(RepoName, Tag), ()>,
     /// Blob hits on a cloud local engine are redirected to presigned URLs valid this long.
     redirect: Option<std::time::Duration>,
     /// Told about every access to the local engine, when a size cap is set.
@@ -124,6 +127,7 @@ enum LinkKind {
 
 impl Puller {
     pub fn new(engines: Arc<Engines>, fills: Fills, tags: TagCache, metrics: Metrics) -> Puller {
+        let tag_ttl = tags.ttl();
         let manifests = Cache::builder()
             .max_capacity(64 << 20)
             .weigher(|_k: &Digest, m: &Manifest| {
@@ -141,6 +145,10 @@ impl Puller {
             preferred: None,
             evictor: None,
             redirect: None,
+            unnegotiable: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(tag_ttl.max(std::time::Duration::from_secs(1)))
+                .build(),
             local_sizes: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(1))
@@ -513,8 +521,10 @@ impl Puller {
         let Some(upstream) = self.engines.upstream(r) else {
             return self.storage_tag(r, tag, accept).await;
         };
-        if let Some(e) = self.tags.fresh(repo, tag).await {
-            if media::accepts(accept, &e.media_type) {
+        let fresh = self.tags.fresh(repo, tag).await;
+        if let Some(e) = &fresh {
+            let key = (repo.clone(), tag.clone());
+            if media::accepts(accept, &e.media_type) || self.unnegotiable.contains_key(&key) {
                 self.metrics.cache("tag", "hit");
                 let (manifest, source) = self.manifest_by_digest(r, &e.digest, accept).await?;
                 return Ok(ManifestAnswer {
@@ -533,11 +543,17 @@ impl Puller {
         {
             Ok(Some(meta)) => {
                 self.metrics.cache("tag", "revalidated");
+                // The manifest first: a tag answer is recorded only once its manifest is at hand
+                // (an upstream rewriting for old clients names digests it cannot serve).
+                let (manifest, source) =
+                    match self.manifest_by_digest(r, &meta.digest, accept).await {
+                        Ok(found) => found,
+                        Err(e) => return self.serve_as_is(r, tag, fresh, accept, e).await,
+                    };
                 let old = self
                     .tags
                     .insert(repo, tag, meta.digest.clone(), meta.media_type.clone())
                     .await;
-                let (manifest, source) = self.manifest_by_digest(r, &meta.digest, accept).await?;
                 if old.as_ref() != Some(&meta.digest) && self.engines.local_usable() {
                     // Persist the answer so it survives a restart as the stale fallback.
                     if let Err(e) = self.engines.local().put_tag(repo, tag, &meta.digest).await {
@@ -550,6 +566,13 @@ impl Puller {
                     stale_age: None,
                 })
             }
+            Ok(None) if fresh.is_some() => {
+                let e = Error::client(
+                    ErrorCode::ManifestUnknown,
+                    "no manifest of an accepted type",
+                );
+                self.serve_as_is(r, tag, fresh, accept, e).await
+            }
             Ok(None) => {
                 self.tags.forget(repo, tag).await;
                 Err(Error::client(
@@ -558,6 +581,7 @@ impl Puller {
                 ))
             }
             Err(e @ Error::Client(_)) => Err(e),
+            Err(e) if fresh.is_some() => self.serve_as_is(r, tag, fresh, accept, e).await,
             Err(e) => {
                 self.metrics.upstream_error(upstream.engine.id());
                 tracing::warn!(error = %e, "tag authority unreachable; trying a stale answer");
@@ -566,6 +590,34 @@ impl Puller {
                 })
             }
         }
+    }
+
+    /// The authority answered this tag moments ago (`fresh`) with a type this client does not
+    /// accept, and now offers no other it can serve (Distribution rewrites to schema 1 for such
+    /// clients, or refuses): serve the fresh answer as it is, as registries answer with the type
+    /// they have, and do not ask again for each such request until the TTL. `why` is returned
+    /// when there is no fresh answer after all.
+    async fn serve_as_is(
+        &self,
+        r: &Routed,
+        tag: &Tag,
+        fresh: Option<tags::TagEntry>,
+        accept: &[String],
+        why: Error,
+    ) -> Result<ManifestAnswer> {
+        let Some(entry) = fresh else {
+            return Err(why);
+        };
+        tracing::debug!(error = %why, "no other media type upstream; serving the fresh answer");
+        self.unnegotiable
+            .insert((r.storage_repo.clone(), tag.clone()), ());
+        self.metrics.cache("tag", "hit");
+        let (manifest, source) = self.manifest_by_digest(r, &entry.digest, accept).await?;
+        Ok(ManifestAnswer {
+            manifest,
+            source,
+            stale_age: None,
+        })
     }
 
     /// A tag of a pushed repository: the preferred engine is its authority. `None` when the
