@@ -44,6 +44,26 @@ impl RegistryEngine {
     }
 
     /// An error for an upstream status other than success or 404.
+    /// `GET` or `HEAD` of a manifest with the client's `Accept`: the `200` response, `None` for
+    /// a `404`, an error for anything else.
+    async fn manifest_request(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<reqwest::Response>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::ACCEPT, accept_header(accept));
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self.get(method, repo, &path, headers).await?;
+        match resp.status() {
+            StatusCode::OK => Ok(Some(resp)),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(self.status_error("manifest", s)),
+        }
+    }
+
     fn status_error(&self, what: &str, status: StatusCode) -> Error {
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::client(
@@ -191,21 +211,12 @@ impl Engine for RegistryEngine {
         reference: &Reference,
         accept: &[String],
     ) -> Result<Option<Manifest>> {
-        let mut headers = HeaderMap::new();
-        headers.insert(http::header::ACCEPT, accept_header(accept));
-        let resp = self
-            .get(
-                Method::GET,
-                repo,
-                &format!("/v2/{repo}/manifests/{reference}"),
-                headers,
-            )
-            .await?;
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok(None),
-            s => return Err(self.status_error("manifest", s)),
-        }
+        let Some(resp) = self
+            .manifest_request(Method::GET, repo, reference, accept)
+            .await?
+        else {
+            return Ok(None);
+        };
         if resp
             .content_length()
             .is_some_and(|l| l > MAX_MANIFEST as u64)
@@ -264,21 +275,12 @@ impl Engine for RegistryEngine {
         reference: &Reference,
         accept: &[String],
     ) -> Result<Option<ManifestMeta>> {
-        let mut headers = HeaderMap::new();
-        headers.insert(http::header::ACCEPT, accept_header(accept));
-        let resp = self
-            .get(
-                Method::HEAD,
-                repo,
-                &format!("/v2/{repo}/manifests/{reference}"),
-                headers,
-            )
-            .await?;
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok(None),
-            s => return Err(self.status_error("manifest", s)),
-        }
+        let Some(resp) = self
+            .manifest_request(Method::HEAD, repo, reference, accept)
+            .await?
+        else {
+            return Ok(None);
+        };
         let digest: Option<Digest> = header_str(
             &resp,
             http::HeaderName::from_static("docker-content-digest"),
