@@ -264,16 +264,7 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
     let _ = get("/v2/library/nothing/manifests/latest".into()).await;
     let _ = get("/_ociedge/status".into()).await;
 
-    let metrics = || async {
-        client()
-            .get(proxy.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || async { get_text(proxy.url("/metrics")).await };
     let settled = eventually(Duration::from_secs(30), async || {
         let m = metrics().await;
         m.contains("ociedge_replication_jobs_done_total{engine=\"us\"}")

@@ -105,14 +105,7 @@ async fn the_cap_holds_and_the_most_recent_content_stays() {
     // image pulls again (refilled).
     assert_no_dangling_tags(&proxy.data());
     assert!(verify_pull(&proxy.host(), "library/small:1.0", SMALL));
-    let m = client()
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(proxy.url("/metrics")).await;
     assert!(m.contains("ociedge_evictions_total"), "{m}");
     assert!(m.contains("ociedge_local_engine_bytes"), "{m}");
 }

@@ -83,23 +83,8 @@ async fn plain_http1_front_pipelines_sends_files_and_hands_off_to_hyper() {
     origin.push(&[("small-1.0", "library/small:1.0", false)]);
     let proxy = Proxy::start(&mirror_config(&origin.url(), ""));
     let c = client();
-    let m: serde_json::Value = c
-        .get(proxy.url(&format!("/v2/library/small/manifests/{SMALL}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let layer = m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|l| l["size"].as_u64())
-        .unwrap()
-        .clone();
-    let digest = layer["digest"].as_str().unwrap().to_string();
-    let size = layer["size"].as_u64().unwrap() as usize;
+    let (digest, size) = largest_layer(&proxy, "library/small", SMALL).await;
+    let size = size as usize;
     // Fill the local engine, then every read below is a local file hit.
     let full = c
         .get(proxy.url(&format!("/v2/library/small/blobs/{digest}")))
@@ -205,14 +190,7 @@ async fn plain_http1_front_pipelines_sends_files_and_hands_off_to_hyper() {
 
     // Bytes sent by sendfile are counted like the others: three whole blobs and a range here,
     // two whole blobs and the range outside the fill.
-    let metrics = c
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(proxy.url("/metrics")).await;
     let local: u64 = metrics
         .lines()
         .find(|l| l.starts_with("ociedge_bytes_served_total{source=\"local\"}"))

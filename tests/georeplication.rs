@@ -149,14 +149,7 @@ async fn misses_come_from_the_nearest_region_with_failover() {
             == ["far", "near"])
         .await
     );
-    let metrics = client()
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(proxy.url("/metrics")).await;
     assert!(
         metrics.contains("ociedge_engine_up{engine=\"near\"} 0"),
         "{metrics}"

@@ -15,27 +15,9 @@ async fn started() -> (Origin, Proxy) {
     (origin, proxy)
 }
 
-/// The largest layer of library/small:1.0 (3 MiB), read from its manifest.
+/// The largest layer of library/small:1.0 (3 MiB).
 async fn a_layer(proxy: &Proxy) -> (String, u64) {
-    let m: serde_json::Value = client()
-        .get(proxy.url(&format!("/v2/library/small/manifests/{SMALL}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let l = m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|l| l["size"].as_u64())
-        .unwrap()
-        .clone();
-    (
-        l["digest"].as_str().unwrap().to_string(),
-        l["size"].as_u64().unwrap(),
-    )
+    largest_layer(proxy, "library/small", SMALL).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -113,14 +113,7 @@ async fn podman_and_containerd_pull_through_the_mirror() {
         .env("HARNESS_STATE", state.path())
         .status();
     // The names do not resolve, so the pulls can only have gone through ociedge; its metrics agree.
-    let metrics = client()
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(proxy.url("/metrics")).await;
     assert!(metrics.contains("route=\"manifest_tag\""), "{metrics}");
     assert!(
         metrics.contains("ociedge_fills_total{result=\"done\"}"),

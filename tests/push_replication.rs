@@ -471,14 +471,7 @@ async fn replication_waits_for_a_target_that_is_down() {
         s["replication_backlog"]["us"]["jobs"].as_u64().unwrap() > 0,
         "jobs wait: {s}"
     );
-    let m = client()
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(proxy.url("/metrics")).await;
     assert!(
         m.contains("ociedge_replication_failures_total{engine=\"us\"}"),
         "{m}"

@@ -418,14 +418,7 @@ fn canned_status() -> serde_json::Value {
 async fn chromium_draws_an_hour_of_history_on_a_laptop_and_a_phone() {
     // The page as the binary serves it, fed canned JSON.
     let proxy = Proxy::start(&mirror_config("http://127.0.0.1:9", ""));
-    let page = client()
-        .get(proxy.url("/_ociedge/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(proxy.url("/_ociedge/")).await;
     let port = serve_canned(page, canned_status().to_string()).await;
     let url = format!("http://127.0.0.1:{port}/");
     let dom = dump_dom(&url).await;

@@ -348,6 +348,40 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// The body of a GET as text (`/metrics`, pages): the test fails if it cannot be had.
+pub async fn get_text(url: impl reqwest::IntoUrl) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// The largest layer (digest, size) of the manifest `reference` of `repo`, read through
+/// `proxy`.
+pub async fn largest_layer(proxy: &Proxy, repo: &str, reference: &str) -> (String, u64) {
+    let m: serde_json::Value = client()
+        .get(proxy.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .send()
+        .await
+        .expect("GET manifest")
+        .json()
+        .await
+        .expect("manifest JSON");
+    let l = m["layers"]
+        .as_array()
+        .and_then(|ls| ls.iter().max_by_key(|l| l["size"].as_u64()))
+        .expect("a layer")
+        .clone();
+    (
+        l["digest"].as_str().expect("digest").to_string(),
+        l["size"].as_u64().expect("size"),
+    )
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(data))
