@@ -98,4 +98,10 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("manifest", manifest),
     ("config", config),
     ("www_authenticate", www_authenticate),
+    ("request_head", request_head),
 ];
+
+/// Request heads as the plain HTTP/1.1 front reads them off a socket.
+pub fn request_head(data: &[u8]) {
+    crate::http::fast::fuzz_parse(data);
+}

@@ -433,6 +433,23 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Resu
     result.map(|()| pos - slice.offset)
 }
 
+/// For the `request_head` fuzz target: whatever the bytes, `parse` returns, and what it takes
+/// for itself is a bodiless GET or HEAD with an origin-form path inside the bytes it was given.
+pub fn fuzz_parse(data: &[u8]) {
+    let Parsed::Request(n) = parse(data, 8192) else {
+        return;
+    };
+    assert!(n.head_len <= data.len() && n.head_len <= 8192);
+    assert!(matches!(*n.req.method(), Method::GET | Method::HEAD));
+    assert!(n.req.uri().path().starts_with('/'));
+    let h = n.req.headers();
+    assert!(!h.contains_key(header::TRANSFER_ENCODING));
+    assert!(!h.contains_key(header::EXPECT) && !h.contains_key(header::UPGRADE));
+    assert!(h.get_all(header::CONTENT_LENGTH).iter().all(|v| v == "0"));
+    let _ = super::route::parse(n.req.uri().path());
+    let _ = super::route::query(n.req.uri().query());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
