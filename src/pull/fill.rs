@@ -2,18 +2,19 @@
 //! which every concurrent request for that digest reads from as it grows.
 //!
 //! A fill is a detached task ([`run_fill`]) that owns the transfer: no client can slow it (readers
-//! read the spool file at their own pace, never a channel the fill waits on) or cancel it (dropping
-//! a response drops only that reader). Bytes land in a spool file first and are hashed on the way;
+//! read at their own pace, never through a channel the fill waits on) or cancel it (dropping a
+//! response drops only that reader). Readers keeping up with the fill take its chunks from a small
+//! window of the most recent ones in memory; a reader that fell behind reads the spool file. Bytes land in a spool file first and are hashed on the way;
 //! only a whole, verified blob is committed to the local engine. Readers never see the end of the
 //! blob before the verdict: the last byte is held back until the digest has been checked, so a
 //! client that was sent wrong bytes gets a broken response, never a clean one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -25,6 +26,11 @@ use crate::oci::{Digest, ErrorCode, RepoName, Verifier};
 
 /// Writes are batched up to this many bytes when the network delivers faster than the disk.
 const WRITE_BATCH: usize = 1 << 20;
+
+/// Bytes of the most recent chunks kept in memory for readers that keep up with the fill: enough
+/// to absorb the jitter of a client on a fast link, small enough that memory stays flat whatever
+/// the number of fills and readers. Chunks still on their way to disk are kept on top of it.
+const WINDOW: usize = 4 << 20;
 
 /// How a fill ended.
 #[derive(Clone, Debug)]
@@ -46,6 +52,8 @@ pub struct Progress {
     pub source: Option<Arc<str>>,
     /// Bytes in the spool file.
     pub written: u64,
+    /// Bytes readers may take: in the spool file or in the window (at least `written`).
+    pub received: u64,
     /// The whole blob is in the spool and matched its digest.
     pub verified: bool,
     pub outcome: Option<Outcome>,
@@ -58,6 +66,60 @@ pub struct FillState {
     /// Read handle of the spool file (readers `pread` it; it stays valid after the file is
     /// renamed, linked or unlinked).
     spool: OnceLock<Arc<File>>,
+    /// The most recent chunks, so readers that keep up need no disk read. Held only to push,
+    /// evict or clone a chunk.
+    window: Mutex<Window>,
+}
+
+/// Consecutive chunks of the blob ending at `Progress::received`.
+#[derive(Default)]
+struct Window {
+    /// (offset, bytes), in offset order, without gaps.
+    chunks: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Window {
+    fn push(&mut self, offset: u64, chunk: Bytes) {
+        self.bytes += chunk.len();
+        self.chunks.push_back((offset, chunk));
+    }
+
+    /// Drops the oldest chunks beyond [`WINDOW`], but only those already in the spool file:
+    /// a reader that misses the window must find its bytes on disk.
+    fn trim(&mut self, written: u64) {
+        while let Some((off, c)) = self.chunks.front() {
+            if self.bytes - c.len() < WINDOW || off + c.len() as u64 > written {
+                break;
+            }
+            self.bytes -= c.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    /// Up to `want` bytes from `pos`, if the window still holds `pos`.
+    fn get(&self, pos: u64, want: u64) -> Option<Bytes> {
+        let first = self.chunks.front()?.0;
+        if pos < first {
+            return None;
+        }
+        // The chunk holding `pos`: the last one starting at or before it.
+        let i = self.chunks.partition_point(|(off, _)| *off <= pos);
+        let (off, c) = self.chunks.get(i.checked_sub(1)?)?;
+        let start = usize::try_from(pos - off).ok()?;
+        if start >= c.len() {
+            return None;
+        }
+        let len = usize::try_from(want)
+            .unwrap_or(usize::MAX)
+            .min(c.len() - start);
+        Some(c.slice(start..start + len))
+    }
 }
 
 /// The single-flight table. `join_or_start` either joins the fill running for a digest or
@@ -136,6 +198,7 @@ impl Fills {
                 digest: digest.clone(),
                 progress: watch::Sender::new(Progress::default()),
                 spool: OnceLock::new(),
+                window: Mutex::new(Window::default()),
             });
             map.insert(digest.clone(), state.clone());
             state
@@ -159,9 +222,7 @@ impl Fills {
                 if let Ok(mut map) = fills.inner.running.lock() {
                     map.remove(&task_state.digest);
                 }
-                task_state
-                    .progress
-                    .send_modify(|p| p.outcome = Some(outcome));
+                task_state.end(outcome);
             }
             .instrument(span),
         );
@@ -173,19 +234,29 @@ impl Fills {
             digest: digest.clone(),
             progress: watch::Sender::new(Progress::default()),
             spool: OnceLock::new(),
+            window: Mutex::new(Window::default()),
         });
         let s = state.clone();
         let dir = self.inner.spool_dir.clone();
         let metrics = self.inner.metrics.clone();
         tokio::spawn(async move {
             let outcome = run_fill(&s, plan, &dir, &metrics, None).await;
-            s.progress.send_modify(|p| p.outcome = Some(outcome));
+            s.end(outcome);
         });
         state
     }
 }
 
 impl FillState {
+    /// Publishes the outcome. Everything is in the spool file by then (or the fill failed), so the
+    /// window is let go: readers still going read the file.
+    fn end(&self, outcome: Outcome) {
+        if let Ok(mut w) = self.window.lock() {
+            w.clear();
+        }
+        self.progress.send_modify(|p| p.outcome = Some(outcome));
+    }
+
     /// Waits until a source answered: `(size, source)`, or the fill's failure.
     pub async fn started(&self) -> Result<(u64, Arc<str>)> {
         let mut rx = self.progress.subscribe();
@@ -212,6 +283,17 @@ impl FillState {
         }
     }
 
+    /// Records that the spool file holds `written` bytes, so the window may let go of them.
+    fn published(&self, written: u64) {
+        if let Ok(mut w) = self.window.lock() {
+            w.trim(written);
+        }
+        self.progress.send_modify(|p| {
+            p.written = written;
+            p.received = p.received.max(written);
+        });
+    }
+
     /// A stream of `len` bytes from `offset`, read from the spool as the fill writes it. The last
     /// byte comes only after the digest has been verified; a failed fill ends the stream with an
     /// error.
@@ -226,26 +308,46 @@ impl FillState {
                     return Ok(None);
                 }
                 loop {
-                    let (allowed, failed) = {
+                    let (allowed, on_disk, failed) = {
                         let p = rx.borrow_and_update();
-                        match &p.outcome {
+                        let (allowed, failed) = match &p.outcome {
+                            // Verified bytes stay good even if the sync or commit fails after.
+                            _ if p.verified => (end, None),
                             Some(Outcome::Done) => (end, None),
                             Some(Outcome::NotFound) => (0, Some("blob vanished".into())),
                             Some(Outcome::Failed(m)) => (0, Some(m.clone())),
                             // Hold the final byte back until the verdict.
-                            None => (p.written.min(end.saturating_sub(1)), None),
-                        }
+                            None => (p.received.min(end.saturating_sub(1)), None),
+                        };
+                        let on_disk = if p.outcome.is_some() || p.verified {
+                            allowed
+                        } else {
+                            p.written.min(allowed)
+                        };
+                        (allowed, on_disk, failed)
                     };
                     if let Some(m) = failed {
                         return Err(Error::engine("fill", m));
                     }
                     if pos < allowed {
+                        let from_window = match fill.window.lock() {
+                            Ok(w) => w.get(pos, allowed - pos),
+                            Err(_) => None,
+                        };
+                        if let Some(chunk) = from_window {
+                            let next = pos + chunk.len() as u64;
+                            return Ok(Some((chunk, (fill, rx, next))));
+                        }
                         let file = fill
                             .spool
                             .get()
                             .cloned()
                             .ok_or_else(|| Error::engine("fill", "spool missing"))?;
-                        let want = (allowed - pos).min(crate::fileio::CHUNK as u64) as usize;
+                        // Past the window, the bytes are in the spool file.
+                        if pos >= on_disk {
+                            return Err(Error::engine("fill", "spool behind the window"));
+                        }
+                        let want = (on_disk - pos).min(crate::fileio::CHUNK as u64) as usize;
                         let chunk = crate::fileio::read_at(file, pos, want).await?;
                         if chunk.is_empty() {
                             return Err(Error::engine("fill", "spool shorter than reported"));
@@ -325,19 +427,33 @@ async fn run_fill(
     // 2. Copy, hashing as we go; on a failed stream move to the next engine at the same offset.
     let mut sink = SpoolSink::new(writer.clone(), Verifier::new(digest));
     let mut written: u64 = 0;
-    let mut batch = BytesMut::new();
+    // What the stream said after a batch was cut short (its error or its end), for the next turn.
+    let mut held: Option<Option<Result<Bytes>>> = None;
     loop {
-        let item = stream.next().await;
+        let item = match held.take() {
+            Some(item) => item,
+            None => stream.next().await,
+        };
         let mut end_of_stream = false;
+        let mut batch = Vec::new();
+        let mut batch_len = 0;
         match item {
             Some(Ok(chunk)) => {
-                batch.extend_from_slice(&chunk);
+                batch_len += chunk.len();
+                batch.push(chunk);
                 // Take whatever else is ready now, so a fast network gets large disk writes and a
                 // slow one still reaches readers at once.
-                while batch.len() < WRITE_BATCH {
+                while batch_len < WRITE_BATCH {
                     match stream.next().now_or_never() {
-                        Some(Some(Ok(c))) => batch.extend_from_slice(&c),
-                        _ => break,
+                        Some(Some(Ok(c))) => {
+                            batch_len += c.len();
+                            batch.push(c);
+                        }
+                        Some(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        None => break,
                     }
                 }
             }
@@ -349,20 +465,29 @@ async fn run_fill(
             }
             None => end_of_stream = true,
         }
+        batch.retain(|c| !c.is_empty());
         if !batch.is_empty() {
-            let data: Bytes = batch.split().freeze();
-            if sink.queued() + data.len() as u64 > size {
+            if sink.queued() + batch_len as u64 > size {
                 return Outcome::Failed(
                     format!("{} sent more bytes than the blob's size", engine.id()).into(),
                 );
             }
-            metrics.engine_bytes(engine.id(), data.len() as u64);
+            metrics.engine_bytes(engine.id(), batch_len as u64);
+            // Readers may take the batch from memory at once, before it is hashed or written.
+            let mut offset = sink.queued();
+            if let Ok(mut w) = state.window.lock() {
+                for c in &batch {
+                    w.push(offset, c.clone());
+                    offset += c.len() as u64;
+                }
+                state.progress.send_modify(|p| p.received = offset);
+            }
             // Hash and write in the background while the next chunk is read from the network.
-            match sink.push(data).await {
+            match sink.push(batch).await {
                 Ok(done) => written = done,
                 Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
             }
-            state.progress.send_modify(|p| p.written = written);
+            state.published(written);
         }
         if end_of_stream {
             // Everything read so far must be on disk before deciding what is missing.
@@ -370,7 +495,7 @@ async fn run_fill(
                 Ok(done) => written = done,
                 Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
             }
-            state.progress.send_modify(|p| p.written = written);
+            state.published(written);
         }
         if !end_of_stream {
             continue;
@@ -466,12 +591,14 @@ fn open_spool(path: &std::path::Path) -> std::io::Result<(File, File)> {
     Ok((w, r))
 }
 
-/// The spool writer: hashes and writes each batch on a blocking thread, one batch in flight, so
-/// hashing and disk writes overlap the network reads.
+/// The spool writer: hashes a batch on one blocking thread while writing it on another, one batch
+/// in flight, so the slower of the two (not their sum) sets the pace, and both overlap the
+/// network reads. A batch is the network's own chunks: nothing is copied.
 struct SpoolSink {
     file: Arc<File>,
     verifier: Option<Verifier>,
-    inflight: Option<tokio::task::JoinHandle<(Verifier, std::io::Result<()>, u64)>>,
+    hashing: Option<tokio::task::JoinHandle<Verifier>>,
+    writing: Option<tokio::task::JoinHandle<(std::io::Result<()>, u64)>>,
     written: u64,
     queued: u64,
 }
@@ -481,7 +608,8 @@ impl SpoolSink {
         SpoolSink {
             file,
             verifier: Some(verifier),
-            inflight: None,
+            hashing: None,
+            writing: None,
             written: 0,
             queued: 0,
         }
@@ -494,30 +622,46 @@ impl SpoolSink {
 
     /// Waits for the batch in flight; returns the bytes on disk.
     async fn drain(&mut self) -> std::io::Result<u64> {
-        if let Some(h) = self.inflight.take() {
-            let (v, res, n) = h.await.map_err(std::io::Error::other)?;
-            self.verifier = Some(v);
+        if let Some(h) = self.hashing.take() {
+            self.verifier = Some(h.await.map_err(std::io::Error::other)?);
+        }
+        if let Some(h) = self.writing.take() {
+            let (res, n) = h.await.map_err(std::io::Error::other)?;
             res?;
             self.written += n;
         }
         Ok(self.written)
     }
 
-    /// Queues `data` after the batch in flight; returns the bytes on disk so far.
-    async fn push(&mut self, data: Bytes) -> std::io::Result<u64> {
+    /// Queues `batch` after the batch in flight; returns the bytes on disk so far.
+    async fn push(&mut self, batch: Vec<Bytes>) -> std::io::Result<u64> {
         let written = self.drain().await?;
         let mut v = self
             .verifier
             .take()
             .ok_or_else(|| std::io::Error::other("hash state lost"))?;
+        let batch: Arc<[Bytes]> = batch.into();
+        let len: u64 = batch.iter().map(|c| c.len() as u64).sum();
+        let to_hash = batch.clone();
+        self.hashing = Some(tokio::task::spawn_blocking(move || {
+            for c in to_hash.iter() {
+                v.update(c);
+            }
+            v
+        }));
         let file = self.file.clone();
         let offset = self.queued;
-        self.queued += data.len() as u64;
-        self.inflight = Some(tokio::task::spawn_blocking(move || {
+        self.queued += len;
+        self.writing = Some(tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
-            v.update(&data);
-            let res = file.write_all_at(&data, offset);
-            (v, res, data.len() as u64)
+            let mut at = offset;
+            for c in batch.iter() {
+                if let Err(e) = file.write_all_at(c, at) {
+                    return (Err(e), 0);
+                }
+                at += c.len() as u64;
+            }
+            (Ok(()), len)
         }));
         Ok(written)
     }
