@@ -376,7 +376,7 @@ impl Drop for SpoolGuard {
 /// The fill task: find a source, copy into the spool while hashing, fail over mid-stream by
 /// resuming at the offset reached, verify, commit.
 async fn run_fill(
-    state: &FillState,
+    state: &Arc<FillState>,
     plan: FillPlan,
     spool_dir: &std::path::Path,
     metrics: &Metrics,
@@ -425,8 +425,9 @@ async fn run_fill(
     tracing::info!(source = %source_id, size, "fill started");
 
     // 2. Copy, hashing as we go; on a failed stream move to the next engine at the same offset.
-    let mut sink = SpoolSink::new(writer.clone(), Verifier::new(digest));
-    let mut written: u64 = 0;
+    let mut sink = SpoolSink::new(writer.clone(), Verifier::new(digest), state.clone());
+    // Bytes taken from the network and queued for hashing and writing.
+    let mut received: u64 = 0;
     // What the stream said after a batch was cut short (its error or its end), for the next turn.
     let mut held: Option<Option<Result<Bytes>>> = None;
     loop {
@@ -458,7 +459,7 @@ async fn run_fill(
                 }
             }
             Some(Err(e)) => {
-                tracing::warn!(engine = engine.id(), offset = written, error = %e, "fill source failed mid-stream");
+                tracing::warn!(engine = engine.id(), offset = received, error = %e, "fill source failed mid-stream");
                 metrics.upstream_error(engine.id());
                 last_err = Some(e.to_string());
                 end_of_stream = true;
@@ -467,57 +468,49 @@ async fn run_fill(
         }
         batch.retain(|c| !c.is_empty());
         if !batch.is_empty() {
-            if sink.queued() + batch_len as u64 > size {
+            if received + batch_len as u64 > size {
                 return Outcome::Failed(
                     format!("{} sent more bytes than the blob's size", engine.id()).into(),
                 );
             }
             metrics.engine_bytes(engine.id(), batch_len as u64);
             // Readers may take the batch from memory at once, before it is hashed or written.
-            let mut offset = sink.queued();
             if let Ok(mut w) = state.window.lock() {
+                let mut offset = received;
                 for c in &batch {
                     w.push(offset, c.clone());
                     offset += c.len() as u64;
                 }
                 state.progress.send_modify(|p| p.received = offset);
             }
-            // Hash and write in the background while the next chunk is read from the network.
-            match sink.push(batch).await {
-                Ok(done) => written = done,
-                Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
+            received += batch_len as u64;
+            // Hashed and written in the background while the next chunks are read.
+            if let Err(e) = sink.push(batch).await {
+                return Outcome::Failed(format!("spool write failed: {e}").into());
             }
-            state.published(written);
-        }
-        if end_of_stream {
-            // Everything read so far must be on disk before deciding what is missing.
-            match sink.drain().await {
-                Ok(done) => written = done,
-                Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
-            }
-            state.published(written);
         }
         if !end_of_stream {
             continue;
         }
-        if written == size {
+        if received == size {
             break;
         }
-        // Short or broken stream: resume from `written` on the next engine that has the blob
+        // Short or broken stream: resume from `received` (what is queued will be written, or the
+        // fill fails) on the next engine that has the blob
         // (the same upstream is retried once first, as most failures are a dropped connection).
         let mut resumed = None;
         let retry_same = std::iter::once((engine.clone(), current_src.clone()));
         for (e, repo) in retry_same.chain(sources.by_ref()) {
             let opts = GetBlob {
                 range: Some(ByteRange {
-                    start: written,
+                    start: received,
                     end: None,
                 }),
             };
             metrics.engine_request(e.id());
             match e.get_blob(&repo, digest, opts).await {
-                Ok(Some(read)) if read.size == size && read.offset == written => {
-                    tracing::info!(engine = e.id(), offset = written, "fill resumed");
+                Ok(Some(read)) if read.size == size && read.offset == received => {
+                    tracing::info!(engine = e.id(), offset = received, "fill resumed");
                     resumed = Some((read.stream, e, repo));
                     break;
                 }
@@ -537,15 +530,19 @@ async fn run_fill(
             None => {
                 let why = last_err.unwrap_or_else(|| "stream ended early".into());
                 return Outcome::Failed(
-                    format!("transfer of {digest} stopped at {written}/{size}: {why}").into(),
+                    format!("transfer of {digest} stopped at {received}/{size}: {why}").into(),
                 );
             }
         }
     }
 
     // 3. Verify, then commit whole.
-    let Some(verifier) = sink.finish() else {
-        return Outcome::Failed("spool writer lost its hash state".into());
+    let verifier = match sink.finish().await {
+        Ok((v, written)) if written == size => v,
+        Ok((_, written)) => {
+            return Outcome::Failed(format!("spool holds {written} of {size} bytes").into())
+        }
+        Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
     };
     let actual = verifier.finish();
     if &actual != digest {
@@ -591,85 +588,124 @@ fn open_spool(path: &std::path::Path) -> std::io::Result<(File, File)> {
     Ok((w, r))
 }
 
-/// The spool writer: hashes a batch on one blocking thread while writing it on another, one batch
-/// in flight, so the slower of the two (not their sum) sets the pace, and both overlap the
-/// network reads. A batch is the network's own chunks: nothing is copied.
+/// Batches queued per lane of a [`SpoolSink`]: the network runs this far ahead of the slower of
+/// hashing and writing, and no further (memory stays bounded).
+const LANE_DEPTH: usize = 4;
+
+/// The spool writer: hashing and writing are two lanes, each a task that runs its batches on a
+/// blocking thread in order, so neither waits for the other, and the network reads go on while
+/// they work; the slowest of the three sets the pace, not their sum. A batch is the network's own
+/// chunks: nothing is copied.
 struct SpoolSink {
-    file: Arc<File>,
-    verifier: Option<Verifier>,
-    hashing: Option<tokio::task::JoinHandle<Verifier>>,
-    writing: Option<tokio::task::JoinHandle<(std::io::Result<()>, u64)>>,
-    written: u64,
-    queued: u64,
+    hash_tx: tokio::sync::mpsc::Sender<Arc<[Bytes]>>,
+    write_tx: tokio::sync::mpsc::Sender<Arc<[Bytes]>>,
+    hashing: tokio::task::JoinHandle<std::io::Result<Verifier>>,
+    writing: tokio::task::JoinHandle<std::io::Result<u64>>,
 }
 
 impl SpoolSink {
-    fn new(file: Arc<File>, verifier: Verifier) -> SpoolSink {
+    /// The write lane reports each batch on disk to `state` (readers and the window follow it).
+    fn new(file: Arc<File>, verifier: Verifier, state: Arc<FillState>) -> SpoolSink {
+        let (hash_tx, hash_rx) = tokio::sync::mpsc::channel(LANE_DEPTH);
+        let (write_tx, write_rx) = tokio::sync::mpsc::channel(LANE_DEPTH);
         SpoolSink {
-            file,
-            verifier: Some(verifier),
-            hashing: None,
-            writing: None,
-            written: 0,
-            queued: 0,
+            hash_tx,
+            write_tx,
+            hashing: tokio::spawn(hash_lane(hash_rx, verifier)),
+            writing: tokio::spawn(write_lane(write_rx, file, state)),
         }
     }
 
-    /// Bytes written or being written.
-    fn queued(&self) -> u64 {
-        self.queued
-    }
-
-    /// Waits for the batch in flight; returns the bytes on disk.
-    async fn drain(&mut self) -> std::io::Result<u64> {
-        if let Some(h) = self.hashing.take() {
-            self.verifier = Some(h.await.map_err(std::io::Error::other)?);
-        }
-        if let Some(h) = self.writing.take() {
-            let (res, n) = h.await.map_err(std::io::Error::other)?;
-            res?;
-            self.written += n;
-        }
-        Ok(self.written)
-    }
-
-    /// Queues `batch` after the batch in flight; returns the bytes on disk so far.
-    async fn push(&mut self, batch: Vec<Bytes>) -> std::io::Result<u64> {
-        let written = self.drain().await?;
-        let mut v = self
-            .verifier
-            .take()
-            .ok_or_else(|| std::io::Error::other("hash state lost"))?;
+    /// Queues `batch` on both lanes, waiting while either is [`LANE_DEPTH`] batches behind.
+    async fn push(&mut self, batch: Vec<Bytes>) -> std::io::Result<()> {
         let batch: Arc<[Bytes]> = batch.into();
-        let len: u64 = batch.iter().map(|c| c.len() as u64).sum();
-        let to_hash = batch.clone();
-        self.hashing = Some(tokio::task::spawn_blocking(move || {
-            for c in to_hash.iter() {
+        let hashed = self.hash_tx.send(batch.clone()).await.is_ok();
+        let written = self.write_tx.send(batch).await.is_ok();
+        if hashed && written {
+            return Ok(());
+        }
+        // A lane stopped: only its error says why.
+        let stopped = if written {
+            (&mut self.hashing).await.map(|r| r.map(|_| ()))
+        } else {
+            (&mut self.writing).await.map(|r| r.map(|_| ()))
+        };
+        match stopped {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => Err(std::io::Error::other("spool lane ended early")),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Waits for both lanes: the hash state and the bytes in the spool file.
+    async fn finish(self) -> std::io::Result<(Verifier, u64)> {
+        let SpoolSink {
+            hash_tx,
+            write_tx,
+            hashing,
+            writing,
+        } = self;
+        drop((hash_tx, write_tx));
+        let written = writing.await.map_err(std::io::Error::other)??;
+        let verifier = hashing.await.map_err(std::io::Error::other)??;
+        Ok((verifier, written))
+    }
+}
+
+/// Everything queued right now, as one blocking call's work (fewer thread hand-offs when a lane
+/// is behind).
+fn take_ready(
+    rx: &mut tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    first: Arc<[Bytes]>,
+) -> Vec<Arc<[Bytes]>> {
+    let mut batches = vec![first];
+    while let Ok(b) = rx.try_recv() {
+        batches.push(b);
+    }
+    batches
+}
+
+async fn hash_lane(
+    mut rx: tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    mut v: Verifier,
+) -> std::io::Result<Verifier> {
+    while let Some(first) = rx.recv().await {
+        let batches = take_ready(&mut rx, first);
+        v = tokio::task::spawn_blocking(move || {
+            for c in batches.iter().flat_map(|b| b.iter()) {
                 v.update(c);
             }
             v
-        }));
-        let file = self.file.clone();
-        let offset = self.queued;
-        self.queued += len;
-        self.writing = Some(tokio::task::spawn_blocking(move || {
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+    }
+    Ok(v)
+}
+
+async fn write_lane(
+    mut rx: tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    file: Arc<File>,
+    state: Arc<FillState>,
+) -> std::io::Result<u64> {
+    let mut written = 0;
+    while let Some(first) = rx.recv().await {
+        let batches = take_ready(&mut rx, first);
+        let file = file.clone();
+        written = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
-            let mut at = offset;
-            for c in batch.iter() {
-                if let Err(e) = file.write_all_at(c, at) {
-                    return (Err(e), 0);
-                }
+            let mut at = written;
+            for c in batches.iter().flat_map(|b| b.iter()) {
+                file.write_all_at(c, at)?;
                 at += c.len() as u64;
             }
-            (Ok(()), len)
-        }));
-        Ok(written)
+            Ok::<_, std::io::Error>(at)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        state.published(written);
     }
-
-    /// The hash state, once drained.
-    fn finish(self) -> Option<Verifier> {
-        self.verifier
-    }
+    Ok(written)
 }
 
 async fn sync_spool(file: Arc<File>) -> std::io::Result<()> {
