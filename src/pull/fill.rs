@@ -765,3 +765,51 @@ async fn sync_spool(file: Arc<File>) -> std::io::Result<()> {
         .await
         .map_err(std::io::Error::other)?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: usize, b: u8) -> Bytes {
+        Bytes::from(vec![b; n])
+    }
+
+    #[test]
+    fn window_serves_slices_and_keeps_what_is_not_on_disk() {
+        let mut w = Window::default();
+        let mib = 1 << 20;
+        for i in 0..8u8 {
+            w.push(u64::from(i) * mib as u64, chunk(mib, i));
+        }
+        // Inside a chunk, capped by the chunk's end and by `want`.
+        let got = w.get(mib as u64 + 10, 100).unwrap();
+        assert_eq!((got.len(), got[0]), (100, 1));
+        let got = w.get(2 * mib as u64 - 5, 1000).unwrap();
+        assert_eq!((got.len(), got[0]), (5, 1));
+        assert!(w.get(8 * mib as u64, 1).is_none());
+        // Nothing on disk yet: nothing may go.
+        w.trim(0);
+        assert_eq!(w.bytes, 8 * mib);
+        // All on disk: down to the window size, the oldest first.
+        w.trim(8 * mib as u64);
+        assert_eq!(w.bytes, WINDOW);
+        assert!(w.get(0, 1).is_none());
+        assert_eq!(w.get(7 * mib as u64, 1).unwrap()[0], 7);
+        w.clear();
+        assert!(w.get(7 * mib as u64, 1).is_none());
+    }
+
+    #[tokio::test]
+    async fn spool_reads_reuse_buffers_without_leaking_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        std::fs::write(&path, vec![7u8; 1000]).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let a = read_spool(file.clone(), 0, 1000).await.unwrap();
+        assert!(a.iter().all(|&b| b == 7));
+        drop(a);
+        std::fs::write(&path, vec![9u8; 10]).unwrap();
+        let b = read_spool(file, 0, 1000).await.unwrap();
+        assert_eq!(&b[..], &[9u8; 10][..]);
+    }
+}
