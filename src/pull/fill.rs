@@ -30,7 +30,7 @@ const WRITE_BATCH: usize = 1 << 20;
 /// Bytes of the most recent chunks kept in memory for readers that keep up with the fill: enough
 /// to absorb the jitter of a client on a fast link, small enough that memory stays flat whatever
 /// the number of fills and readers. Chunks still on their way to disk are kept on top of it.
-const WINDOW: usize = 4 << 20;
+const WINDOW: usize = 2 << 20;
 
 /// How a fill ended.
 #[derive(Clone, Debug)]
