@@ -285,13 +285,15 @@ impl FillState {
 
     /// Records that the spool file holds `written` bytes, so the window may let go of them.
     fn published(&self, written: u64) {
-        if let Ok(mut w) = self.window.lock() {
-            w.trim(written);
-        }
+        // Published before the trim: a reader that misses the window then finds `written` past
+        // the bytes it wants.
         self.progress.send_modify(|p| {
             p.written = written;
             p.received = p.received.max(written);
         });
+        if let Ok(mut w) = self.window.lock() {
+            w.trim(written);
+        }
     }
 
     /// A stream of `len` bytes from `offset`, read from the spool as the fill writes it. The last
@@ -343,7 +345,9 @@ impl FillState {
                             .get()
                             .cloned()
                             .ok_or_else(|| Error::engine("fill", "spool missing"))?;
-                        // Past the window, the bytes are in the spool file.
+                        // Past the window, the bytes are in the spool file (the window may have
+                        // moved on since `on_disk` was read: read it again).
+                        let on_disk = on_disk.max(rx.borrow().written.min(allowed));
                         if pos >= on_disk {
                             return Err(Error::engine("fill", "spool behind the window"));
                         }
