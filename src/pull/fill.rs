@@ -2,18 +2,19 @@
 //! which every concurrent request for that digest reads from as it grows.
 //!
 //! A fill is a detached task ([`run_fill`]) that owns the transfer: no client can slow it (readers
-//! read the spool file at their own pace, never a channel the fill waits on) or cancel it (dropping
-//! a response drops only that reader). Bytes land in a spool file first and are hashed on the way;
+//! read at their own pace, never through a channel the fill waits on) or cancel it (dropping a
+//! response drops only that reader). Readers keeping up with the fill take its chunks from a small
+//! window of the most recent ones in memory; a reader that fell behind reads the spool file. Bytes land in a spool file first and are hashed on the way;
 //! only a whole, verified blob is committed to the local engine. Readers never see the end of the
 //! blob before the verdict: the last byte is held back until the digest has been checked, so a
 //! client that was sent wrong bytes gets a broken response, never a clean one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -25,6 +26,11 @@ use crate::oci::{Digest, ErrorCode, RepoName, Verifier};
 
 /// Writes are batched up to this many bytes when the network delivers faster than the disk.
 const WRITE_BATCH: usize = 1 << 20;
+
+/// Bytes of the most recent chunks kept in memory for readers that keep up with the fill: enough
+/// to absorb the jitter of a client on a fast link, small enough that memory stays flat whatever
+/// the number of fills and readers. Chunks still on their way to disk are kept on top of it.
+const WINDOW: usize = 2 << 20;
 
 /// How a fill ended.
 #[derive(Clone, Debug)]
@@ -46,6 +52,8 @@ pub struct Progress {
     pub source: Option<Arc<str>>,
     /// Bytes in the spool file.
     pub written: u64,
+    /// Bytes readers may take: in the spool file or in the window (at least `written`).
+    pub received: u64,
     /// The whole blob is in the spool and matched its digest.
     pub verified: bool,
     pub outcome: Option<Outcome>,
@@ -58,6 +66,60 @@ pub struct FillState {
     /// Read handle of the spool file (readers `pread` it; it stays valid after the file is
     /// renamed, linked or unlinked).
     spool: OnceLock<Arc<File>>,
+    /// The most recent chunks, so readers that keep up need no disk read. Held only to push,
+    /// evict or clone a chunk.
+    window: Mutex<Window>,
+}
+
+/// Consecutive chunks of the blob ending at `Progress::received`.
+#[derive(Default)]
+struct Window {
+    /// (offset, bytes), in offset order, without gaps.
+    chunks: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Window {
+    fn push(&mut self, offset: u64, chunk: Bytes) {
+        self.bytes += chunk.len();
+        self.chunks.push_back((offset, chunk));
+    }
+
+    /// Drops the oldest chunks beyond [`WINDOW`], but only those already in the spool file:
+    /// a reader that misses the window must find its bytes on disk.
+    fn trim(&mut self, written: u64) {
+        while let Some((off, c)) = self.chunks.front() {
+            if self.bytes - c.len() < WINDOW || off + c.len() as u64 > written {
+                break;
+            }
+            self.bytes -= c.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    /// Up to `want` bytes from `pos`, if the window still holds `pos`.
+    fn get(&self, pos: u64, want: u64) -> Option<Bytes> {
+        let first = self.chunks.front()?.0;
+        if pos < first {
+            return None;
+        }
+        // The chunk holding `pos`: the last one starting at or before it.
+        let i = self.chunks.partition_point(|(off, _)| *off <= pos);
+        let (off, c) = self.chunks.get(i.checked_sub(1)?)?;
+        let start = usize::try_from(pos - off).ok()?;
+        if start >= c.len() {
+            return None;
+        }
+        let len = usize::try_from(want)
+            .unwrap_or(usize::MAX)
+            .min(c.len() - start);
+        Some(c.slice(start..start + len))
+    }
 }
 
 /// The single-flight table. `join_or_start` either joins the fill running for a digest or
@@ -136,6 +198,7 @@ impl Fills {
                 digest: digest.clone(),
                 progress: watch::Sender::new(Progress::default()),
                 spool: OnceLock::new(),
+                window: Mutex::new(Window::default()),
             });
             map.insert(digest.clone(), state.clone());
             state
@@ -159,9 +222,7 @@ impl Fills {
                 if let Ok(mut map) = fills.inner.running.lock() {
                     map.remove(&task_state.digest);
                 }
-                task_state
-                    .progress
-                    .send_modify(|p| p.outcome = Some(outcome));
+                task_state.end(outcome);
             }
             .instrument(span),
         );
@@ -173,19 +234,29 @@ impl Fills {
             digest: digest.clone(),
             progress: watch::Sender::new(Progress::default()),
             spool: OnceLock::new(),
+            window: Mutex::new(Window::default()),
         });
         let s = state.clone();
         let dir = self.inner.spool_dir.clone();
         let metrics = self.inner.metrics.clone();
         tokio::spawn(async move {
             let outcome = run_fill(&s, plan, &dir, &metrics, None).await;
-            s.progress.send_modify(|p| p.outcome = Some(outcome));
+            s.end(outcome);
         });
         state
     }
 }
 
 impl FillState {
+    /// Publishes the outcome. Everything is in the spool file by then (or the fill failed), so the
+    /// window is let go: readers still going read the file.
+    fn end(&self, outcome: Outcome) {
+        if let Ok(mut w) = self.window.lock() {
+            w.clear();
+        }
+        self.progress.send_modify(|p| p.outcome = Some(outcome));
+    }
+
     /// Waits until a source answered: `(size, source)`, or the fill's failure.
     pub async fn started(&self) -> Result<(u64, Arc<str>)> {
         let mut rx = self.progress.subscribe();
@@ -212,6 +283,19 @@ impl FillState {
         }
     }
 
+    /// Records that the spool file holds `written` bytes, so the window may let go of them.
+    fn published(&self, written: u64) {
+        // Published before the trim: a reader that misses the window then finds `written` past
+        // the bytes it wants.
+        self.progress.send_modify(|p| {
+            p.written = written;
+            p.received = p.received.max(written);
+        });
+        if let Ok(mut w) = self.window.lock() {
+            w.trim(written);
+        }
+    }
+
     /// A stream of `len` bytes from `offset`, read from the spool as the fill writes it. The last
     /// byte comes only after the digest has been verified; a failed fill ends the stream with an
     /// error.
@@ -226,27 +310,49 @@ impl FillState {
                     return Ok(None);
                 }
                 loop {
-                    let (allowed, failed) = {
+                    let (allowed, on_disk, failed) = {
                         let p = rx.borrow_and_update();
-                        match &p.outcome {
+                        let (allowed, failed) = match &p.outcome {
+                            // Verified bytes stay good even if the sync or commit fails after.
+                            _ if p.verified => (end, None),
                             Some(Outcome::Done) => (end, None),
                             Some(Outcome::NotFound) => (0, Some("blob vanished".into())),
                             Some(Outcome::Failed(m)) => (0, Some(m.clone())),
                             // Hold the final byte back until the verdict.
-                            None => (p.written.min(end.saturating_sub(1)), None),
-                        }
+                            None => (p.received.min(end.saturating_sub(1)), None),
+                        };
+                        let on_disk = if p.outcome.is_some() || p.verified {
+                            allowed
+                        } else {
+                            p.written.min(allowed)
+                        };
+                        (allowed, on_disk, failed)
                     };
                     if let Some(m) = failed {
                         return Err(Error::engine("fill", m));
                     }
                     if pos < allowed {
+                        let from_window = match fill.window.lock() {
+                            Ok(w) => w.get(pos, allowed - pos),
+                            Err(_) => None,
+                        };
+                        if let Some(chunk) = from_window {
+                            let next = pos + chunk.len() as u64;
+                            return Ok(Some((chunk, (fill, rx, next))));
+                        }
                         let file = fill
                             .spool
                             .get()
                             .cloned()
                             .ok_or_else(|| Error::engine("fill", "spool missing"))?;
-                        let want = (allowed - pos).min(crate::fileio::CHUNK as u64) as usize;
-                        let chunk = crate::fileio::read_at(file, pos, want).await?;
+                        // Past the window, the bytes are in the spool file (the window may have
+                        // moved on since `on_disk` was read: read it again).
+                        let on_disk = on_disk.max(rx.borrow().written.min(allowed));
+                        if pos >= on_disk {
+                            return Err(Error::engine("fill", "spool behind the window"));
+                        }
+                        let want = (on_disk - pos).min(crate::fileio::CHUNK as u64) as usize;
+                        let chunk = read_spool(file, pos, want).await?;
                         if chunk.is_empty() {
                             return Err(Error::engine("fill", "spool shorter than reported"));
                         }
@@ -262,6 +368,58 @@ impl FillState {
     }
 }
 
+/// Spool read buffers kept for reuse, process-wide: a reader behind the window reads the whole blob
+/// from the spool, and a fresh zeroed buffer per read costs as much as the read itself (page
+/// faults and a memset). Bounded, so idle memory stays flat.
+static READ_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const READ_BUFFERS_KEPT: usize = 16;
+
+/// A read buffer that goes back to [`READ_BUFFERS`] when the last `Bytes` of it is dropped.
+struct ReadBuffer(Vec<u8>);
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if let Ok(mut kept) = READ_BUFFERS.lock() {
+            if kept.len() < READ_BUFFERS_KEPT {
+                kept.push(buf);
+            }
+        }
+    }
+}
+
+/// Up to `len` (at most [`crate::fileio::CHUNK`]) bytes of the spool at `offset`, in a reused
+/// buffer. Fewer bytes means the file is shorter.
+async fn read_spool(file: Arc<File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = READ_BUFFERS
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.pop())
+            .unwrap_or_else(|| vec![0; crate::fileio::CHUNK]);
+        let len = len.min(buf.len());
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut buf[filled..len], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Bytes::from_owner(ReadBuffer(buf)).slice(..filled))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// Removes the spool file when the fill is over, whatever happened.
 struct SpoolGuard(PathBuf);
 
@@ -274,7 +432,7 @@ impl Drop for SpoolGuard {
 /// The fill task: find a source, copy into the spool while hashing, fail over mid-stream by
 /// resuming at the offset reached, verify, commit.
 async fn run_fill(
-    state: &FillState,
+    state: &Arc<FillState>,
     plan: FillPlan,
     spool_dir: &std::path::Path,
     metrics: &Metrics,
@@ -323,76 +481,92 @@ async fn run_fill(
     tracing::info!(source = %source_id, size, "fill started");
 
     // 2. Copy, hashing as we go; on a failed stream move to the next engine at the same offset.
-    let mut sink = SpoolSink::new(writer.clone(), Verifier::new(digest));
-    let mut written: u64 = 0;
-    let mut batch = BytesMut::new();
+    let mut sink = SpoolSink::new(writer.clone(), Verifier::new(digest), state.clone());
+    // Bytes taken from the network and queued for hashing and writing.
+    let mut received: u64 = 0;
+    // What the stream said after a batch was cut short (its error or its end), for the next turn.
+    let mut held: Option<Option<Result<Bytes>>> = None;
     loop {
-        let item = stream.next().await;
+        let item = match held.take() {
+            Some(item) => item,
+            None => stream.next().await,
+        };
         let mut end_of_stream = false;
+        let mut batch = Vec::new();
+        let mut batch_len = 0;
         match item {
             Some(Ok(chunk)) => {
-                batch.extend_from_slice(&chunk);
+                batch_len += chunk.len();
+                batch.push(chunk);
                 // Take whatever else is ready now, so a fast network gets large disk writes and a
                 // slow one still reaches readers at once.
-                while batch.len() < WRITE_BATCH {
+                while batch_len < WRITE_BATCH {
                     match stream.next().now_or_never() {
-                        Some(Some(Ok(c))) => batch.extend_from_slice(&c),
-                        _ => break,
+                        Some(Some(Ok(c))) => {
+                            batch_len += c.len();
+                            batch.push(c);
+                        }
+                        Some(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        None => break,
                     }
                 }
             }
             Some(Err(e)) => {
-                tracing::warn!(engine = engine.id(), offset = written, error = %e, "fill source failed mid-stream");
+                tracing::warn!(engine = engine.id(), offset = received, error = %e, "fill source failed mid-stream");
                 metrics.upstream_error(engine.id());
                 last_err = Some(e.to_string());
                 end_of_stream = true;
             }
             None => end_of_stream = true,
         }
+        batch.retain(|c| !c.is_empty());
         if !batch.is_empty() {
-            let data: Bytes = batch.split().freeze();
-            if sink.queued() + data.len() as u64 > size {
+            if received + batch_len as u64 > size {
                 return Outcome::Failed(
                     format!("{} sent more bytes than the blob's size", engine.id()).into(),
                 );
             }
-            metrics.engine_bytes(engine.id(), data.len() as u64);
-            // Hash and write in the background while the next chunk is read from the network.
-            match sink.push(data).await {
-                Ok(done) => written = done,
-                Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
+            metrics.engine_bytes(engine.id(), batch_len as u64);
+            // Readers may take the batch from memory at once, before it is hashed or written.
+            if let Ok(mut w) = state.window.lock() {
+                let mut offset = received;
+                for c in &batch {
+                    w.push(offset, c.clone());
+                    offset += c.len() as u64;
+                }
+                state.progress.send_modify(|p| p.received = offset);
             }
-            state.progress.send_modify(|p| p.written = written);
-        }
-        if end_of_stream {
-            // Everything read so far must be on disk before deciding what is missing.
-            match sink.drain().await {
-                Ok(done) => written = done,
-                Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
+            received += batch_len as u64;
+            // Hashed and written in the background while the next chunks are read.
+            if let Err(e) = sink.push(batch).await {
+                return Outcome::Failed(format!("spool write failed: {e}").into());
             }
-            state.progress.send_modify(|p| p.written = written);
         }
         if !end_of_stream {
             continue;
         }
-        if written == size {
+        if received == size {
             break;
         }
-        // Short or broken stream: resume from `written` on the next engine that has the blob
+        // Short or broken stream: resume from `received` (what is queued will be written, or the
+        // fill fails) on the next engine that has the blob
         // (the same upstream is retried once first, as most failures are a dropped connection).
         let mut resumed = None;
         let retry_same = std::iter::once((engine.clone(), current_src.clone()));
         for (e, repo) in retry_same.chain(sources.by_ref()) {
             let opts = GetBlob {
                 range: Some(ByteRange {
-                    start: written,
+                    start: received,
                     end: None,
                 }),
             };
             metrics.engine_request(e.id());
             match e.get_blob(&repo, digest, opts).await {
-                Ok(Some(read)) if read.size == size && read.offset == written => {
-                    tracing::info!(engine = e.id(), offset = written, "fill resumed");
+                Ok(Some(read)) if read.size == size && read.offset == received => {
+                    tracing::info!(engine = e.id(), offset = received, "fill resumed");
                     resumed = Some((read.stream, e, repo));
                     break;
                 }
@@ -412,15 +586,19 @@ async fn run_fill(
             None => {
                 let why = last_err.unwrap_or_else(|| "stream ended early".into());
                 return Outcome::Failed(
-                    format!("transfer of {digest} stopped at {written}/{size}: {why}").into(),
+                    format!("transfer of {digest} stopped at {received}/{size}: {why}").into(),
                 );
             }
         }
     }
 
     // 3. Verify, then commit whole.
-    let Some(verifier) = sink.finish() else {
-        return Outcome::Failed("spool writer lost its hash state".into());
+    let verifier = match sink.finish().await {
+        Ok((v, written)) if written == size => v,
+        Ok((_, written)) => {
+            return Outcome::Failed(format!("spool holds {written} of {size} bytes").into())
+        }
+        Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
     };
     let actual = verifier.finish();
     if &actual != digest {
@@ -466,70 +644,176 @@ fn open_spool(path: &std::path::Path) -> std::io::Result<(File, File)> {
     Ok((w, r))
 }
 
-/// The spool writer: hashes and writes each batch on a blocking thread, one batch in flight, so
-/// hashing and disk writes overlap the network reads.
+/// Batches queued per lane of a [`SpoolSink`]: the network runs this far ahead of the slower of
+/// hashing and writing, and no further (memory stays bounded).
+const LANE_DEPTH: usize = 4;
+
+/// The spool writer: hashing and writing are two lanes, each a task that runs its batches on a
+/// blocking thread in order, so neither waits for the other, and the network reads go on while
+/// they work; the slowest of the three sets the pace, not their sum. A batch is the network's own
+/// chunks: nothing is copied.
 struct SpoolSink {
-    file: Arc<File>,
-    verifier: Option<Verifier>,
-    inflight: Option<tokio::task::JoinHandle<(Verifier, std::io::Result<()>, u64)>>,
-    written: u64,
-    queued: u64,
+    hash_tx: tokio::sync::mpsc::Sender<Arc<[Bytes]>>,
+    write_tx: tokio::sync::mpsc::Sender<Arc<[Bytes]>>,
+    hashing: tokio::task::JoinHandle<std::io::Result<Verifier>>,
+    writing: tokio::task::JoinHandle<std::io::Result<u64>>,
 }
 
 impl SpoolSink {
-    fn new(file: Arc<File>, verifier: Verifier) -> SpoolSink {
+    /// The write lane reports each batch on disk to `state` (readers and the window follow it).
+    fn new(file: Arc<File>, verifier: Verifier, state: Arc<FillState>) -> SpoolSink {
+        let (hash_tx, hash_rx) = tokio::sync::mpsc::channel(LANE_DEPTH);
+        let (write_tx, write_rx) = tokio::sync::mpsc::channel(LANE_DEPTH);
         SpoolSink {
-            file,
-            verifier: Some(verifier),
-            inflight: None,
-            written: 0,
-            queued: 0,
+            hash_tx,
+            write_tx,
+            hashing: tokio::spawn(hash_lane(hash_rx, verifier)),
+            writing: tokio::spawn(write_lane(write_rx, file, state)),
         }
     }
 
-    /// Bytes written or being written.
-    fn queued(&self) -> u64 {
-        self.queued
-    }
-
-    /// Waits for the batch in flight; returns the bytes on disk.
-    async fn drain(&mut self) -> std::io::Result<u64> {
-        if let Some(h) = self.inflight.take() {
-            let (v, res, n) = h.await.map_err(std::io::Error::other)?;
-            self.verifier = Some(v);
-            res?;
-            self.written += n;
+    /// Queues `batch` on both lanes, waiting while either is [`LANE_DEPTH`] batches behind.
+    async fn push(&mut self, batch: Vec<Bytes>) -> std::io::Result<()> {
+        let batch: Arc<[Bytes]> = batch.into();
+        let hashed = self.hash_tx.send(batch.clone()).await.is_ok();
+        let written = self.write_tx.send(batch).await.is_ok();
+        if hashed && written {
+            return Ok(());
         }
-        Ok(self.written)
+        // A lane stopped: only its error says why.
+        let stopped = if written {
+            (&mut self.hashing).await.map(|r| r.map(|_| ()))
+        } else {
+            (&mut self.writing).await.map(|r| r.map(|_| ()))
+        };
+        match stopped {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => Err(std::io::Error::other("spool lane ended early")),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
     }
 
-    /// Queues `data` after the batch in flight; returns the bytes on disk so far.
-    async fn push(&mut self, data: Bytes) -> std::io::Result<u64> {
-        let written = self.drain().await?;
-        let mut v = self
-            .verifier
-            .take()
-            .ok_or_else(|| std::io::Error::other("hash state lost"))?;
-        let file = self.file.clone();
-        let offset = self.queued;
-        self.queued += data.len() as u64;
-        self.inflight = Some(tokio::task::spawn_blocking(move || {
+    /// Waits for both lanes: the hash state and the bytes in the spool file.
+    async fn finish(self) -> std::io::Result<(Verifier, u64)> {
+        let SpoolSink {
+            hash_tx,
+            write_tx,
+            hashing,
+            writing,
+        } = self;
+        drop((hash_tx, write_tx));
+        let written = writing.await.map_err(std::io::Error::other)??;
+        let verifier = hashing.await.map_err(std::io::Error::other)??;
+        Ok((verifier, written))
+    }
+}
+
+/// Everything queued right now, as one blocking call's work (fewer thread hand-offs when a lane
+/// is behind).
+fn take_ready(
+    rx: &mut tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    first: Arc<[Bytes]>,
+) -> Vec<Arc<[Bytes]>> {
+    let mut batches = vec![first];
+    while let Ok(b) = rx.try_recv() {
+        batches.push(b);
+    }
+    batches
+}
+
+async fn hash_lane(
+    mut rx: tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    mut v: Verifier,
+) -> std::io::Result<Verifier> {
+    while let Some(first) = rx.recv().await {
+        let batches = take_ready(&mut rx, first);
+        v = tokio::task::spawn_blocking(move || {
+            for c in batches.iter().flat_map(|b| b.iter()) {
+                v.update(c);
+            }
+            v
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+    }
+    Ok(v)
+}
+
+async fn write_lane(
+    mut rx: tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    file: Arc<File>,
+    state: Arc<FillState>,
+) -> std::io::Result<u64> {
+    let mut written = 0;
+    while let Some(first) = rx.recv().await {
+        let batches = take_ready(&mut rx, first);
+        let file = file.clone();
+        written = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
-            v.update(&data);
-            let res = file.write_all_at(&data, offset);
-            (v, res, data.len() as u64)
-        }));
-        Ok(written)
+            let mut at = written;
+            for c in batches.iter().flat_map(|b| b.iter()) {
+                file.write_all_at(c, at)?;
+                at += c.len() as u64;
+            }
+            Ok::<_, std::io::Error>(at)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        state.published(written);
     }
-
-    /// The hash state, once drained.
-    fn finish(self) -> Option<Verifier> {
-        self.verifier
-    }
+    Ok(written)
 }
 
 async fn sync_spool(file: Arc<File>) -> std::io::Result<()> {
     tokio::task::spawn_blocking(move || file.sync_data())
         .await
         .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: usize, b: u8) -> Bytes {
+        Bytes::from(vec![b; n])
+    }
+
+    #[test]
+    fn window_serves_slices_and_keeps_what_is_not_on_disk() {
+        let mut w = Window::default();
+        let mib = 1 << 20;
+        for i in 0..8u8 {
+            w.push(u64::from(i) * mib as u64, chunk(mib, i));
+        }
+        // Inside a chunk, capped by the chunk's end and by `want`.
+        let got = w.get(mib as u64 + 10, 100).unwrap();
+        assert_eq!((got.len(), got[0]), (100, 1));
+        let got = w.get(2 * mib as u64 - 5, 1000).unwrap();
+        assert_eq!((got.len(), got[0]), (5, 1));
+        assert!(w.get(8 * mib as u64, 1).is_none());
+        // Nothing on disk yet: nothing may go.
+        w.trim(0);
+        assert_eq!(w.bytes, 8 * mib);
+        // All on disk: down to the window size, the oldest first.
+        w.trim(8 * mib as u64);
+        assert_eq!(w.bytes, WINDOW);
+        assert!(w.get(0, 1).is_none());
+        assert_eq!(w.get(7 * mib as u64, 1).unwrap()[0], 7);
+        w.clear();
+        assert!(w.get(7 * mib as u64, 1).is_none());
+    }
+
+    #[tokio::test]
+    async fn spool_reads_reuse_buffers_without_leaking_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        std::fs::write(&path, vec![7u8; 1000]).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let a = read_spool(file.clone(), 0, 1000).await.unwrap();
+        assert!(a.iter().all(|&b| b == 7));
+        drop(a);
+        std::fs::write(&path, vec![9u8; 10]).unwrap();
+        let b = read_spool(file, 0, 1000).await.unwrap();
+        assert_eq!(&b[..], &[9u8; 10][..]);
+    }
 }
