@@ -257,6 +257,20 @@ impl FillState {
         self.progress.send_modify(|p| p.outcome = Some(outcome));
     }
 
+    /// The spool file once it holds the whole blob and the digest matched: a reader arriving
+    /// then (typically just after the first client, while the fill syncs and commits) is
+    /// served from it like a local file, by `sendfile` where the front can.
+    pub fn verified_spool(&self) -> Option<Arc<File>> {
+        let p = self.progress.borrow();
+        let whole = p.verified && p.size == Some(p.written);
+        let failed = matches!(p.outcome, Some(Outcome::Failed(_) | Outcome::NotFound));
+        if whole && !failed {
+            self.spool.get().cloned()
+        } else {
+            None
+        }
+    }
+
     /// Waits until a source answered: `(size, source)`, or the fill's failure.
     pub async fn started(&self) -> Result<(u64, Arc<str>)> {
         let mut rx = self.progress.subscribe();

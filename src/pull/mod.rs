@@ -238,11 +238,20 @@ impl Puller {
         let (size, source) = fill.started().await?;
         let range = range.map(|s| s.resolve(size)).transpose()?;
         let (offset, len) = resolve_range(GetBlob { range }, size)?;
+        let body = match fill.verified_spool() {
+            Some(file) => BlobBody::File(crate::fileio::FileSlice {
+                file,
+                offset,
+                len,
+                keep: None,
+            }),
+            None => BlobBody::Stream(fill.reader(offset, len)),
+        };
         Ok(BlobAnswer {
             size,
             range,
             source,
-            body: Some(BlobBody::Stream(fill.reader(offset, len))),
+            body: Some(body),
             redirect: None,
         })
     }
