@@ -56,6 +56,9 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
     // more than the rest of a small answer.
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
+    // Registered once: a fresh wait per request takes the token's lock twice.
+    let stopped = settings.stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let next = match parse(&buf, max_head) {
             Parsed::Request(r) => *r,
@@ -74,7 +77,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
                         tracing::debug!("no complete request head in time; closing");
                         return;
                     }
-                    _ = settings.stop.cancelled(), if was_empty => return,
+                    _ = &mut stopped, if was_empty => return,
                 };
                 match read {
                     Ok(0) | Err(_) => return,
