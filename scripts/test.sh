@@ -6,8 +6,8 @@
 #   scripts/test.sh [extra cargo test args]
 #
 # Needs root for apt-get (and for podman/containerd/namespaces in the tests), and a Rust toolchain
-# (cargo >= 1.89). The harness scripts are taken from ../shared/harness (override with
-# OCIEDGE_HARNESS).
+# (cargo >= 1.89). The harness scripts are taken from ../shared/harness, or from beside the
+# checkout this one was cloned from (override with OCIEDGE_HARNESS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +26,17 @@ if ((${#missing[@]})); then
 fi
 command -v cargo >/dev/null || { echo "test.sh: cargo (Rust >= 1.89) is required" >&2; exit 1; }
 
-export OCIEDGE_HARNESS="${OCIEDGE_HARNESS:-$(cd .. && pwd)/shared/harness}"
-[ -x "$OCIEDGE_HARNESS/registry.sh" ] || [ -f "$OCIEDGE_HARNESS/registry.sh" ] \
-  || { echo "test.sh: harness not found at $OCIEDGE_HARNESS" >&2; exit 1; }
+# ../shared/harness beside this checkout, or beside the checkout this one was cloned from (a
+# scratch clone such as `git clone . /tmp/x` has no ../shared of its own).
+if [ -z "${OCIEDGE_HARNESS:-}" ]; then
+  OCIEDGE_HARNESS="$(cd .. && pwd)/shared/harness"
+  origin=$(git config --get remote.origin.url 2>/dev/null || true)
+  if [ ! -f "$OCIEDGE_HARNESS/registry.sh" ] && [ -d "$origin" ]; then
+    OCIEDGE_HARNESS="$(cd "$origin/.." && pwd)/shared/harness"
+  fi
+fi
+export OCIEDGE_HARNESS
+[ -f "$OCIEDGE_HARNESS/registry.sh" ] \
+  || { echo "test.sh: harness not found at $OCIEDGE_HARNESS (set OCIEDGE_HARNESS)" >&2; exit 1; }
 
 cargo test --locked "$@" -- --include-ignored
