@@ -4,7 +4,8 @@
 //! 512 KiB at a time with `pread`, so several readers can share one open file without seeking.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{stream, StreamExt};
@@ -15,24 +16,73 @@ use crate::error::Error;
 /// Read size of file streams.
 pub const CHUNK: usize = 512 * 1024;
 
-/// Reads `len` bytes at `offset` in one blocking call. Fewer bytes means the file is shorter.
-/// The bytes land in the buffer's spare capacity: no zeroing first (it cost 10% of a TLS hit).
-pub async fn read_at(file: Arc<File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf: Vec<u8> = Vec::with_capacity(len);
-        while buf.len() < len {
-            let at = offset + buf.len() as u64;
-            match rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), at) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
+/// Read buffers of [`CHUNK`] bytes kept for reuse, process-wide: zeroed once when made, then
+/// reused, where a fresh buffer per read costs a memset and page faults every time (in a profile
+/// of 16 readers of one fill, ~15% of the CPU). Bounded, so idle memory stays flat.
+static READ_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const READ_BUFFERS_KEPT: usize = 16;
+
+/// A read buffer that goes back to [`READ_BUFFERS`] when the last `Bytes` of it is dropped.
+struct ReadBuffer(Vec<u8>);
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if let Ok(mut kept) = READ_BUFFERS.lock() {
+            if kept.len() < READ_BUFFERS_KEPT {
+                kept.push(buf);
             }
         }
-        Ok(Bytes::from(buf))
+    }
+}
+
+/// Reads `len` bytes at `offset` in one blocking call. Fewer bytes means the file is shorter.
+/// Up to [`CHUNK`] bytes go into a reused buffer; larger reads land in a new buffer's spare
+/// capacity. Either way nothing is zeroed per read (it cost 10% of a TLS hit).
+pub async fn read_at(file: Arc<File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        if len > CHUNK {
+            return read_new(&file, offset, len);
+        }
+        let mut buf = READ_BUFFERS
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.pop())
+            .unwrap_or_else(|| vec![0; CHUNK]);
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut buf[filled..len], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Bytes::from_owner(ReadBuffer(buf)).slice(..filled))
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// [`read_at`] for a read larger than a pooled buffer.
+fn read_new(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// A stream of exactly `len` bytes of `file` from `offset`, with one chunk read ahead so the
@@ -121,4 +171,23 @@ pub async fn spool_hashed(
     file.sync_all().await?;
     spool.actual = verifier.finish();
     Ok(spool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_reuse_buffers_without_leaking_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        std::fs::write(&path, vec![7u8; 1000]).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let a = read_at(file.clone(), 0, 1000).await.unwrap();
+        assert!(a.iter().all(|&b| b == 7));
+        drop(a);
+        std::fs::write(&path, vec![9u8; 10]).unwrap();
+        let b = read_at(file, 0, 1000).await.unwrap();
+        assert_eq!(&b[..], &[9u8; 10][..]);
+    }
 }

@@ -366,7 +366,7 @@ impl FillState {
                             return Err(Error::engine("fill", "spool behind the window"));
                         }
                         let want = (on_disk - pos).min(crate::fileio::CHUNK as u64) as usize;
-                        let chunk = read_spool(file, pos, want).await?;
+                        let chunk = crate::fileio::read_at(file, pos, want).await?;
                         if chunk.is_empty() {
                             return Err(Error::engine("fill", "spool shorter than reported"));
                         }
@@ -380,58 +380,6 @@ impl FillState {
             },
         ))
     }
-}
-
-/// Spool read buffers kept for reuse, process-wide: a reader behind the window reads the whole blob
-/// from the spool, and a fresh zeroed buffer per read costs as much as the read itself (page
-/// faults and a memset). Bounded, so idle memory stays flat.
-static READ_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const READ_BUFFERS_KEPT: usize = 16;
-
-/// A read buffer that goes back to [`READ_BUFFERS`] when the last `Bytes` of it is dropped.
-struct ReadBuffer(Vec<u8>);
-
-impl AsRef<[u8]> for ReadBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for ReadBuffer {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
-        if let Ok(mut kept) = READ_BUFFERS.lock() {
-            if kept.len() < READ_BUFFERS_KEPT {
-                kept.push(buf);
-            }
-        }
-    }
-}
-
-/// Up to `len` (at most [`crate::fileio::CHUNK`]) bytes of the spool at `offset`, in a reused
-/// buffer. Fewer bytes means the file is shorter.
-async fn read_spool(file: Arc<File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
-    tokio::task::spawn_blocking(move || {
-        let mut buf = READ_BUFFERS
-            .lock()
-            .ok()
-            .and_then(|mut kept| kept.pop())
-            .unwrap_or_else(|| vec![0; crate::fileio::CHUNK]);
-        let len = len.min(buf.len());
-        let mut filled = 0;
-        while filled < len {
-            match file.read_at(&mut buf[filled..len], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(Bytes::from_owner(ReadBuffer(buf)).slice(..filled))
-    })
-    .await
-    .map_err(std::io::Error::other)?
 }
 
 /// Removes the spool file when the fill is over, whatever happened.
@@ -815,19 +763,5 @@ mod tests {
         assert_eq!(w.get(7 * mib as u64, 1).unwrap()[0], 7);
         w.clear();
         assert!(w.get(7 * mib as u64, 1).is_none());
-    }
-
-    #[tokio::test]
-    async fn spool_reads_reuse_buffers_without_leaking_old_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool");
-        std::fs::write(&path, vec![7u8; 1000]).unwrap();
-        let file = Arc::new(File::open(&path).unwrap());
-        let a = read_spool(file.clone(), 0, 1000).await.unwrap();
-        assert!(a.iter().all(|&b| b == 7));
-        drop(a);
-        std::fs::write(&path, vec![9u8; 10]).unwrap();
-        let b = read_spool(file, 0, 1000).await.unwrap();
-        assert_eq!(&b[..], &[9u8; 10][..]);
     }
 }
