@@ -261,13 +261,8 @@ async fn send(
         stream.write_all(out).await?;
         return Ok(reusable);
     }
-    let expected = length;
     let sent = match body {
-        Body::Empty => {
-            stream.write_all(out).await?;
-            0
-        }
-        Body::Full(None) => {
+        Body::Empty | Body::Full(None) => {
             stream.write_all(out).await?;
             0
         }
@@ -299,7 +294,7 @@ async fn send(
                     continue;
                 }
                 n += data.len() as u64;
-                if expected.is_some_and(|want| n > want) {
+                if length.is_some_and(|want| n > want) {
                     // More than promised would be read as the start of the next response.
                     return Err(io::Error::other("body longer than its content-length"));
                 }
@@ -317,7 +312,7 @@ async fn send(
             n
         }
     };
-    if let Some(want) = expected {
+    if let Some(want) = length {
         if sent != want {
             // The client was promised `want` bytes: closing without them is how it learns.
             return Err(io::Error::new(
