@@ -532,15 +532,11 @@ impl Puller {
         };
         let fresh = self.tags.fresh(repo, tag).await;
         if let Some(e) = &fresh {
-            let key = (repo.clone(), tag.clone());
-            if media::accepts(accept, &e.media_type) || self.unnegotiable.contains_key(&key) {
-                self.metrics.cache("tag", "hit");
-                let (manifest, source) = self.manifest_by_digest(r, &e.digest, accept).await?;
-                return Ok(ManifestAnswer {
-                    manifest,
-                    source,
-                    stale_age: None,
-                });
+            // The key is made only for the rare client the fresh type does not suit.
+            if media::accepts(accept, &e.media_type)
+                || self.unnegotiable.contains_key(&(repo.clone(), tag.clone()))
+            {
+                return self.tag_hit(r, &e.digest, accept).await;
             }
         }
         // Revalidate with the authority: a HEAD, which Docker Hub does not count as a pull.
@@ -620,8 +616,18 @@ impl Puller {
         tracing::debug!(error = %why, "no other media type upstream; serving the fresh answer");
         self.unnegotiable
             .insert((r.storage_repo.clone(), tag.clone()), ());
+        self.tag_hit(r, &entry.digest, accept).await
+    }
+
+    /// The answer for a tag whose fresh digest is known.
+    async fn tag_hit(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        accept: &[String],
+    ) -> Result<ManifestAnswer> {
         self.metrics.cache("tag", "hit");
-        let (manifest, source) = self.manifest_by_digest(r, &entry.digest, accept).await?;
+        let (manifest, source) = self.manifest_by_digest(r, digest, accept).await?;
         Ok(ManifestAnswer {
             manifest,
             source,
@@ -640,13 +646,7 @@ impl Puller {
     ) -> Result<Option<ManifestAnswer>> {
         let repo = &r.storage_repo;
         if let Some(e) = self.tags.fresh(repo, tag).await {
-            self.metrics.cache("tag", "hit");
-            let (manifest, source) = self.manifest_by_digest(r, &e.digest, accept).await?;
-            return Ok(Some(ManifestAnswer {
-                manifest,
-                source,
-                stale_age: None,
-            }));
+            return self.tag_hit(r, &e.digest, accept).await.map(Some);
         }
         match pref.tag_link(repo, tag).await {
             Ok(Some(link)) => {
