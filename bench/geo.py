@@ -9,24 +9,12 @@ the harness venv on first use, as ../shared/harness/s3.sh does). Only 127.0.0.1.
 """
 import argparse, datetime, hashlib, os, random, shutil, socket, statistics, subprocess, sys, tempfile, time, urllib.error, urllib.request
 
+from netutil import free_port, wait_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.environ.get("OCIEDGE_HARNESS", os.path.join(os.path.dirname(ROOT), "shared", "harness"))
 BIN = os.path.join(ROOT, "target", "release", "ociedge")
 TOOLS = os.environ.get("HARNESS_TOOLS", os.path.expanduser("~/.cache/ociedge-harness-tools"))
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def wait_port(port, t=30):
-    end = time.time() + t
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close(); return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"port {port} did not open")
 
 
 def moto_bin():

@@ -9,23 +9,11 @@ Needs: a release build (cargo build --release), docker-registry and python3; use
 """
 import argparse, datetime, hashlib, json, os, random, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request, urllib.error
 
+from netutil import free_port, wait_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.environ.get("OCIEDGE_HARNESS", os.path.join(os.path.dirname(ROOT), "shared", "harness"))
 BIN = os.path.join(ROOT, "target", "release", "ociedge")
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def wait_port(port, t=30):
-    end = time.time() + t
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close(); return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"port {port} did not open")
 
 
 def http(method, url, body=None, headers=None, timeout=60):
