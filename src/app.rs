@@ -48,6 +48,8 @@ pub struct App {
     pub tag_ttl: Duration,
     /// `Cache-Control` of answers by tag (`public, max-age=<tag_ttl>`), made once.
     pub tag_cache_control: http::HeaderValue,
+    /// Small answers kept ready for the plain front (off under `auth:`).
+    pub answers: crate::http::answers::AnswerMemo,
 }
 
 /// Spool files older than this are leftovers of a crashed process (a fill never takes a day).
@@ -249,7 +251,9 @@ impl App {
         if let Some(ev) = &evictor {
             tokio::spawn(ev.clone().run(spool_dir.clone()));
         }
+        let answers = crate::http::answers::AnswerMemo::new(config.cache.tag_ttl.0, auth.is_none());
         Ok(Arc::new(App {
+            answers,
             pusher,
             forwarder,
             evictor,

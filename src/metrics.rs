@@ -1,6 +1,8 @@
 //! Prometheus metrics: what an operator graphs (request rates and errors by route, bytes by
 //! source, hit ratio, fills, upstream errors) and the `/metrics` text encoding.
 
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -46,7 +48,29 @@ struct ResultLabels {
     result: &'static str,
 }
 
+/// Series handles of the per-request families, kept per thread: a family lookup hashes the
+/// labels and takes the family's lock, which every connection of every thread shares. A handle
+/// is a clone of the family's own series, so both record into the same numbers.
+#[derive(Default)]
+struct Hot {
+    requests: Vec<(u64, RequestLabels, Counter, Histogram)>,
+    cache: Vec<(u64, CacheLabels, Counter)>,
+}
+
+/// More label sets than this per thread are looked up in the family each time (a route table
+/// has a few dozen in use).
+const HOT_MAX: usize = 128;
+
+thread_local! {
+    static HOT: RefCell<Hot> = RefCell::new(Hot::default());
+}
+
+/// Tells the registries of one process apart in [`HOT`] (tests run many side by side).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 struct Inner {
+    /// This registry's key in [`HOT`].
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
@@ -250,6 +274,7 @@ impl Metrics {
         );
         Metrics {
             inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 cache_bytes,
                 cache_entries,
                 evicted_bytes,
@@ -282,18 +307,38 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &'static str, method: &'static str, status: u16, seconds: f64) {
-        self.inner
-            .requests
-            .get_or_create(&RequestLabels {
-                route,
-                method,
-                status,
-            })
-            .inc();
-        self.inner
-            .duration
-            .get_or_create(&RouteLabels { route })
-            .observe(seconds);
+        let labels = RequestLabels {
+            route,
+            method,
+            status,
+        };
+        let id = self.inner.id;
+        HOT.with(|hot| {
+            let mut hot = hot.borrow_mut();
+            if let Some((_, _, c, h)) = hot
+                .requests
+                .iter()
+                .find(|(i, l, _, _)| *i == id && *l == labels)
+            {
+                c.inc();
+                h.observe(seconds);
+                return;
+            }
+            let counter = self.inner.requests.get_or_create(&labels).clone();
+            let histogram = self
+                .inner
+                .duration
+                .get_or_create(&RouteLabels { route })
+                .clone();
+            counter.inc();
+            histogram.observe(seconds);
+            if hot.requests.len() >= HOT_MAX {
+                hot.requests.retain(|(i, ..)| *i == id);
+            }
+            if hot.requests.len() < HOT_MAX {
+                hot.requests.push((id, labels, counter, histogram));
+            }
+        });
     }
 
     pub fn bytes_served(&self, source: &Arc<str>, n: u64) {
@@ -306,10 +351,23 @@ impl Metrics {
     }
 
     pub fn cache(&self, kind: &'static str, result: &'static str) {
-        self.inner
-            .cache
-            .get_or_create(&CacheLabels { kind, result })
-            .inc();
+        let labels = CacheLabels { kind, result };
+        let id = self.inner.id;
+        HOT.with(|hot| {
+            let mut hot = hot.borrow_mut();
+            if let Some((_, _, c)) = hot.cache.iter().find(|(i, l, _)| *i == id && *l == labels) {
+                c.inc();
+                return;
+            }
+            let counter = self.inner.cache.get_or_create(&labels).clone();
+            counter.inc();
+            if hot.cache.len() >= HOT_MAX {
+                hot.cache.retain(|(i, ..)| *i == id);
+            }
+            if hot.cache.len() < HOT_MAX {
+                hot.cache.push((id, labels, counter));
+            }
+        });
     }
 
     pub fn fill_started(&self) {

@@ -202,3 +202,146 @@ async fn plain_http1_front_pipelines_sends_files_and_hands_off_to_hyper() {
         "{local} bytes counted for two local blobs and a range"
     );
 }
+
+/// A pushable proxy with no upstream: a `file://` engine that takes pushes.
+fn push_only_config(root: &std::path::Path) -> String {
+    format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{}/eu\" }}\npush: {{ engine: eu }}\n",
+        root.display()
+    )
+}
+
+/// Pushes an OCI image manifest of `config` and `layer` under `reference`: its digest.
+async fn put_manifest(
+    base: &str,
+    repo: &str,
+    reference: &str,
+    config: &str,
+    layer: &str,
+) -> String {
+    let m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2 },
+        "layers": [ { "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 5000 } ],
+    })
+    .to_string();
+    let r = client()
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "manifest pushed");
+    format!("sha256:{}", sha256_hex(m.as_bytes()))
+}
+
+/// The value of the `ociedge_http_requests_total` series of `route`, `method`, `status`.
+async fn requests_counted(proxy: &Proxy, route: &str, method: &str, status: u16) -> u64 {
+    let want = format!(
+        "ociedge_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} "
+    );
+    get_text(proxy.url("/metrics"))
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(want.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Small answers (blob HEADs, manifests) are kept in memory for a tenth of a second: repeated
+/// requests get the same answer with their own request id and date, every one is counted, and
+/// a write (a tag pushed again, a tag deleted) is seen by the very next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_answers_come_from_memory_and_a_write_is_seen_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&push_only_config(root.path()));
+    let base = proxy.url("");
+    let config = push_blob(&base, "t/app", b"{}".to_vec()).await;
+    let layer = push_blob(&base, "t/app", random_bytes(5000, 3)).await;
+    let other = push_blob(&base, "t/app", random_bytes(5000, 4)).await;
+    let first = put_manifest(&base, "t/app", "v1", &config, &layer).await;
+
+    let mut s = TcpStream::connect(proxy.host()).await.unwrap();
+    let mut buf = Vec::new();
+    let accept = "Accept: application/vnd.oci.image.manifest.v1+json\r\n";
+    // Pipelined, so the later ones come from memory: two HEADs of a blob, three GETs by tag
+    // (one with the client's request id), one GET by digest with If-None-Match.
+    let blob = format!("/v2/t/app/blobs/{layer}");
+    let tag = "/v2/t/app/manifests/v1";
+    let reqs = format!(
+        "HEAD {blob} HTTP/1.1\r\nHost: x\r\n\r\n\
+         HEAD {blob} HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET {tag} HTTP/1.1\r\nHost: x\r\n{accept}\r\n\
+         GET {tag} HTTP/1.1\r\nHost: x\r\n{accept}\r\n\
+         GET {tag} HTTP/1.1\r\nHost: x\r\n{accept}X-Request-Id: mine-1\r\n\r\n\
+         GET /v2/t/app/manifests/{first} HTTP/1.1\r\nHost: x\r\n{accept}If-None-Match: \"{first}\"\r\n\r\n"
+    );
+    s.write_all(reqs.as_bytes()).await.unwrap();
+    let same = |a: &Resp, b: &Resp| {
+        let strip = |r: &Resp| {
+            r.headers
+                .iter()
+                .filter(|(k, _)| k != "x-request-id" && k != "date")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        a.status == b.status && strip(a) == strip(b) && a.body == b.body
+    };
+    let h1 = read_resp(&mut s, &mut buf, true).await;
+    let h2 = read_resp(&mut s, &mut buf, true).await;
+    assert_eq!(h1.status, 200);
+    assert_eq!(h1.header("content-length"), Some("5000"));
+    assert_eq!(h1.header("docker-content-digest"), Some(layer.as_str()));
+    assert!(same(&h1, &h2), "{:?} / {:?}", h1.headers, h2.headers);
+    assert_ne!(h1.header("x-request-id"), h2.header("x-request-id"));
+    assert!(h2.header("date").is_some());
+    let g1 = read_resp(&mut s, &mut buf, false).await;
+    let g2 = read_resp(&mut s, &mut buf, false).await;
+    let g3 = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(g1.status, 200);
+    assert_eq!(g1.header("docker-content-digest"), Some(first.as_str()));
+    assert_eq!(format!("sha256:{}", sha256_hex(&g1.body)), first);
+    assert!(same(&g1, &g2) && same(&g1, &g3));
+    assert_eq!(g3.header("x-request-id"), Some("mine-1"));
+    let conditional = read_resp(&mut s, &mut buf, true).await;
+    assert_eq!(
+        conditional.status, 304,
+        "If-None-Match is never answered from memory"
+    );
+
+    // The tag moves: the next request sees it, on the same connection, at once.
+    let second = put_manifest(&base, "t/app", "v1", &config, &other).await;
+    s.write_all(format!("GET {tag} HTTP/1.1\r\nHost: x\r\n{accept}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let moved = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(moved.header("docker-content-digest"), Some(second.as_str()));
+
+    // Answers by digest come from memory too; the tag, deleted, is unknown at the next request.
+    let by_digest = format!("GET /v2/t/app/manifests/{second} HTTP/1.1\r\nHost: x\r\n{accept}\r\n");
+    s.write_all(by_digest.repeat(2).as_bytes()).await.unwrap();
+    let d1 = read_resp(&mut s, &mut buf, false).await;
+    let d2 = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(d1.status, 200);
+    assert!(same(&d1, &d2));
+    let r = client().delete(proxy.url(tag)).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    s.write_all(format!("GET {tag} HTTP/1.1\r\nHost: x\r\n{accept}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let gone = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(gone.status, 404, "a deleted tag is not served from memory");
+
+    // Every answer was counted, from memory or not: four GETs by tag, two HEADs of the blob.
+    assert_eq!(
+        requests_counted(&proxy, "manifest_tag", "GET", 200).await,
+        4
+    );
+    assert_eq!(requests_counted(&proxy, "blob", "HEAD", 200).await, 2);
+    assert_eq!(
+        requests_counted(&proxy, "manifest_digest", "GET", 200).await,
+        2
+    );
+}

@@ -1,6 +1,7 @@
 //! `StorageEngine`: an `object_store` store holding content in the Distribution layout.
 
 use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -32,6 +33,20 @@ use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
 /// Blobs smaller than this are committed with one conditional `put`; larger ones stream through a
 /// multipart upload.
 const SINGLE_PUT_MAX: u64 = 16 << 20;
+
+/// Blob data writes by any storage engine of this process, counted after each one is visible.
+/// A memo of "this blob is not here" is valid only while the count has not moved: whatever path
+/// wrote the blob (a fill, a push, replication), the memo cannot outlive it.
+static BLOB_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// The current count of blob data writes (see [`BLOB_WRITES`]); read it before looking.
+pub fn blob_writes() -> u64 {
+    BLOB_WRITES.load(Ordering::Acquire)
+}
+
+fn wrote_blob() {
+    BLOB_WRITES.fetch_add(1, Ordering::AcqRel);
+}
 
 #[derive(Debug)]
 pub struct StorageEngine {
@@ -155,6 +170,31 @@ pub fn check_url(
 }
 
 impl StorageEngine {
+    /// Puts a spooled blob under its digest: a hard link on a `file://` engine, an upload
+    /// otherwise (skipped when the store already holds it whole).
+    async fn put_blob_data(&self, digest: &Digest, file: &FsPath, size: u64) -> Result<()> {
+        let dest = layout::blob_data(digest);
+        if let Some(root) = &self.local_root {
+            let target = root.join(dest.as_ref());
+            if let Some(dir) = target.parent() {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+            // A hard link is an atomic create-if-absent: the blob appears whole or not at all,
+            // and a concurrent commit of the same digest (same bytes) simply finds it there.
+            match tokio::fs::hard_link(file, &target).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+                // Another filesystem: fall through to the store's own (staged, renamed) upload.
+                Err(_) => {}
+            }
+        }
+        match self.store.head(&dest).await {
+            Ok(m) if m.size == size => return Ok(()),
+            _ => {}
+        }
+        self.upload_file(&dest, file, size).await
+    }
+
     /// Builds the store for `url`; `options` are object_store configuration keys.
     pub fn open(
         id: &str,
@@ -523,26 +563,9 @@ impl Engine for StorageEngine {
     }
 
     async fn put_blob_file(&self, digest: &Digest, file: &FsPath, size: u64) -> Result<()> {
-        let dest = layout::blob_data(digest);
-        if let Some(root) = &self.local_root {
-            let target = root.join(dest.as_ref());
-            if let Some(dir) = target.parent() {
-                tokio::fs::create_dir_all(dir).await?;
-            }
-            // A hard link is an atomic create-if-absent: the blob appears whole or not at all,
-            // and a concurrent commit of the same digest (same bytes) simply finds it there.
-            match tokio::fs::hard_link(file, &target).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-                // Another filesystem: fall through to the store's own (staged, renamed) upload.
-                Err(_) => {}
-            }
-        }
-        match self.store.head(&dest).await {
-            Ok(m) if m.size == size => return Ok(()),
-            _ => {}
-        }
-        self.upload_file(&dest, file, size).await
+        let res = self.put_blob_data(digest, file, size).await;
+        wrote_blob();
+        res
     }
 
     async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
@@ -556,8 +579,11 @@ impl Engine for StorageEngine {
     }
 
     async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
-        self.put_if_absent(&layout::blob_data(&manifest.digest), manifest.bytes.clone())
-            .await?;
+        let res = self
+            .put_if_absent(&layout::blob_data(&manifest.digest), manifest.bytes.clone())
+            .await;
+        wrote_blob();
+        res?;
         self.put_link(
             &layout::revision_link(repo, &manifest.digest),
             &manifest.digest,

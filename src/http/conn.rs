@@ -42,6 +42,22 @@ pub struct ConnSettings {
     pub idle_timeout: Duration,
     /// Cancelled at shutdown: finish what is in progress, accept no new request.
     pub stop: CancellationToken,
+    /// Set with `stop`, for the per-request check: the token's own `is_cancelled` takes a lock
+    /// that every connection shares.
+    pub stopping: Arc<AtomicBool>,
+}
+
+impl ConnSettings {
+    /// Whether shutdown has begun (no new request is to be read).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Begins shutdown for every connection sharing these settings.
+    pub fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.stop.cancel();
+    }
 }
 
 /// Serves one accepted connection to its end. `_permit` is this connection's slot under

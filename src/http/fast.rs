@@ -30,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::answers::Answer;
 use super::body::{Body, FileBody, RequestBody};
 use super::conn::{self, ConnSettings};
 use super::rewind::Rewind;
@@ -51,6 +52,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
         .max(8192);
     let mut buf = BytesMut::with_capacity(8192);
     let mut out = Vec::with_capacity(1024);
+    let mut key = Vec::with_capacity(256);
     let mut deadline = Instant::now() + settings.header_read_timeout;
     // Armed once and moved only when it fires early: moving a timer for every request costs
     // more than the rest of a small answer.
@@ -98,12 +100,29 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
             }
         };
         buf.advance(next.head_len);
-        let keep_alive = next.keep_alive && !settings.stop.is_cancelled();
-        let head_only = next.req.method() == Method::HEAD;
-        let http10 = next.req.version() == Version::HTTP_10;
-        let resp = super::server::handle(app.clone(), next.req).await;
-        let keep_alive = keep_alive && !settings.stop.is_cancelled();
-        match send(&mut stream, &mut out, resp, head_only, keep_alive, http10).await {
+        let mut how = How {
+            head_only: next.req.method() == Method::HEAD,
+            keep_alive: next.keep_alive && !settings.is_stopping(),
+            http10: next.req.version() == Version::HTTP_10,
+        };
+        let sent = if app.answers.key(&next.req, &mut key) {
+            answer(
+                &app,
+                &mut stream,
+                &mut out,
+                next.req,
+                &key,
+                &mut how,
+                settings,
+            )
+            .await
+        } else {
+            let resp = super::server::handle(app.clone(), next.req).await;
+            how.keep_alive = how.keep_alive && !settings.is_stopping();
+            send(&mut stream, &mut out, resp, how).await
+        };
+        let keep_alive = how.keep_alive;
+        match sent {
             Ok(true) if keep_alive => {}
             Ok(_) => {
                 let _ = stream.shutdown().await;
@@ -116,6 +135,92 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
         }
         deadline = Instant::now() + settings.idle_timeout;
     }
+}
+
+/// How a response goes out: decided by the request, and by shutdown.
+#[derive(Clone, Copy)]
+struct How {
+    head_only: bool,
+    keep_alive: bool,
+    http10: bool,
+}
+
+/// Answers a request the memo may answer: from the memo, or through the request path (keeping
+/// the answer when it is one to keep).
+async fn answer(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    req: Request<RequestBody>,
+    key: &[u8],
+    how: &mut How,
+    settings: &ConnSettings,
+) -> io::Result<bool> {
+    if let Some(a) = app.answers.get(key) {
+        let start = std::time::Instant::now();
+        let id = super::server::client_request_id(req.headers());
+        tracing::debug!(method = %req.method(), path = %req.uri().path(), "answered from memory");
+        let sent = send_answer(stream, out, &a, id.map(str::as_bytes), *how).await;
+        replay(app, &a, *how, start);
+        return sent;
+    }
+    let writes = super::answers::writes_now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let resp = super::server::handle(app.clone(), req).await;
+    how.keep_alive = how.keep_alive && !settings.is_stopping();
+    match app.answers.put(key, &method, uri.path(), &resp, writes) {
+        Some(a) => {
+            let id = resp.headers().get(super::headers::X_REQUEST_ID);
+            send_answer(stream, out, &a, id.map(|v| v.as_bytes()), *how).await
+        }
+        None => send(stream, out, resp, *how).await,
+    }
+}
+
+/// Records for an answer from the memo what the request path records for it.
+fn replay(app: &App, a: &Answer, how: How, start: std::time::Instant) {
+    let m = &app.metrics;
+    for (kind, result) in a.events {
+        m.cache(kind, result);
+    }
+    if !how.head_only && !a.body.is_empty() {
+        m.bytes_served(&a.source, a.body.len() as u64);
+    }
+    let method = if how.head_only { "HEAD" } else { "GET" };
+    m.request(a.route, method, 200, start.elapsed().as_secs_f64());
+}
+
+/// Writes a kept answer with this response's own `x-request-id`, `date` and `connection`.
+async fn send_answer(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    a: &Answer,
+    request_id: Option<&[u8]>,
+    how: How,
+) -> io::Result<bool> {
+    out.clear();
+    out.extend_from_slice(&a.head);
+    match request_id {
+        Some(id) => line(out, b"x-request-id", id),
+        None => line(out, b"x-request-id", &super::server::new_request_id()),
+    }
+    date(out);
+    if !how.keep_alive {
+        line(out, b"connection", b"close");
+    } else if how.http10 {
+        line(out, b"connection", b"keep-alive");
+    }
+    out.extend_from_slice(b"\r\n");
+    if how.head_only || a.body.is_empty() {
+        stream.write_all(out).await?;
+    } else if a.body.len() <= COALESCE {
+        out.extend_from_slice(&a.body);
+        stream.write_all(out).await?;
+    } else {
+        write_two(stream, out, &a.body).await?;
+    }
+    Ok(true)
 }
 
 struct Next {
@@ -206,10 +311,13 @@ async fn send(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     resp: Response<Body>,
-    head_only: bool,
-    keep_alive: bool,
-    http10: bool,
+    how: How,
 ) -> io::Result<bool> {
+    let How {
+        head_only,
+        keep_alive,
+        http10,
+    } = how;
     let (parts, body) = resp.into_parts();
     let status = parts.status;
     let no_body = head_only

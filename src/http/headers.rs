@@ -1,16 +1,17 @@
 //! Request header parsing (`Range`, `If-None-Match`, `If-Range`, `Accept`) and the response
 //! headers that mirrors and CDNs rely on.
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::{Error, Result};
 use crate::oci::{Digest, ErrorCode};
 use crate::pull::RangeSpec;
 
-pub const X_REGION: &str = "x-ociedge-region";
-pub const X_SOURCE: &str = "x-ociedge-source";
-pub const DOCKER_DIGEST: &str = "docker-content-digest";
-pub const API_VERSION: &str = "docker-distribution-api-version";
+pub const X_REGION: HeaderName = HeaderName::from_static("x-ociedge-region");
+pub const X_SOURCE: HeaderName = HeaderName::from_static("x-ociedge-source");
+pub const DOCKER_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+pub const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// Parses a single-range `Range: bytes=…` header. `Ok(None)` when absent, or for a multi-range
@@ -51,7 +52,21 @@ pub fn parse_range(headers: &HeaderMap) -> Result<Option<RangeSpec>> {
 
 /// The strong ETag of digest-addressed content.
 pub fn etag(d: &Digest) -> String {
-    format!("\"{d}\"")
+    let mut s = String::with_capacity(d.as_str().len() + 2);
+    s.push('"');
+    s.push_str(d.as_str());
+    s.push('"');
+    s
+}
+
+/// The ETag as a header value, built without a second copy.
+pub fn etag_value(d: &Digest) -> HeaderValue {
+    owned_value(etag(d))
+}
+
+/// A header value that takes `s` as it is (a digest, an id: already valid header text).
+pub fn owned_value(s: String) -> HeaderValue {
+    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// Whether `If-None-Match` matches the ETag (so the answer is `304`).

@@ -2,6 +2,7 @@
 //! turn its answers (and errors) into responses. Only this module speaks HTTP.
 
 pub mod access;
+pub mod answers;
 pub mod body;
 pub mod conn;
 pub mod fast;

@@ -30,7 +30,7 @@ fn finish(b: http::response::Builder, body: Body) -> Result<Response<Body>> {
 
 fn immutable(b: http::response::Builder, d: &Digest) -> http::response::Builder {
     b.header(header::CACHE_CONTROL, IMMUTABLE_VALUE.clone())
-        .header(header::ETAG, value(&h::etag(d)))
+        .header(header::ETAG, h::etag_value(d))
         .header(h::DOCKER_DIGEST, value(d.as_str()))
 }
 
@@ -141,7 +141,7 @@ pub async fn manifest(
     };
     let mut b = builder(status)
         .header(header::CONTENT_TYPE, value(&m.media_type))
-        .header(header::ETAG, value(&h::etag(&m.digest)))
+        .header(header::ETAG, h::etag_value(&m.digest))
         .header(h::DOCKER_DIGEST, value(m.digest.as_str()))
         .header(h::X_SOURCE, value(&ans.source));
     b = match reference {

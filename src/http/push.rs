@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, BodyStream, Limited};
@@ -38,12 +38,15 @@ pub fn stream(body: RequestBody) -> ByteStream {
     }))
 }
 
-fn respond(status: StatusCode, headers: &[(&'static str, String)]) -> Result<Response<Body>> {
+const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
+
+fn respond(status: StatusCode, headers: &[(HeaderName, String)]) -> Result<Response<Body>> {
     let mut b = Response::builder()
         .status(status)
         .header(header::CONTENT_LENGTH, 0);
     for (k, v) in headers {
-        b = b.header(*k, value(v));
+        b = b.header(k, value(v));
     }
     b.body(body::empty()).map_err(|e| Error::engine("http", e))
 }
@@ -135,7 +138,7 @@ pub async fn upload(
                     return respond(
                         StatusCode::CREATED,
                         &[
-                            ("location", format!("/v2/{name}/blobs/{mount}")),
+                            (header::LOCATION, format!("/v2/{name}/blobs/{mount}")),
                             (h::DOCKER_DIGEST, mount.to_string()),
                         ],
                     );
@@ -145,7 +148,7 @@ pub async fn upload(
                 return respond(
                     StatusCode::CREATED,
                     &[
-                        ("location", format!("/v2/{name}/blobs/{d}")),
+                        (header::LOCATION, format!("/v2/{name}/blobs/{d}")),
                         (h::DOCKER_DIGEST, d.to_string()),
                     ],
                 );
@@ -154,9 +157,9 @@ pub async fn upload(
             respond(
                 StatusCode::ACCEPTED,
                 &[
-                    ("location", upload_location(name, &id)),
-                    ("docker-upload-uuid", id.clone()),
-                    ("range", "0-0".into()),
+                    (header::LOCATION, upload_location(name, &id)),
+                    (UPLOAD_UUID, id.clone()),
+                    (header::RANGE, "0-0".into()),
                 ],
             )
         }
@@ -166,9 +169,9 @@ pub async fn upload(
             respond(
                 StatusCode::ACCEPTED,
                 &[
-                    ("location", upload_location(name, id)),
-                    ("docker-upload-uuid", id.to_string()),
-                    ("range", range_header(offset)),
+                    (header::LOCATION, upload_location(name, id)),
+                    (UPLOAD_UUID, id.to_string()),
+                    (header::RANGE, range_header(offset)),
                 ],
             )
         }
@@ -179,7 +182,7 @@ pub async fn upload(
             respond(
                 StatusCode::CREATED,
                 &[
-                    ("location", format!("/v2/{name}/blobs/{d}")),
+                    (header::LOCATION, format!("/v2/{name}/blobs/{d}")),
                     (h::DOCKER_DIGEST, d.to_string()),
                 ],
             )
@@ -189,9 +192,9 @@ pub async fn upload(
             respond(
                 StatusCode::NO_CONTENT,
                 &[
-                    ("location", upload_location(name, id)),
-                    ("docker-upload-uuid", id.to_string()),
-                    ("range", range_header(offset)),
+                    (header::LOCATION, upload_location(name, id)),
+                    (UPLOAD_UUID, id.to_string()),
+                    (header::RANGE, range_header(offset)),
                 ],
             )
         }
@@ -277,13 +280,13 @@ pub async fn put_manifest(
     let pushed = p.put_manifest(&repo, reference, ct, bytes).await?;
     let mut hs = vec![
         (
-            "location",
+            header::LOCATION,
             format!("/v2/{name}/manifests/{}", pushed.digest),
         ),
         (h::DOCKER_DIGEST, pushed.digest.to_string()),
     ];
     if let Some(s) = pushed.subject {
-        hs.push(("oci-subject", s.to_string()));
+        hs.push((OCI_SUBJECT, s.to_string()));
     }
     respond(StatusCode::CREATED, &hs)
 }

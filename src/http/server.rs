@@ -116,6 +116,7 @@ pub async fn serve(
         header_read_timeout: limits.header_read_timeout.0,
         idle_timeout: limits.idle_timeout.0,
         stop: stop.clone(),
+        stopping: Arc::default(),
     };
     if let Some(tls) = &front.tls {
         tokio::spawn(tls.clone().watch(stop.clone()));
@@ -139,7 +140,7 @@ pub async fn serve(
     }
     shutdown.await;
     tracing::info!("shutting down: no new connections; finishing responses and fills in progress");
-    stop.cancel();
+    settings.begin_stop();
     // The loops drop their listeners as they end: new connections are refused from here on.
     while loops.join_next().await.is_some() {}
     let grace = limits.shutdown_grace.0;
@@ -238,27 +239,38 @@ fn method_label(m: &Method) -> &'static str {
 }
 
 /// 16 random hex digits (without `format!`: this runs for every request).
-fn new_request_id() -> String {
+pub(super) fn new_request_id() -> [u8; 16] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut n = rand::random::<u64>();
-    let mut s = String::with_capacity(16);
-    for _ in 0..16 {
-        s.push(char::from(HEX[(n >> 60) as usize]));
+    let mut s = [0u8; 16];
+    for c in &mut s {
+        *c = HEX[(n >> 60) as usize];
         n <<= 4;
     }
     s
 }
 
+/// The client's `x-request-id`, when it is one we can repeat (short, printable).
+pub(super) fn client_request_id(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(h::X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+}
+
 /// One request: route, handle, map errors to OCI bodies, stamp the common headers.
 pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> {
     let start = Instant::now();
-    let id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(new_request_id);
+    let id = match client_request_id(req.headers()) {
+        Some(id) => id.to_string(),
+        None => String::from_utf8_lossy(&new_request_id()).into_owned(),
+    };
+    // A request that may write moves the answer memo's count as it starts and as it ends, so
+    // no answer kept before or during it is used after it.
+    let may_write = !route::is_read(req.method());
+    if may_write {
+        super::answers::wrote();
+    }
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
@@ -275,11 +287,14 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
         };
         let hs = resp.headers_mut();
         hs.insert(h::X_REGION, app.region.clone());
-        hs.insert("x-request-id", h::value(&id));
+        hs.insert(h::X_REQUEST_ID, h::owned_value(id));
         if is_v2 {
             hs.insert(h::API_VERSION, HeaderValue::from_static("registry/2.0"));
         }
         let status = resp.status().as_u16();
+        if may_write {
+            super::answers::wrote();
+        }
         tracing::Span::current().record("status", status);
         let secs = start.elapsed().as_secs_f64();
         app.metrics.request(label, mlabel, status, secs);

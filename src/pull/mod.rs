@@ -104,10 +104,11 @@ pub struct Puller {
     /// Remote answers to blob HEADs on a miss (size, engine): digests are immutable, so a HEAD
     /// storm for content not cached yet costs the upstream one request per digest, not one each.
     remote_sizes: Cache<Digest, (u64, Arc<str>)>,
-    /// Sizes of blobs seen in a `file://` local engine in the last second: a HEAD storm costs
-    /// one `stat` a second per digest. Deletes through the API forget the entry at once; an
-    /// eviction is seen within the second (a GET in between refetches, the bytes are the same).
-    local_sizes: moka::sync::Cache<Digest, u64>,
+    /// What a `stat` in a `file://` local engine found in the last second: a HEAD storm costs
+    /// one `stat` a second per digest, hit or miss. Deletes through the API forget the entry at
+    /// once; an eviction is seen within the second (a GET in between refetches, the bytes are
+    /// the same); an absence is forgotten as soon as any blob is written.
+    local_sizes: moka::sync::Cache<Digest, LocalSize>,
     /// Tags whose fresh answer is of a type some client did not accept and the authority had no
     /// other: served as they are until the TTL, instead of asking the authority per request.
     unnegotiable: moka::sync::Cache<(RepoName, Tag), ()>,
@@ -117,6 +118,14 @@ pub struct Puller {
     evictor: Option<Arc<crate::evict::Evictor>>,
     /// The preferred (push) engine: the authority for the tags pushed to it.
     preferred: Option<Arc<dyn crate::engine::Engine>>,
+}
+
+/// A memo of the local `file://` engine's answer for one blob.
+#[derive(Clone, Copy)]
+enum LocalSize {
+    Present(u64),
+    /// Not there when the count of blob writes was this (see `storage::blob_writes`).
+    Absent(u64),
 }
 
 #[derive(Clone, Copy)]
@@ -292,14 +301,19 @@ impl Puller {
         // HEAD on a file:// engine: one stat, no open.
         if head {
             if let Some(root) = local.local_dir() {
+                let writes = crate::engine::storage::blob_writes();
                 let size = match self.local_sizes.get(digest) {
-                    Some(size) => size,
-                    None => {
+                    Some(LocalSize::Present(size)) => size,
+                    Some(LocalSize::Absent(at)) if at == writes => return Ok(None),
+                    _ => {
                         let path = root.join(crate::engine::layout::blob_data(digest).as_ref());
                         let Ok(m) = std::fs::metadata(&path) else {
+                            self.local_sizes
+                                .insert(digest.clone(), LocalSize::Absent(writes));
                             return Ok(None);
                         };
-                        self.local_sizes.insert(digest.clone(), m.len());
+                        self.local_sizes
+                            .insert(digest.clone(), LocalSize::Present(m.len()));
                         m.len()
                     }
                 };
