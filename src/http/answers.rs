@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 
-use super::body::{Body, RequestBody};
+use super::body::Body;
 use super::headers as h;
 use super::route::{self, Route};
 use crate::oci::Reference;
@@ -111,33 +111,32 @@ impl AnswerMemo {
         }
     }
 
-    /// Writes the memo key of `req` into `key`; `false` when its answer may not come from the
-    /// memo (nor go into it).
-    pub fn key(&self, req: &Request<RequestBody>, key: &mut Vec<u8>) -> bool {
-        let method = match *req.method() {
+    /// Writes the memo key of a request into `key`; `false` when its answer may not come from
+    /// the memo (nor go into it). `conditional`: the request has `Range`, `If-Range` or
+    /// `If-None-Match`.
+    pub fn key<'a>(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        accept: impl Iterator<Item = &'a [u8]>,
+        conditional: bool,
+        key: &mut Vec<u8>,
+    ) -> bool {
+        let method = match *method {
             Method::GET => b'G',
             Method::HEAD => b'H',
             _ => return false,
         };
-        let Some(pq) = req.uri().path_and_query() else {
-            return false;
-        };
-        let headers = req.headers();
-        if !self.enabled
-            || !pq.path().starts_with("/v2/")
-            || headers.contains_key(header::RANGE)
-            || headers.contains_key(header::IF_RANGE)
-            || headers.contains_key(header::IF_NONE_MATCH)
-        {
+        if !self.enabled || conditional || !path_and_query.starts_with("/v2/") {
             return false;
         }
         key.clear();
         key.extend_from_slice(&self.id.to_le_bytes());
         key.push(method);
-        key.extend_from_slice(pq.as_str().as_bytes());
-        for v in headers.get_all(header::ACCEPT) {
+        key.extend_from_slice(path_and_query.as_bytes());
+        for v in accept {
             key.push(b'\n');
-            key.extend_from_slice(v.as_bytes());
+            key.extend_from_slice(v);
         }
         true
     }

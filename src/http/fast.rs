@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::answers::Answer;
+use super::answers::{Answer, AnswerMemo};
 use super::body::{Body, FileBody, RequestBody};
 use super::conn::{self, ConnSettings};
 use super::rewind::Rewind;
@@ -62,6 +62,40 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
     let stopped = settings.stop.cancelled();
     tokio::pin!(stopped);
     loop {
+        // An answer kept in memory needs no request object: looked up straight off the buffer.
+        let mut memo = false;
+        let probed = if buf.is_empty() {
+            None
+        } else {
+            probe(&buf, max_head, &app.answers, &mut key)
+        };
+        if let Some(p) = probed {
+            if let Some(a) = app.answers.get(&key) {
+                let start = Instant::now();
+                let how = How {
+                    keep_alive: p.how.keep_alive && !settings.is_stopping(),
+                    ..p.how
+                };
+                let id = p.id.as_ref().map(|(a, n)| &a[..*n]);
+                let sent = send_answer(&mut stream, &mut out, &a, id, how).await;
+                buf.advance(p.head_len);
+                replay(&app, &a, how, start);
+                match sent {
+                    Ok(_) if how.keep_alive => {}
+                    Ok(_) => {
+                        let _ = stream.shutdown().await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "response aborted");
+                        return;
+                    }
+                }
+                deadline = start + settings.idle_timeout;
+                continue;
+            }
+            memo = true;
+        }
         let next = match parse(&buf, max_head) {
             Parsed::Request(r) => *r,
             Parsed::Partial => {
@@ -70,6 +104,8 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
                     buf.reserve(8192);
                 }
                 let read = tokio::select! {
+                    // In this order, without drawing a random one per wait.
+                    biased;
                     r = stream.read_buf(&mut buf) => r,
                     _ = timer.as_mut() => {
                         if Instant::now() < deadline {
@@ -105,7 +141,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
             keep_alive: next.keep_alive && !settings.is_stopping(),
             http10: next.req.version() == Version::HTTP_10,
         };
-        let sent = if app.answers.key(&next.req, &mut key) {
+        let sent = if memo {
             answer(
                 &app,
                 &mut stream,
@@ -145,8 +181,8 @@ struct How {
     http10: bool,
 }
 
-/// Answers a request the memo may answer: from the memo, or through the request path (keeping
-/// the answer when it is one to keep).
+/// Answers a request the memo may answer but does not hold: through the request path, keeping
+/// the answer when it is one to keep.
 async fn answer(
     app: &Arc<App>,
     stream: &mut TcpStream,
@@ -156,14 +192,6 @@ async fn answer(
     how: &mut How,
     settings: &ConnSettings,
 ) -> io::Result<bool> {
-    if let Some(a) = app.answers.get(key) {
-        let start = std::time::Instant::now();
-        let id = super::server::client_request_id(req.headers());
-        tracing::debug!(method = %req.method(), path = %req.uri().path(), "answered from memory");
-        let sent = send_answer(stream, out, &a, id.map(str::as_bytes), *how).await;
-        replay(app, &a, *how, start);
-        return sent;
-    }
     let writes = super::answers::writes_now();
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -179,7 +207,7 @@ async fn answer(
 }
 
 /// Records for an answer from the memo what the request path records for it.
-fn replay(app: &App, a: &Answer, how: How, start: std::time::Instant) {
+fn replay(app: &App, a: &Answer, how: How, start: Instant) {
     let m = &app.metrics;
     for (kind, result) in a.events {
         m.cache(kind, result);
@@ -235,43 +263,49 @@ enum Parsed {
     HandOff,
 }
 
-fn parse(buf: &[u8], max_head: usize) -> Parsed {
+/// A request head as `httparse` read it, checked to be one this front answers: GET or HEAD,
+/// HTTP/1.0 or 1.1, an origin-form path, no body, no upgrade.
+struct RawHead<'b, 'h> {
+    method: Method,
+    version: Version,
+    path: &'b str,
+    headers: &'h [httparse::Header<'b>],
+    head_len: usize,
+    keep_alive: bool,
+}
+
+fn raw_head<'b, 'h>(
+    buf: &'b [u8],
+    max_head: usize,
+    headers: &'h mut [httparse::Header<'b>],
+) -> Result<RawHead<'b, 'h>, Parsed> {
     if buf.is_empty() {
-        return Parsed::Partial;
+        return Err(Parsed::Partial);
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
+    let mut parsed = httparse::Request::new(headers);
     let head_len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(n)) if n <= max_head => n,
-        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
-        _ => return Parsed::HandOff,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Err(Parsed::Partial),
+        _ => return Err(Parsed::HandOff),
     };
     let method = match parsed.method {
         Some("GET") => Method::GET,
         Some("HEAD") => Method::HEAD,
-        _ => return Parsed::HandOff,
+        _ => return Err(Parsed::HandOff),
     };
     let version = match parsed.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
-        _ => return Parsed::HandOff,
+        _ => return Err(Parsed::HandOff),
     };
     let Some(path) = parsed.path.filter(|p| p.starts_with('/')) else {
-        return Parsed::HandOff;
+        return Err(Parsed::HandOff);
     };
-    let Ok(uri) = path.parse::<http::Uri>() else {
-        return Parsed::HandOff;
-    };
-    let mut map = HeaderMap::with_capacity(parsed.headers.len());
     let mut keep_alive = version == Version::HTTP_11;
-    for h in parsed.headers.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) else {
-            return Parsed::HandOff;
-        };
-        if name == header::CONNECTION {
+    let headers = parsed.headers;
+    for h in headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
@@ -279,30 +313,112 @@ fn parse(buf: &[u8], max_head: usize) -> Parsed {
                 } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
                     keep_alive = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    return Parsed::HandOff;
+                    return Err(Parsed::HandOff);
                 }
             }
         }
-        let bodiless = match name {
-            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => false,
-            header::CONTENT_LENGTH => h.value == b"0",
-            _ => true,
+        let bodiless = if name.eq_ignore_ascii_case(b"content-length") {
+            h.value == b"0"
+        } else {
+            !(name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade"))
         };
         if !bodiless {
-            return Parsed::HandOff;
+            return Err(Parsed::HandOff);
         }
+    }
+    Ok(RawHead {
+        method,
+        version,
+        path,
+        headers,
+        head_len,
+        keep_alive,
+    })
+}
+
+fn parse(buf: &[u8], max_head: usize) -> Parsed {
+    if buf.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let raw = match raw_head(buf, max_head, &mut headers) {
+        Ok(raw) => raw,
+        Err(p) => return p,
+    };
+    let Ok(uri) = raw.path.parse::<http::Uri>() else {
+        return Parsed::HandOff;
+    };
+    let mut map = HeaderMap::with_capacity(raw.headers.len());
+    for h in raw.headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::HandOff;
+        };
         map.append(name, value);
     }
     let mut req = Request::new(RequestBody::Empty);
-    *req.method_mut() = method;
+    *req.method_mut() = raw.method;
     *req.uri_mut() = uri;
-    *req.version_mut() = version;
+    *req.version_mut() = raw.version;
     *req.headers_mut() = map;
     Parsed::Request(Box::new(Next {
         req,
-        head_len,
-        keep_alive,
+        head_len: raw.head_len,
+        keep_alive: raw.keep_alive,
     }))
+}
+
+/// A request the answer memo may answer, read straight off the buffer (no header map, no URI):
+/// its key is in the caller's buffer.
+struct Probe {
+    head_len: usize,
+    how: How,
+    /// The client's `x-request-id`, when one we can repeat.
+    id: Option<([u8; 64], usize)>,
+}
+
+/// Reads the head at the start of `buf` as a memo request; `None` when it is not one (or not
+/// complete): then [`parse`] decides.
+fn probe(buf: &[u8], max_head: usize, memo: &AnswerMemo, key: &mut Vec<u8>) -> Option<Probe> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let raw = raw_head(buf, max_head, &mut headers).ok()?;
+    let named = |h: &&httparse::Header<'_>, n: &str| h.name.eq_ignore_ascii_case(n);
+    let accept = raw
+        .headers
+        .iter()
+        .filter(|h| named(h, "accept"))
+        .map(|h| h.value);
+    let conditional = raw
+        .headers
+        .iter()
+        .any(|h| named(&h, "range") || named(&h, "if-range") || named(&h, "if-none-match"));
+    if !memo.key(&raw.method, raw.path, accept, conditional, key) {
+        return None;
+    }
+    let id = raw
+        .headers
+        .iter()
+        .find(|h| named(h, "x-request-id"))
+        .map(|h| h.value)
+        .filter(|v| v.len() <= 64 && v.iter().all(u8::is_ascii_graphic))
+        .map(|v| {
+            let mut a = [0u8; 64];
+            a[..v.len()].copy_from_slice(v);
+            (a, v.len())
+        });
+    Some(Probe {
+        head_len: raw.head_len,
+        how: How {
+            head_only: raw.method == Method::HEAD,
+            keep_alive: raw.keep_alive,
+            http10: raw.version == Version::HTTP_10,
+        },
+        id,
+    })
 }
 
 /// Writes `resp`; `Ok(false)` when the connection cannot carry another request (the body's end
