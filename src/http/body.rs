@@ -16,6 +16,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use crate::engine::ByteStream;
 use crate::error::BoxError;
 use crate::fileio::FileSlice;
+use crate::pull::fill::FillReader;
 
 /// A response body.
 pub enum Body {
@@ -23,6 +24,8 @@ pub enum Body {
     /// Taken (left `None`) once sent.
     Full(Option<Bytes>),
     File(FileBody),
+    /// A blob as its fill brings it.
+    Fill(FillBody),
     Stream(UnsyncBoxBody<Bytes, BoxError>),
 }
 
@@ -49,6 +52,16 @@ pub fn stream(s: ByteStream) -> Body {
     )
 }
 
+/// `len` bytes of a fill in progress; `sent` is told the size of each piece that goes out.
+pub fn fill(reader: FillReader, len: u64, sent: impl Fn(u64) + Send + 'static) -> Body {
+    Body::Fill(FillBody {
+        reader: Some(reader),
+        len,
+        sent: Box::new(sent),
+        stream: None,
+    })
+}
+
 /// A slice of a local file; `sent` is told the size of each piece that goes out (metrics).
 pub fn file(slice: FileSlice, sent: impl Fn(u64) + Send + 'static) -> Body {
     Body::File(FileBody {
@@ -66,6 +79,16 @@ pub struct FileBody {
     reader: Option<ByteStream>,
 }
 
+/// A fill's bytes: pieces for a sender that can take file ranges, or a stream of chunks made at
+/// the first poll.
+pub struct FillBody {
+    /// Taken by the plain front, or turned into `stream` at the first poll.
+    pub reader: Option<FillReader>,
+    pub len: u64,
+    pub sent: Box<dyn Fn(u64) + Send>,
+    stream: Option<ByteStream>,
+}
+
 impl hyper::body::Body for Body {
     type Data = Bytes;
     type Error = BoxError;
@@ -78,6 +101,23 @@ impl hyper::body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(s) => Pin::new(s).poll_frame(cx),
+            Body::Fill(f) => {
+                if f.stream.is_none() {
+                    f.stream = f.reader.take().map(FillReader::into_stream);
+                }
+                let Some(stream) = f.stream.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                match Pin::new(stream).poll_next(cx) {
+                    Poll::Ready(Some(Ok(b))) => {
+                        (f.sent)(b.len() as u64);
+                        Poll::Ready(Some(Ok(Frame::data(b))))
+                    }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
             Body::File(f) => {
                 let reader = f.reader.get_or_insert_with(|| f.slice.stream());
                 match Pin::new(reader).poll_next(cx) {
@@ -99,6 +139,7 @@ impl hyper::body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Stream(s) => s.is_end_stream(),
             Body::File(f) => f.slice.len == 0,
+            Body::Fill(f) => f.len == 0,
         }
     }
 
@@ -108,6 +149,7 @@ impl hyper::body::Body for Body {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(s) => s.size_hint(),
             Body::File(f) => SizeHint::with_exact(f.slice.len),
+            Body::Fill(f) => SizeHint::with_exact(f.len),
         }
     }
 }

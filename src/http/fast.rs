@@ -35,6 +35,7 @@ use super::body::{Body, FileBody, RequestBody};
 use super::conn::{self, ConnSettings};
 use super::rewind::Rewind;
 use crate::app::App;
+use crate::pull::fill::{FillReader, Piece};
 
 /// Most header lines a request handled here may have; more goes to hyper (which allows 100).
 const MAX_HEADERS: usize = 64;
@@ -506,6 +507,13 @@ async fn send(
             n
         }
         Body::File(f) => send_file(stream, out, f).await?,
+        Body::Fill(mut f) => match f.reader.take() {
+            Some(reader) => send_fill(stream, out, reader, &mut *f.sent).await?,
+            None => {
+                stream.write_all(out).await?;
+                0
+            }
+        },
         Body::Stream(mut s) => {
             stream.write_all(out).await?;
             let mut n = 0u64;
@@ -597,8 +605,45 @@ async fn write_two(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()>
 /// file by `sendfile`. The socket is non-blocking: each call moves what the send buffer takes.
 /// A page-cache miss blocks this worker thread on the disk read inside `sendfile`, as it does
 /// nginx's without `aio threads`; the file is marked sequential so the kernel reads ahead.
-async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Result<u64> {
-    let mut head = head;
+async fn send_file(stream: &mut TcpStream, head: &[u8], mut f: FileBody) -> io::Result<u64> {
+    send_head(stream, head).await?;
+    let slice = &f.slice;
+    let _ = rustix::fs::fadvise(
+        slice.file.as_fd(),
+        slice.offset,
+        std::num::NonZeroU64::new(slice.len),
+        rustix::fs::Advice::Sequential,
+    );
+    send_range(stream, &slice.file, slice.offset, slice.len, &mut *f.sent).await
+}
+
+/// Sends a fill's bytes as it brings them: what is in its spool file by `sendfile`, what is
+/// only in its memory window by `write`.
+async fn send_fill(
+    stream: &mut TcpStream,
+    head: &[u8],
+    mut reader: FillReader,
+    sent: &mut (dyn Fn(u64) + Send),
+) -> io::Result<u64> {
+    send_head(stream, head).await?;
+    let mut total = 0u64;
+    while let Some(piece) = reader.next_piece(true).await.map_err(io::Error::other)? {
+        total += match piece {
+            Piece::Bytes(b) => {
+                stream.write_all(&b).await?;
+                sent(b.len() as u64);
+                b.len() as u64
+            }
+            Piece::File { file, offset, len } => {
+                send_range(stream, &file, offset, len, sent).await?
+            }
+        };
+    }
+    Ok(total)
+}
+
+/// Writes a response head, telling the kernel more follows (so it goes out with the body).
+async fn send_head(stream: &mut TcpStream, mut head: &[u8]) -> io::Result<()> {
     while !head.is_empty() {
         stream.writable().await?;
         match stream.try_io(Interest::WRITABLE, || {
@@ -610,20 +655,24 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Resu
             Err(e) => return Err(e),
         }
     }
-    let slice = &f.slice;
-    let _ = rustix::fs::fadvise(
-        slice.file.as_fd(),
-        slice.offset,
-        std::num::NonZeroU64::new(slice.len),
-        rustix::fs::Advice::Sequential,
-    );
-    let end = slice.offset + slice.len;
-    let mut pos = slice.offset;
+    Ok(())
+}
+
+/// Sends `len` bytes of `file` from `offset` with `sendfile`; `sent` hears of them in steps.
+async fn send_range(
+    stream: &mut TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    sent: &mut (dyn Fn(u64) + Send),
+) -> io::Result<u64> {
+    let end = offset + len;
+    let mut pos = offset;
     // Counted in steps, so a long download shows on the graphs while it runs.
     let mut counted = pos;
     let result = loop {
         if pos - counted >= COUNT_STEP {
-            (f.sent)(pos - counted);
+            sent(pos - counted);
             counted = pos;
         }
         if pos >= end {
@@ -637,7 +686,7 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Resu
             break Err(e);
         }
         match stream.try_io(Interest::WRITABLE, || {
-            rustix::fs::sendfile(stream.as_fd(), slice.file.as_fd(), Some(&mut pos), want)
+            rustix::fs::sendfile(stream.as_fd(), file.as_fd(), Some(&mut pos), want)
                 .map_err(io::Error::from)
         }) {
             Ok(0) => {
@@ -651,8 +700,8 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], f: FileBody) -> io::Resu
             Err(e) => break Err(e),
         }
     };
-    (f.sent)(pos - counted);
-    result.map(|()| pos - slice.offset)
+    sent(pos - counted);
+    result.map(|()| pos - offset)
 }
 
 /// For the `request_head` fuzz target: whatever the bytes, `parse` returns, and what it takes

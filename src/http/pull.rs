@@ -103,6 +103,11 @@ pub async fn blob(
     }
     let body = match ans.body {
         Some(BlobBody::Stream(s)) if !head => counted(app, &ans.source, s),
+        Some(BlobBody::Fill(r)) if !head => {
+            let metrics = app.metrics.clone();
+            let source = ans.source.clone();
+            body::fill(r, len, move |n| metrics.bytes_served(&source, n))
+        }
         Some(BlobBody::File(f)) if !head => {
             let metrics = app.metrics.clone();
             let source = ans.source.clone();

@@ -314,71 +314,137 @@ impl FillState {
     /// byte comes only after the digest has been verified; a failed fill ends the stream with an
     /// error.
     pub fn reader(self: &Arc<Self>, offset: u64, len: u64) -> ByteStream {
-        let rx = self.progress.subscribe();
-        let end = offset + len;
-        let state = (self.clone(), rx, offset);
-        Box::pin(futures::stream::try_unfold(
-            state,
-            move |(fill, mut rx, pos)| async move {
-                if pos >= end {
-                    return Ok(None);
+        self.follow(offset, len).into_stream()
+    }
+
+    /// `len` bytes from `offset` as the fill brings them, piece by piece (see [`FillReader`]).
+    pub fn follow(self: &Arc<Self>, offset: u64, len: u64) -> FillReader {
+        FillReader {
+            fill: self.clone(),
+            rx: self.progress.subscribe(),
+            pos: offset,
+            end: offset + len,
+        }
+    }
+}
+
+/// A reader of one fill: the same bytes as [`FillState::reader`], as pieces a sender can take
+/// without copying: chunks of the in-memory window, or ranges of the spool file already written
+/// (which the plain front sends with `sendfile`). The last byte comes only after the digest has
+/// been verified; a failed fill is an error.
+pub struct FillReader {
+    fill: Arc<FillState>,
+    rx: watch::Receiver<Progress>,
+    pos: u64,
+    end: u64,
+}
+
+/// What a [`FillReader`] has ready.
+pub enum Piece {
+    Bytes(Bytes),
+    /// `len` bytes of the spool `file` at `offset`, all on disk. The reader moves past the range
+    /// when it is handed out; a sender that takes less must say so with
+    /// [`FillReader::rewind_to`].
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl FillReader {
+    /// The bytes as a stream of chunks (window chunks, or spool reads of up to
+    /// [`crate::fileio::CHUNK`]).
+    pub fn into_stream(self) -> ByteStream {
+        Box::pin(futures::stream::try_unfold(self, |mut r| async move {
+            Ok(match r.next_piece(false).await? {
+                None => None,
+                Some(Piece::Bytes(b)) => Some((b, r)),
+                Some(Piece::File { file, offset, len }) => {
+                    let want = len.min(crate::fileio::CHUNK as u64) as usize;
+                    let chunk = crate::fileio::read_at(file, offset, want).await?;
+                    if chunk.is_empty() {
+                        return Err(Error::engine("fill", "spool shorter than reported"));
+                    }
+                    r.rewind_to(offset + chunk.len() as u64);
+                    Some((chunk, r))
                 }
-                loop {
-                    let (allowed, on_disk, failed) = {
-                        let p = rx.borrow_and_update();
-                        let (allowed, failed) = match &p.outcome {
-                            // Verified bytes stay good even if the sync or commit fails after.
-                            _ if p.verified => (end, None),
-                            Some(Outcome::Done) => (end, None),
-                            Some(Outcome::NotFound) => (0, Some("blob vanished".into())),
-                            Some(Outcome::Failed(m)) => (0, Some(m.clone())),
-                            // Hold the final byte back until the verdict.
-                            None => (p.received.min(end.saturating_sub(1)), None),
-                        };
-                        let on_disk = if p.outcome.is_some() || p.verified {
-                            allowed
-                        } else {
-                            p.written.min(allowed)
-                        };
-                        (allowed, on_disk, failed)
-                    };
-                    if let Some(m) = failed {
-                        return Err(Error::engine("fill", m));
-                    }
-                    if pos < allowed {
-                        let from_window = match fill.window.lock() {
-                            Ok(w) => w.get(pos, allowed - pos),
-                            Err(_) => None,
-                        };
-                        if let Some(chunk) = from_window {
-                            let next = pos + chunk.len() as u64;
-                            return Ok(Some((chunk, (fill, rx, next))));
-                        }
-                        let file = fill
-                            .spool
-                            .get()
-                            .cloned()
-                            .ok_or_else(|| Error::engine("fill", "spool missing"))?;
-                        // Past the window, the bytes are in the spool file (the window may have
-                        // moved on since `on_disk` was read: read it again).
-                        let on_disk = on_disk.max(rx.borrow().written.min(allowed));
-                        if pos >= on_disk {
-                            return Err(Error::engine("fill", "spool behind the window"));
-                        }
-                        let want = (on_disk - pos).min(crate::fileio::CHUNK as u64) as usize;
-                        let chunk = crate::fileio::read_at(file, pos, want).await?;
-                        if chunk.is_empty() {
-                            return Err(Error::engine("fill", "spool shorter than reported"));
-                        }
-                        let next = pos + chunk.len() as u64;
-                        return Ok(Some((chunk, (fill, rx, next))));
-                    }
-                    if rx.changed().await.is_err() {
-                        return Err(Error::engine("fill", "fill task went away"));
-                    }
+            })
+        }))
+    }
+
+    /// The next piece, once there is one; `None` at the end. `prefer_file`: take bytes from the
+    /// spool when they are on disk, even if the window still holds them (a sender with
+    /// `sendfile` saves a copy that way; one that reads into memory saves a disk read the other).
+    pub async fn next_piece(&mut self, prefer_file: bool) -> Result<Option<Piece>> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        let end = self.end;
+        loop {
+            let (allowed, on_disk, failed) = {
+                let p = self.rx.borrow_and_update();
+                let (allowed, failed) = match &p.outcome {
+                    // Verified bytes stay good even if the sync or commit fails after.
+                    _ if p.verified => (end, None),
+                    Some(Outcome::Done) => (end, None),
+                    Some(Outcome::NotFound) => (0, Some("blob vanished".into())),
+                    Some(Outcome::Failed(m)) => (0, Some(m.clone())),
+                    // Hold the final byte back until the verdict.
+                    None => (p.received.min(end.saturating_sub(1)), None),
+                };
+                let on_disk = if p.outcome.is_some() || p.verified {
+                    allowed
+                } else {
+                    p.written.min(allowed)
+                };
+                (allowed, on_disk, failed)
+            };
+            if let Some(m) = failed {
+                return Err(Error::engine("fill", m));
+            }
+            let pos = self.pos;
+            if pos < allowed {
+                let file = self.fill.spool.get().cloned();
+                if let (true, Some(file)) = (prefer_file && pos < on_disk, &file) {
+                    self.pos = on_disk;
+                    return Ok(Some(Piece::File {
+                        file: file.clone(),
+                        offset: pos,
+                        len: on_disk - pos,
+                    }));
                 }
-            },
-        ))
+                let from_window = match self.fill.window.lock() {
+                    Ok(w) => w.get(pos, allowed - pos),
+                    Err(_) => None,
+                };
+                if let Some(chunk) = from_window {
+                    self.pos = pos + chunk.len() as u64;
+                    return Ok(Some(Piece::Bytes(chunk)));
+                }
+                let file = file.ok_or_else(|| Error::engine("fill", "spool missing"))?;
+                // Past the window, the bytes are in the spool file (the window may have moved
+                // on since `on_disk` was read: read it again).
+                let on_disk = on_disk.max(self.rx.borrow().written.min(allowed));
+                if pos >= on_disk {
+                    return Err(Error::engine("fill", "spool behind the window"));
+                }
+                self.pos = on_disk;
+                return Ok(Some(Piece::File {
+                    file,
+                    offset: pos,
+                    len: on_disk - pos,
+                }));
+            }
+            if self.rx.changed().await.is_err() {
+                return Err(Error::engine("fill", "fill task went away"));
+            }
+        }
+    }
+
+    /// Takes back the part of the last [`Piece::File`] not sent: the next piece starts at `pos`.
+    pub fn rewind_to(&mut self, pos: u64) {
+        self.pos = pos;
     }
 }
 

@@ -80,6 +80,8 @@ pub enum BlobBody {
     Stream(ByteStream),
     /// A local file (a `file://` engine's hit): the front may send it without copying it.
     File(crate::fileio::FileSlice),
+    /// A fill in progress: the front may send what is in its spool file without copying it.
+    Fill(fill::FillReader),
 }
 
 /// A manifest answer.
@@ -254,7 +256,7 @@ impl Puller {
                 len,
                 keep: None,
             }),
-            None => BlobBody::Stream(fill.reader(offset, len)),
+            None => BlobBody::Fill(fill.follow(offset, len)),
         };
         Ok(BlobAnswer {
             size,
@@ -286,6 +288,7 @@ impl Puller {
                             f.keep = Some(Box::new(ev.pin(digest)));
                             BlobBody::File(f)
                         }
+                        fill @ BlobBody::Fill(_) => fill,
                     })
                 }
                 None => body,
