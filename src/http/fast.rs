@@ -387,6 +387,18 @@ struct Probe {
 fn probe(buf: &[u8], max_head: usize, memo: &AnswerMemo, key: &mut Vec<u8>) -> Option<Probe> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let raw = raw_head(buf, max_head, &mut headers).ok()?;
+    // Only heads [`parse`] takes too: a plain path (what a URI never refuses) and header values
+    // a header map accepts.
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"/:._~%=&?+-@,".contains(&b);
+    let valid = |b: u8| (b >= 0x20 && b != 0x7f) || b == b'\t';
+    if !raw.path.bytes().all(plain)
+        || !raw
+            .headers
+            .iter()
+            .all(|h| h.value.iter().all(|&b| valid(b)))
+    {
+        return None;
+    }
     let named = |h: &&httparse::Header<'_>, n: &str| h.name.eq_ignore_ascii_case(n);
     let accept = raw
         .headers
@@ -705,11 +717,22 @@ async fn send_range(
 }
 
 /// For the `request_head` fuzz target: whatever the bytes, `parse` returns, and what it takes
-/// for itself is a bodiless GET or HEAD with an origin-form path inside the bytes it was given.
+/// for itself is a bodiless GET or HEAD with an origin-form path inside the bytes it was given;
+/// the answer memo's `probe` takes nothing `parse` would not.
 pub fn fuzz_parse(data: &[u8]) {
+    // The memo's look at a head agrees with the full parse on the head's length.
+    let mut key = Vec::new();
+    let memo = AnswerMemo::new(std::time::Duration::from_secs(1), true);
+    let probed = probe(data, 8192, &memo, &mut key);
     let Parsed::Request(n) = parse(data, 8192) else {
+        assert!(probed.is_none(), "the memo took a head the parse refuses");
         return;
     };
+    if let Some(p) = probed {
+        assert_eq!(p.head_len, n.head_len);
+        assert_eq!(p.how.head_only, n.req.method() == Method::HEAD);
+        assert!(p.id.is_none_or(|(_, len)| len <= 64));
+    }
     assert!(n.head_len <= data.len() && n.head_len <= 8192);
     assert!(matches!(*n.req.method(), Method::GET | Method::HEAD));
     assert!(n.req.uri().path().starts_with('/'));

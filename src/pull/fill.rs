@@ -830,4 +830,73 @@ mod tests {
         w.clear();
         assert!(w.get(7 * mib as u64, 1).is_none());
     }
+
+    /// A fill of 100 bytes: 60 on disk, 80 received (40..80 in the window).
+    fn fill_at(written: u64, received: u64) -> (Arc<FillState>, tempfile::NamedTempFile) {
+        use std::io::Write;
+        let mut spool = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..100u8).collect();
+        spool.write_all(&data[..written as usize]).unwrap();
+        let state = Arc::new(FillState {
+            digest: Digest::sha256_of(&data),
+            progress: watch::Sender::new(Progress {
+                size: Some(100),
+                written,
+                received,
+                ..Progress::default()
+            }),
+            spool: OnceLock::new(),
+            window: Mutex::new(Window::default()),
+        });
+        let _ = state.spool.set(Arc::new(File::open(spool.path()).unwrap()));
+        state
+            .window
+            .lock()
+            .unwrap()
+            .push(40, Bytes::copy_from_slice(&data[40..received as usize]));
+        (state, spool)
+    }
+
+    fn range(p: &Piece) -> (u64, u64, bool) {
+        match p {
+            Piece::Bytes(b) => (u64::from(b[0]), b.len() as u64, false),
+            Piece::File { offset, len, .. } => (*offset, *len, true),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sendfile_reader_takes_what_is_on_disk_and_the_last_byte_after_the_verdict() {
+        let (fill, _spool) = fill_at(60, 80);
+        let mut r = fill.follow(0, 100);
+        // On disk: one file range; past it, the window's bytes.
+        let p = r.next_piece(true).await.unwrap().unwrap();
+        assert_eq!(range(&p), (0, 60, true));
+        let p = r.next_piece(true).await.unwrap().unwrap();
+        assert_eq!(range(&p), (60, 20, false));
+        // All there but not verified: everything but the last byte.
+        fill.progress.send_modify(|p| {
+            p.written = 100;
+            p.received = 100;
+        });
+        let p = r.next_piece(true).await.unwrap().unwrap();
+        assert_eq!(range(&p), (80, 19, true));
+        let p = {
+            let waiting = r.next_piece(true);
+            tokio::pin!(waiting);
+            assert!(futures::poll!(waiting.as_mut()).is_pending());
+            fill.progress.send_modify(|p| p.verified = true);
+            waiting.await.unwrap().unwrap()
+        };
+        assert_eq!(range(&p), (99, 1, true));
+        assert!(r.next_piece(true).await.unwrap().is_none());
+
+        // A memory reader prefers the window; a failed fill is an error, not an end.
+        let (fill, _spool) = fill_at(60, 80);
+        let mut r = fill.follow(50, 50);
+        let p = r.next_piece(false).await.unwrap().unwrap();
+        assert_eq!(range(&p), (50, 30, false));
+        fill.progress
+            .send_modify(|p| p.outcome = Some(Outcome::Failed("bad digest".into())));
+        assert!(r.next_piece(false).await.is_err());
+    }
 }
