@@ -21,8 +21,10 @@
 //! What it does not repeat: the eviction index's recency touch and the repository link check
 //! of a local hit happen once per tenth of a second instead of per request (both only need to
 //! have happened recently), and a blob that a fill or another process stores meanwhile is named
-//! by its old source for that long (same size, same bytes). The request counter, its latency
-//! histogram, the hit/miss counters and the bytes served are recorded for every answer.
+//! by its old source for that long (same size, same bytes). A write through another process
+//! sharing the storage is seen within the tenth of a second. An answer from here gets no request
+//! span; the request counter, its latency histogram, the hit/miss counters and the bytes served
+//! are recorded for every answer.
 //!
 //! The memo is per thread (no lock, no shared cache line on the hot path) and bounded: at most
 //! [`MAX_ENTRIES`] answers and [`MAX_BYTES`] of them per thread.
@@ -46,8 +48,9 @@ use crate::oci::Reference;
 const TTL: Duration = Duration::from_millis(100);
 /// Answers kept per thread.
 const MAX_ENTRIES: usize = 256;
-/// Bytes of answers (heads and bodies) kept per thread.
-const MAX_BYTES: usize = 2 << 20;
+/// Bytes of answers (heads and bodies) kept per thread (a runtime has a thread per core: this
+/// times the cores bounds the memo).
+const MAX_BYTES: usize = 512 << 10;
 /// A larger body is not kept (a manifest list of hundreds of platforms is rare and not hot).
 const MAX_BODY: usize = 64 << 10;
 
