@@ -6,8 +6,9 @@
 //!   `server.rs` the listeners, connection cap and graceful shutdown, `conn.rs` one connection
 //!   (TLS handshake, HTTP/1.1 or HTTP/2 by hyper, idle and header timeouts), `fast.rs` the
 //!   plain HTTP/1.1 front for bodiless GET/HEAD (local blobs by `sendfile`; everything else
-//!   handed to hyper through `rewind.rs`), `body.rs` the body types, `tls.rs` the rustls
-//!   acceptor and certificate reloading.
+//!   handed to hyper through `rewind.rs`), `answers.rs` its 100 ms memo of small answers,
+//!   `body.rs` the body types, `tls.rs` the rustls acceptor and certificate reloading.
+//! - `writes.rs`: the count of write requests that read memos check.
 //! - `pull/`: the pull path. `mod.rs` (`Puller`): hits, misses, manifests, tags;
 //!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache.
 //! - `engine/`: the `Engine` trait and its two kinds, `storage.rs` (object_store in the
@@ -49,5 +50,6 @@ pub mod oci;
 pub mod pull;
 pub mod push;
 pub mod replicate;
+pub mod writes;
 
 pub use error::{Error, Result};

@@ -252,7 +252,8 @@ async fn requests_counted(proxy: &Proxy, route: &str, method: &str, status: u16)
 
 /// Small answers (blob HEADs, manifests) are kept in memory for a tenth of a second: repeated
 /// requests get the same answer with their own request id and date, every one is counted, and
-/// a write (a tag pushed again, a tag deleted) is seen by the very next request.
+/// a write (a tag pushed again, a tag, a manifest or a blob deleted) is seen by the very next
+/// request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_answers_come_from_memory_and_a_write_is_seen_at_once() {
     let root = tempfile::tempdir().unwrap();
@@ -334,12 +335,42 @@ async fn small_answers_come_from_memory_and_a_write_is_seen_at_once() {
     let gone = read_resp(&mut s, &mut buf, false).await;
     assert_eq!(gone.status, 404, "a deleted tag is not served from memory");
 
-    // Every answer was counted, from memory or not: four GETs by tag, two HEADs of the blob.
+    // Deleted by digest, a manifest and a blob are unknown in the repository at once (their
+    // bytes may stay in the store), whether their answers were in memory or not.
+    let r = client()
+        .delete(proxy.url(&format!("/v2/t/app/manifests/{second}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let head_other = format!("HEAD /v2/t/app/blobs/{other} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(format!("{by_digest}{head_other}{head_other}").as_bytes())
+        .await
+        .unwrap();
+    let gone = read_resp(&mut s, &mut buf, false).await;
+    assert_eq!(gone.status, 404, "a manifest deleted by digest is unknown");
+    for _ in 0..2 {
+        assert_eq!(read_resp(&mut s, &mut buf, true).await.status, 200);
+    }
+    let r = client()
+        .delete(proxy.url(&format!("/v2/t/app/blobs/{other}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    s.write_all(head_other.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_resp(&mut s, &mut buf, true).await.status,
+        404,
+        "a deleted blob is unknown"
+    );
+
+    // Every answer was counted, from memory or not: four GETs by tag, four HEADs of blobs.
     assert_eq!(
         requests_counted(&proxy, "manifest_tag", "GET", 200).await,
         4
     );
-    assert_eq!(requests_counted(&proxy, "blob", "HEAD", 200).await, 2);
+    assert_eq!(requests_counted(&proxy, "blob", "HEAD", 200).await, 4);
     assert_eq!(
         requests_counted(&proxy, "manifest_digest", "GET", 200).await,
         2

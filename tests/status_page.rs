@@ -290,10 +290,32 @@ async fn chromium_renders_engines_fills_and_the_backlog_of_a_running_ociedge() {
     );
 
     let page = proxy.url("/_ociedge/");
-    let dom = dump_dom(&page).await;
+    // The ranking follows measured round trips: two engines a few microseconds apart may swap
+    // between the page's fetch and ours. Ask again until both saw the same ranking.
+    let ranked = |dom: &str, s: &serde_json::Value| {
+        let mut at = dom.find("data-engine=\"eu\"");
+        s["engines"].as_array().is_some_and(|es| {
+            es.iter().all(|e| {
+                let pos = e["id"]
+                    .as_str()
+                    .and_then(|id| dom.find(&format!("data-engine=\"{id}\"")));
+                let ok = pos.is_some() && pos > at;
+                at = pos;
+                ok
+            })
+        })
+    };
+    let mut dom = dump_dom(&page).await;
+    let mut s = status_json(&proxy).await;
+    for _ in 0..4 {
+        if ranked(&dom, &s) {
+            break;
+        }
+        dom = dump_dom(&page).await;
+        s = status_json(&proxy).await;
+    }
     std::fs::write(artifacts().join("status-page.html"), &dom).unwrap();
     let shot = screenshot(&page, "status-page.png", 1280, 900).await;
-    let s = status_json(&proxy).await;
     eprintln!("screenshot: {}", shot.display());
 
     assert!(

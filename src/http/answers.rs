@@ -12,9 +12,10 @@
 //!   answered from here, nor is any request when `auth:` is configured (who may see what is
 //!   decided per request);
 //! * only `200` answers with a complete, small body are kept, never a stale tag (`Age`);
-//! * every request that may write (any method but `GET` and `HEAD`) moves a process-wide count
-//!   before and after it is handled, and an answer is used only while the count is the one it
-//!   was made under: a push, a tag move or a delete is seen by the very next request;
+//! * every request that may write (any method but `GET` and `HEAD`) moves the process-wide
+//!   count of [`crate::writes`] before and after it is handled, and an answer is used only while
+//!   the count is the one it was made under: a push, a tag move or a delete is seen by the very
+//!   next request;
 //! * a tag answer is kept at most `tag_ttl` when that is shorter than the memo's tenth of a
 //!   second.
 //!
@@ -54,16 +55,8 @@ const MAX_BYTES: usize = 512 << 10;
 /// A larger body is not kept (a manifest list of hundreds of platforms is rare and not hot).
 const MAX_BODY: usize = 64 << 10;
 
-/// Requests that may write, counted as they start and as they end (see the module doc).
-static WRITES: AtomicU64 = AtomicU64::new(0);
-
-/// Tells the memo that a request that may write begins or ends.
-pub fn wrote() {
-    WRITES.fetch_add(1, Ordering::AcqRel);
-}
-
 fn writes() -> u64 {
-    WRITES.load(Ordering::Acquire)
+    crate::writes::count()
 }
 
 /// Tells apart the apps of one process (tests run several).
@@ -246,11 +239,6 @@ impl AnswerMemo {
             writes: writes_before,
         })
     }
-}
-
-/// The write count to pass to [`AnswerMemo::put`], read before the request is handled.
-pub fn writes_now() -> u64 {
-    writes()
 }
 
 const BLOB_HIT: Events = &[("blob", "hit")];

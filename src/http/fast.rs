@@ -193,7 +193,7 @@ async fn answer(
     how: &mut How,
     settings: &ConnSettings,
 ) -> io::Result<bool> {
-    let writes = super::answers::writes_now();
+    let writes = crate::writes::count();
     let method = req.method().clone();
     let uri = req.uri().clone();
     let resp = super::server::handle(app.clone(), req).await;

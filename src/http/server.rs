@@ -265,11 +265,11 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
         Some(id) => id.to_string(),
         None => String::from_utf8_lossy(&new_request_id()).into_owned(),
     };
-    // A request that may write moves the answer memo's count as it starts and as it ends, so
-    // no answer kept before or during it is used after it.
+    // A request that may write moves the count of writes as it starts and as it ends, so no
+    // read answer remembered before or during it is used after it.
     let may_write = !route::is_read(req.method());
     if may_write {
-        super::answers::wrote();
+        crate::writes::moved();
     }
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
@@ -293,7 +293,7 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
         }
         let status = resp.status().as_u16();
         if may_write {
-            super::answers::wrote();
+            crate::writes::moved();
         }
         tracing::Span::current().record("status", status);
         let secs = start.elapsed().as_secs_f64();

@@ -111,6 +111,10 @@ pub struct Puller {
     /// once; an eviction is seen within the second (a GET in between refetches, the bytes are
     /// the same); an absence is forgotten as soon as any blob is written.
     local_sizes: moka::sync::Cache<Digest, LocalSize>,
+    /// (repository, digest, is a manifest) triples the preferred engine was seen to link into a
+    /// pushed repository, with the count of write requests then (see [`Puller::check_pushed`]):
+    /// trusted for `tag_ttl` unless a write request moves the count.
+    pushed_links: moka::sync::Cache<(RepoName, Digest, bool), u64>,
     /// Tags whose fresh answer is of a type some client did not accept and the authority had no
     /// other: served as they are until the TTL, instead of asking the authority per request.
     unnegotiable: moka::sync::Cache<(RepoName, Tag), ()>,
@@ -156,6 +160,10 @@ impl Puller {
             preferred: None,
             evictor: None,
             redirect: None,
+            pushed_links: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(tag_ttl.max(std::time::Duration::from_millis(1)))
+                .build(),
             unnegotiable: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(tag_ttl.max(std::time::Duration::from_secs(1)))
@@ -191,6 +199,43 @@ impl Puller {
                 linked.invalidate(&key);
             }
         });
+    }
+
+    /// In a pushed repository (no upstream owns the name; a preferred engine takes pushes),
+    /// content by digest exists only where the preferred engine links it: after a `DELETE` it is
+    /// unknown, as in Distribution, though its bytes stay in the store (other repositories may
+    /// share them). Elsewhere, and when the preferred engine cannot be asked, `Ok`.
+    async fn check_pushed(&self, r: &Routed, digest: &Digest, manifest: bool) -> Result<()> {
+        let Some(pref) = &self.preferred else {
+            return Ok(());
+        };
+        if self.engines.upstream(r).is_some() {
+            return Ok(());
+        }
+        let writes = crate::writes::count();
+        let key = (r.storage_repo.clone(), digest.clone(), manifest);
+        if self.pushed_links.get(&key) == Some(writes) {
+            return Ok(());
+        }
+        match pref.is_linked(&r.storage_repo, digest, manifest).await {
+            Ok(true) => {
+                self.pushed_links.insert(key, writes);
+                Ok(())
+            }
+            Ok(false) if manifest => Err(Error::client(
+                ErrorCode::ManifestUnknown,
+                format!("manifest {digest} is not in {}", r.storage_repo),
+            )),
+            Ok(false) => Err(Error::client(
+                ErrorCode::BlobUnknown,
+                format!("blob {digest} is not in {}", r.storage_repo),
+            )),
+            Err(e) => {
+                self.metrics.upstream_error(pref.id());
+                tracing::warn!(error = %e, "preferred engine unreachable; serving {digest} unchecked");
+                Ok(())
+            }
+        }
     }
 
     /// Redirects blob GET hits of a cloud local engine to presigned URLs valid for `d`.
@@ -230,6 +275,7 @@ impl Puller {
         range: Option<RangeSpec>,
         head: bool,
     ) -> Result<BlobAnswer> {
+        self.check_pushed(r, digest, false).await?;
         let local = self.engines.local().clone();
         let local_ok = self.engines.local_usable();
         if local_ok {
@@ -469,6 +515,7 @@ impl Puller {
         digest: &Digest,
         accept: &[String],
     ) -> Result<(Manifest, Arc<str>)> {
+        self.check_pushed(r, digest, true).await?;
         if let Some(m) = self.manifests.get(digest).await {
             self.metrics.cache("manifest", "hit");
             self.ensure_linked(&r.storage_repo, digest, LinkKind::Manifest);
