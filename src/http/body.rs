@@ -89,6 +89,23 @@ pub struct FillBody {
     stream: Option<ByteStream>,
 }
 
+/// The next chunk of `s` as a frame, told to `sent` as it goes.
+fn poll_counted(
+    s: &mut ByteStream,
+    sent: &(dyn Fn(u64) + Send),
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    match Pin::new(s).poll_next(cx) {
+        Poll::Ready(Some(Ok(b))) => {
+            sent(b.len() as u64);
+            Poll::Ready(Some(Ok(Frame::data(b))))
+        }
+        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+        Poll::Ready(None) => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 impl hyper::body::Body for Body {
     type Data = Bytes;
     type Error = BoxError;
@@ -105,30 +122,14 @@ impl hyper::body::Body for Body {
                 if f.stream.is_none() {
                     f.stream = f.reader.take().map(FillReader::into_stream);
                 }
-                let Some(stream) = f.stream.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                match Pin::new(stream).poll_next(cx) {
-                    Poll::Ready(Some(Ok(b))) => {
-                        (f.sent)(b.len() as u64);
-                        Poll::Ready(Some(Ok(Frame::data(b))))
-                    }
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                    Poll::Ready(None) => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
+                match f.stream.as_mut() {
+                    Some(stream) => poll_counted(stream, &*f.sent, cx),
+                    None => Poll::Ready(None),
                 }
             }
             Body::File(f) => {
                 let reader = f.reader.get_or_insert_with(|| f.slice.stream());
-                match Pin::new(reader).poll_next(cx) {
-                    Poll::Ready(Some(Ok(b))) => {
-                        (f.sent)(b.len() as u64);
-                        Poll::Ready(Some(Ok(Frame::data(b))))
-                    }
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                    Poll::Ready(None) => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
-                }
+                poll_counted(reader, &*f.sent, cx)
             }
         }
     }

@@ -81,16 +81,8 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
                 let sent = send_answer(&mut stream, &mut out, &a, id, how).await;
                 buf.advance(p.head_len);
                 replay(&app, &a, how, start);
-                match sent {
-                    Ok(_) if how.keep_alive => {}
-                    Ok(_) => {
-                        let _ = stream.shutdown().await;
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "response aborted");
-                        return;
-                    }
+                if !carry_on(&mut stream, sent.map(|_| how.keep_alive)).await {
+                    return;
                 }
                 deadline = start + settings.idle_timeout;
                 continue;
@@ -158,19 +150,27 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
             how.keep_alive = how.keep_alive && !settings.is_stopping();
             send(&mut stream, &mut out, resp, how).await
         };
-        let keep_alive = how.keep_alive;
-        match sent {
-            Ok(true) if keep_alive => {}
-            Ok(_) => {
-                let _ = stream.shutdown().await;
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "response aborted");
-                return;
-            }
+        if !carry_on(&mut stream, sent.map(|reusable| reusable && how.keep_alive)).await {
+            return;
         }
         deadline = Instant::now() + settings.idle_timeout;
+    }
+}
+
+/// After a response (`sent`: whether the connection may carry another, or why it failed):
+/// `true` when it takes another request; otherwise it is closed, cleanly after a complete
+/// response, at once after a failed one.
+async fn carry_on(stream: &mut TcpStream, sent: io::Result<bool>) -> bool {
+    match sent {
+        Ok(true) => true,
+        Ok(false) => {
+            let _ = stream.shutdown().await;
+            false
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "response aborted");
+            false
+        }
     }
 }
 
