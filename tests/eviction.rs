@@ -189,10 +189,12 @@ async fn a_restart_keeps_the_eviction_order() {
     }
     let cfg = mirror_config(&origin.url(), "cache: { max_size: 64MiB, min_idle: 0s }\n");
     let proxy = Proxy::start(&cfg);
+    // Access times have a one-second grain (ties go by digest): one second apart, so the order
+    // is A, B, C whatever the speed of the fills.
     for x in &d[..3] {
         get(&proxy, "evict/order", x).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     // A is used again: now the most recent, though its file is the oldest.
     get(&proxy, "evict/order", &d[0]).await;
     tokio::time::sleep(Duration::from_secs(7)).await; // the access times are published

@@ -22,6 +22,11 @@ pub struct Entry {
     /// Content that another engine also holds (a fill, a replica): may be evicted. Pushed
     /// content whose only copy may be here is not.
     pub cached: bool,
+    /// The order of accesses within this process: `last_access` has a one-second grain, and
+    /// blobs read in the same second are still evicted least recent first. Not stored (after a
+    /// restart, ties within a second go by digest).
+    #[serde(skip)]
+    pub seq: u64,
 }
 
 #[derive(Default)]
@@ -34,15 +39,20 @@ pub struct Index {
     pub repos: HashMap<Digest, HashSet<RepoName>>,
     /// Set when something changed since the sidecar was written.
     pub dirty: bool,
+    /// The last `Entry::seq` given.
+    seq: u64,
 }
 
 impl Index {
     /// Records an access (and the entry, if new).
     pub fn touch(&mut self, d: &Digest, size: u64, cached: Option<bool>) {
         let now = now_secs();
+        self.seq += 1;
+        let seq = self.seq;
         match self.entries.get_mut(d) {
             Some(e) => {
                 e.last_access = now;
+                e.seq = seq;
                 if let Some(c) = cached {
                     e.cached = c;
                 }
@@ -54,6 +64,7 @@ impl Index {
                         size,
                         last_access: now,
                         cached: cached.unwrap_or(false),
+                        seq,
                     },
                 );
                 self.total += size;
@@ -89,7 +100,7 @@ impl Index {
     pub fn lru_order(&self) -> Vec<(Digest, Entry)> {
         let mut v: Vec<(Digest, Entry)> =
             self.entries.iter().map(|(d, e)| (d.clone(), *e)).collect();
-        v.sort_by_key(|(d, e)| (e.last_access, d.clone()));
+        v.sort_by_key(|(d, e)| (e.last_access, e.seq, d.clone()));
         v
     }
 }
@@ -111,5 +122,24 @@ mod tests {
         assert_eq!(i.lru_order()[0].0, b);
         i.remove(&b);
         assert_eq!(i.total, 10);
+    }
+
+    #[test]
+    fn within_one_second_the_order_of_accesses_decides() {
+        let mut i = Index::default();
+        let d: Vec<Digest> = (0..4u8).map(|n| Digest::sha256_of(&[n])).collect();
+        for x in &d {
+            i.touch(x, 1, Some(true));
+        }
+        i.touch(&d[0], 1, None);
+        // Same second (pinned here), whatever the digests' order.
+        for e in i.entries.values_mut() {
+            e.last_access = 7;
+        }
+        let order: Vec<Digest> = i.lru_order().into_iter().map(|(d, _)| d).collect();
+        assert_eq!(
+            order,
+            vec![d[1].clone(), d[2].clone(), d[3].clone(), d[0].clone()]
+        );
     }
 }

@@ -171,6 +171,7 @@ impl Evictor {
                     size: m.size,
                     last_access: last,
                     cached: self.limits.all_cached,
+                    seq: 0,
                 },
             );
             fresh.total += m.size;
