@@ -1,7 +1,6 @@
 //! `StorageEngine`: an `object_store` store holding content in the Distribution layout.
 
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -33,20 +32,6 @@ use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
 /// Blobs smaller than this are committed with one conditional `put`; larger ones stream through a
 /// multipart upload.
 const SINGLE_PUT_MAX: u64 = 16 << 20;
-
-/// Blob data writes by any storage engine of this process, counted after each one is visible.
-/// A memo of "this blob is not here" is valid only while the count has not moved: whatever path
-/// wrote the blob (a fill, a push, replication), the memo cannot outlive it.
-static BLOB_WRITES: AtomicU64 = AtomicU64::new(0);
-
-/// The current count of blob data writes (see [`BLOB_WRITES`]); read it before looking.
-pub fn blob_writes() -> u64 {
-    BLOB_WRITES.load(Ordering::Acquire)
-}
-
-fn wrote_blob() {
-    BLOB_WRITES.fetch_add(1, Ordering::AcqRel);
-}
 
 #[derive(Debug)]
 pub struct StorageEngine {
@@ -564,7 +549,8 @@ impl Engine for StorageEngine {
 
     async fn put_blob_file(&self, digest: &Digest, file: &FsPath, size: u64) -> Result<()> {
         let res = self.put_blob_data(digest, file, size).await;
-        wrote_blob();
+        // Counted once visible: a memo of "not here" made before cannot outlive it.
+        crate::writes::moved();
         res
     }
 
@@ -582,7 +568,8 @@ impl Engine for StorageEngine {
         let res = self
             .put_if_absent(&layout::blob_data(&manifest.digest), manifest.bytes.clone())
             .await;
-        wrote_blob();
+        // Counted once visible: a memo of "not here" made before cannot outlive it.
+        crate::writes::moved();
         res?;
         self.put_link(
             &layout::revision_link(repo, &manifest.digest),

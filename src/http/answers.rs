@@ -13,17 +13,17 @@
 //!   decided per request);
 //! * only `200` answers with a complete, small body are kept, never a stale tag (`Age`);
 //! * every request that may write (any method but `GET` and `HEAD`) moves the process-wide
-//!   count of [`crate::writes`] before and after it is handled, and an answer is used only while
-//!   the count is the one it was made under: a push, a tag move or a delete is seen by the very
-//!   next request;
+//!   count of [`crate::writes`] before and after it is handled (so does any blob stored), and an
+//!   answer is used only while the count is the one it was made under: a push, a tag move or a
+//!   delete is seen by the very next request;
 //! * a tag answer is kept at most `tag_ttl` when that is shorter than the memo's tenth of a
 //!   second.
 //!
 //! What it does not repeat: the eviction index's recency touch and the repository link check
 //! of a local hit happen once per tenth of a second instead of per request (both only need to
-//! have happened recently), and a blob that a fill or another process stores meanwhile is named
-//! by its old source for that long (same size, same bytes). A write through another process
-//! sharing the storage is seen within the tenth of a second. An answer from here gets no request
+//! have happened recently). A write through another process sharing the storage is seen within
+//! the tenth of a second (a blob it stores meanwhile is named by its old source: same size, same
+//! bytes). An answer from here gets no request
 //! span; the request counter, its latency histogram, the hit/miss counters and the bytes served
 //! are recorded for every answer.
 //!
@@ -54,10 +54,6 @@ const MAX_ENTRIES: usize = 256;
 const MAX_BYTES: usize = 512 << 10;
 /// A larger body is not kept (a manifest list of hundreds of platforms is rare and not hot).
 const MAX_BODY: usize = 64 << 10;
-
-fn writes() -> u64 {
-    crate::writes::count()
-}
 
 /// Tells apart the apps of one process (tests run several).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -142,7 +138,7 @@ impl AnswerMemo {
         MEMO.with(|m| {
             let mut m = m.borrow_mut();
             let a = m.map.get(key)?;
-            if a.writes == writes() && Instant::now() < a.expires {
+            if a.writes == crate::writes::count() && Instant::now() < a.expires {
                 return Some(a.clone());
             }
             let size = a.head.len() + a.body.len();
@@ -168,7 +164,7 @@ impl AnswerMemo {
             let mut m = m.borrow_mut();
             if m.map.len() >= MAX_ENTRIES || m.bytes + size > MAX_BYTES {
                 let now = Instant::now();
-                let current = writes();
+                let current = crate::writes::count();
                 m.map.retain(|_, a| a.writes == current && now < a.expires);
                 m.bytes = m.map.values().map(|a| a.head.len() + a.body.len()).sum();
                 if m.map.len() >= MAX_ENTRIES || m.bytes + size > MAX_BYTES {

@@ -112,8 +112,8 @@ pub struct Puller {
     /// the same); an absence is forgotten as soon as any blob is written.
     local_sizes: moka::sync::Cache<Digest, LocalSize>,
     /// (repository, digest, is a manifest) triples the preferred engine was seen to link into a
-    /// pushed repository, with the count of write requests then (see [`Puller::check_pushed`]):
-    /// trusted for `tag_ttl` unless a write request moves the count.
+    /// pushed repository, with the count of writes then (see [`Puller::check_pushed`]): trusted
+    /// for `tag_ttl` unless a write moves the count.
     pushed_links: moka::sync::Cache<(RepoName, Digest, bool), u64>,
     /// Tags whose fresh answer is of a type some client did not accept and the authority had no
     /// other: served as they are until the TTL, instead of asking the authority per request.
@@ -130,7 +130,7 @@ pub struct Puller {
 #[derive(Clone, Copy)]
 enum LocalSize {
     Present(u64),
-    /// Not there when the count of blob writes was this (see `storage::blob_writes`).
+    /// Not there when the count of writes was this (see [`crate::writes`]).
     Absent(u64),
 }
 
@@ -350,7 +350,7 @@ impl Puller {
         // HEAD on a file:// engine: one stat, no open.
         if head {
             if let Some(root) = local.local_dir() {
-                let writes = crate::engine::storage::blob_writes();
+                let writes = crate::writes::count();
                 let size = match self.local_sizes.get(digest) {
                     Some(LocalSize::Present(size)) => size,
                     Some(LocalSize::Absent(at)) if at == writes => return Ok(None),
