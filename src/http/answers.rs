@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header;
 use http::{Method, Response, StatusCode};
 
 use super::body::Body;
@@ -226,7 +226,13 @@ impl AnswerMemo {
             return None;
         }
         Some(Answer {
-            head: Bytes::from(head_bytes(resp.status(), headers)),
+            head: {
+                // Without the headers that differ per response.
+                let mut out = Vec::with_capacity(512);
+                let skip = [h::X_REQUEST_ID, header::DATE, header::CONNECTION];
+                super::fast::head_lines(&mut out, resp.status(), headers, &skip);
+                Bytes::from(out)
+            },
             body,
             route,
             events,
@@ -241,23 +247,3 @@ const BLOB_HIT: Events = &[("blob", "hit")];
 const BLOB_MISS: Events = &[("blob", "miss")];
 const MANIFEST_HIT: Events = &[("manifest", "hit")];
 const TAG_HIT: Events = &[("tag", "hit"), ("manifest", "hit")];
-
-/// The head without the headers that differ per response.
-fn head_bytes(status: StatusCode, headers: &HeaderMap) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        if name == h::X_REQUEST_ID || name == header::DATE || name == header::CONNECTION {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}

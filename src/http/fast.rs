@@ -134,21 +134,20 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
             keep_alive: next.keep_alive && !settings.is_stopping(),
             http10: next.req.version() == Version::HTTP_10,
         };
-        let sent = if memo {
-            answer(
-                &app,
-                &mut stream,
-                &mut out,
-                next.req,
-                &key,
-                &mut how,
-                settings,
-            )
-            .await
-        } else {
-            let resp = super::server::handle(app.clone(), next.req).await;
-            how.keep_alive = how.keep_alive && !settings.is_stopping();
-            send(&mut stream, &mut out, resp, how).await
+        // A request the memo may answer (it did not hold the answer): the answer is kept when it
+        // is one to keep, and sent as kept.
+        let writes = crate::writes::count();
+        let memo_req = memo.then(|| (next.req.method().clone(), next.req.uri().clone()));
+        let resp = super::server::handle(app.clone(), next.req).await;
+        how.keep_alive = how.keep_alive && !settings.is_stopping();
+        let kept = memo_req
+            .and_then(|(method, uri)| app.answers.put(&key, &method, uri.path(), &resp, writes));
+        let sent = match kept {
+            Some(a) => {
+                let id = resp.headers().get(super::headers::X_REQUEST_ID);
+                send_answer(&mut stream, &mut out, &a, id.map(|v| v.as_bytes()), how).await
+            }
+            None => send(&mut stream, &mut out, resp, how).await,
         };
         if !carry_on(&mut stream, sent.map(|reusable| reusable && how.keep_alive)).await {
             return;
@@ -180,31 +179,6 @@ struct How {
     head_only: bool,
     keep_alive: bool,
     http10: bool,
-}
-
-/// Answers a request the memo may answer but does not hold: through the request path, keeping
-/// the answer when it is one to keep.
-async fn answer(
-    app: &Arc<App>,
-    stream: &mut TcpStream,
-    out: &mut Vec<u8>,
-    req: Request<RequestBody>,
-    key: &[u8],
-    how: &mut How,
-    settings: &ConnSettings,
-) -> io::Result<bool> {
-    let writes = crate::writes::count();
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let resp = super::server::handle(app.clone(), req).await;
-    how.keep_alive = how.keep_alive && !settings.is_stopping();
-    match app.answers.put(key, &method, uri.path(), &resp, writes) {
-        Some(a) => {
-            let id = resp.headers().get(super::headers::X_REQUEST_ID);
-            send_answer(stream, out, &a, id.map(|v| v.as_bytes()), *how).await
-        }
-        None => send(stream, out, resp, *how).await,
-    }
 }
 
 /// Records for an answer from the memo what the request path records for it.
@@ -465,14 +439,7 @@ async fn send(
     let reusable = no_body || length.is_some() || chunked;
 
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        line(out, name.as_str().as_bytes(), value.as_bytes());
-    }
+    head_lines(out, status, &parts.headers, &[]);
     if !parts.headers.contains_key(header::DATE) {
         date(out);
     }
@@ -566,6 +533,25 @@ async fn send(
         }
     }
     Ok(reusable)
+}
+
+/// Appends the status line and the lines of `headers`, but those named in `skip`.
+pub(super) fn head_lines(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    skip: &[HeaderName],
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if !skip.contains(name) {
+            line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
 }
 
 fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
