@@ -53,13 +53,36 @@ struct ResultLabels {
 /// is a clone of the family's own series, so both record into the same numbers.
 #[derive(Default)]
 struct Hot {
-    requests: Vec<(u64, RequestLabels, Counter, Histogram)>,
+    requests: Vec<(u64, RequestLabels, (Counter, Histogram))>,
     cache: Vec<(u64, CacheLabels, Counter)>,
 }
 
 /// More label sets than this per thread are looked up in the family each time (a route table
 /// has a few dozen in use).
 const HOT_MAX: usize = 128;
+
+/// Records through the handle of `labels` in registry `id`: the one kept in `list`, or one made
+/// by `make` (a family lookup) and kept the first time. A full list first drops other
+/// registries' handles.
+fn with_handle<L: PartialEq, M>(
+    list: &mut Vec<(u64, L, M)>,
+    id: u64,
+    labels: L,
+    make: impl FnOnce(&L) -> M,
+    record: impl FnOnce(&M),
+) {
+    if let Some((_, _, m)) = list.iter().find(|(i, l, _)| *i == id && *l == labels) {
+        return record(m);
+    }
+    let m = make(&labels);
+    record(&m);
+    if list.len() >= HOT_MAX {
+        list.retain(|(i, ..)| *i == id);
+    }
+    if list.len() < HOT_MAX {
+        list.push((id, labels, m));
+    }
+}
 
 thread_local! {
     static HOT: RefCell<Hot> = RefCell::new(Hot::default());
@@ -312,32 +335,26 @@ impl Metrics {
             method,
             status,
         };
-        let id = self.inner.id;
         HOT.with(|hot| {
-            let mut hot = hot.borrow_mut();
-            if let Some((_, _, c, h)) = hot
-                .requests
-                .iter()
-                .find(|(i, l, _, _)| *i == id && *l == labels)
-            {
+            let make = |l: &RequestLabels| {
+                let duration = &self.inner.duration;
+                let histogram = duration.get_or_create(&RouteLabels { route: l.route });
+                (
+                    self.inner.requests.get_or_create(l).clone(),
+                    histogram.clone(),
+                )
+            };
+            let record = |(c, h): &(Counter, Histogram)| {
                 c.inc();
                 h.observe(seconds);
-                return;
-            }
-            let counter = self.inner.requests.get_or_create(&labels).clone();
-            let histogram = self
-                .inner
-                .duration
-                .get_or_create(&RouteLabels { route })
-                .clone();
-            counter.inc();
-            histogram.observe(seconds);
-            if hot.requests.len() >= HOT_MAX {
-                hot.requests.retain(|(i, ..)| *i == id);
-            }
-            if hot.requests.len() < HOT_MAX {
-                hot.requests.push((id, labels, counter, histogram));
-            }
+            };
+            with_handle(
+                &mut hot.borrow_mut().requests,
+                self.inner.id,
+                labels,
+                make,
+                record,
+            );
         });
     }
 
@@ -352,21 +369,17 @@ impl Metrics {
 
     pub fn cache(&self, kind: &'static str, result: &'static str) {
         let labels = CacheLabels { kind, result };
-        let id = self.inner.id;
         HOT.with(|hot| {
-            let mut hot = hot.borrow_mut();
-            if let Some((_, _, c)) = hot.cache.iter().find(|(i, l, _)| *i == id && *l == labels) {
-                c.inc();
-                return;
-            }
-            let counter = self.inner.cache.get_or_create(&labels).clone();
-            counter.inc();
-            if hot.cache.len() >= HOT_MAX {
-                hot.cache.retain(|(i, ..)| *i == id);
-            }
-            if hot.cache.len() < HOT_MAX {
-                hot.cache.push((id, labels, counter));
-            }
+            let make = |l: &CacheLabels| self.inner.cache.get_or_create(l).clone();
+            with_handle(
+                &mut hot.borrow_mut().cache,
+                self.inner.id,
+                labels,
+                make,
+                |c| {
+                    c.inc();
+                },
+            );
         });
     }
 

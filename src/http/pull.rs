@@ -36,13 +36,19 @@ fn immutable(b: http::response::Builder, d: &Digest) -> http::response::Builder 
 
 static IMMUTABLE_VALUE: HeaderValue = HeaderValue::from_static(h::IMMUTABLE);
 
-/// Counts body bytes by source as they are sent.
-fn counted(app: &Arc<App>, source: &Arc<str>, s: crate::engine::ByteStream) -> Body {
+/// Tells the bytes-served counter of `source` what goes out.
+fn served(app: &Arc<App>, source: &Arc<str>) -> impl Fn(u64) + Send + 'static {
     let metrics = app.metrics.clone();
     let source = source.clone();
+    move |n| metrics.bytes_served(&source, n)
+}
+
+/// Counts body bytes by source as they are sent.
+fn counted(app: &Arc<App>, source: &Arc<str>, s: crate::engine::ByteStream) -> Body {
+    let sent = served(app, source);
     body::stream(Box::pin(s.inspect(move |r| {
         if let Ok(b) = r {
-            metrics.bytes_served(&source, b.len() as u64);
+            sent(b.len() as u64);
         }
     })))
 }
@@ -103,16 +109,8 @@ pub async fn blob(
     }
     let body = match ans.body {
         Some(BlobBody::Stream(s)) if !head => counted(app, &ans.source, s),
-        Some(BlobBody::Fill(r)) if !head => {
-            let metrics = app.metrics.clone();
-            let source = ans.source.clone();
-            body::fill(r, len, move |n| metrics.bytes_served(&source, n))
-        }
-        Some(BlobBody::File(f)) if !head => {
-            let metrics = app.metrics.clone();
-            let source = ans.source.clone();
-            body::file(f, move |n| metrics.bytes_served(&source, n))
-        }
+        Some(BlobBody::Fill(r)) if !head => body::fill(r, len, served(app, &ans.source)),
+        Some(BlobBody::File(f)) if !head => body::file(f, served(app, &ans.source)),
         _ => body::empty(),
     };
     finish(b, body)

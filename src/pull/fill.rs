@@ -310,13 +310,6 @@ impl FillState {
         }
     }
 
-    /// A stream of `len` bytes from `offset`, read from the spool as the fill writes it. The last
-    /// byte comes only after the digest has been verified; a failed fill ends the stream with an
-    /// error.
-    pub fn reader(self: &Arc<Self>, offset: u64, len: u64) -> ByteStream {
-        self.follow(offset, len).into_stream()
-    }
-
     /// `len` bytes from `offset` as the fill brings them, piece by piece (see [`FillReader`]).
     pub fn follow(self: &Arc<Self>, offset: u64, len: u64) -> FillReader {
         FillReader {
