@@ -65,7 +65,12 @@ pub fn headers(data: &[u8]) {
 pub fn manifest(data: &[u8]) {
     let _ = crate::push::manifest::parse(data, None);
     let _ = crate::push::manifest::parse(data, Some(crate::oci::media::OCI_INDEX));
-    let _ = crate::oci::media::sniff_manifest(data);
+    if let Some(t) = crate::oci::media::sniff_manifest(data) {
+        assert!(crate::oci::media::is_manifest_type(&t));
+    }
+    if let Ok(p) = crate::push::manifest::parse(data, None) {
+        assert!(crate::oci::media::is_manifest_type(&p.media_type));
+    }
 }
 
 /// The config file: parse and validate never panic.
@@ -99,9 +104,52 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("www_authenticate", www_authenticate),
     ("request_head", request_head),
+    ("storage_names", storage_names),
 ];
 
 /// Request heads as the plain HTTP/1.1 front reads them off a socket.
 pub fn request_head(data: &[u8]) {
     crate::http::fast::fuzz_parse(data);
+}
+
+/// Routing of requested names to storage names: the first byte picks a set of upstreams, the
+/// rest is `ns\nname`. Whatever is accepted maps back to the same (upstream, repository) pair,
+/// so no two pairs share a storage name.
+pub fn storage_names(data: &[u8]) {
+    use std::sync::OnceLock;
+    static SETS: OnceLock<Vec<crate::engine::set::Engines>> = OnceLock::new();
+    let sets = SETS.get_or_init(|| {
+        [
+            &[
+                "docker.io",
+                "ghcr.io",
+                "upstream.local:5000",
+                "priv.example",
+            ][..],
+            &["registry.corp", "myreg", "localhost:5000", "docker.io"][..],
+            &["myreg", "a"][..],
+            &[][..],
+        ]
+        .iter()
+        .map(|names| crate::engine::set::Engines::for_routing(names))
+        .collect()
+    });
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(s) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let (ns, name) = s.split_once('\n').unwrap_or(("", s));
+    let Ok(name) = name.parse::<RepoName>() else {
+        return;
+    };
+    let e = &sets[pick as usize % sets.len()];
+    if let Ok(r) = e.route(&name, Some(ns)) {
+        assert_eq!(
+            e.owner(&r.storage_repo),
+            Some((r.upstream, r.upstream_repo.clone())),
+            "{name} ns={ns:?}"
+        );
+    }
 }

@@ -463,10 +463,22 @@ impl Config {
                     "a registry host name such as docker.io or ghcr.io",
                 ));
             }
-            if !names.insert(u.name.clone()) {
+            // Content is stored under the registry's prefix (`host:5000` → `host-5000`): two
+            // names with one prefix would share storage names.
+            let prefix = crate::oci::name::registry_prefix(&u.name);
+            if !names.insert(prefix.clone()) {
                 return Err(err(
                     &format!("{path}.name"),
-                    format!("{:?} is listed twice", u.name),
+                    format!(
+                        "{:?} is listed twice (or stores under the same prefix {prefix:?} as another upstream)",
+                        u.name
+                    ),
+                ));
+            }
+            if prefix.parse::<crate::oci::RepoName>().is_err() {
+                return Err(err(
+                    &format!("{path}.name"),
+                    format!("{:?} cannot be stored as a repository component", u.name),
                 ));
             }
             if self.storage.engines.contains_key(&u.name) {

@@ -111,3 +111,14 @@ fn access_modes_need_an_auth_section_and_inline_keys_are_masked() {
     );
     Config::parse(&out).unwrap();
 }
+
+#[test]
+fn two_upstreams_with_one_storage_prefix_are_refused() {
+    let base = "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\nupstreams:\n";
+    let y = format!("{base}  - {{ name: docker.io, url: 'https://r' }}\n  - {{ name: 'up.local:5000', url: 'https://u' }}\n  - {{ name: up.local-5000, url: 'https://v' }}\n");
+    let e = Config::parse(&y).unwrap().validate().unwrap_err().0;
+    assert!(
+        e.starts_with("upstreams[2].name") && e.contains("same prefix"),
+        "{e}"
+    );
+}

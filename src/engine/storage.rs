@@ -493,7 +493,11 @@ impl Engine for StorageEngine {
                 actual: actual.to_string(),
             });
         }
-        let media_type = media::sniff_manifest(&bytes);
+        // Only what is a manifest is answered as one (a layer's digest names no manifest).
+        let Some(media_type) = media::sniff_manifest(&bytes) else {
+            tracing::debug!(%digest, "stored content is not a manifest");
+            return Ok(None);
+        };
         Ok(Some(Manifest {
             digest,
             media_type,

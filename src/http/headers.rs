@@ -12,6 +12,9 @@ pub const X_SOURCE: HeaderName = HeaderName::from_static("x-ociedge-source");
 pub const DOCKER_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 pub const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+pub const CSP_NONE: HeaderValue =
+    HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'");
 pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// Parses a single-range `Range: bytes=…` header. `Ok(None)` when absent, or for a multi-range

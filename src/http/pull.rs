@@ -136,6 +136,14 @@ pub async fn manifest(
     let accept = h::accept(headers);
     let ans = app.puller.manifest(&r, reference, &accept).await?;
     let m = &ans.manifest;
+    // Every engine refuses other types; this is the last line, where the type becomes a
+    // `Content-Type` on the registry's origin.
+    if !crate::oci::media::is_manifest_type(&m.media_type) {
+        return Err(Error::client(
+            ErrorCode::ManifestUnknown,
+            format!("{} is not a manifest", m.digest),
+        ));
+    }
     let not_modified = h::none_match(headers, &m.digest);
     let status = if not_modified {
         StatusCode::NOT_MODIFIED

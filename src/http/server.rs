@@ -288,6 +288,12 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
         let hs = resp.headers_mut();
         hs.insert(h::X_REGION, app.region.clone());
         hs.insert(h::X_REQUEST_ID, h::owned_value(id));
+        // Nothing the API serves is a page: browsers neither sniff a type nor run anything
+        // (the status page sets its own, narrower policy).
+        hs.insert(header::X_CONTENT_TYPE_OPTIONS, h::NOSNIFF.clone());
+        if !hs.contains_key(header::CONTENT_SECURITY_POLICY) {
+            hs.insert(header::CONTENT_SECURITY_POLICY, h::CSP_NONE.clone());
+        }
         if is_v2 {
             hs.insert(h::API_VERSION, HeaderValue::from_static("registry/2.0"));
         }

@@ -5,6 +5,29 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+pub const DOCKER_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+/// The artifact manifest of the OCI 1.1 release candidates, still pushed by older tools.
+pub const OCI_ARTIFACT: &str = "application/vnd.oci.artifact.manifest.v1+json";
+
+/// Every media type ociedge accepts, stores and serves as a manifest. Whatever else a push or an
+/// upstream calls a manifest (`text/html` with a `<script>` in an annotation) is refused: the
+/// `Content-Type` of a manifest response is its media type, so this list is what keeps the
+/// registry's origin from serving a page. Artifacts are image manifests with an `artifactType`.
+pub const MANIFEST_TYPES: &[&str] = &[
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_LIST,
+    DOCKER_V1_SIGNED,
+    DOCKER_V1,
+    OCI_ARTIFACT,
+];
+
+/// Whether `media_type` (parameters ignored) is a manifest media type.
+pub fn is_manifest_type(media_type: &str) -> bool {
+    let t = media_type.split(';').next().unwrap_or("").trim();
+    MANIFEST_TYPES.contains(&t)
+}
 
 /// Every manifest type we ask upstreams for when the client's `Accept` is missing, so that an
 /// upstream never downgrades to schema 1 on our account.
@@ -12,7 +35,8 @@ pub const ALL_MANIFESTS: &[&str] = &[OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKE
 
 /// The media type of manifest bytes read back from storage, where no `Content-Type` was kept:
 /// the `mediaType` field when present, else inferred from the shape (as Distribution does).
-pub fn sniff_manifest(bytes: &[u8]) -> String {
+/// `None` when the bytes are not a JSON object or declare a type that is not a manifest's.
+pub fn sniff_manifest(bytes: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(rename = "mediaType")]
@@ -21,15 +45,14 @@ pub fn sniff_manifest(bytes: &[u8]) -> String {
         #[serde(rename = "schemaVersion")]
         schema_version: Option<u32>,
     }
-    match serde_json::from_slice::<Probe>(bytes) {
-        Ok(p) => match p.media_type {
-            Some(m) if !m.is_empty() => m,
-            _ if p.manifests.is_some() => OCI_INDEX.to_string(),
-            _ if p.schema_version == Some(1) => DOCKER_V1_SIGNED.to_string(),
-            _ => OCI_MANIFEST.to_string(),
-        },
-        Err(_) => OCI_MANIFEST.to_string(),
-    }
+    let p = serde_json::from_slice::<Probe>(bytes).ok()?;
+    let t = match p.media_type {
+        Some(m) if !m.is_empty() => m,
+        _ if p.manifests.is_some() => OCI_INDEX.to_string(),
+        _ if p.schema_version == Some(1) => DOCKER_V1_SIGNED.to_string(),
+        _ => OCI_MANIFEST.to_string(),
+    };
+    is_manifest_type(&t).then_some(t)
 }
 
 /// Whether a client's `Accept` header values allow `media_type`. No `Accept` at all, or `*/*`,
@@ -50,9 +73,24 @@ mod tests {
 
     #[test]
     fn sniffing() {
-        assert_eq!(sniff_manifest(br#"{"mediaType":"x/y"}"#), "x/y");
-        assert_eq!(sniff_manifest(br#"{"manifests":[]}"#), OCI_INDEX);
-        assert_eq!(sniff_manifest(br#"{"config":{}}"#), OCI_MANIFEST);
+        assert_eq!(sniff_manifest(br#"{"mediaType":"x/y"}"#), None);
+        assert_eq!(
+            sniff_manifest(br#"{"mediaType":"text/html","config":{}}"#),
+            None
+        );
+        assert_eq!(sniff_manifest(b"\x1f\x8b\x08 a gzip layer"), None);
+        assert_eq!(
+            sniff_manifest(br#"{"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
+        assert_eq!(
+            sniff_manifest(br#"{"config":{}}"#).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        assert!(is_manifest_type(
+            "application/vnd.oci.image.index.v1+json; charset=utf-8"
+        ));
+        assert!(!is_manifest_type("text/html"));
     }
 
     #[test]

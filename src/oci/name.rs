@@ -100,6 +100,27 @@ impl RepoName {
     }
 }
 
+/// The repository component a registry's content is stored under (`ghcr.io` → `ghcr.io`,
+/// `upstream.local:5000` → `upstream.local-5000`): every character outside a name component's
+/// alphabet becomes `-`. Configuration refuses two upstreams whose prefixes are equal, so the
+/// prefix names one upstream.
+pub fn registry_prefix(registry: &str) -> String {
+    registry
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.' | '-' | '_') => c,
+            _ => '-',
+        })
+        .collect()
+}
+
+/// Whether a name's first component is a registry host in the Docker reference grammar
+/// (`ghcr.io/org/app`, `localhost/app`, `host:5000/app`): such a name never means a repository
+/// of Docker Hub, whatever registry a client sends it to.
+pub fn is_registry_host(component: &str) -> bool {
+    component.contains('.') || component.contains(':') || component == "localhost"
+}
+
 impl FromStr for RepoName {
     type Err = NameError;
 

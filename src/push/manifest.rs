@@ -86,8 +86,16 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed> {
         }
         (Some(m), _) => m.clone(),
         (None, Some(c)) => c.to_string(),
-        (None, None) => media::sniff_manifest(bytes),
+        (None, None) => media::sniff_manifest(bytes)
+            .ok_or_else(|| invalid("not a manifest: no manifest media type"))?,
     };
+    if !media::is_manifest_type(&media_type) {
+        return Err(invalid(format!(
+            "{:?} is not a manifest media type (accepted: {})",
+            media_type.chars().take(100).collect::<String>(),
+            media::MANIFEST_TYPES.join(", ")
+        )));
+    }
     let mut blobs = Vec::new();
     let mut manifests = Vec::new();
     let is_index = media_type == media::OCI_INDEX || media_type == media::DOCKER_LIST;

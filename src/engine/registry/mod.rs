@@ -258,9 +258,16 @@ impl Engine for RegistryEngine {
             }
             None => Digest::sha256_of(&bytes),
         };
+        // An upstream's word for the type is taken only when it is a manifest type; otherwise
+        // the bytes must declare one (a "manifest" served as `text/html` is refused, never
+        // passed on with its type).
         let media_type = match media_type {
-            Some(m) if !m.is_empty() && m != "application/json" && m != "text/plain" => m,
-            _ => media::sniff_manifest(&bytes),
+            Some(m) if media::is_manifest_type(&m) => m,
+            _ => media::sniff_manifest(&bytes).ok_or_else(|| {
+                self.client.fail(format!(
+                    "{repo}:{reference} is not a manifest (no manifest media type)"
+                ))
+            })?,
         };
         Ok(Some(Manifest {
             digest,
@@ -289,6 +296,7 @@ impl Engine for RegistryEngine {
         let media_type = header_str(&resp, http::header::CONTENT_TYPE)
             .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
         let size = header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+        let media_type = media_type.filter(|m| media::is_manifest_type(m));
         match (digest, media_type, size) {
             (Some(digest), Some(media_type), Some(size)) => Ok(Some(ManifestMeta {
                 digest,
