@@ -649,3 +649,70 @@ async fn the_status_page_obeys_the_rules() {
     // Health and readiness stay open for load balancers.
     assert_eq!(get(&p, "/healthz", None).await.0, 200);
 }
+
+/// The token scope and the path of a default-upstream spelling (`docker.io/priv.example/...`)
+/// once named the same storage name as the passthrough upstream `priv.example`'s repository:
+/// an anonymous token for it opened the private repository. Access is decided on the
+/// (upstream, repository) pair, whatever the spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn a_default_upstream_spelling_never_opens_a_passthrough_upstream() {
+    let hub = Origin::start();
+    let private = Origin::start();
+    private.seed();
+    let port = private_upstream(&private).await;
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw")]);
+    // The README's own rules for a passthrough upstream, and an open default upstream.
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[
+            r#"{ repos: "priv.example/**", pull: [anonymous] }"#,
+            r#"{ repos: "**", pull: [anonymous] }"#,
+        ],
+    );
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"{}\" }}\n  - {{ name: priv.example, url: \"http://127.0.0.1:{port}\", auth: {{ username: svc, password: svcpw }}, access: passthrough }}\n{auth}",
+        hub.url()
+    );
+    let p = Proxy::start(&cfg);
+    let private_manifest = "/v2/priv.example/library/small/manifests/1.0";
+    // Anonymous tokens asked for with every default-upstream spelling of the scope.
+    for scope in [
+        "repository:docker.io/priv.example/library/small:pull",
+        "repository:index.docker.io/priv.example/library/small:pull",
+        "repository:priv.example/library/small:pull",
+    ] {
+        let (status, tok) = token(&p, None, scope).await;
+        assert_eq!(status, 200, "{scope}");
+        let (status, code, _) = get(&p, private_manifest, Some(&format!("Bearer {tok}"))).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (401, "UNAUTHORIZED"),
+            "a token for {scope} opened the passthrough repository"
+        );
+    }
+    // The default-upstream spellings themselves name nothing.
+    for path in [
+        "/v2/docker.io/priv.example/library/small/manifests/1.0",
+        "/v2/priv.example/library/small/manifests/1.0?ns=docker.io",
+        &format!("/v2/docker.io/priv.example/library/small/blobs/{SMALL}"),
+    ] {
+        let (status, code, _) = get(&p, path, None).await;
+        assert_ne!(status, 200, "{path} ({code})");
+    }
+    let stored = p
+        .data()
+        .join("docker/registry/v2/repositories/priv.example");
+    assert!(!stored.exists(), "nothing fetched for anonymous clients");
+    // The upstream's own client is let in.
+    assert_eq!(
+        get(&p, private_manifest, Some(&basic("bob", "bobpw")))
+            .await
+            .0,
+        200
+    );
+}
