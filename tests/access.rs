@@ -716,3 +716,118 @@ async fn a_default_upstream_spelling_never_opens_a_passthrough_upstream() {
         200
     );
 }
+
+/// Manifest pushes are checked per repository: bob, who may push `bobs/**` only, cannot commit
+/// a manifest whose layers are alice's private blobs (nor a child manifest of hers), and the
+/// answer for a blob he does not hold is the same whether or not it exists elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, openssl, htpasswd"]
+async fn a_manifest_push_references_only_what_its_repository_holds() {
+    let origin = Origin::start();
+    let d = tempfile::tempdir().unwrap();
+    let (key, _) = keypair(d.path(), "eu");
+    let ht = htpasswd(d.path(), &[("alice", "pw"), ("bob", "bobpw")]);
+    let auth = auth_yaml(
+        &ht,
+        &key,
+        &[],
+        &[
+            r#"{ repos: "team/a/**", pull: [alice], push: [alice] }"#,
+            r#"{ repos: "team/a", pull: [alice], push: [alice] }"#,
+            r#"{ repos: "bobs/**", pull: [bob], push: [bob] }"#,
+        ],
+    );
+    let p = Proxy::start(&mirror_config(
+        &origin.url(),
+        &format!("push: {{ engine: eu }}\n{auth}"),
+    ));
+    let host = p.host();
+    assert!(
+        push(&host, "app-v1", "team/a:v1", "alice:pw"),
+        "alice pushes"
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.blob_path(APP)).unwrap()).unwrap();
+    let put = |body: serde_json::Value, media: &'static str| {
+        let url = p.url("/v2/bobs/x/manifests/stolen");
+        async move {
+            let r = client()
+                .put(url)
+                .header("authorization", basic("bob", "bobpw"))
+                .header("content-type", media)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            (
+                status,
+                v["errors"][0]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+    };
+    // alice's manifest as it is (her config and layers), pushed into bob's repository.
+    let image = "application/vnd.oci.image.manifest.v1+json";
+    assert_eq!(
+        put(m.clone(), image).await,
+        (400, "MANIFEST_BLOB_UNKNOWN".into()),
+        "bob committed a manifest of alice's private blobs"
+    );
+    // A blob nobody has answers exactly the same.
+    let mut unknown = m.clone();
+    unknown["layers"][0]["digest"] = format!("sha256:{}", "0".repeat(64)).into();
+    assert_eq!(
+        put(unknown, image).await,
+        (400, "MANIFEST_BLOB_UNKNOWN".into())
+    );
+    // An index naming alice's manifest as its child.
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{ "mediaType": image, "digest": APP, "size": 1 }],
+    });
+    assert_eq!(
+        put(index, "application/vnd.oci.image.index.v1+json").await,
+        (400, "MANIFEST_BLOB_UNKNOWN".into())
+    );
+    assert!(
+        !p.data()
+            .join("docker/registry/v2/repositories/bobs/x/_manifests/tags/stolen")
+            .exists(),
+        "nothing tagged"
+    );
+    // alice's own repository: an index of her manifest is fine, an index whose child is a layer
+    // is not.
+    let put_alice = |body: serde_json::Value| {
+        let url = p.url("/v2/team/a/manifests/idx");
+        async move {
+            client()
+                .put(url)
+                .header("authorization", basic("alice", "pw"))
+                .header("content-type", "application/vnd.oci.image.index.v1+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let ok = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{ "mediaType": image, "digest": APP, "size": 1 }],
+    });
+    assert_eq!(put_alice(ok).await, 201);
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    let bad = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{ "mediaType": image, "digest": layer, "size": 1 }],
+    });
+    assert_eq!(put_alice(bad).await, 400);
+}

@@ -162,6 +162,10 @@ impl Pusher {
         from: Option<&RepoName>,
     ) -> Result<bool> {
         let from = from.unwrap_or(repo);
+        // Only from a repository that holds the blob (storage keeps one copy for all).
+        if !self.engine.is_linked(from, digest, false).await? {
+            return Ok(false);
+        }
         let Some(meta) = self.engine.stat_blob(from, digest).await? else {
             return Ok(false);
         };
@@ -233,8 +237,12 @@ impl Pusher {
             }
             Reference::Tag(_) => Digest::sha256_of(&bytes),
         };
+        // What a manifest references must be in this repository (uploaded or mounted into it:
+        // a mount is checked against the pusher's pull rights), not merely somewhere in the
+        // store: otherwise a manifest would expose another repository's private blobs under a
+        // name its pusher controls, and the answer would tell who has what.
         for b in &parsed.blobs {
-            if self.engine.stat_blob(repo, b).await?.is_none() {
+            if !self.linked_here(repo, b, false).await? {
                 return Err(Error::client(
                     ErrorCode::ManifestBlobUnknown,
                     format!("blob {b} is not in {repo}"),
@@ -243,12 +251,7 @@ impl Pusher {
             }
         }
         for m in &parsed.manifests {
-            let present = self
-                .engine
-                .get_manifest(repo, &Reference::Digest(m.clone()), &[])
-                .await?
-                .is_some();
-            if !present {
+            if !self.linked_here(repo, m, true).await? {
                 return Err(Error::client(
                     ErrorCode::ManifestBlobUnknown,
                     format!("manifest {m} is not in {repo}"),
@@ -293,6 +296,22 @@ impl Pusher {
         Ok(Pushed {
             digest,
             subject: parsed.subject,
+        })
+    }
+
+    /// Whether `digest` is linked into `repo` and its content is at hand: a blob's bytes, or for
+    /// `manifest` a manifest (an index whose child is a layer is refused).
+    async fn linked_here(&self, repo: &RepoName, digest: &Digest, manifest: bool) -> Result<bool> {
+        if !self.engine.is_linked(repo, digest, manifest).await? {
+            return Ok(false);
+        }
+        Ok(if manifest {
+            self.engine
+                .get_manifest(repo, &Reference::Digest(digest.clone()), &[])
+                .await?
+                .is_some()
+        } else {
+            self.engine.stat_blob(repo, digest).await?.is_some()
         })
     }
 
