@@ -12,9 +12,9 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
 
@@ -25,7 +25,7 @@ fn resp(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// Serves `handler` on 127.0.0.1:0 until the test's runtime ends; returns the port.
-async fn serve<F, Fut>(handler: F) -> u16
+pub async fn serve<F, Fut>(handler: F) -> u16
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
