@@ -213,9 +213,15 @@ impl App {
                     metrics.clone(),
                 ));
                 tokio::spawn(replicator.clone().run());
-                puller.set_preferred(source);
+                let pushed = Arc::new(crate::engine::pushed::PushedRepos::new(
+                    id,
+                    engine.store().clone(),
+                    config.cache.tag_ttl.0,
+                ));
+                puller.set_preferred(source, pushed.clone());
                 let mut pusher = Pusher::new(
                     engine,
+                    pushed,
                     spool_dir.clone(),
                     replicator.clone(),
                     tags,

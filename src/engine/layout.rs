@@ -71,6 +71,12 @@ pub fn probe_object() -> Path {
     Path::from("_ociedge/probe")
 }
 
+/// The marker of a repository pushed through ociedge (kept in the preferred engine). Name
+/// components never start with `_`, so a marker never collides with a nested repository's.
+pub fn pushed_marker(repo: &RepoName) -> Path {
+    p(format!("_ociedge/pushed/{repo}/_pushed"))
+}
+
 /// Parses a link file's content.
 pub fn parse_link(bytes: &[u8]) -> Option<Digest> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod layout;
 pub mod nearness;
 pub mod objects;
+pub mod pushed;
 pub mod registry;
 pub mod set;
 pub mod storage;

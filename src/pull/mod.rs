@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use moka::future::Cache;
 
+use crate::engine::pushed::PushedRepos;
 use crate::engine::set::{Engines, Routed};
 use crate::engine::storage::resolve_range;
 use crate::engine::{ByteRange, ByteStream, GetBlob, Manifest};
@@ -124,6 +125,9 @@ pub struct Puller {
     evictor: Option<Arc<crate::evict::Evictor>>,
     /// The preferred (push) engine: the authority for the tags pushed to it.
     preferred: Option<Arc<dyn crate::engine::Engine>>,
+    /// Which repositories were pushed (beside upstreams, what makes the preferred engine their
+    /// authority rather than the upstream).
+    pushed: Option<Arc<PushedRepos>>,
 }
 
 /// A memo of the local `file://` engine's answer for one blob.
@@ -158,6 +162,7 @@ impl Puller {
             local_name: LOCAL.into(),
             linked: moka::sync::Cache::new(1_000_000),
             preferred: None,
+            pushed: None,
             evictor: None,
             redirect: None,
             pushed_links: moka::sync::Cache::builder()
@@ -206,12 +211,9 @@ impl Puller {
     /// unknown, as in Distribution, though its bytes stay in the store (other repositories may
     /// share them). Elsewhere, and when the preferred engine cannot be asked, `Ok`.
     async fn check_pushed(&self, r: &Routed, digest: &Digest, manifest: bool) -> Result<()> {
-        let Some(pref) = &self.preferred else {
+        let Some(pref) = self.push_authority(r).await else {
             return Ok(());
         };
-        if self.engines.upstream(r).is_some() {
-            return Ok(());
-        }
         let writes = crate::writes::count();
         let key = (r.storage_repo.clone(), digest.clone(), manifest);
         if self.pushed_links.get(&key) == Some(writes) {
@@ -250,8 +252,33 @@ impl Puller {
     }
 
     /// Makes `engine` the authority for tags it holds (pushed repositories).
-    pub fn set_preferred(&mut self, engine: Arc<dyn crate::engine::Engine>) {
+    pub fn set_preferred(
+        &mut self,
+        engine: Arc<dyn crate::engine::Engine>,
+        pushed: Arc<PushedRepos>,
+    ) {
         self.preferred = Some(engine);
+        self.pushed = Some(pushed);
+    }
+
+    /// The preferred engine when it is the authority for `r`: a repository no upstream owns, or
+    /// one pushed through ociedge beside its upstream. A mirrored repository's tag links in the
+    /// same engine are cached answers, never an authority.
+    async fn push_authority(&self, r: &Routed) -> Option<Arc<dyn crate::engine::Engine>> {
+        let pref = self.preferred.as_ref()?;
+        if self.engines.upstream(r).is_none() {
+            return Some(pref.clone());
+        }
+        let pushed = self.pushed.as_ref()?;
+        match pushed.contains(&r.storage_repo).await {
+            Ok(true) => Some(pref.clone()),
+            Ok(false) => None,
+            Err(e) => {
+                self.metrics.upstream_error(pref.id());
+                tracing::warn!(error = %e, repo = %r.storage_repo, "cannot tell whether the repository was pushed; its upstream decides");
+                None
+            }
+        }
     }
 
     /// The in-memory manifest cache (the push path invalidates deleted manifests in it).
@@ -586,8 +613,8 @@ impl Puller {
         accept: &[String],
     ) -> Result<ManifestAnswer> {
         let repo = &r.storage_repo;
-        if let Some(pref) = &self.preferred {
-            if let Some(ans) = self.pushed_tag(r, tag, accept, pref).await? {
+        if let Some(pref) = self.push_authority(r).await {
+            if let Some(ans) = self.pushed_tag(r, tag, accept, &pref).await? {
                 return Ok(ans);
             }
         }
@@ -840,6 +867,24 @@ impl Puller {
     /// All tags of a repository, from the authority (or the local engine while it is down).
     pub async fn tags(&self, r: &Routed) -> Result<Vec<String>> {
         let local = self.engines.local();
+        if let Some(pref) = self.push_authority(r).await {
+            // Pushed: the preferred engine's tags, with the upstream's where it knows the name
+            // too (a tag not pushed here is still resolved upstream).
+            let mut tags = pref.list_tags(&r.storage_repo).await?.unwrap_or_default();
+            if let Some(u) = self.engines.upstream(r) {
+                match u.engine.list_tags(&r.upstream_repo).await {
+                    Ok(Some(t)) => tags.extend(t),
+                    Ok(None) | Err(Error::Client(_)) => {}
+                    Err(e) => {
+                        self.metrics.upstream_error(u.engine.id());
+                        tracing::warn!(error = %e, "tags list: upstream unreachable; pushed tags only");
+                    }
+                }
+            }
+            tags.sort();
+            tags.dedup();
+            return Ok(tags);
+        }
         if let Some(u) = self.engines.upstream(r) {
             match u.engine.list_tags(&r.upstream_repo).await {
                 Ok(Some(t)) => return Ok(t),

@@ -13,6 +13,7 @@ use futures::StreamExt;
 use moka::future::Cache;
 use object_store::path::Path;
 
+use crate::engine::pushed::PushedRepos;
 use crate::engine::storage::StorageEngine;
 use crate::engine::{ByteStream, Engine, Manifest};
 use crate::error::{Error, Result};
@@ -24,6 +25,8 @@ use upload::{Session, Uploads};
 
 pub struct Pusher {
     engine: Arc<StorageEngine>,
+    /// Marks the repositories pushed to (the preferred engine is their authority).
+    pushed: Arc<PushedRepos>,
     dyn_engine: Arc<dyn Engine>,
     uploads: Uploads,
     spool_dir: PathBuf,
@@ -45,6 +48,7 @@ pub struct Pushed {
 impl Pusher {
     pub fn new(
         engine: Arc<StorageEngine>,
+        pushed: Arc<PushedRepos>,
         spool_dir: PathBuf,
         replicator: Arc<Replicator>,
         tags: TagCache,
@@ -55,6 +59,7 @@ impl Pusher {
         Pusher {
             uploads: Uploads::new(engine.clone()),
             engine,
+            pushed,
             dyn_engine,
             spool_dir,
             replicator,
@@ -169,6 +174,7 @@ impl Pusher {
         let Some(meta) = self.engine.stat_blob(from, digest).await? else {
             return Ok(false);
         };
+        self.pushed.mark(repo).await?;
         self.engine.link_blob(repo, digest).await?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, meta.size, Some(false));
@@ -199,6 +205,7 @@ impl Pusher {
                 format!("the upload hashes to {actual}, not {digest}"),
             ));
         }
+        self.pushed.mark(repo).await?;
         self.engine.put_blob_file(digest, &spool.path, size).await?;
         self.engine.link_blob(repo, digest).await?;
         if let Some(ev) = &self.evictor {
@@ -264,6 +271,7 @@ impl Pusher {
             media_type: parsed.media_type.clone(),
             bytes: bytes.clone(),
         };
+        self.pushed.mark(repo).await?;
         self.engine.put_manifest(repo, &m).await?;
         if let Some(ev) = &self.evictor {
             ev.manifest_seen(repo, &m, Some(false));
