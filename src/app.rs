@@ -94,7 +94,11 @@ impl App {
                     .map_err(|e| Error::Config(format!("upstreams: {}: ca_file: {e}", u.name)))?,
                 None => http.clone(),
             };
-            let engine = RegistryEngine::new(RegistryClient::new(&u.name, base, http, basic));
+            let mut client = RegistryClient::new(&u.name, base, http, basic);
+            if let Some(realms) = u.realm_policy() {
+                client = client.with_realms(realms);
+            }
+            let engine = RegistryEngine::new(client);
             let engine: Arc<dyn Engine> = Arc::new(engine);
             probed.push((engine.clone(), 0));
             upstreams.push((u.name.clone(), engine));

@@ -171,6 +171,9 @@ impl Auth {
                     name: u.name.clone(),
                     base: url::Url::parse(&u.url)
                         .map_err(|e| format!("upstreams[{i}].url: {e}"))?,
+                    realms: u
+                        .realm_policy()
+                        .ok_or_else(|| format!("upstreams[{i}].url: not a URL"))?,
                 }),
                 _ => None,
             });

@@ -12,7 +12,7 @@ use http::{HeaderValue, StatusCode};
 use moka::future::Cache;
 use sha2::Digest as _;
 
-use crate::engine::registry::auth::{parse_challenge, Challenge, TokenResponse};
+use crate::engine::registry::auth::{parse_challenge, Challenge, RealmPolicy, TokenResponse};
 use crate::error::{Error, Result};
 use crate::oci::RepoName;
 
@@ -45,11 +45,13 @@ impl Creds {
     }
 }
 
-/// A passthrough upstream: its name (for errors) and API base URL.
+/// A passthrough upstream: its name (for errors), API base URL, and the token realms the
+/// client's credentials may be sent to (as for the upstream's own credentials).
 #[derive(Clone, Debug)]
 pub struct Gate {
     pub name: String,
     pub base: url::Url,
+    pub realms: RealmPolicy,
 }
 
 pub struct Passthrough {
@@ -177,7 +179,17 @@ impl Passthrough {
         }
         let mut rb = self.http.get(&realm).query(&q);
         if let Some(b) = &basic {
-            rb = rb.header(http::header::AUTHORIZATION, b.clone());
+            if gate.realms.allows(&realm) {
+                rb = rb.header(http::header::AUTHORIZATION, b.clone());
+            } else {
+                // The client's password goes nowhere the upstream's own would not: an anonymous
+                // token then opens only what anyone may pull.
+                tracing::warn!(
+                    upstream = %gate.name,
+                    realm,
+                    "the upstream's token realm is neither its own origin nor listed in upstreams[].auth.realms: the client's credentials are not sent there"
+                );
+            }
         }
         let tr = rb.send().await.map_err(fail)?;
         if tr.status().is_server_error() {

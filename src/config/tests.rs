@@ -111,3 +111,30 @@ fn access_modes_need_an_auth_section_and_inline_keys_are_masked() {
     );
     Config::parse(&out).unwrap();
 }
+
+#[test]
+fn upstream_realms_are_origins_and_never_plain_http_for_https() {
+    let up = |url: &str, realms: &str| {
+        format!("{AUTH_BASE}upstreams:\n  - {{ name: r.example, url: '{url}', auth: {{ username: u, password: p, realms: [{realms}] }}, access: public }}\n")
+    };
+    Config::parse(&up("https://r.example", "'https://auth.example'"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    Config::parse(&up("http://r.example", "'http://auth.example:8080'"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    for (url, realms) in [
+        ("https://r.example", "'http://auth.example'"),
+        ("https://r.example", "'https://auth.example/token'"),
+        ("https://r.example", "'auth.example'"),
+    ] {
+        let e = Config::parse(&up(url, realms))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("upstreams[0].auth.realms[0]"), "{e}");
+    }
+}

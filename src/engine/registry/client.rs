@@ -1,5 +1,10 @@
 //! An authenticated `/v2/` client for one upstream registry: sends a request, answers a `401`
 //! challenge once (Bearer token or Basic), and caches tokens per scope.
+//!
+//! Credentials go only to the upstream's own origin and to the token realms its [`RealmPolicy`]
+//! allows; a realm elsewhere is asked for an anonymous token. Redirects (blob downloads are
+//! redirected to a CDN) are followed by reqwest, which drops `Authorization` when the next URL
+//! has another scheme, host or port (`reqwest::redirect::remove_sensitive_headers`).
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -7,7 +12,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::{Client, RequestBuilder, Response};
 
-use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+use super::auth::{parse_challenge, Challenge, RealmPolicy, TokenCache, TokenResponse};
 use crate::error::{Error, Result};
 
 pub const USER_AGENT: &str = concat!("ociedge/", env!("CARGO_PKG_VERSION"));
@@ -18,6 +23,8 @@ pub struct RegistryClient {
     base: url::Url,
     http: Client,
     basic: Option<(String, String)>,
+    /// Which token realms `basic` may be sent to.
+    realms: RealmPolicy,
     /// The last challenge seen, so that requests for a new scope fetch a token up front instead of
     /// paying a `401` round trip first.
     challenge: RwLock<Option<Challenge>>,
@@ -67,12 +74,20 @@ impl RegistryClient {
     ) -> RegistryClient {
         RegistryClient {
             id: id.into(),
+            realms: RealmPolicy::new(id, &base, None),
             base,
             http,
             basic,
             challenge: RwLock::new(None),
             tokens: TokenCache::default(),
         }
+    }
+
+    /// Replaces the default realm policy (the upstream's own origin; Docker Hub's token service
+    /// for `docker.io`) with the configured one.
+    pub fn with_realms(mut self, realms: RealmPolicy) -> RegistryClient {
+        self.realms = realms;
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -185,7 +200,17 @@ impl RegistryClient {
         }
         rb = rb.query(&q);
         if let Some(b) = self.basic_header() {
-            rb = rb.header(http::header::AUTHORIZATION, b);
+            if self.realms.allows(realm) {
+                rb = rb.header(http::header::AUTHORIZATION, b);
+            } else {
+                // A realm elsewhere may be anyone's: it gets no credentials, and the upstream
+                // decides what an anonymous token opens.
+                tracing::warn!(
+                    engine = %self.id,
+                    realm,
+                    "the upstream's token realm is neither its own origin nor listed in upstreams[].auth.realms (or is plain http for an https upstream): asking it for an anonymous token, without our credentials"
+                );
+            }
         }
         let resp = rb
             .send()
