@@ -243,6 +243,13 @@ impl App {
             history_sources.clone(),
             history_engines.clone(),
         ));
+        if config
+            .auth
+            .as_ref()
+            .is_some_and(|a| a.token.realm.is_none())
+        {
+            tracing::info!("auth.token.realm is not set: clients are sent to /token at the address of the listener they reached; set it to the name clients use (behind a proxy, or for TLS clients that check the certificate's name)");
+        }
         let auth = match &config.auth {
             Some(a) => Some(Arc::new(
                 crate::auth::Auth::new(a, &config.upstreams, http.clone())

@@ -14,7 +14,7 @@ impl Auth {
         wanted: &[(Target<'_>, Vec<Action>)],
     ) -> Result<Grant, Refusal> {
         let local = match creds {
-            Some(c) => self.local_user(c).await,
+            Some(c) => self.local_user(c).await?,
             None => None,
         };
         let local_who = local.clone().map_or(Principal::Anonymous, Principal::User);

@@ -18,6 +18,7 @@ pub mod htpasswd;
 pub mod passthrough;
 pub mod request;
 pub mod rules;
+pub mod throttle;
 pub mod token;
 
 use std::time::Duration;
@@ -38,6 +39,9 @@ use token::{Claims, Keys};
 /// How long a verified password is remembered (bcrypt costs tens of milliseconds, and clients
 /// that send Basic credentials send them on every request).
 const VERIFIED_TTL: Duration = Duration::from_secs(60);
+
+/// Longest wait for a free bcrypt slot before the client is told to come back.
+const VERIFY_WAIT: Duration = Duration::from_secs(5);
 
 /// What a request wants to do to a repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +114,9 @@ pub enum Refusal {
     Denied { message: String },
     /// The check itself failed (a passthrough upstream is down): nothing is served.
     Failed(Error),
+    /// `429 TOOMANYREQUESTS` with `Retry-After`: too many failed passwords from this address or
+    /// for this user (see `throttle.rs`), or every verification slot is busy.
+    Throttled { retry_after: Duration },
 }
 
 impl From<Error> for Refusal {
@@ -149,6 +156,10 @@ pub struct Auth {
     /// Salted hashes of verified (user, password) pairs, with the user name.
     verified: Cache<[u8; 32], String>,
     salt: [u8; 32],
+    /// Failed passwords per client address and per user.
+    throttle: throttle::Throttle,
+    /// bcrypt verifications at once: at most half the cores, so logins never starve the rest.
+    verify_slots: tokio::sync::Semaphore,
 }
 
 impl Auth {
@@ -189,6 +200,10 @@ impl Auth {
                 .time_to_live(VERIFIED_TTL)
                 .build(),
             salt: rand::random(),
+            throttle: throttle::Throttle::default(),
+            verify_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            ),
         })
     }
 
@@ -205,9 +220,13 @@ impl Auth {
             .and_then(Option::as_ref)
     }
 
-    /// The htpasswd user these credentials prove, if any.
-    async fn local_user(&self, c: &Creds) -> Option<String> {
-        let ht = self.htpasswd.as_ref()?;
+    /// The htpasswd user these credentials prove, if any. Credentials verified in the last
+    /// [`VERIFIED_TTL`] are answered from memory; others cost a bcrypt verification, unless
+    /// their address or user has failed too often (then `Throttled`, with no verification).
+    async fn local_user(&self, c: &Creds) -> Result<Option<String>, Refusal> {
+        let Some(ht) = self.htpasswd.as_ref() else {
+            return Ok(None);
+        };
         let mut h = sha2::Sha256::new();
         h.update(self.salt);
         h.update(c.user.as_bytes());
@@ -215,18 +234,33 @@ impl Auth {
         h.update(c.password.as_bytes());
         let key: [u8; 32] = h.finalize().into();
         if let Some(u) = self.verified.get(&key).await {
-            return Some(u);
+            return Ok(Some(u));
         }
+        let throttled = |retry_after| {
+            tracing::debug!(user = %c.user, from = ?c.from, "login attempt throttled");
+            Refusal::Throttled { retry_after }
+        };
+        let attempt = self.throttle.begin(c.from, &c.user).map_err(throttled)?;
+        let slot = match tokio::time::timeout(VERIFY_WAIT, self.verify_slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                self.throttle.ended(attempt, &c.user, true);
+                return Err(throttled(Duration::from_secs(1)));
+            }
+        };
         let (ok, changed) = ht.verify(&c.user, &c.password).await;
+        drop(slot);
+        self.throttle.ended(attempt, &c.user, ok);
         if changed {
             // A removed user or a changed password must not live on in the cache.
             self.verified.invalidate_all();
         }
         if !ok {
-            return None;
+            tracing::debug!(user = %c.user, from = ?c.from, "wrong password");
+            return Ok(None);
         }
         self.verified.insert(key, c.user.clone()).await;
-        Some(c.user.clone())
+        Ok(Some(c.user.clone()))
     }
 
     /// Whether a passthrough upstream vouches for these credentials.
@@ -286,7 +320,7 @@ impl Auth {
                         Err(denied(&c.user))
                     };
                 }
-                let Some(user) = self.local_user(c).await else {
+                let Some(user) = self.local_user(c).await? else {
                     return Err(challenge("invalid username or password", None));
                 };
                 if self
@@ -338,7 +372,7 @@ impl Auth {
             Presented::Malformed => Err(challenge("unreadable Authorization header", None)),
             Presented::None => Err(challenge("authentication required", None)),
             Presented::Basic(c) => {
-                if let Some(u) = self.local_user(c).await {
+                if let Some(u) = self.local_user(c).await? {
                     if self.rules.grants_anything(&Principal::User(u)) {
                         return Ok(());
                     }

@@ -28,6 +28,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Creds {
     pub user: String,
     pub password: String,
+    /// The client's address, when known: failed passwords are counted against it.
+    pub from: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for Creds {

@@ -138,3 +138,24 @@ fn upstream_realms_are_origins_and_never_plain_http_for_https() {
         assert!(e.starts_with("upstreams[0].auth.realms[0]"), "{e}");
     }
 }
+
+#[test]
+fn the_token_realm_is_an_absolute_url() {
+    let with = |realm: &str| {
+        format!("{AUTH_BASE}auth:\n  token: {{ signing_key: /k, realm: '{realm}' }}\n")
+    };
+    Config::parse(&with("https://registry.example/token"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    for bad in [
+        "/token",
+        "ftp://x/token",
+        "https://registry.example/token?x=1",
+        "https://u@registry.example/token",
+        "https://registry.example/to\"ken",
+    ] {
+        let e = Config::parse(&with(bad)).unwrap().validate().unwrap_err().0;
+        assert!(e.starts_with("auth.token.realm"), "{bad}: {e}");
+    }
+}
