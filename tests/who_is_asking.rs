@@ -190,3 +190,33 @@ async fn wrong_passwords_are_throttled_and_others_are_still_served() {
         assert_eq!(r.status(), 200, "{user} gets a token from another address");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_an_upstream_vouches_for_are_not_throttled() {
+    // carol is no local user: a passthrough upstream (a token gate in front of a fake registry)
+    // accepts her password. Her logins fail the local check each time, and must not count.
+    let backend = common::fake::FakeUpstream::default().start().await;
+    let gate =
+        common::fake::TokenGate::new(format!("http://127.0.0.1:{backend}"), Some("carol:cpw"))
+            .start()
+            .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = auth_section(dir.path(), &[("alice", "pw")], "");
+    let cfg = mirror_config(
+        &format!("http://127.0.0.1:{gate}"),
+        &format!("    access: passthrough\n{auth}"),
+    );
+    let p = Proxy::start_in(&cfg, dir);
+    let c = common::client();
+    for i in 0..25 {
+        for path in ["/v2/", "/token?service=ociedge"] {
+            let r = c
+                .get(p.url(path))
+                .header("authorization", basic("carol", "cpw"))
+                .send()
+                .await
+                .expect("GET");
+            assert_eq!(r.status(), 200, "{path} #{i}: {}", p.log());
+        }
+    }
+}

@@ -43,6 +43,14 @@ const VERIFIED_TTL: Duration = Duration::from_secs(60);
 /// Longest wait for a free bcrypt slot before the client is told to come back.
 const VERIFY_WAIT: Duration = Duration::from_secs(5);
 
+/// The outcome of a local password check.
+enum Local {
+    /// An htpasswd user's password.
+    User(String),
+    /// Not one; the reserved failure, when a verification ran, for [`Auth::settle`].
+    Not(Option<throttle::Attempt>),
+}
+
 /// What a request wants to do to a repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -223,9 +231,11 @@ impl Auth {
     /// The htpasswd user these credentials prove, if any. Credentials verified in the last
     /// [`VERIFIED_TTL`] are answered from memory; others cost a bcrypt verification, unless
     /// their address or user has failed too often (then `Throttled`, with no verification).
-    async fn local_user(&self, c: &Creds) -> Result<Option<String>, Refusal> {
+    /// A failed check is counted once the caller knows whether an upstream vouches for the
+    /// credentials instead ([`Auth::settle`]).
+    async fn local_user(&self, c: &Creds) -> Result<Local, Refusal> {
         let Some(ht) = self.htpasswd.as_ref() else {
-            return Ok(None);
+            return Ok(Local::Not(None));
         };
         let mut h = sha2::Sha256::new();
         h.update(self.salt);
@@ -234,7 +244,7 @@ impl Auth {
         h.update(c.password.as_bytes());
         let key: [u8; 32] = h.finalize().into();
         if let Some(u) = self.verified.get(&key).await {
-            return Ok(Some(u));
+            return Ok(Local::User(u));
         }
         let throttled = |retry_after| {
             tracing::debug!(user = %c.user, from = ?c.from, "login attempt throttled");
@@ -250,17 +260,25 @@ impl Auth {
         };
         let (ok, changed) = ht.verify(&c.user, &c.password).await;
         drop(slot);
-        self.throttle.ended(attempt, &c.user, ok);
         if changed {
             // A removed user or a changed password must not live on in the cache.
             self.verified.invalidate_all();
         }
         if !ok {
-            tracing::debug!(user = %c.user, from = ?c.from, "wrong password");
-            return Ok(None);
+            tracing::debug!(user = %c.user, from = ?c.from, "not a local user's password");
+            return Ok(Local::Not(Some(attempt)));
         }
+        self.throttle.ended(attempt, &c.user, true);
         self.verified.insert(key, c.user.clone()).await;
-        Ok(Some(c.user.clone()))
+        Ok(Local::User(c.user.clone()))
+    }
+
+    /// Ends a failed local check: counted as a failed password unless `vouched` (an upstream
+    /// accepted the credentials, or could not be asked).
+    fn settle(&self, failed: Option<throttle::Attempt>, c: &Creds, vouched: bool) {
+        if let Some(a) = failed {
+            self.throttle.ended(a, &c.user, vouched);
+        }
     }
 
     /// Whether a passthrough upstream vouches for these credentials.
@@ -320,8 +338,12 @@ impl Auth {
                         Err(denied(&c.user))
                     };
                 }
-                let Some(user) = self.local_user(c).await? else {
-                    return Err(challenge("invalid username or password", None));
+                let user = match self.local_user(c).await? {
+                    Local::User(u) => u,
+                    Local::Not(failed) => {
+                        self.settle(failed, c, false);
+                        return Err(challenge("invalid username or password", None));
+                    }
                 };
                 if self
                     .rules
@@ -372,13 +394,19 @@ impl Auth {
             Presented::Malformed => Err(challenge("unreadable Authorization header", None)),
             Presented::None => Err(challenge("authentication required", None)),
             Presented::Basic(c) => {
-                if let Some(u) = self.local_user(c).await? {
-                    if self.rules.grants_anything(&Principal::User(u)) {
-                        return Ok(());
+                let failed = match self.local_user(c).await? {
+                    Local::User(u) => {
+                        if self.rules.grants_anything(&Principal::User(u)) {
+                            return Ok(());
+                        }
+                        return Err(challenge("this user may not do anything here", None));
                     }
-                    return Err(challenge("this user may not do anything here", None));
-                }
-                if self.upstream_login(c).await? {
+                    Local::Not(failed) => failed,
+                };
+                let vouched = self.upstream_login(c).await;
+                // An upstream that cannot answer proves nothing against the password.
+                self.settle(failed, c, !matches!(vouched, Ok(false)));
+                if vouched? {
                     return Ok(());
                 }
                 Err(challenge("invalid username or password", None))
