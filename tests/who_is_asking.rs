@@ -220,3 +220,41 @@ async fn users_an_upstream_vouches_for_are_not_throttled() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_and_http2_the_realm_is_https_at_the_listener_whatever_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).expect("crt");
+    std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).expect("key");
+    let auth = auth_section(dir.path(), &[("alice", "pw")], "");
+    let tls = "tls: { cert: \"{DIR}/tls.crt\", key: \"{DIR}/tls.key\" }\n";
+    let p = Proxy::start_in(
+        &mirror_config("http://127.0.0.1:9", &format!("{tls}{auth}")),
+        dir,
+    );
+    let url = format!("https://{}/v2/", p.host());
+    let ours = format!(r#"Bearer realm="https://{}/token","#, p.host());
+    for h2 in [false, true] {
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .danger_accept_invalid_certs(true);
+        b = if h2 {
+            b.http2_prior_knowledge()
+        } else {
+            b.http1_only()
+        };
+        let c = b.build().expect("client");
+        let r = c
+            .get(&url)
+            .header("host", "evil.example")
+            .header("x-forwarded-proto", "http")
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), 401, "h2={h2}");
+        assert_eq!(r.version() == reqwest::Version::HTTP_2, h2);
+        let ch = r.headers()["www-authenticate"].to_str().expect("ascii");
+        assert!(ch.starts_with(&ours), "h2={h2}: {ch}");
+    }
+}
