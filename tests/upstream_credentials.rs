@@ -66,15 +66,21 @@ fn record(seen: &Seen, req: &Request<Incoming>) {
         .push((req.uri().path().to_string(), auth));
 }
 
-/// A token server on `ip`: records every request and hands out the token `good`.
+/// A token server on `ip`: records every request and hands out the token `good` to requests
+/// with credentials, `anonymous` to the others.
 async fn token_server(ip: &str) -> (u16, Seen) {
     let seen: Seen = Arc::default();
     let s = seen.clone();
     let port = serve(ip, move |req| {
         record(&s, &req);
+        let token = if req.headers().contains_key("authorization") {
+            "good"
+        } else {
+            "anonymous"
+        };
         resp(
             StatusCode::OK,
-            r#"{"token":"good","expires_in":300}"#.to_string(),
+            format!(r#"{{"token":"{token}","expires_in":300}}"#),
         )
     })
     .await;
@@ -145,11 +151,18 @@ async fn a_realm_on_another_origin_never_gets_the_upstreams_credentials() {
     let extra = "    auth: { username: bot, password: s3cret }\n    access: public\n";
     let p = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{up}"), extra));
     pull_until_token_asked(&p, "/v2/library/app/manifests/1", None, &seen).await;
-    // Another tag, another scope: still no credentials.
-    let _ = client()
+    // Another repository, another scope: still no credentials; the refusal says why.
+    let r = client()
         .get(p.url("/v2/library/other/manifests/2"))
         .send()
-        .await;
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 403);
+    let body = r.text().await.expect("body");
+    assert!(
+        body.contains("DENIED") && body.contains("upstreams[].auth.realms"),
+        "{body}"
+    );
     let seen = seen.lock().expect("lock").clone();
     assert!(
         seen.iter().all(|(_, a)| a.is_none()),

@@ -212,7 +212,13 @@ pub fn realm(app: &App, parts: &Parts) -> String {
     let info = parts.extensions.get::<ConnInfo>();
     let tls = info.map_or(app.config.tls.is_some(), |i| i.tls);
     let scheme = if tls { "https" } else { "http" };
-    let addr = info.map_or(app.config.listen, |i| i.local);
+    let mut addr = info.map_or(app.config.listen, |i| i.local);
+    // An IPv4 client of a dual-stack listener reached an IPv4 address.
+    if let std::net::IpAddr::V6(v6) = addr.ip() {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            addr.set_ip(v4.into());
+        }
+    }
     format!("{scheme}://{addr}/token")
 }
 

@@ -25,6 +25,9 @@ pub struct RegistryClient {
     basic: Option<(String, String)>,
     /// Which token realms `basic` may be sent to.
     realms: RealmPolicy,
+    /// Whether the last token was asked for without `basic`, the realm not being allowed: a
+    /// refusal then says why.
+    withheld: std::sync::atomic::AtomicBool,
     /// The last challenge seen, so that requests for a new scope fetch a token up front instead of
     /// paying a `401` round trip first.
     challenge: RwLock<Option<Challenge>>,
@@ -75,6 +78,7 @@ impl RegistryClient {
         RegistryClient {
             id: id.into(),
             realms: RealmPolicy::new(id, &base, None),
+            withheld: Default::default(),
             base,
             http,
             basic,
@@ -92,6 +96,12 @@ impl RegistryClient {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether the upstream's credentials were last kept from its token realm (not an allowed
+    /// origin): its refusals are then explained by that.
+    pub fn credentials_withheld(&self) -> bool {
+        self.withheld.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `base` + `path` (path starts with `/v2/`).
@@ -200,7 +210,10 @@ impl RegistryClient {
         }
         rb = rb.query(&q);
         if let Some(b) = self.basic_header() {
-            if self.realms.allows(realm) {
+            let allowed = self.realms.allows(realm);
+            self.withheld
+                .store(!allowed, std::sync::atomic::Ordering::Relaxed);
+            if allowed {
                 rb = rb.header(http::header::AUTHORIZATION, b);
             } else {
                 // A realm elsewhere may be anyone's: it gets no credentials, and the upstream
