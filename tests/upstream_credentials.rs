@@ -276,3 +276,82 @@ async fn a_redirect_to_another_host_carries_no_credentials() {
         "the other host received credentials: {cdn_seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifests_foreign_urls_are_never_followed() {
+    // A layer that lives elsewhere ("foreign", Windows base layers): its `urls` point at a
+    // recording server on another host. ociedge fetches blobs from the upstream only.
+    let elsewhere: Seen = Arc::default();
+    let cdn = {
+        let seen = elsewhere.clone();
+        serve("127.0.0.2", move |req| {
+            record(&seen, &req);
+            resp(StatusCode::OK, "layer")
+        })
+        .await
+    };
+    let layer = format!("sha256:{}", sha256_hex(b"layer"));
+    let config = format!("sha256:{}", sha256_hex(b"{}"));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{layer}","size":5,"urls":["http://127.0.0.2:{cdn}/layer"]}}]}}"#
+    );
+    let digest = format!("sha256:{}", sha256_hex(manifest.as_bytes()));
+    let up = {
+        let (manifest, digest) = (manifest.clone(), digest.clone());
+        serve("127.0.0.1", move |req| {
+            // Basic auth, as some registries ask: the configured credentials are in play.
+            if req.headers().get("authorization").map(|v| v.as_bytes())
+                != Some(basic("bot:s3cret").as_bytes())
+            {
+                let mut r = resp(StatusCode::UNAUTHORIZED, "");
+                r.headers_mut().insert(
+                    "www-authenticate",
+                    r#"Basic realm="x""#.parse().expect("hv"),
+                );
+                return r;
+            }
+            if req.uri().path().contains("/manifests/") {
+                let mut r = resp(StatusCode::OK, manifest.clone());
+                let h = r.headers_mut();
+                h.insert(
+                    "content-type",
+                    "application/vnd.docker.distribution.manifest.v2+json"
+                        .parse()
+                        .expect("hv"),
+                );
+                h.insert("docker-content-digest", digest.parse().expect("hv"));
+                return r;
+            }
+            resp(
+                StatusCode::NOT_FOUND,
+                r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"x"}]}"#,
+            )
+        })
+        .await
+    };
+    let extra = "    auth: { username: bot, password: s3cret }\n    access: public\n";
+    let p = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{up}"), extra));
+    let r = client()
+        .get(p.url("/v2/library/app/manifests/1"))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200, "{}", p.log());
+    for method in [reqwest::Method::HEAD, reqwest::Method::GET] {
+        let r = client()
+            .request(
+                method.clone(),
+                p.url(&format!("/v2/library/app/blobs/{layer}")),
+            )
+            .send()
+            .await
+            .expect("blob");
+        assert_eq!(r.status(), 404, "{method} of a foreign layer");
+    }
+    let seen = elsewhere.lock().expect("lock").clone();
+    assert!(seen.is_empty(), "a foreign url was followed: {seen:?}");
+}
