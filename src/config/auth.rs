@@ -143,3 +143,58 @@ impl AuthConfig {
         c
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const AUTH_BASE: &str = "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\n";
+
+    #[test]
+    fn upstream_realms_are_origins_and_never_plain_http_for_https() {
+        let up = |url: &str, realms: &str| {
+            format!("{AUTH_BASE}upstreams:\n  - {{ name: r.example, url: '{url}', auth: {{ username: u, password: p, realms: [{realms}] }}, access: public }}\n")
+        };
+        Config::parse(&up("https://r.example", "'https://auth.example'"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        Config::parse(&up("http://r.example", "'http://auth.example:8080'"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        for (url, realms) in [
+            ("https://r.example", "'http://auth.example'"),
+            ("https://r.example", "'https://auth.example/token'"),
+            ("https://r.example", "'auth.example'"),
+        ] {
+            let e = Config::parse(&up(url, realms))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .0;
+            assert!(e.starts_with("upstreams[0].auth.realms[0]"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_token_realm_is_an_absolute_url() {
+        let with = |realm: &str| {
+            format!("{AUTH_BASE}auth:\n  token: {{ signing_key: /k, realm: '{realm}' }}\n")
+        };
+        Config::parse(&with("https://registry.example/token"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        for bad in [
+            "/token",
+            "ftp://x/token",
+            "https://registry.example/token?x=1",
+            "https://u@registry.example/token",
+            "https://registry.example/to\"ken",
+        ] {
+            let e = Config::parse(&with(bad)).unwrap().validate().unwrap_err().0;
+            assert!(e.starts_with("auth.token.realm"), "{bad}: {e}");
+        }
+    }
+}
