@@ -274,7 +274,7 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
-        let parsed = host_check(&req).and_then(|()| route::parse(req.uri().path()));
+        let parsed = route::parse(req.uri().path());
         let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
         let is_v2 = req.uri().path().starts_with("/v2");
         let mut resp = match parsed {
@@ -312,12 +312,12 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
 /// RFC 9112 §3.2: an HTTP/1.1 request without a `Host`, or any request with more than one, is
 /// answered `400`. (Nothing is decided on the `Host` a client writes, but two front ends reading
 /// two different ones is how requests get past one of them.) HTTP/2 carries `:authority`.
-fn host_check<B>(req: &Request<B>) -> Result<()> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
+fn host_check(req: &http::request::Parts) -> Result<()> {
+    let mut hosts = req.headers.get_all(header::HOST).iter();
     let first = hosts.next();
     let problem = if hosts.next().is_some() {
         "more than one Host header"
-    } else if first.is_none() && req.version() == http::Version::HTTP_11 {
+    } else if first.is_none() && req.version == http::Version::HTTP_11 {
         "an HTTP/1.1 request needs a Host header"
     } else {
         return Ok(());
@@ -334,6 +334,7 @@ async fn dispatch(
     parts: &http::request::Parts,
     body: RequestBody,
 ) -> Result<Response<Body>> {
+    host_check(parts)?;
     let method = &parts.method;
     let headers = &parts.headers;
     let mut query = route::query(parts.uri.query());
