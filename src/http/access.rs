@@ -231,7 +231,7 @@ pub fn refusal(app: &App, parts: &Parts, r: Refusal) -> Response<Body> {
             let mut resp = error_response(&Error::Client(OciError::new(
                 ErrorCode::TooManyRequests,
                 format!(
-                    "too many failed logins from this address or for this user; retry in {secs}s"
+                    "too many failed logins from this address or for this user, or too many logins at once; retry in {secs}s"
                 ),
             )));
             resp.headers_mut()
