@@ -355,3 +355,42 @@ async fn a_manifests_foreign_urls_are_never_followed() {
     let seen = elsewhere.lock().expect("lock").clone();
     assert!(seen.is_empty(), "a foreign url was followed: {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_push_never_sends_clients_to_the_upstreams_realm() {
+    // Pushes go to an upstream registry; with an auth: section the client's credentials are
+    // ociedge's and are not forwarded. The upstream's 401 names its own token service: passed
+    // on, it would have the client send its ociedge password there.
+    let (tport, seen) = token_server("127.0.0.1").await;
+    let up = upstream(format!("http://127.0.0.1:{tport}/token"), None).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    std::fs::write(dir.path().join("token.pem"), key.serialize_pem()).expect("key file");
+    let hash = bcrypt::hash("pw", 4).expect("bcrypt");
+    std::fs::write(dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
+    let extra = "    access: public\npush: { engine: docker.io }\nauth:\n  htpasswd: \"{DIR}/htpasswd\"\n  token: { signing_key: \"{DIR}/token.pem\" }\n  rules:\n    - { repos: \"**\", pull: [alice], push: [alice] }\n";
+    let p = Proxy::start_in(
+        &mirror_config(&format!("http://127.0.0.1:{up}"), extra),
+        dir,
+    );
+    let r = client()
+        .post(p.url("/v2/library/app/blobs/uploads/"))
+        .header("authorization", basic("alice:pw"))
+        .send()
+        .await
+        .expect("POST");
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().expect("ascii").to_string());
+    assert!(
+        challenge
+            .as_deref()
+            .is_none_or(|c| !c.contains(&tport.to_string())),
+        "the upstream's realm reached the client: {challenge:?}"
+    );
+    assert_eq!(r.status(), 403, "the upstream refused the push");
+    let body = r.text().await.expect("body");
+    assert!(body.contains("DENIED"), "{body}");
+    assert!(seen.lock().expect("lock").is_empty());
+}
