@@ -258,3 +258,69 @@ async fn over_tls_and_http2_the_realm_is_https_at_the_listener_whatever_the_host
         assert!(ch.starts_with(&ours), "h2={h2}: {ch}");
     }
 }
+
+/// A client bound to `ip` (another loopback address: another client address).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<IpAddr>().expect("ip"))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_an_upstreams_passwords_through_a_passthrough_gate_is_throttled() {
+    // No local users: the passthrough upstream judges every password. ociedge must not become
+    // a fast oracle for guessing them (nor get its own address locked out upstream).
+    let backend = common::fake::FakeUpstream::default().start().await;
+    let gate =
+        common::fake::TokenGate::new(format!("http://127.0.0.1:{backend}"), Some("carol:cpw"))
+            .start()
+            .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("token.pem");
+    std::fs::write(
+        &key,
+        rcgen::KeyPair::generate().expect("key").serialize_pem(),
+    )
+    .expect("key");
+    let auth = format!(
+        "    access: passthrough\nauth:\n  token: {{ signing_key: \"{}\" }}\n  rules:\n    - {{ repos: \"**\", pull: [anonymous] }}\n",
+        key.display()
+    );
+    let p = Proxy::start_in(
+        &mirror_config(&format!("http://127.0.0.1:{gate}"), &auth),
+        dir,
+    );
+    for (from, user, path) in [
+        ("127.0.0.1", "carol", "/v2/library/app/manifests/1"),
+        ("127.0.0.3", "dave", "/v2/"),
+    ] {
+        let c = client_from(from);
+        let mut throttled = None;
+        for i in 0..30 {
+            let r = c
+                .get(p.url(path))
+                .header("authorization", basic(user, &format!("guess{i}")))
+                .send()
+                .await
+                .expect("GET");
+            if r.status() == 429 {
+                assert!(r.headers().contains_key("retry-after"));
+                throttled = Some(i);
+                break;
+            }
+            assert_eq!(r.status(), 401, "{path} guess {i}");
+        }
+        let tries = throttled.expect("guessing is throttled");
+        assert!(tries <= 10, "{path}: throttled after {tries} guesses");
+    }
+    // carol herself, from elsewhere, is let in (her name has failed less than its limit).
+    let r = client_from("127.0.0.2")
+        .get(p.url("/v2/"))
+        .header("authorization", basic("carol", "cpw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200);
+}

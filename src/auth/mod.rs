@@ -235,7 +235,12 @@ impl Auth {
     /// credentials instead ([`Auth::settle`]).
     async fn local_user(&self, c: &Creds) -> Result<Local, Refusal> {
         let Some(ht) = self.htpasswd.as_ref() else {
-            return Ok(Local::Not(None));
+            // No local users: an upstream judges the password, and a guess still counts.
+            let attempt = self
+                .throttle
+                .begin(c.from, &c.user)
+                .map_err(|w| throttled(c, w))?;
+            return Ok(Local::Not(Some(attempt)));
         };
         let mut h = sha2::Sha256::new();
         h.update(self.salt);
@@ -246,16 +251,15 @@ impl Auth {
         if let Some(u) = self.verified.get(&key).await {
             return Ok(Local::User(u));
         }
-        let throttled = |retry_after| {
-            tracing::debug!(user = %c.user, from = ?c.from, "login attempt throttled");
-            Refusal::Throttled { retry_after }
-        };
-        let attempt = self.throttle.begin(c.from, &c.user).map_err(throttled)?;
+        let attempt = self
+            .throttle
+            .begin(c.from, &c.user)
+            .map_err(|w| throttled(c, w))?;
         let slot = match tokio::time::timeout(VERIFY_WAIT, self.verify_slots.acquire()).await {
             Ok(Ok(slot)) => slot,
             _ => {
                 self.throttle.ended(attempt, &c.user, true);
-                return Err(throttled(Duration::from_secs(1)));
+                return Err(throttled(c, Duration::from_secs(1)));
             }
         };
         let (ok, changed) = ht.verify(&c.user, &c.password).await;
@@ -324,8 +328,21 @@ impl Auth {
             }
             Presented::Basic(c) => {
                 if let Some(g) = gate {
-                    // The upstream is the judge of these credentials, and of the repository.
-                    if !self.passthrough.opens(g, t.upstream_repo, Some(c)).await? {
+                    // The upstream is the judge of these credentials, and of the repository;
+                    // its "no" counts as a failed password here (a guess through ociedge must
+                    // not be faster than one at the upstream, nor get ociedge locked out there).
+                    let attempt = if self.passthrough.known_to_open(g, t.upstream_repo, c) {
+                        None
+                    } else {
+                        Some(
+                            self.throttle
+                                .begin(c.from, &c.user)
+                                .map_err(|w| throttled(c, w))?,
+                        )
+                    };
+                    let opens = self.passthrough.opens(g, t.upstream_repo, Some(c)).await;
+                    self.settle(attempt, c, !matches!(opens, Ok(false)));
+                    if !opens? {
                         return Err(challenge(
                             "the upstream registry does not open this repository to these credentials",
                             None,
@@ -420,6 +437,12 @@ impl Auth {
             },
         }
     }
+}
+
+/// The refusal of a throttled login attempt.
+fn throttled(c: &Creds, retry_after: Duration) -> Refusal {
+    tracing::debug!(user = %c.user, from = ?c.from, "login attempt throttled");
+    Refusal::Throttled { retry_after }
 }
 
 /// The principal a token's subject is for our own rules: only htpasswd users count; a user only

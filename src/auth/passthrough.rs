@@ -106,6 +106,13 @@ impl Passthrough {
         self.cached(gate, &path, Some(&scope), creds).await
     }
 
+    /// Whether `creds` opened `repo` within the last [`CHECK_TTL`] (no upstream request).
+    pub fn known_to_open(&self, gate: &Gate, repo: &RepoName, creds: &Creds) -> bool {
+        let path = format!("/v2/{repo}/tags/list?n=1");
+        self.opened
+            .contains_key(&self.key(gate, &path, Some(creds)))
+    }
+
     /// Whether the upstream accepts `creds` at all (`docker login` against ociedge with
     /// credentials that only the upstream knows).
     pub async fn login(&self, gate: &Gate, creds: &Creds) -> Result<bool> {
