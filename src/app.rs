@@ -94,7 +94,11 @@ impl App {
                     .map_err(|e| Error::Config(format!("upstreams: {}: ca_file: {e}", u.name)))?,
                 None => http.clone(),
             };
-            let engine = RegistryEngine::new(RegistryClient::new(&u.name, base, http, basic));
+            let mut client = RegistryClient::new(&u.name, base, http, basic);
+            if let Some(realms) = u.realm_policy() {
+                client = client.with_realms(realms);
+            }
+            let engine = RegistryEngine::new(client);
             let engine: Arc<dyn Engine> = Arc::new(engine);
             probed.push((engine.clone(), 0));
             upstreams.push((u.name.clone(), engine));
@@ -245,6 +249,13 @@ impl App {
             history_sources.clone(),
             history_engines.clone(),
         ));
+        if config
+            .auth
+            .as_ref()
+            .is_some_and(|a| a.token.realm.is_none())
+        {
+            tracing::info!("auth.token.realm is not set: clients are sent to /token at the address of the listener they reached; set it to the name clients use (behind a proxy, or for TLS clients that check the certificate's name)");
+        }
         let auth = match &config.auth {
             Some(a) => Some(Arc::new(
                 crate::auth::Auth::new(a, &config.upstreams, http.clone())

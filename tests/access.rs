@@ -434,6 +434,7 @@ async fn tokens_cross_regions_and_unknown_or_expired_ones_are_refused() {
             signing_key: k.display().to_string(),
             verify_keys: vec![],
             ttl: ociedge::config::HumanDuration(std::time::Duration::from_secs(300)),
+            realm: None,
         })
         .unwrap()
     };

@@ -1,7 +1,7 @@
 //! What a token from `/token` grants.
 
 use super::token::AccessEntry;
-use super::{Action, Auth, Creds, Grant, Principal, Refusal, Target};
+use super::{Action, Auth, Creds, Grant, Local, Principal, Refusal, Target};
 use crate::error::Error;
 
 impl Auth {
@@ -13,10 +13,28 @@ impl Auth {
         creds: Option<&Creds>,
         wanted: &[(Target<'_>, Vec<Action>)],
     ) -> Result<Grant, Refusal> {
-        let local = match creds {
-            Some(c) => self.local_user(c).await,
-            None => None,
+        let (local, failed) = match creds {
+            Some(c) => match self.local_user(c).await? {
+                Local::User(u) => (Some(u), None),
+                Local::Not(failed) => (None, failed),
+            },
+            None => (None, None),
         };
+        let granted = self.grant_to(creds, local, wanted).await;
+        if let Some(c) = creds {
+            // Not a local user's password: a failure unless an upstream vouched for it.
+            let refused = matches!(granted, Err(Refusal::Unauthorized { .. }));
+            self.settle(failed, c, !refused);
+        }
+        granted
+    }
+
+    async fn grant_to(
+        &self,
+        creds: Option<&Creds>,
+        local: Option<String>,
+        wanted: &[(Target<'_>, Vec<Action>)],
+    ) -> Result<Grant, Refusal> {
         let local_who = local.clone().map_or(Principal::Anonymous, Principal::User);
         let mut vouched = false;
         let mut access: Vec<AccessEntry> = Vec::new();

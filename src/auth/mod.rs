@@ -18,6 +18,7 @@ pub mod htpasswd;
 pub mod passthrough;
 pub mod request;
 pub mod rules;
+pub mod throttle;
 pub mod token;
 
 use std::time::Duration;
@@ -38,6 +39,17 @@ use token::{Claims, Keys};
 /// How long a verified password is remembered (bcrypt costs tens of milliseconds, and clients
 /// that send Basic credentials send them on every request).
 const VERIFIED_TTL: Duration = Duration::from_secs(60);
+
+/// Longest wait for a free bcrypt slot before the client is told to come back.
+const VERIFY_WAIT: Duration = Duration::from_secs(5);
+
+/// The outcome of a local password check.
+enum Local {
+    /// An htpasswd user's password.
+    User(String),
+    /// Not one; the reserved failure, when a verification ran, for [`Auth::settle`].
+    Not(Option<throttle::Attempt>),
+}
 
 /// What a request wants to do to a repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +122,9 @@ pub enum Refusal {
     Denied { message: String },
     /// The check itself failed (a passthrough upstream is down): nothing is served.
     Failed(Error),
+    /// `429 TOOMANYREQUESTS` with `Retry-After`: too many failed passwords from this address or
+    /// for this user (see `throttle.rs`), or every verification slot is busy.
+    Throttled { retry_after: Duration },
 }
 
 impl From<Error> for Refusal {
@@ -149,6 +164,10 @@ pub struct Auth {
     /// Salted hashes of verified (user, password) pairs, with the user name.
     verified: Cache<[u8; 32], String>,
     salt: [u8; 32],
+    /// Failed passwords per client address and per user.
+    throttle: throttle::Throttle,
+    /// bcrypt verifications at once: at most half the cores, so logins never starve the rest.
+    verify_slots: tokio::sync::Semaphore,
 }
 
 impl Auth {
@@ -171,6 +190,9 @@ impl Auth {
                     name: u.name.clone(),
                     base: url::Url::parse(&u.url)
                         .map_err(|e| format!("upstreams[{i}].url: {e}"))?,
+                    realms: u
+                        .realm_policy()
+                        .ok_or_else(|| format!("upstreams[{i}].url: not a URL"))?,
                 }),
                 _ => None,
             });
@@ -186,6 +208,10 @@ impl Auth {
                 .time_to_live(VERIFIED_TTL)
                 .build(),
             salt: rand::random(),
+            throttle: throttle::Throttle::default(),
+            verify_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            ),
         })
     }
 
@@ -202,9 +228,20 @@ impl Auth {
             .and_then(Option::as_ref)
     }
 
-    /// The htpasswd user these credentials prove, if any.
-    async fn local_user(&self, c: &Creds) -> Option<String> {
-        let ht = self.htpasswd.as_ref()?;
+    /// The htpasswd user these credentials prove, if any. Credentials verified in the last
+    /// [`VERIFIED_TTL`] are answered from memory; others cost a bcrypt verification, unless
+    /// their address or user has failed too often (then `Throttled`, with no verification).
+    /// A failed check is counted once the caller knows whether an upstream vouches for the
+    /// credentials instead ([`Auth::settle`]).
+    async fn local_user(&self, c: &Creds) -> Result<Local, Refusal> {
+        let Some(ht) = self.htpasswd.as_ref() else {
+            // No local users: an upstream judges the password, and a guess still counts.
+            let attempt = self
+                .throttle
+                .begin(c.from, &c.user)
+                .map_err(|w| throttled(c, w))?;
+            return Ok(Local::Not(Some(attempt)));
+        };
         let mut h = sha2::Sha256::new();
         h.update(self.salt);
         h.update(c.user.as_bytes());
@@ -212,18 +249,40 @@ impl Auth {
         h.update(c.password.as_bytes());
         let key: [u8; 32] = h.finalize().into();
         if let Some(u) = self.verified.get(&key).await {
-            return Some(u);
+            return Ok(Local::User(u));
         }
+        let attempt = self
+            .throttle
+            .begin(c.from, &c.user)
+            .map_err(|w| throttled(c, w))?;
+        let slot = match tokio::time::timeout(VERIFY_WAIT, self.verify_slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                self.throttle.ended(attempt, &c.user, true);
+                return Err(throttled(c, Duration::from_secs(1)));
+            }
+        };
         let (ok, changed) = ht.verify(&c.user, &c.password).await;
+        drop(slot);
         if changed {
             // A removed user or a changed password must not live on in the cache.
             self.verified.invalidate_all();
         }
         if !ok {
-            return None;
+            tracing::debug!(user = %c.user, from = ?c.from, "not a local user's password");
+            return Ok(Local::Not(Some(attempt)));
         }
+        self.throttle.ended(attempt, &c.user, true);
         self.verified.insert(key, c.user.clone()).await;
-        Some(c.user.clone())
+        Ok(Local::User(c.user.clone()))
+    }
+
+    /// Ends a failed local check: counted as a failed password unless `vouched` (an upstream
+    /// accepted the credentials, or could not be asked).
+    fn settle(&self, failed: Option<throttle::Attempt>, c: &Creds, vouched: bool) {
+        if let Some(a) = failed {
+            self.throttle.ended(a, &c.user, vouched);
+        }
     }
 
     /// Whether a passthrough upstream vouches for these credentials.
@@ -269,8 +328,21 @@ impl Auth {
             }
             Presented::Basic(c) => {
                 if let Some(g) = gate {
-                    // The upstream is the judge of these credentials, and of the repository.
-                    if !self.passthrough.opens(g, t.upstream_repo, Some(c)).await? {
+                    // The upstream is the judge of these credentials, and of the repository;
+                    // its "no" counts as a failed password here (a guess through ociedge must
+                    // not be faster than one at the upstream, nor get ociedge locked out there).
+                    let attempt = if self.passthrough.known_to_open(g, t.upstream_repo, c) {
+                        None
+                    } else {
+                        Some(
+                            self.throttle
+                                .begin(c.from, &c.user)
+                                .map_err(|w| throttled(c, w))?,
+                        )
+                    };
+                    let opens = self.passthrough.opens(g, t.upstream_repo, Some(c)).await;
+                    self.settle(attempt, c, !matches!(opens, Ok(false)));
+                    if !opens? {
                         return Err(challenge(
                             "the upstream registry does not open this repository to these credentials",
                             None,
@@ -283,8 +355,12 @@ impl Auth {
                         Err(denied(&c.user))
                     };
                 }
-                let Some(user) = self.local_user(c).await else {
-                    return Err(challenge("invalid username or password", None));
+                let user = match self.local_user(c).await? {
+                    Local::User(u) => u,
+                    Local::Not(failed) => {
+                        self.settle(failed, c, false);
+                        return Err(challenge("invalid username or password", None));
+                    }
                 };
                 if self
                     .rules
@@ -335,13 +411,19 @@ impl Auth {
             Presented::Malformed => Err(challenge("unreadable Authorization header", None)),
             Presented::None => Err(challenge("authentication required", None)),
             Presented::Basic(c) => {
-                if let Some(u) = self.local_user(c).await {
-                    if self.rules.grants_anything(&Principal::User(u)) {
-                        return Ok(());
+                let failed = match self.local_user(c).await? {
+                    Local::User(u) => {
+                        if self.rules.grants_anything(&Principal::User(u)) {
+                            return Ok(());
+                        }
+                        return Err(challenge("this user may not do anything here", None));
                     }
-                    return Err(challenge("this user may not do anything here", None));
-                }
-                if self.upstream_login(c).await? {
+                    Local::Not(failed) => failed,
+                };
+                let vouched = self.upstream_login(c).await;
+                // An upstream that cannot answer proves nothing against the password.
+                self.settle(failed, c, !matches!(vouched, Ok(false)));
+                if vouched? {
                     return Ok(());
                 }
                 Err(challenge("invalid username or password", None))
@@ -355,6 +437,12 @@ impl Auth {
             },
         }
     }
+}
+
+/// The refusal of a throttled login attempt.
+fn throttled(c: &Creds, retry_after: Duration) -> Refusal {
+    tracing::debug!(user = %c.user, from = ?c.from, "login attempt throttled");
+    Refusal::Throttled { retry_after }
 }
 
 /// The principal a token's subject is for our own rules: only htpasswd users count; a user only

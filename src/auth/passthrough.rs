@@ -12,7 +12,7 @@ use http::{HeaderValue, StatusCode};
 use moka::future::Cache;
 use sha2::Digest as _;
 
-use crate::engine::registry::auth::{parse_challenge, Challenge, TokenResponse};
+use crate::engine::registry::auth::{parse_challenge, Challenge, RealmPolicy, TokenResponse};
 use crate::error::{Error, Result};
 use crate::oci::RepoName;
 
@@ -28,6 +28,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Creds {
     pub user: String,
     pub password: String,
+    /// The client's address, when known: failed passwords are counted against it.
+    pub from: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for Creds {
@@ -45,11 +47,13 @@ impl Creds {
     }
 }
 
-/// A passthrough upstream: its name (for errors) and API base URL.
+/// A passthrough upstream: its name (for errors), API base URL, and the token realms the
+/// client's credentials may be sent to (as for the upstream's own credentials).
 #[derive(Clone, Debug)]
 pub struct Gate {
     pub name: String,
     pub base: url::Url,
+    pub realms: RealmPolicy,
 }
 
 pub struct Passthrough {
@@ -100,6 +104,13 @@ impl Passthrough {
         let path = format!("/v2/{repo}/tags/list?n=1");
         let scope = format!("repository:{repo}:pull");
         self.cached(gate, &path, Some(&scope), creds).await
+    }
+
+    /// Whether `creds` opened `repo` within the last [`CHECK_TTL`] (no upstream request).
+    pub fn known_to_open(&self, gate: &Gate, repo: &RepoName, creds: &Creds) -> bool {
+        let path = format!("/v2/{repo}/tags/list?n=1");
+        self.opened
+            .contains_key(&self.key(gate, &path, Some(creds)))
     }
 
     /// Whether the upstream accepts `creds` at all (`docker login` against ociedge with
@@ -177,7 +188,17 @@ impl Passthrough {
         }
         let mut rb = self.http.get(&realm).query(&q);
         if let Some(b) = &basic {
-            rb = rb.header(http::header::AUTHORIZATION, b.clone());
+            if gate.realms.allows(&realm) {
+                rb = rb.header(http::header::AUTHORIZATION, b.clone());
+            } else {
+                // The client's password goes nowhere the upstream's own would not: an anonymous
+                // token then opens only what anyone may pull.
+                tracing::warn!(
+                    upstream = %gate.name,
+                    realm,
+                    "the upstream's token realm is neither its own origin nor listed in upstreams[].auth.realms: the client's credentials are not sent there"
+                );
+            }
         }
         let tr = rb.send().await.map_err(fail)?;
         if tr.status().is_server_error() {

@@ -45,6 +45,7 @@ pub fn presented(headers: &HeaderMap) -> Presented {
         Some((u, p)) if !u.is_empty() => Presented::Basic(Creds {
             user: u.to_string(),
             password: p.to_string(),
+            from: None,
         }),
         _ => Presented::Malformed,
     }

@@ -255,6 +255,7 @@ mod tests {
             signing_key: signing.into(),
             verify_keys: verify.iter().map(|s| s.to_string()).collect(),
             ttl: crate::config::HumanDuration(Duration::from_secs(300)),
+            realm: None,
         })
         .unwrap()
     }
@@ -298,6 +299,7 @@ mod tests {
             signing_key: a_pub,
             verify_keys: vec![],
             ttl: crate::config::HumanDuration(Duration::from_secs(300)),
+            realm: None,
         })
         .unwrap_err();
         assert!(e.contains("auth.token.signing_key"), "{e}");
@@ -305,6 +307,7 @@ mod tests {
             signing_key: "/nonexistent/key.pem".into(),
             verify_keys: vec![],
             ttl: crate::config::HumanDuration(Duration::from_secs(300)),
+            realm: None,
         })
         .unwrap_err();
         assert!(e.contains("/nonexistent/key.pem"), "{e}");

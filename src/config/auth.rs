@@ -36,6 +36,11 @@ pub struct TokenConfig {
     /// Lifetime of an issued token. Default 5m; between 10s and 1h.
     #[serde(default = "default_ttl")]
     pub ttl: HumanDuration,
+    /// The token endpoint clients are sent to in `WWW-Authenticate` (`https://registry.example/token`):
+    /// the name clients use, as the certificate names it. Default: `/token` at the address and
+    /// scheme of the listener the client connected to. Never taken from the request's `Host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
 }
 
 /// One rule: which repositories, and who may do what there. Entries are user names,
@@ -56,6 +61,24 @@ pub struct RuleConfig {
 
 fn default_ttl() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(300))
+}
+
+/// `auth.token.realm`: an absolute http(s) URL without query, fragment or user, and nothing that
+/// would end its quoted string in the challenge.
+fn check_realm(r: &str) -> Result<(), String> {
+    let u = url::Url::parse(r).map_err(|e| format!("{r:?}: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(format!("{r:?} is not an http(s) URL"));
+    }
+    if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() {
+        return Err(format!("{r:?}: no query, fragment or user"));
+    }
+    if r.bytes()
+        .any(|b| b == b'"' || b == b'\\' || !b.is_ascii_graphic())
+    {
+        return Err(format!("{r:?}: only printable ASCII without quotes"));
+    }
+    Ok(())
 }
 
 /// Whether a key setting holds the PEM text itself rather than a path.
@@ -81,6 +104,9 @@ impl AuthConfig {
                     "must be a PEM file path or PEM text",
                 ));
             }
+        }
+        if let Some(r) = &self.token.realm {
+            check_realm(r).map_err(|m| err("auth.token.realm", m))?;
         }
         let ttl = self.token.ttl.0.as_secs();
         if !(10..=3600).contains(&ttl) {
@@ -115,5 +141,60 @@ impl AuthConfig {
             c.token.signing_key = "********".into();
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const AUTH_BASE: &str = "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\n";
+
+    #[test]
+    fn upstream_realms_are_origins_and_never_plain_http_for_https() {
+        let up = |url: &str, realms: &str| {
+            format!("{AUTH_BASE}upstreams:\n  - {{ name: r.example, url: '{url}', auth: {{ username: u, password: p, realms: [{realms}] }}, access: public }}\n")
+        };
+        Config::parse(&up("https://r.example", "'https://auth.example'"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        Config::parse(&up("http://r.example", "'http://auth.example:8080'"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        for (url, realms) in [
+            ("https://r.example", "'http://auth.example'"),
+            ("https://r.example", "'https://auth.example/token'"),
+            ("https://r.example", "'auth.example'"),
+        ] {
+            let e = Config::parse(&up(url, realms))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .0;
+            assert!(e.starts_with("upstreams[0].auth.realms[0]"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_token_realm_is_an_absolute_url() {
+        let with = |realm: &str| {
+            format!("{AUTH_BASE}auth:\n  token: {{ signing_key: /k, realm: '{realm}' }}\n")
+        };
+        Config::parse(&with("https://registry.example/token"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        for bad in [
+            "/token",
+            "ftp://x/token",
+            "https://registry.example/token?x=1",
+            "https://u@registry.example/token",
+            "https://registry.example/to\"ken",
+        ] {
+            let e = Config::parse(&with(bad)).unwrap().validate().unwrap_err().0;
+            assert!(e.starts_with("auth.token.realm"), "{bad}: {e}");
+        }
     }
 }

@@ -224,6 +224,24 @@ pub struct UpstreamAuth {
     /// Name of an environment variable holding the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
+    /// Origins (`https://auth.example.com`) of token services, besides the upstream's own
+    /// origin, that the upstream's `WWW-Authenticate` realm may name and that then receive these
+    /// credentials (and, for `access: passthrough`, the client's). Any other realm is asked for
+    /// an anonymous token. Default: none; for `docker.io`, `https://auth.docker.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realms: Option<Vec<String>>,
+}
+
+impl UpstreamConfig {
+    /// Which token realms may receive credentials for this upstream (its `url` must parse:
+    /// [`Config::validate`] checks it).
+    pub fn realm_policy(&self) -> Option<crate::engine::registry::auth::RealmPolicy> {
+        let base = url::Url::parse(&self.url).ok()?;
+        let realms = self.auth.as_ref().and_then(|a| a.realms.as_deref());
+        Some(crate::engine::registry::auth::RealmPolicy::new(
+            &self.name, &base, realms,
+        ))
+    }
 }
 
 impl UpstreamAuth {
@@ -487,16 +505,20 @@ impl Config {
                     format!("{:?} is also a storage engine id", u.name),
                 ));
             }
-            match url::Url::parse(&u.url) {
-                Ok(p) if (p.scheme() == "http" || p.scheme() == "https") && p.host().is_some() => {}
+            let base = match url::Url::parse(&u.url) {
+                Ok(p) if (p.scheme() == "http" || p.scheme() == "https") && p.host().is_some() => p,
                 _ => {
                     return Err(err(
                         &format!("{path}.url"),
                         format!("{:?} is not an http(s) URL", u.url),
                     ))
                 }
-            }
+            };
             if let Some(a) = &u.auth {
+                for (j, r) in a.realms.iter().flatten().enumerate() {
+                    crate::engine::registry::auth::check_realm(r, &base)
+                        .map_err(|m| err(&format!("{path}.auth.realms[{j}]"), m))?;
+                }
                 if a.password.is_none() && a.password_env.is_none() {
                     return Err(err(
                         &format!("{path}.auth"),

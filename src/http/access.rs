@@ -9,6 +9,7 @@ use http::request::Parts;
 use http::{Method, Response};
 
 use super::body::Body;
+use super::conn::ConnInfo;
 use super::route::{self, Route};
 use super::server::error_response;
 use crate::app::App;
@@ -38,6 +39,20 @@ pub fn action<'a>(route: &'a Route, method: &Method) -> Option<(&'a RepoName, Ac
     }
 }
 
+/// The client's address, when the connection's is known (`auth:` configured).
+pub fn client_addr(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts.extensions.get::<ConnInfo>().map(|i| i.peer.ip())
+}
+
+/// The credentials of a request, with the client's address on Basic ones.
+pub fn presented(parts: &Parts) -> auth::Presented {
+    let mut p = auth::presented(&parts.headers);
+    if let auth::Presented::Basic(c) = &mut p {
+        c.from = client_addr(parts);
+    }
+    p
+}
+
 /// Checks one request before it is handled: `Ok(None)` to go on, `Ok(Some(refusal))` to answer.
 /// A cross-repository mount needs pull on its `from` repository; without it the mount is dropped
 /// from `query` and the client gets a plain upload session, as Distribution answers.
@@ -48,7 +63,7 @@ pub async fn check(
     parts: &Parts,
     query: &mut Vec<(String, String)>,
 ) -> Result<Option<Response<Body>>> {
-    let presented = auth::presented(&parts.headers);
+    let presented = presented(parts);
     if *route == Route::Base {
         return Ok(auth
             .base(&presented)
@@ -181,44 +196,48 @@ async fn member_or_unknown(app: &App, route: &Route, r: &Routed) -> Result<()> {
     ))
 }
 
-/// `<scheme>://<Host of the request>/token`: the realm clients fetch tokens from. The scheme is
-/// the request's own (HTTP/2), else a front proxy's `X-Forwarded-Proto`, else ours.
+/// The realm clients fetch tokens from: `auth.token.realm`, else `/token` at the address and
+/// scheme of the listener the client reached. Never the request's `Host` (nor a
+/// `X-Forwarded-Proto`): those are the client's words, and a challenge built from them sends
+/// passwords wherever a forged request (or a cache that kept its answer) says.
 pub fn realm(app: &App, parts: &Parts) -> String {
-    let forwarded = parts
-        .headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .filter(|p| *p == "https" || *p == "http");
-    let scheme = parts
-        .uri
-        .scheme_str()
-        .or(forwarded)
-        .unwrap_or(if app.config.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        });
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        // Only host-name characters: the value is quoted into a header.
-        .filter(|h| {
-            !h.is_empty()
-                && h.len() <= 255
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
-        })
-        .map(str::to_string)
-        .unwrap_or_else(|| app.config.listen.to_string());
-    format!("{scheme}://{host}/token")
+    if let Some(r) = app
+        .config
+        .auth
+        .as_ref()
+        .and_then(|a| a.token.realm.as_deref())
+    {
+        return r.to_string();
+    }
+    let info = parts.extensions.get::<ConnInfo>();
+    let tls = info.map_or(app.config.tls.is_some(), |i| i.tls);
+    let scheme = if tls { "https" } else { "http" };
+    let mut addr = info.map_or(app.config.listen, |i| i.local);
+    // An IPv4 client of a dual-stack listener reached an IPv4 address.
+    if let std::net::IpAddr::V6(v6) = addr.ip() {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            addr.set_ip(v4.into());
+        }
+    }
+    format!("{scheme}://{addr}/token")
 }
 
 /// The response for a refusal.
 pub fn refusal(app: &App, parts: &Parts, r: Refusal) -> Response<Body> {
     match r {
         Refusal::Failed(e) => error_response(&e),
+        Refusal::Throttled { retry_after } => {
+            let secs = retry_after.as_secs().max(1);
+            let mut resp = error_response(&Error::Client(OciError::new(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "too many failed logins from this address or for this user, or too many logins at once; retry in {secs}s"
+                ),
+            )));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp
+        }
         Refusal::Denied { message } => {
             error_response(&Error::Client(OciError::new(ErrorCode::Denied, message)))
         }

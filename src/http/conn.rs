@@ -32,6 +32,17 @@ use super::tls::Tls;
 use crate::app::App;
 use crate::error::BoxError;
 
+/// The connection a request came on, put in the request's extensions when `auth:` is configured:
+/// the access checks read the client's address (failed passwords are counted against it) and
+/// the address and scheme the client reached (the default token realm; never the request's
+/// `Host`, which the client writes).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+}
+
 /// What a connection needs besides its socket.
 #[derive(Clone)]
 pub struct ConnSettings {
@@ -70,8 +81,13 @@ pub async fn serve_conn(
     settings: ConnSettings,
     _permit: OwnedSemaphorePermit,
 ) {
+    let info = app.auth.is_some().then(|| ConnInfo {
+        peer,
+        local: stream.local_addr().unwrap_or(app.config.listen),
+        tls: tls.is_some(),
+    });
     let Some(tls) = tls else {
-        return super::fast::serve(app, stream, &settings).await;
+        return super::fast::serve(app, stream, &settings, info).await;
     };
     let handshake =
         tokio::time::timeout(settings.header_read_timeout, tls.acceptor().accept(stream));
@@ -80,7 +96,7 @@ pub async fn serve_conn(
         _ = settings.stop.cancelled() => return,
     };
     match stream {
-        Ok(Ok(s)) => drive(app, TokioIo::new(s), &settings).await,
+        Ok(Ok(s)) => drive(app, TokioIo::new(s), &settings, info).await,
         // Scanners, clients that do not trust our certificate, plain HTTP sent to the TLS
         // port: the client's problem, and frequent; debug, not warn.
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -89,16 +105,19 @@ pub async fn serve_conn(
 }
 
 /// Runs HTTP on `io` until the client closes, the connection goes idle, or shutdown.
-pub(super) async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings)
+pub(super) async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings, info: Option<ConnInfo>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
     let svc = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let app = app.clone();
             let guard = activity.begin();
+            if let Some(i) = info {
+                req.extensions_mut().insert(i);
+            }
             async move {
                 let resp = super::server::handle(app, req.map(RequestBody::Hyper)).await;
                 Ok::<_, Infallible>(resp.map(|body| Guarded {

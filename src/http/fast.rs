@@ -47,7 +47,13 @@ const COUNT_STEP: u64 = 64 << 20;
 const COALESCE: usize = 16 * 1024;
 
 /// Serves a plain TCP connection until the client closes it, it idles out, or shutdown.
-pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings) {
+/// `info` goes into each request's extensions (see [`conn::ConnInfo`]).
+pub async fn serve(
+    app: Arc<App>,
+    mut stream: TcpStream,
+    settings: &ConnSettings,
+    info: Option<conn::ConnInfo>,
+) {
     let max_head = usize::try_from(app.config.limits.max_header_size.0)
         .unwrap_or(usize::MAX)
         .max(8192);
@@ -89,7 +95,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
             }
             memo = true;
         }
-        let next = match parse(&buf, max_head) {
+        let mut next = match parse(&buf, max_head) {
             Parsed::Request(r) => *r,
             Parsed::Partial => {
                 let was_empty = buf.is_empty();
@@ -125,10 +131,13 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
             }
             Parsed::HandOff => {
                 let io = Rewind::new(buf.freeze(), stream);
-                return conn::drive(app, TokioIo::new(io), settings).await;
+                return conn::drive(app, TokioIo::new(io), settings, info).await;
             }
         };
         buf.advance(next.head_len);
+        if let Some(i) = info {
+            next.req.extensions_mut().insert(i);
+        }
         let mut how = How {
             head_only: next.req.method() == Method::HEAD,
             keep_alive: next.keep_alive && !settings.is_stopping(),
@@ -247,6 +256,9 @@ struct RawHead<'b, 'h> {
     headers: &'h [httparse::Header<'b>],
     head_len: usize,
     keep_alive: bool,
+    /// `Host` header lines: exactly one on HTTP/1.1, at most one on HTTP/1.0, or the request
+    /// is refused (by [`super::server::handle`], so never from the memo).
+    hosts: usize,
 }
 
 fn raw_head<'b, 'h>(
@@ -277,10 +289,13 @@ fn raw_head<'b, 'h>(
         return Err(Parsed::HandOff);
     };
     let mut keep_alive = version == Version::HTTP_11;
+    let mut hosts = 0;
     let headers = parsed.headers;
     for h in headers.iter() {
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
@@ -310,6 +325,7 @@ fn raw_head<'b, 'h>(
         headers,
         head_len,
         keep_alive,
+        hosts,
     })
 }
 
@@ -361,6 +377,9 @@ struct Probe {
 fn probe(buf: &[u8], max_head: usize, memo: &AnswerMemo, key: &mut Vec<u8>) -> Option<Probe> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let raw = raw_head(buf, max_head, &mut headers).ok()?;
+    if raw.hosts > 1 || (raw.hosts == 0 && raw.version == Version::HTTP_11) {
+        return None;
+    }
     // Only heads [`parse`] takes too: a plain path (what a URI never refuses) and header values
     // a header map accepts.
     let plain = |b: u8| b.is_ascii_alphanumeric() || b"/:._~%=&?+-@,".contains(&b);
@@ -715,6 +734,9 @@ pub fn fuzz_parse(data: &[u8]) {
         return;
     };
     if let Some(p) = probed {
+        // A request the front must refuse for its Host never comes from the memo.
+        let hosts = n.req.headers().get_all(header::HOST).iter().count();
+        assert!(hosts == 1 || (hosts == 0 && n.req.version() == Version::HTTP_10));
         assert_eq!(p.head_len, n.head_len);
         assert_eq!(p.how.head_only, n.req.method() == Method::HEAD);
         assert!(p.id.is_none_or(|(_, len)| len <= 64));
@@ -777,5 +799,26 @@ mod tests {
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
         assert!(matches!(req(&big), Parsed::HandOff));
         assert!(matches!(req(&big[..8500]), Parsed::HandOff));
+    }
+
+    #[test]
+    fn the_memo_never_answers_a_request_with_a_missing_or_repeated_host() {
+        let memo = AnswerMemo::new(std::time::Duration::from_secs(1), true);
+        let mut key = Vec::new();
+        let probe = |s: &str, key: &mut Vec<u8>| probe(s.as_bytes(), 8192, &memo, key).is_some();
+        assert!(probe(
+            "GET /v2/a/manifests/t HTTP/1.1\r\nHost: x\r\n\r\n",
+            &mut key
+        ));
+        assert!(probe("GET /v2/a/manifests/t HTTP/1.0\r\n\r\n", &mut key));
+        for bad in [
+            "GET /v2/a/manifests/t HTTP/1.1\r\n\r\n",
+            "GET /v2/a/manifests/t HTTP/1.1\r\nHost: x\r\nhost: y\r\n\r\n",
+            "GET /v2/a/manifests/t HTTP/1.0\r\nHost: x\r\nHost: x\r\n\r\n",
+        ] {
+            assert!(!probe(bad, &mut key), "{bad:?}");
+            // The full parse takes it, and the request path answers 400.
+            assert!(matches!(req(bad), Parsed::Request(_)), "{bad:?}");
+        }
     }
 }

@@ -234,9 +234,22 @@ pub async fn forward(
         // token we signed): they must never reach the upstream.
         let mut own = parts.clone();
         own.headers.remove(header::AUTHORIZATION);
-        return f
+        let mut resp = f
             .forward(&own, stream(body), name, &routed.upstream_repo, rest)
-            .await;
+            .await?;
+        // Nor may the upstream's challenge reach the client: it would send the client (whose
+        // stored credentials for this host are ociedge's) to the upstream's token service.
+        resp.headers_mut().remove(header::WWW_AUTHENTICATE);
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(Error::client(
+                ErrorCode::Denied,
+                format!(
+                    "the upstream {} refused the push (pushes are forwarded without the client's credentials when ociedge has an auth: section)",
+                    app.config.push.engine.as_deref().unwrap_or("registry")
+                ),
+            ));
+        }
+        return Ok(resp);
     }
     f.forward(parts, stream(body), name, &routed.upstream_repo, rest)
         .await

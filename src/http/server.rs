@@ -315,12 +315,32 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
     .await
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request without a `Host`, or any request with more than one, is
+/// answered `400`. (Nothing is decided on the `Host` a client writes, but two front ends reading
+/// two different ones is how requests get past one of them.) HTTP/2 carries `:authority`.
+fn host_check(req: &http::request::Parts) -> Result<()> {
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    let problem = if hosts.next().is_some() {
+        "more than one Host header"
+    } else if first.is_none() && req.version == http::Version::HTTP_11 {
+        "an HTTP/1.1 request needs a Host header"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Client(
+        crate::oci::OciError::new(ErrorCode::Unsupported, problem)
+            .with_status(StatusCode::BAD_REQUEST),
+    ))
+}
+
 async fn dispatch(
     app: &Arc<App>,
     route: Route,
     parts: &http::request::Parts,
     body: RequestBody,
 ) -> Result<Response<Body>> {
+    host_check(parts)?;
     let method = &parts.method;
     let headers = &parts.headers;
     let mut query = route::query(parts.uri.query());

@@ -53,7 +53,7 @@ pub async fn token(app: &Arc<App>, parts: &Parts, body: RequestBody) -> Result<R
     };
     let (creds, params, oauth) = match parts.method {
         Method::GET => {
-            let creds = match auth::presented(&parts.headers) {
+            let creds = match super::access::presented(parts) {
                 Presented::Basic(c) => Some(c),
                 Presented::Malformed => {
                     return Ok(refusal(
@@ -80,9 +80,11 @@ pub async fn token(app: &Arc<App>, parts: &Parts, body: RequestBody) -> Result<R
             let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             let creds = match get("grant_type").as_deref() {
                 Some("password") => match (get("username"), get("password")) {
-                    (Some(user), Some(password)) if !user.is_empty() => {
-                        Some(Creds { user, password })
-                    }
+                    (Some(user), Some(password)) if !user.is_empty() => Some(Creds {
+                        user,
+                        password,
+                        from: super::access::client_addr(parts),
+                    }),
                     _ => {
                         return oauth_error(
                             "invalid_request",

@@ -1,5 +1,6 @@
 //! Upstream registry authentication: `WWW-Authenticate` challenges, the Bearer token flow
-//! (anonymous or with basic credentials), and a token cache keyed by scope.
+//! (anonymous or with basic credentials), a token cache keyed by scope, and the [`RealmPolicy`]
+//! that decides which token realms may receive credentials.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -86,6 +87,79 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     out
 }
 
+/// Where credentials meant for an upstream may be sent when its challenge names a token realm:
+/// the upstream's own origin (scheme, host and port of its `url`) and the origins listed in
+/// `upstreams[].auth.realms` (for `docker.io`, by default, `https://auth.docker.io`), and never
+/// over plain HTTP unless the upstream itself is reached over plain HTTP. A challenge is written
+/// by whoever answers the upstream's URL; without this, a hostile or compromised upstream (or
+/// anyone on the path of a plain-HTTP one) could name any realm and collect the credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RealmPolicy {
+    allowed: Vec<url::Origin>,
+    plain_ok: bool,
+}
+
+/// The token service of Docker Hub: the default `realms` of an upstream named `docker.io`.
+pub const DOCKER_HUB_REALM: &str = "https://auth.docker.io";
+
+impl RealmPolicy {
+    /// The policy for an upstream at `base` with the configured `realms` (`None`: the default
+    /// for the upstream `name`).
+    pub fn new(name: &str, base: &url::Url, realms: Option<&[String]>) -> RealmPolicy {
+        let mut allowed = vec![base.origin()];
+        let default: &[String] = &[];
+        let listed = realms.unwrap_or(default);
+        let hub = [DOCKER_HUB_REALM.to_string()];
+        let listed = if realms.is_none() && name == "docker.io" {
+            &hub[..]
+        } else {
+            listed
+        };
+        for r in listed {
+            if let Ok(u) = url::Url::parse(r) {
+                allowed.push(u.origin());
+            }
+        }
+        RealmPolicy {
+            allowed,
+            plain_ok: base.scheme() == "http",
+        }
+    }
+
+    /// Whether credentials may go to `realm` (the URL a challenge names).
+    pub fn allows(&self, realm: &str) -> bool {
+        let Ok(u) = url::Url::parse(realm) else {
+            return false;
+        };
+        if u.scheme() != "https" && !(u.scheme() == "http" && self.plain_ok) {
+            return false;
+        }
+        let o = u.origin();
+        o.is_tuple() && self.allowed.contains(&o)
+    }
+}
+
+/// Checks one `realms` entry: an `http(s)://host[:port]` origin; plain HTTP only for an upstream
+/// reached over plain HTTP (`base`). The error is the message for the key.
+pub fn check_realm(entry: &str, base: &url::Url) -> Result<(), String> {
+    let u = url::Url::parse(entry).map_err(|e| format!("{entry:?}: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(format!("{entry:?} is not an http(s) origin"));
+    }
+    if u.path() != "/" || u.query().is_some() || u.fragment().is_some() || !u.username().is_empty()
+    {
+        return Err(format!(
+            "{entry:?}: an origin is scheme://host[:port], without path, query or user"
+        ));
+    }
+    if u.scheme() == "http" && base.scheme() != "http" {
+        return Err(format!(
+            "{entry:?}: credentials of an https upstream are never sent over plain http"
+        ));
+    }
+    Ok(())
+}
+
 /// The token endpoint's answer (Docker's `token` or OAuth2's `access_token`).
 #[derive(Deserialize)]
 pub struct TokenResponse {
@@ -157,6 +231,55 @@ mod tests {
         );
         assert_eq!(parse_challenge(""), None);
         assert_eq!(parse_challenge("Bearer realm=\"unterminated"), None);
+    }
+
+    #[test]
+    fn realm_policy() {
+        let base = url::Url::parse("https://registry.example:5000/").unwrap();
+        let p = RealmPolicy::new("registry.example", &base, None);
+        assert!(p.allows("https://registry.example:5000/token?x=1"));
+        assert!(p.allows("https://REGISTRY.example:5000/auth"));
+        // Another port, host or scheme is another origin.
+        assert!(!p.allows("https://registry.example/token"));
+        assert!(!p.allows("https://registry.example:5001/token"));
+        assert!(!p.allows("http://registry.example:5000/token"));
+        assert!(!p.allows("https://evil.example:5000/token"));
+        assert!(!p.allows("https://registry.example:5000@evil.example/token"));
+        assert!(!p.allows("not a url"));
+        let p = RealmPolicy::new(
+            "registry.example",
+            &base,
+            Some(&["https://auth.example".to_string()]),
+        );
+        assert!(p.allows("https://auth.example/token"));
+        assert!(p.allows("https://auth.example:443/token"));
+        assert!(!p.allows("http://auth.example/token"));
+        // Docker Hub's token service by default, and only for docker.io.
+        let hub = url::Url::parse("https://registry-1.docker.io").unwrap();
+        assert!(RealmPolicy::new("docker.io", &hub, None).allows("https://auth.docker.io/token"));
+        assert!(
+            !RealmPolicy::new("docker.io", &hub, Some(&[])).allows("https://auth.docker.io/token")
+        );
+        assert!(!RealmPolicy::new("ghcr.io", &hub, None).allows("https://auth.docker.io/token"));
+        // A plain-HTTP upstream may have a plain-HTTP realm at its own origin or a listed one.
+        let plain = url::Url::parse("http://127.0.0.1:5000").unwrap();
+        let p = RealmPolicy::new("x", &plain, Some(&["http://127.0.0.1:5001".to_string()]));
+        assert!(p.allows("http://127.0.0.1:5000/token"));
+        assert!(p.allows("http://127.0.0.1:5001/token"));
+        assert!(!p.allows("http://127.0.0.1:5002/token"));
+    }
+
+    #[test]
+    fn realm_entries_checked() {
+        let https = url::Url::parse("https://r.example").unwrap();
+        let http = url::Url::parse("http://r.example").unwrap();
+        assert!(check_realm("https://auth.example", &https).is_ok());
+        assert!(check_realm("https://auth.example:8443/", &https).is_ok());
+        assert!(check_realm("http://auth.example", &https).is_err());
+        assert!(check_realm("http://auth.example", &http).is_ok());
+        assert!(check_realm("https://auth.example/token", &https).is_err());
+        assert!(check_realm("ftp://auth.example", &https).is_err());
+        assert!(check_realm("auth.example", &https).is_err());
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! An authenticated `/v2/` client for one upstream registry: sends a request, answers a `401`
 //! challenge once (Bearer token or Basic), and caches tokens per scope.
+//!
+//! Credentials go only to the upstream's own origin and to the token realms its [`RealmPolicy`]
+//! allows; a realm elsewhere is asked for an anonymous token. Redirects (blob downloads are
+//! redirected to a CDN) are followed by reqwest, which drops `Authorization` when the next URL
+//! has another scheme, host or port (`reqwest::redirect::remove_sensitive_headers`).
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -7,7 +12,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::{Client, RequestBuilder, Response};
 
-use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+use super::auth::{parse_challenge, Challenge, RealmPolicy, TokenCache, TokenResponse};
 use crate::error::{Error, Result};
 
 pub const USER_AGENT: &str = concat!("ociedge/", env!("CARGO_PKG_VERSION"));
@@ -18,6 +23,11 @@ pub struct RegistryClient {
     base: url::Url,
     http: Client,
     basic: Option<(String, String)>,
+    /// Which token realms `basic` may be sent to.
+    realms: RealmPolicy,
+    /// Whether the last token was asked for without `basic`, the realm not being allowed: a
+    /// refusal then says why.
+    withheld: std::sync::atomic::AtomicBool,
     /// The last challenge seen, so that requests for a new scope fetch a token up front instead of
     /// paying a `401` round trip first.
     challenge: RwLock<Option<Challenge>>,
@@ -67,6 +77,8 @@ impl RegistryClient {
     ) -> RegistryClient {
         RegistryClient {
             id: id.into(),
+            realms: RealmPolicy::new(id, &base, None),
+            withheld: Default::default(),
             base,
             http,
             basic,
@@ -75,8 +87,21 @@ impl RegistryClient {
         }
     }
 
+    /// Replaces the default realm policy (the upstream's own origin; Docker Hub's token service
+    /// for `docker.io`) with the configured one.
+    pub fn with_realms(mut self, realms: RealmPolicy) -> RegistryClient {
+        self.realms = realms;
+        self
+    }
+
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether the upstream's credentials were last kept from its token realm (not an allowed
+    /// origin): its refusals are then explained by that.
+    pub fn credentials_withheld(&self) -> bool {
+        self.withheld.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `base` + `path` (path starts with `/v2/`).
@@ -185,7 +210,20 @@ impl RegistryClient {
         }
         rb = rb.query(&q);
         if let Some(b) = self.basic_header() {
-            rb = rb.header(http::header::AUTHORIZATION, b);
+            let allowed = self.realms.allows(realm);
+            self.withheld
+                .store(!allowed, std::sync::atomic::Ordering::Relaxed);
+            if allowed {
+                rb = rb.header(http::header::AUTHORIZATION, b);
+            } else {
+                // A realm elsewhere may be anyone's: it gets no credentials, and the upstream
+                // decides what an anonymous token opens.
+                tracing::warn!(
+                    engine = %self.id,
+                    realm,
+                    "the upstream's token realm is neither its own origin nor listed in upstreams[].auth.realms (or is plain http for an https upstream): asking it for an anonymous token, without our credentials"
+                );
+            }
         }
         let resp = rb
             .send()

@@ -68,7 +68,14 @@ impl RegistryEngine {
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::client(
                 ErrorCode::Denied,
-                format!("upstream {} refused access to {what}", self.client.id()),
+                if self.client.credentials_withheld() {
+                    format!(
+                        "upstream {} refused access to {what}: its token realm is not an origin its credentials may go to (upstreams[].auth.realms), so none were sent",
+                        self.client.id()
+                    )
+                } else {
+                    format!("upstream {} refused access to {what}", self.client.id())
+                },
             ),
             StatusCode::TOO_MANY_REQUESTS => Error::client(
                 ErrorCode::TooManyRequests,
