@@ -200,7 +200,7 @@ async fn an_upstream_sending_wrong_bytes_breaks_the_response_and_stores_nothing(
     assert_eq!(r.status(), 200, "headers go out before the verdict");
     let body = r.bytes().await;
     assert!(body.is_err(), "the body must end broken, never cleanly");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fills_settled(&proxy).await, "the fill ended");
     assert!(
         !proxy.blob_path(&digest).exists(),
         "nothing stored under the digest"

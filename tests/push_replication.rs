@@ -458,7 +458,17 @@ async fn replication_waits_for_a_target_that_is_down() {
         skopeo_push(&proxy.host(), "small-1.0", "down/app:1.0"),
         "pushes do not wait for replication"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The worker tried and failed (counted), and the jobs wait.
+    assert!(
+        eventually(Duration::from_secs(60), async || metric(
+            &proxy,
+            "ociedge_replication_failures_total{engine=\"us\"}"
+        )
+        .await
+        .is_some_and(|n| n > 0.0))
+        .await,
+        "replication to the stopped target failed"
+    );
     let s: serde_json::Value = client()
         .get(proxy.url("/_ociedge/status"))
         .send()

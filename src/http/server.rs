@@ -153,6 +153,18 @@ pub async fn serve(
     while fills.in_flight() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The last accesses are published, so a restart keeps the eviction order (the timer
+    // publishes every few seconds; this covers the accesses since).
+    if let Some(ev) = &app.evictor {
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(2));
+        match tokio::time::timeout(left, ev.save_sidecar()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish the access times"),
+            Err(_) => tracing::warn!("publishing the access times timed out"),
+        }
+    }
     match (connections.is_ok(), fills.in_flight()) {
         (true, 0) => tracing::info!("shutdown complete"),
         (closed, left) => tracing::warn!(
@@ -274,7 +286,7 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
-        let parsed = route::parse(req.uri().path());
+        let parsed = route::parse_request(req.method(), req.uri().path());
         let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
         let is_v2 = req.uri().path().starts_with("/v2");
         let mut resp = match parsed {
