@@ -286,6 +286,13 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
+        // An HTTP/1 request body a refusal may leave unread: the connection cannot be reused.
+        let sent_body = req.version() < http::Version::HTTP_2
+            && (req.headers().contains_key(header::TRANSFER_ENCODING)
+                || req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() != b"0"));
         let parsed = route::parse_request(req.method(), req.uri().path());
         let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
         let is_v2 = req.uri().path().starts_with("/v2");
@@ -304,6 +311,12 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
             hs.insert(h::API_VERSION, HeaderValue::from_static("registry/2.0"));
         }
         let status = resp.status().as_u16();
+        if sent_body && status >= 400 {
+            // Said in the response, so a client does not send its next request on a
+            // connection that closes (hyper closes it when the body was not read).
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if may_write {
             crate::writes::moved();
         }
