@@ -270,6 +270,9 @@ pub(super) fn client_request_id(headers: &http::HeaderMap) -> Option<&str> {
         .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
 }
 
+/// Request bodies larger than this, refused, get `Connection: close` on HTTP/1 (see `handle`).
+const UNDRAINED_BODY: u64 = 8 << 10;
+
 /// One request: route, handle, map errors to OCI bodies, stamp the common headers.
 pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> {
     let start = Instant::now();
@@ -286,13 +289,16 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
-        // An HTTP/1 request body a refusal may leave unread: the connection cannot be reused.
+        // An HTTP/1 request body that a refusal may leave unread, and that hyper cannot drain
+        // from what it has buffered: hyper then closes the connection. (A small body arrives
+        // with the head and is drained; the connection stays usable.)
         let sent_body = req.version() < http::Version::HTTP_2
             && (req.headers().contains_key(header::TRANSFER_ENCODING)
                 || req
                     .headers()
                     .get(header::CONTENT_LENGTH)
-                    .is_some_and(|v| v.as_bytes() != b"0"));
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .is_some_and(|n| n > UNDRAINED_BODY));
         let parsed = route::parse_request(req.method(), req.uri().path());
         let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
         let is_v2 = req.uri().path().starts_with("/v2");
