@@ -269,40 +269,49 @@ async fn concurrent_pushes_of_one_tag_end_on_one_value_everywhere() {
             .unwrap();
         manifests.push(body);
     }
-    let puts = manifests.iter().map(|body| {
-        let url = eu.url("/v2/race/app/manifests/prod");
-        let body = body.clone();
-        async move {
-            client()
-                .put(url)
-                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
+    // Rounds of 16 concurrent PUTs of one tag (a tag per round).
+    let mut stored = Vec::new();
+    for round in 0..8 {
+        let tag = format!("prod{round}");
+        let puts = manifests.iter().map(|body| {
+            let url = eu.url(&format!("/v2/race/app/manifests/{tag}"));
+            let body = body.clone();
+            async move {
+                client()
+                    .put(url)
+                    .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        });
+        for st in futures::future::join_all(puts).await {
+            assert_eq!(st, 201);
         }
-    });
-    for st in futures::future::join_all(puts).await {
-        assert_eq!(st, 201);
+        let value = tag_value(&root.path().join("eu"), "race/app", &tag).unwrap();
+        let served = client()
+            .head(eu.url(&format!("/v2/race/app/manifests/{tag}")))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            served.headers()["docker-content-digest"].to_str().unwrap(),
+            value,
+            "round {round}: the answer by tag is the stored value"
+        );
+        stored.push((tag, value));
     }
-    let stored = tag_value(&root.path().join("eu"), "race/app", "prod").unwrap();
-    let served = client()
-        .head(eu.url("/v2/race/app/manifests/prod"))
-        .header("accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        served.headers()["docker-content-digest"].to_str().unwrap(),
-        stored,
-        "the answer by tag is the stored value"
-    );
     assert!(drained(&eu).await);
-    assert_eq!(
-        tag_value(&root.path().join("us"), "race/app", "prod"),
-        Some(stored)
-    );
+    for (tag, value) in stored {
+        assert_eq!(
+            tag_value(&root.path().join("us"), "race/app", &tag),
+            Some(value),
+            "{tag}: the replica ends on the stored value"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
