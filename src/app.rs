@@ -124,6 +124,12 @@ impl App {
             down_after: p.down_after,
         };
         metrics.set_local_engine(local_dyn.id());
+        let remote_ids: Vec<String> = probed
+            .iter()
+            .map(|(e, _)| e.id().to_string())
+            .filter(|id| *id != pref)
+            .collect();
+        metrics.preset(&remote_ids);
         // Every label bytes can be counted under: `local` for hits, an engine id otherwise.
         let history_engines: Vec<String> = probed
             .iter()
@@ -207,8 +213,9 @@ impl App {
                     spool_dir: spool_dir.clone(),
                 };
                 let source: Arc<dyn Engine> = engine.clone();
+                metrics.preset_replication(&all);
                 let replicator = Arc::new(Replicator::new(
-                    Queue::new(engine.clone()),
+                    Queue::new(engine.clone()).with_metrics(metrics.clone()),
                     source.clone(),
                     targets,
                     defaults,

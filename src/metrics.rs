@@ -114,6 +114,7 @@ struct Inner {
     repl_bytes: Family<EngineLabels, Counter>,
     repl_done: Family<EngineLabels, Counter>,
     repl_failures: Family<EngineLabels, Counter>,
+    repl_dead: Family<EngineLabels, Counter>,
     pushes: Family<CacheLabels, Counter>,
     cache_bytes: Gauge,
     cache_entries: Gauge,
@@ -257,6 +258,12 @@ impl Metrics {
             "Failed replication attempts (retried), by target engine",
             repl_failures.clone(),
         );
+        let repl_dead = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "replication_dead_letters",
+            "Replication jobs that can never succeed, moved to the dead-letter prefix, by target engine",
+            repl_dead.clone(),
+        );
         let pushes = Family::<CacheLabels, Counter>::default();
         registry.register(
             "pushes",
@@ -309,6 +316,7 @@ impl Metrics {
                 repl_bytes,
                 repl_done,
                 repl_failures,
+                repl_dead,
                 pushes,
                 engine_rtt,
                 engine_up,
@@ -499,6 +507,84 @@ impl Metrics {
                 engine: target.into(),
             })
             .inc();
+    }
+
+    pub fn replication_dead_letter(&self, target: &str) {
+        self.inner
+            .repl_dead
+            .get_or_create(&EngineLabels {
+                engine: target.into(),
+            })
+            .inc();
+    }
+
+    /// Makes the series whose labels are known from the config, at 0, so the first scrape has
+    /// every family (a dashboard shows zeros, not "No data", and `rate()` sees the first
+    /// increments): the label-free families, `local` and each engine as a source, each remote
+    /// engine (`remotes`: storage engines and upstreams), the usual lookup and push outcomes,
+    /// and the request series of the pull routes.
+    pub fn preset(&self, remotes: &[String]) {
+        let i = &self.inner;
+        for route in ["blob", "manifest_tag", "manifest_digest"] {
+            let _ = i.duration.get_or_create(&RouteLabels { route });
+            for status in [200, 502] {
+                let _ = i.requests.get_or_create(&RequestLabels {
+                    route,
+                    method: "GET",
+                    status,
+                });
+            }
+        }
+        for kind in ["blob", "manifest", "tag"] {
+            for result in ["hit", "miss"] {
+                let _ = i.cache.get_or_create(&CacheLabels { kind, result });
+            }
+        }
+        for result in ["revalidated", "stale"] {
+            let _ = i.cache.get_or_create(&CacheLabels {
+                kind: "tag",
+                result,
+            });
+        }
+        for result in ["done", "not_found", "failed"] {
+            let _ = i.fills.get_or_create(&ResultLabels { result });
+        }
+        for (kind, result) in [("blob", "ok"), ("blob", "mounted"), ("manifest", "ok")] {
+            let _ = i.pushes.get_or_create(&CacheLabels { kind, result });
+        }
+        let _ = i.bytes_served.get_or_create(&SourceLabels {
+            source: Arc::from(crate::pull::LOCAL),
+        });
+        for id in remotes {
+            let l = EngineLabels {
+                engine: id.as_str().into(),
+            };
+            let _ = i.bytes_served.get_or_create(&SourceLabels {
+                source: l.engine.clone(),
+            });
+            let _ = i.upstream_errors.get_or_create(&l);
+            let _ = i.engine_bytes.get_or_create(&l);
+            let _ = i.digest_mismatches.get_or_create(&l);
+            let _ = i.engine_requests.get_or_create(&l);
+            let _ = i.engine_up.get_or_create(&l);
+            let _ = i.engine_rtt.get_or_create(&l);
+        }
+    }
+
+    /// The replication series of each target, at 0 (see [`Metrics::preset`]).
+    pub fn preset_replication(&self, targets: &[String]) {
+        let i = &self.inner;
+        for t in targets {
+            let l = EngineLabels {
+                engine: t.as_str().into(),
+            };
+            let _ = i.repl_jobs.get_or_create(&l);
+            let _ = i.repl_oldest.get_or_create(&l);
+            let _ = i.repl_bytes.get_or_create(&l);
+            let _ = i.repl_done.get_or_create(&l);
+            let _ = i.repl_failures.get_or_create(&l);
+            let _ = i.repl_dead.get_or_create(&l);
+        }
     }
 
     pub fn push(&self, kind: &'static str, result: &'static str) {

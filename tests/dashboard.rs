@@ -381,3 +381,67 @@ fn promtool_checks_the_rules_and_the_dashboard_queries() {
         "{out}"
     );
 }
+
+/// Every metric name the dashboard, its variables and the alert rules use.
+fn names_used() -> BTreeSet<String> {
+    let (exprs, vars) = dashboard_queries();
+    exprs
+        .iter()
+        .chain(vars.iter())
+        .cloned()
+        .chain(rule_exprs().into_iter().map(|(_, e)| e))
+        .flat_map(|e| metric_names(&e))
+        .filter(|n| n != "up")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_process_exports_every_family_from_the_first_scrape() {
+    let root = tempfile::tempdir().unwrap();
+    let dead = free_port();
+    let cfg = format!(
+        "listen: 127.0.0.1:{{PORT}}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{root}/eu\" }}\n    us: {{ url: \"file://{root}/us\", replicate_by_default: true }}\n    ap: {{ url: \"s3://registry\", options: {{ endpoint: \"http://127.0.0.1:{dead}\", region: us-east-1, access_key_id: k, secret_access_key: s, allow_http: \"true\" }} }}\nupstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{dead}\npush: {{ engine: eu }}\ncache: {{ max_size: 1GiB }}\n",
+        root = root.path().display()
+    );
+    std::fs::create_dir_all(root.path().join("us")).unwrap();
+    let proxy = Proxy::start(&cfg);
+    // No traffic at all: the first scrape.
+    let text = get_text(proxy.url("/metrics")).await;
+    let names = exported(&text);
+    let missing: Vec<String> = names_used().difference(&names).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "absent from a fresh process: {missing:?}\n--- /metrics ---\n{text}"
+    );
+    // The series whose labels the config names are there, at 0.
+    for engine in ["us", "ap", "docker.io"] {
+        for family in [
+            "ociedge_upstream_errors_total",
+            "ociedge_engine_bytes_received_total",
+            "ociedge_engine_requests_total",
+            "ociedge_digest_mismatches_total",
+            "ociedge_bytes_served_total",
+        ] {
+            let label = if family == "ociedge_bytes_served_total" {
+                "source"
+            } else {
+                "engine"
+            };
+            let series = format!("{family}{{{label}=\"{engine}\"}}");
+            assert_eq!(metric_in(&text, &series), Some(0.0), "{series}\n{text}");
+        }
+    }
+    for family in [
+        "ociedge_replication_jobs_queued",
+        "ociedge_replication_failures_total",
+        "ociedge_replication_jobs_done_total",
+        "ociedge_replication_dead_letters_total",
+    ] {
+        let series = format!("{family}{{engine=\"us\"}}");
+        assert_eq!(metric_in(&text, &series), Some(0.0), "{series}\n{text}");
+    }
+    assert_eq!(
+        metric_in(&text, "ociedge_bytes_served_total{source=\"local\"}"),
+        Some(0.0)
+    );
+}

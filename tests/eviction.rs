@@ -17,7 +17,8 @@ fn usage(data: &std::path::Path) -> u64 {
         };
         rd.flatten()
             .map(|e| {
-                let m = e.metadata().unwrap();
+                // An entry may be evicted while it is walked.
+                let Ok(m) = e.metadata() else { return 0 };
                 if m.is_dir() {
                     walk(&e.path())
                 } else {
@@ -27,6 +28,28 @@ fn usage(data: &std::path::Path) -> u64 {
             .sum()
     }
     walk(&data.join("docker/registry/v2/blobs"))
+}
+
+/// The latest access time of each digest over every published sidecar of `data`.
+fn sidecar_access_times(data: &std::path::Path) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(rd) = std::fs::read_dir(data.join("_ociedge/lru")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(b) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(map) = serde_json::from_slice::<std::collections::HashMap<String, (u64, bool)>>(&b)
+        else {
+            continue;
+        };
+        for (d, (t, _)) in map {
+            let x = out.entry(d).or_insert(t);
+            *x = (*x).max(t);
+        }
+    }
+    out
 }
 
 async fn get(proxy: &Proxy, repo: &str, digest: &str) -> (String, String) {
@@ -134,7 +157,12 @@ async fn a_blob_being_read_is_not_evicted() {
     let mut got = stream.next().await.unwrap().unwrap().to_vec();
     get(&proxy, "evict/pin", &b).await;
     get(&proxy, "evict/pin", &c).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Eviction ran (the engine is back under the cap) and left the pinned blob.
+    let data = proxy.data();
+    assert!(
+        eventually(Duration::from_secs(30), async || usage(&data) <= 64 * MIB).await,
+        "eviction brought the engine under the cap"
+    );
     assert!(proxy.blob_path(&a).exists(), "the blob being read stays");
     while let Some(chunk) = stream.next().await {
         got.extend_from_slice(&chunk.unwrap());
@@ -161,7 +189,15 @@ async fn pushed_content_is_never_evicted() {
     for d in &pulled {
         get(&proxy, "evict/other", d).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Pulled content goes, to make room (eviction ran)…
+    assert!(
+        eventually(Duration::from_secs(30), async || !proxy
+            .blob_path(&pulled[0])
+            .exists())
+        .await,
+        "the least recently used pulled blob was evicted"
+    );
+    // …and pushed content stays.
     assert!(proxy.blob_path(&pushed).exists(), "a pushed blob stays");
     assert_no_dangling_tags(&proxy.data());
     assert!(
@@ -197,10 +233,32 @@ async fn a_restart_keeps_the_eviction_order() {
     }
     // A is used again: now the most recent, though its file is the oldest.
     get(&proxy, "evict/order", &d[0]).await;
-    tokio::time::sleep(Duration::from_secs(7)).await; // the access times are published
+    // The access times are published (SIGKILL below gives no chance to publish on shutdown):
+    // the sidecar says A was used after C.
+    let data = proxy.data();
+    let (a, c) = (d[0].clone(), d[2].clone());
+    assert!(
+        eventually(Duration::from_secs(60), async || {
+            let times = sidecar_access_times(&data);
+            matches!((times.get(&a), times.get(&c)), (Some(ta), Some(tc)) if ta > tc)
+        })
+        .await,
+        "the access times were published: {:?}",
+        sidecar_access_times(&data)
+    );
     let dir = Proxy::restart(proxy);
     let proxy = Proxy::start_in(&cfg, dir);
-    tokio::time::sleep(Duration::from_secs(2)).await; // index rebuilt
+    // The index is rebuilt from the engine and the sidecar (three blobs, 60 MiB).
+    assert!(
+        eventually(Duration::from_secs(60), async || metric(
+            &proxy,
+            "ociedge_local_engine_bytes"
+        )
+        .await
+        .is_some_and(|b| b >= (60 * MIB) as f64))
+        .await,
+        "the index was rebuilt"
+    );
     get(&proxy, "evict/order", &d[3]).await;
     let data = proxy.data();
     assert!(eventually(Duration::from_secs(15), async || usage(&data) <= 64 * MIB).await);
@@ -212,4 +270,28 @@ async fn a_restart_keeps_the_eviction_order() {
         !proxy.blob_path(&d[1]).exists(),
         "the least recently used went first"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry"]
+async fn access_times_are_published_on_shutdown() {
+    let origin = Origin::start();
+    let d = push_blob(&origin.url(), "evict/term", random_bytes(1 << 20, 400)).await;
+    let cfg = mirror_config(&origin.url(), "cache: { max_size: 64MiB, min_idle: 0s }\n");
+    let mut proxy = Proxy::start(&cfg);
+    get(&proxy, "evict/term", &d).await;
+    // SIGTERM at once, before the publishing timer: the graceful shutdown publishes them.
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proxy.child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "ociedge did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let times = sidecar_access_times(&proxy.data());
+    assert!(times.contains_key(&d), "{times:?}\n{}", proxy.log());
 }

@@ -74,7 +74,7 @@ async fn registry_faults_never_yield_wrong_bytes() {
             }
         }
         // Nothing wrong is stored: either nothing, or the right bytes.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(fills_settled(&proxy).await, "{name}: the fill ended");
         let stored = proxy.blob_path(&digest);
         if stored.exists() {
             assert_eq!(
@@ -136,7 +136,7 @@ async fn s3_engine_faults_never_yield_wrong_bytes() {
                 "{name}: wrong bytes served cleanly"
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(fills_settled(&proxy).await, "{name}: the fill ended");
         let stored = proxy.blob_path(&digest);
         if stored.exists() {
             assert_eq!(

@@ -282,9 +282,15 @@ async fn a_renewed_certificate_is_served_without_restart() {
     // service; finishing it switches.
     let third = pki.issue(3);
     replace(proxy.dir.path(), "tls.crt", &third.cert_pem);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        eventually(Duration::from_secs(30), async || proxy
+            .log()
+            .contains("not reloaded"))
+        .await,
+        "the half-done rotation was seen and refused: {}",
+        proxy.log()
+    );
     assert_eq!(served_cert(&pki, proxy.port).await, second.der);
-    assert!(proxy.log().contains("not reloaded"), "{}", proxy.log());
     replace(proxy.dir.path(), "tls.key", &third.key_pem);
     assert!(
         eventually(Duration::from_secs(10), async || served_cert(
@@ -986,7 +992,15 @@ async fn json_logs_carry_the_request_id() {
     assert_eq!(get(unknown, "t-unknown").await, 404);
     let bad = get("/v2/Bad..Name/blobs/x".into(), "t-bad").await;
     assert!((400..500).contains(&bad), "{bad}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The last request's line is written once its response is sent.
+    assert!(
+        eventually(Duration::from_secs(30), async || proxy.log().lines().any(
+            |l| l.contains("t-bad") && l.contains("\"message\":\"request\"")
+        ))
+        .await,
+        "the last request was logged: {}",
+        proxy.log()
+    );
 
     let log = proxy.log();
     let mut seen = std::collections::HashSet::new();

@@ -255,15 +255,16 @@ async fn bad_input_gets_precise_errors_and_harms_nothing() {
             400,
             "DIGEST_INVALID",
         ),
+        // A manifest reference that is neither a tag nor a digest names no manifest.
         (
             "/v2/library/small/manifests/sha256:zz".into(),
-            400,
-            "DIGEST_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             "/v2/library/small/manifests/.hidden".into(),
-            400,
-            "MANIFEST_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             "/v2/library/small/tags/list?n=-1".into(),

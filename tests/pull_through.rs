@@ -200,7 +200,7 @@ async fn an_upstream_sending_wrong_bytes_breaks_the_response_and_stores_nothing(
     assert_eq!(r.status(), 200, "headers go out before the verdict");
     let body = r.bytes().await;
     assert!(body.is_err(), "the body must end broken, never cleanly");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fills_settled(&proxy).await, "the fill ended");
     assert!(
         !proxy.blob_path(&digest).exists(),
         "nothing stored under the digest"
@@ -328,12 +328,15 @@ async fn storage_layout_interop_with_docker_registry_both_ways() {
     ] {
         assert!(verify_pull(&proxy.host(), image, digest));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await; // background links of shared layers
     let reg = DirRegistry::start(&proxy.data());
     let host = reg.host();
-    let ok = verify_pull(&host, "library/small:1.0", SMALL)
-        && verify_pull(&host, "library/small-docker:1.0", SMALL_DOCKER)
-        && verify_pull(&host, "library/multi:1.0", MULTI);
+    // The links of shared layers are written in the background: wait for them.
+    let ok = eventually(Duration::from_secs(60), async || {
+        verify_pull(&host, "library/small:1.0", SMALL)
+            && verify_pull(&host, "library/small-docker:1.0", SMALL_DOCKER)
+            && verify_pull(&host, "library/multi:1.0", MULTI)
+    })
+    .await;
     assert!(ok, "docker-registry serving what ociedge filled");
 }
 

@@ -96,12 +96,58 @@ async fn pushed_images_are_pulled_in_every_region_after_replication() {
     assert!(ok, "docker-registry serving the replicated layout");
 }
 
+// The push and content-management API, run on every kind of storage engine alike (the way
+// object_store runs one conformance suite on every backend).
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_push_api_validates_chunks_digests_and_manifests() {
     let root = tempfile::tempdir().unwrap();
+    push_api_suite(
+        &format!("{{ url: \"file://{}/eu\" }}", root.path().display()),
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_push_api_on_a_memory_engine() {
+    push_api_suite("{ url: \"memory://\" }", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs moto"]
+async fn the_push_api_on_an_s3_engine() {
+    let s3 = common::regions::Moto::start(None, "127.0.0.1");
+    push_api_suite(&s3.engine_yaml(None), true).await;
+}
+
+/// The tags `tags/list` answers for `repo` (none for a 404).
+async fn listed_tags(base: &str, repo: &str) -> Vec<String> {
+    let r = client()
+        .get(format!("{base}/v2/{repo}/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 404 {
+        return Vec::new();
+    }
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["tags"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `engine`: the YAML of the preferred (and local) engine; `durable`: whether it outlives the
+/// process (`memory://` does not).
+async fn push_api_suite(engine: &str, durable: bool) {
     let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{}/eu\" }}\npush: {{ engine: eu }}\n",
-        root.path().display()
+        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {engine}\npush: {{ engine: eu }}\n"
     );
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start_in(&cfg, dir);
@@ -130,19 +176,22 @@ async fn the_push_api_validates_chunks_digests_and_manifests() {
     let r = patch("0-99999", &data[..100_000]).await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["range"], "0-99999");
-    assert_eq!(
-        patch("0-99999", &data[..100_000]).await.status(),
-        416,
-        "repeated chunk"
-    );
+    let r = patch("0-99999", &data[..100_000]).await;
+    assert_eq!(r.status(), 416, "repeated chunk");
+    // Its body was not read: the client is told not to reuse the connection.
+    assert_eq!(r.headers()["connection"], "close");
     assert_eq!(
         patch("200000-299999", &data[200_000..]).await.status(),
         416,
         "out of order"
     );
-    // The session survives a restart of the proxy.
-    let dir = Proxy::restart(proxy);
-    let proxy = Proxy::start_in(&cfg, dir);
+    // The session survives a restart of the proxy (where the engine outlives the process).
+    let proxy = if durable {
+        let dir = Proxy::restart(proxy);
+        Proxy::start_in(&cfg, dir)
+    } else {
+        proxy
+    };
     let base = proxy.url("");
     let r = c.get(format!("{base}{loc}")).send().await.unwrap();
     assert_eq!(r.status(), 204);
@@ -166,7 +215,12 @@ async fn the_push_api_validates_chunks_digests_and_manifests() {
     assert_eq!(r.status(), 400);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["errors"][0]["code"], "DIGEST_INVALID");
-    assert!(!proxy_blob(&root, &wrong).exists());
+    let r = c
+        .head(format!("{base}/v2/t/app/blobs/{wrong}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "nothing stored under the wrong digest");
     // Monolithic upload, then a mount into another repository.
     let r = c
         .post(format!("{base}/v2/t/app/blobs/uploads/?digest={digest}"))
@@ -308,7 +362,24 @@ async fn the_push_api_validates_chunks_digests_and_manifests() {
     assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 0);
-    // Deletes.
+    // A reference that is neither a tag nor a digest names no manifest.
+    for bad in [".hidden", "-x", "sha256:nothex"] {
+        for m in [reqwest::Method::GET, reqwest::Method::HEAD] {
+            let r = c
+                .request(m.clone(), format!("{base}/v2/t/app/manifests/{bad}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 404, "{m} {bad}");
+            if m == reqwest::Method::GET {
+                let v: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN", "{bad}");
+            }
+        }
+    }
+    // Deletes. A deleted tag leaves tags/list (on every kind of engine).
+    assert_eq!(put("2.0", body.clone()).await.status(), 201);
+    assert_eq!(listed_tags(&base, "t/app").await, ["1.0", "2.0"]);
     assert_eq!(
         c.delete(format!("{base}/v2/t/app/manifests/1.0"))
             .send()
@@ -325,6 +396,7 @@ async fn the_push_api_validates_chunks_digests_and_manifests() {
             .status(),
         404
     );
+    assert_eq!(listed_tags(&base, "t/app").await, ["2.0"]);
     assert_eq!(
         c.delete(format!("{base}/v2/t/app/manifests/{mdigest}"))
             .send()
@@ -333,6 +405,8 @@ async fn the_push_api_validates_chunks_digests_and_manifests() {
             .status(),
         202
     );
+    // The manifest went with the tags pointing at it.
+    assert_eq!(listed_tags(&base, "t/app").await, Vec::<String>::new());
     assert_eq!(
         c.delete(format!("{base}/v2/t/other/blobs/{digest}"))
             .send()
@@ -360,14 +434,6 @@ async fn the_push_api_validates_chunks_digests_and_manifests() {
         c.get(proxy.url("/healthz")).send().await.unwrap().status(),
         200
     );
-}
-
-fn proxy_blob(root: &tempfile::TempDir, digest: &str) -> std::path::PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    root.path().join(format!(
-        "eu/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-        &hex[..2]
-    ))
 }
 
 /// A cheap pseudo-random number (no extra dependency for the tests).
@@ -458,7 +524,17 @@ async fn replication_waits_for_a_target_that_is_down() {
         skopeo_push(&proxy.host(), "small-1.0", "down/app:1.0"),
         "pushes do not wait for replication"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The worker tried and failed (counted), and the jobs wait.
+    assert!(
+        eventually(Duration::from_secs(60), async || metric(
+            &proxy,
+            "ociedge_replication_failures_total{engine=\"us\"}"
+        )
+        .await
+        .is_some_and(|n| n > 0.0))
+        .await,
+        "replication to the stopped target failed"
+    );
     let s: serde_json::Value = client()
         .get(proxy.url("/_ociedge/status"))
         .send()

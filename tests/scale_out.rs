@@ -75,8 +75,10 @@ async fn three_processes_share_one_bucket() {
     );
     let proxies: Vec<Proxy> = (0..3).map(|_| Proxy::start(&cfg)).collect();
     herd(&proxies, "shared/bucket", &digests).await;
-    // Every process now serves every blob from the shared engine.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // Every process now serves every blob from the shared engine (once every fill committed).
+    for p in &proxies {
+        assert!(fills_settled(p).await, "fills ended");
+    }
     for p in &proxies {
         for d in &digests {
             let r = client()

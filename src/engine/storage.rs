@@ -533,21 +533,30 @@ impl Engine for StorageEngine {
         }))
     }
 
+    /// The tags whose `current/link` exists. A directory alone is no tag: a filesystem keeps the
+    /// emptied directories of a deleted tag, and Distribution may leave an `index/` behind.
     async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
-        let listing = self
+        let dir = layout::tags_dir(repo);
+        let prefix = format!("{}/", dir.as_ref());
+        let listing: Vec<object_store::ObjectMeta> = self
             .store
-            .list_with_delimiter(Some(&layout::tags_dir(repo)))
+            .list(Some(&dir))
+            .try_collect()
             .await
             .map_err(|e| self.fail(e))?;
         let mut tags: Vec<String> = listing
-            .common_prefixes
             .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
+            .filter_map(|m| {
+                let rest = m.location.as_ref().strip_prefix(&prefix)?;
+                let tag = rest.strip_suffix("/current/link")?;
+                (!tag.contains('/')).then(|| tag.to_string())
+            })
             .collect();
         if tags.is_empty() {
             return Ok(None);
         }
         tags.sort();
+        tags.dedup();
         Ok(Some(tags))
     }
 
@@ -681,6 +690,54 @@ mod tests {
         );
         // Writing the current value again is a no-op success.
         engine.put_tag(&repo, &tag, &link.digest).await.unwrap();
+    }
+
+    /// A deleted tag leaves no trace in the listing, on every kind of store (a filesystem keeps
+    /// the emptied directories).
+    async fn deleted_tag_is_not_listed(engine: StorageEngine) {
+        let repo: RepoName = "team/app".parse().unwrap();
+        let m = Manifest {
+            digest: Digest::sha256_of(b"{}"),
+            media_type: media::OCI_MANIFEST.to_string(),
+            bytes: Bytes::from_static(b"{}"),
+        };
+        engine.put_manifest(&repo, &m).await.unwrap();
+        for t in ["a", "b"] {
+            engine
+                .put_tag(&repo, &t.parse().unwrap(), &m.digest)
+                .await
+                .unwrap();
+        }
+        engine
+            .delete_tag(&repo, &"a".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            engine.list_tags(&repo).await.unwrap(),
+            Some(vec!["b".to_string()])
+        );
+        engine
+            .delete_tag(&repo, &"b".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(engine.list_tags(&repo).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_tag_is_not_listed_on_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = StorageEngine::open(
+            "f",
+            &format!("file://{}", dir.path().display()),
+            &Default::default(),
+        )
+        .unwrap();
+        deleted_tag_is_not_listed(e).await;
+    }
+
+    #[tokio::test]
+    async fn a_deleted_tag_is_not_listed_in_memory() {
+        deleted_tag_is_not_listed(StorageEngine::from_store("m", Arc::new(InMemory::new()))).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -464,11 +464,19 @@ impl Evictor {
             tracing::error!(error = %e, "cannot index the local engine; eviction waits for the next try");
         }
         let mut last_save = std::time::Instant::now();
+        let mut last_pass = std::time::Instant::now();
         let mut last_clean = std::time::Instant::now() - Duration::from_secs(3600);
         loop {
-            let _ = tokio::time::timeout(PASS_EVERY, self.wake.notified()).await;
-            if let Err(e) = self.pass().await {
-                tracing::warn!(error = %e, "eviction pass failed");
+            // Woken for a pass when over the cap; otherwise every SAVE_EVERY, so the access
+            // times are published on their own clock, not only after a pass.
+            let woken = tokio::time::timeout(SAVE_EVERY, self.wake.notified())
+                .await
+                .is_ok();
+            if woken || last_pass.elapsed() >= PASS_EVERY {
+                if let Err(e) = self.pass().await {
+                    tracing::warn!(error = %e, "eviction pass failed");
+                }
+                last_pass = std::time::Instant::now();
             }
             if last_save.elapsed() >= SAVE_EVERY {
                 if let Err(e) = self.save_sidecar().await {

@@ -91,8 +91,21 @@ fn not_found() -> Error {
     )
 }
 
-/// Parses a request path (without the query).
+/// Parses a request path (without the query), as a write would: a manifest reference that is
+/// neither a tag nor a digest is refused as invalid input.
 pub fn parse(path: &str) -> Result<Route> {
+    parse_as(false, path)
+}
+
+/// Parses the path of a request by `method`. For `GET`, `HEAD` and `DELETE`, a manifest reference
+/// that is neither a valid tag nor a valid digest names no manifest: `404 MANIFEST_UNKNOWN`, as
+/// the distribution-spec lists for those routes (a `PUT` of one is `400`).
+pub fn parse_request(method: &Method, path: &str) -> Result<Route> {
+    let names = is_read(method) || method == Method::DELETE;
+    parse_as(names, path)
+}
+
+fn parse_as(names_only: bool, path: &str) -> Result<Route> {
     match path {
         "/v2" | "/v2/" => return Ok(Route::Base),
         "/healthz" => return Ok(Route::Healthz),
@@ -154,7 +167,12 @@ pub fn parse(path: &str) -> Result<Route> {
             return match kind {
                 0 => {
                     let reference = Reference::parse(last).ok_or_else(|| {
-                        if last.contains(':') {
+                        if names_only {
+                            Error::client(
+                                ErrorCode::ManifestUnknown,
+                                format!("no manifest {:?} in {name}", trunc(last)),
+                            )
+                        } else if last.contains(':') {
                             Error::client(
                                 ErrorCode::DigestInvalid,
                                 format!("invalid digest {:?}", trunc(last)),
@@ -265,5 +283,30 @@ mod tests {
         assert_eq!(code("/v2/a/manifests/sha256:xyz"), "DIGEST_INVALID");
         assert_eq!(code("/v2/a/manifests/-bad"), "MANIFEST_INVALID");
         assert_eq!(code("/nope"), "UNSUPPORTED");
+    }
+
+    #[test]
+    fn a_reference_that_is_no_tag_nor_digest_names_no_manifest() {
+        for p in [
+            "/v2/a/manifests/.hidden",
+            "/v2/a/manifests/-bad",
+            "/v2/a/manifests/sha256:xyz",
+        ] {
+            for m in [Method::GET, Method::HEAD, Method::DELETE] {
+                match parse_request(&m, p) {
+                    Err(Error::Client(e)) => {
+                        assert_eq!(e.code.as_str(), "MANIFEST_UNKNOWN", "{m} {p}");
+                        assert_eq!(e.status, http::StatusCode::NOT_FOUND, "{m} {p}");
+                    }
+                    other => panic!("{m} {p}: {other:?}"),
+                }
+            }
+            assert!(parse_request(&Method::PUT, p).is_err());
+        }
+        // Bad names stay bad names.
+        match parse_request(&Method::GET, "/v2/A/manifests/.x") {
+            Err(Error::Client(e)) => assert_eq!(e.code.as_str(), "NAME_INVALID"),
+            other => panic!("{other:?}"),
+        }
     }
 }

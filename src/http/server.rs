@@ -153,6 +153,18 @@ pub async fn serve(
     while fills.in_flight() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The last accesses are published, so a restart keeps the eviction order (the timer
+    // publishes every few seconds; this covers the accesses since).
+    if let Some(ev) = &app.evictor {
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(2));
+        match tokio::time::timeout(left, ev.save_sidecar()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish the access times"),
+            Err(_) => tracing::warn!("publishing the access times timed out"),
+        }
+    }
     match (connections.is_ok(), fills.in_flight()) {
         (true, 0) => tracing::info!("shutdown complete"),
         (closed, left) => tracing::warn!(
@@ -258,6 +270,9 @@ pub(super) fn client_request_id(headers: &http::HeaderMap) -> Option<&str> {
         .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
 }
 
+/// Request bodies larger than this, refused, get `Connection: close` on HTTP/1 (see `handle`).
+const UNDRAINED_BODY: u64 = 8 << 10;
+
 /// One request: route, handle, map errors to OCI bodies, stamp the common headers.
 pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> {
     let start = Instant::now();
@@ -274,7 +289,17 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
-        let parsed = route::parse(req.uri().path());
+        // An HTTP/1 request body that a refusal may leave unread, and that hyper cannot drain
+        // from what it has buffered: hyper then closes the connection. (A small body arrives
+        // with the head and is drained; the connection stays usable.)
+        let sent_body = req.version() < http::Version::HTTP_2
+            && (req.headers().contains_key(header::TRANSFER_ENCODING)
+                || req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .is_some_and(|n| n > UNDRAINED_BODY));
+        let parsed = route::parse_request(req.method(), req.uri().path());
         let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
         let is_v2 = req.uri().path().starts_with("/v2");
         let mut resp = match parsed {
@@ -298,6 +323,12 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
             hs.insert(h::API_VERSION, HeaderValue::from_static("registry/2.0"));
         }
         let status = resp.status().as_u16();
+        if sent_body && status >= 400 {
+            // Said in the response, so a client does not send its next request on a
+            // connection that closes (hyper closes it when the body was not read).
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if may_write {
             crate::writes::moved();
         }

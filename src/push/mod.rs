@@ -37,7 +37,12 @@ pub struct Pusher {
     /// Set when the preferred engine is the local one: pushed content is recorded as not
     /// evictable (its only copy may be here).
     evictor: Option<Arc<crate::evict::Evictor>>,
+    /// Writes of one tag (storage, in-process answer, replication job) are made under its
+    /// stripe, so concurrent pushes of a tag are seen in one order everywhere in this process.
+    tag_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+const TAG_STRIPES: usize = 64;
 
 /// What a manifest push answers.
 pub struct Pushed {
@@ -67,7 +72,18 @@ impl Pusher {
             manifests,
             metrics,
             evictor: None,
+            tag_locks: (0..TAG_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    /// The lock of `repo:tag`'s stripe.
+    fn tag_lock(&self, repo: &RepoName, tag: &crate::oci::Tag) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (repo.as_str(), tag.as_str()).hash(&mut h);
+        &self.tag_locks[(h.finish() as usize) % TAG_STRIPES]
     }
 
     pub fn set_evictor(&mut self, e: Arc<crate::evict::Evictor>) {
@@ -280,24 +296,32 @@ impl Pusher {
             self.record_referrer(repo, subject, &digest, &parsed, bytes.len())
                 .await?;
         }
-        let job = match reference {
+        match reference {
             Reference::Tag(tag) => {
+                // Storage, the in-process answer and the job in one order: the last writer of
+                // the tag is the last everywhere (and the job copies the value current then).
+                let _one = self.tag_lock(repo, tag).lock().await;
                 self.engine.put_tag(repo, tag, &digest).await?;
                 self.tags
                     .insert(repo, tag, digest.clone(), parsed.media_type.clone())
                     .await;
-                Job::Tag {
-                    repo: repo.to_string(),
-                    tag: tag.to_string(),
-                    digest: digest.to_string(),
-                }
+                self.replicator
+                    .enqueue(Job::Tag {
+                        repo: repo.to_string(),
+                        tag: tag.to_string(),
+                        digest: digest.to_string(),
+                    })
+                    .await?;
             }
-            Reference::Digest(_) => Job::Manifest {
-                repo: repo.to_string(),
-                digest: digest.to_string(),
-            },
-        };
-        self.replicator.enqueue(job).await?;
+            Reference::Digest(_) => {
+                self.replicator
+                    .enqueue(Job::Manifest {
+                        repo: repo.to_string(),
+                        digest: digest.to_string(),
+                    })
+                    .await?
+            }
+        }
         self.manifests.insert(digest.clone(), m).await;
         self.metrics.push("manifest", "ok");
         tracing::info!(%repo, %reference, %digest, "manifest pushed");
@@ -327,6 +351,7 @@ impl Pusher {
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
         match reference {
             Reference::Tag(tag) => {
+                let _one = self.tag_lock(repo, tag).lock().await;
                 if self.engine.tag_link(repo, tag).await?.is_none() {
                     return Err(Error::client(
                         ErrorCode::ManifestUnknown,
@@ -354,6 +379,14 @@ impl Pusher {
                     self.tags.forget(repo, &t).await;
                 }
                 self.manifests.invalidate(d).await;
+                // Replicated like pushes: every engine it was copied to drops it (and the tags
+                // pointing at it) too.
+                self.replicator
+                    .enqueue(Job::DeleteManifest {
+                        repo: repo.to_string(),
+                        digest: d.to_string(),
+                    })
+                    .await?;
             }
         }
         Ok(())
@@ -366,6 +399,12 @@ impl Pusher {
                 format!("blob {digest} is not in {repo}"),
             ));
         }
+        self.replicator
+            .enqueue(Job::DeleteBlob {
+                repo: repo.to_string(),
+                digest: digest.to_string(),
+            })
+            .await?;
         Ok(())
     }
 

@@ -55,13 +55,22 @@ pub async fn repositories(engine: &StorageEngine) -> Result<Vec<RepoName>> {
     Ok(out)
 }
 
-/// The manifest digests a repository has revisions for.
+/// The manifest digests a repository has revisions for: where the revision's `link` exists (a
+/// filesystem keeps the emptied directory of a deleted one, which must not bring it back).
 pub async fn revisions(engine: &StorageEngine, repo: &RepoName) -> Result<Vec<Digest>> {
     let mut out = Vec::new();
     for alg in ["sha256", "sha512"] {
         let dir = Path::from(format!("{REPOS}/{repo}/_manifests/revisions/{alg}"));
-        for d in engine.list_dirs(&dir).await? {
-            if let Some(Ok(digest)) = d.filename().map(|h| format!("{alg}:{h}").parse::<Digest>()) {
+        let prefix = format!("{}/", dir.as_ref());
+        for (p, _) in engine.list_objects(&dir).await? {
+            let Some(hex) = p
+                .as_ref()
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix("/link"))
+            else {
+                continue;
+            };
+            if let Ok(digest) = format!("{alg}:{hex}").parse::<Digest>() {
                 out.push(digest);
             }
         }
@@ -143,6 +152,31 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deleted_manifest_is_no_revision_on_a_directory() {
+        use crate::engine::Manifest;
+        let dir = tempfile::tempdir().unwrap();
+        let e = StorageEngine::open(
+            "f",
+            &format!("file://{}", dir.path().display()),
+            &Default::default(),
+        )
+        .unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let mk = |b: &'static [u8]| Manifest {
+            digest: Digest::sha256_of(b),
+            media_type: crate::oci::media::OCI_MANIFEST.to_string(),
+            bytes: bytes::Bytes::from_static(b),
+        };
+        let (a, b) = (mk(b"{\"a\":1}"), mk(b"{\"b\":2}"));
+        e.put_manifest(&repo, &a).await.unwrap();
+        e.put_manifest(&repo, &b).await.unwrap();
+        assert!(e.delete_manifest(&repo, &a.digest).await.unwrap());
+        assert_eq!(revisions(&e, &repo).await.unwrap(), vec![b.digest]);
+    }
+
     #[test]
     fn globs() {
         use super::glob_match;

@@ -10,7 +10,7 @@ use futures::FutureExt;
 
 use crate::engine::{Engine, GetBlob};
 use crate::error::{Error, Result};
-use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
 use crate::push::manifest;
 
 /// What one copy did.
@@ -51,7 +51,11 @@ impl Copier {
             .get_blob(repo, digest, GetBlob::default())
             .await?
             .ok_or_else(|| {
-                Error::engine(src.id(), format!("blob {digest} missing in the source"))
+                // Absent, not broken: no retry will find it (a client error, by variant).
+                Error::client(
+                    ErrorCode::BlobUnknown,
+                    format!("blob {digest} missing in the source {}", src.id()),
+                )
             })?;
         let spool =
             crate::fileio::spool_hashed(&self.spool_dir, "copy", digest, read.stream).await?;
@@ -89,7 +93,10 @@ impl Copier {
                 .get_manifest(repo, &by_digest, &[])
                 .await?
                 .ok_or_else(|| {
-                    Error::engine(src.id(), format!("manifest {digest} missing in the source"))
+                    Error::client(
+                        ErrorCode::ManifestUnknown,
+                        format!("manifest {digest} missing in the source {}", src.id()),
+                    )
                 })?;
             let parsed = manifest::parse(&m.bytes, Some(&m.media_type))?;
             let mut copied = Copied::default();

@@ -15,6 +15,7 @@ use super::task::{Job, Parsed};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
 
 /// How often queues are re-read when nothing woke the worker (jobs queued by other processes).
 const POLL: Duration = Duration::from_secs(2);
@@ -86,13 +87,7 @@ impl Replicator {
 
     /// Queues `job` for every target (durably), then wakes the workers.
     pub async fn enqueue(&self, job: Job) -> Result<()> {
-        let repo = match &job {
-            Job::Blob { repo, .. }
-            | Job::Manifest { repo, .. }
-            | Job::Tag { repo, .. }
-            | Job::Untag { repo, .. } => repo.clone(),
-        };
-        let targets = self.targets_for(&repo);
+        let targets = self.targets_for(job.repo());
         if targets.is_empty() {
             return Ok(());
         }
@@ -135,6 +130,12 @@ impl Replicator {
                 }
                 let span = tracing::info_span!("replicate", target = %target, kind = q.job.kind());
                 match self.execute(&engine, &q.job).instrument(span).await {
+                    Err(Failure::Dead(reason)) => {
+                        retry.remove(&key);
+                        if let Err(e) = self.queue.dead(&target, q, &reason).await {
+                            tracing::warn!(target = %target, error = %e, "cannot move a dead job aside; it will be tried again");
+                        }
+                    }
                     Ok(c) => {
                         retry.remove(&key);
                         self.metrics.replicated(&target, c.bytes);
@@ -142,7 +143,7 @@ impl Replicator {
                             tracing::warn!(target = %target, error = %e, "job done but not removed; it will run again");
                         }
                     }
-                    Err(e) => {
+                    Err(Failure::Retry(e)) => {
                         let attempts = retry.get(&key).map_or(1, |(a, _)| a + 1);
                         let backoff =
                             Duration::from_millis(200u64.saturating_mul(1 << attempts.min(8)))
@@ -192,19 +193,85 @@ impl Replicator {
         }
     }
 
-    async fn execute(&self, target: &Arc<dyn Engine>, job: &Job) -> Result<Copied> {
+    /// Makes `target` match the source's current state of the item `job` names.
+    async fn execute(&self, target: &Arc<dyn Engine>, job: &Job) -> Result<Copied, Failure> {
         let parsed = job
             .parse()
-            .ok_or_else(|| Error::engine("queue", format!("invalid job {job:?}")))?;
+            .ok_or_else(|| Failure::Dead("a name, tag or digest does not validate".into()))?;
         let src = &self.source;
         match parsed {
-            Parsed::Blob(repo, d) => self.copier.blob(src, target, &repo, &d).await,
-            Parsed::Manifest(repo, d) => self.copier.manifest(src, target, &repo, &d).await,
-            Parsed::Tag(repo, tag, d) => self.copier.tag(src, target, &repo, &tag, &d).await,
-            Parsed::Untag(repo, tag) => {
-                target.delete_tag(&repo, &tag).await?;
+            Parsed::Blob(repo, d) => {
+                if !src.is_linked(&repo, &d, false).await? {
+                    return self.gone(&repo, &d, "blob").await;
+                }
+                Ok(self.copier.blob(src, target, &repo, &d).await?)
+            }
+            Parsed::Manifest(repo, d) => {
+                if !src.is_linked(&repo, &d, true).await? {
+                    return self.gone(&repo, &d, "manifest").await;
+                }
+                Ok(self.copier.manifest(src, target, &repo, &d).await?)
+            }
+            // A tag job copies the tag's value at the source now, not the one it was queued
+            // with: an older job run after a newer one (retried) cannot move the tag back.
+            Parsed::Tag(repo, tag, _) | Parsed::Untag(repo, tag) => {
+                match src.tag_link(&repo, &tag).await? {
+                    Some(now) => Ok(self
+                        .copier
+                        .tag(src, target, &repo, &tag, &now.digest)
+                        .await?),
+                    None => {
+                        target.delete_tag(&repo, &tag).await?;
+                        Ok(Copied::default())
+                    }
+                }
+            }
+            // A delete removes only what the source no longer has: pushed again since, it stays.
+            Parsed::DeleteManifest(repo, d) => {
+                if !src.is_linked(&repo, &d, true).await? {
+                    target.delete_manifest(&repo, &d).await?;
+                }
                 Ok(Copied::default())
             }
+            Parsed::DeleteBlob(repo, d) => {
+                if !src.is_linked(&repo, &d, false).await? {
+                    target.delete_blob(&repo, &d).await?;
+                }
+                Ok(Copied::default())
+            }
+        }
+    }
+
+    /// A blob or manifest job whose item the source no longer links: deleted since (its delete
+    /// job follows; nothing to copy), or never there at all (the job can never succeed).
+    async fn gone(&self, repo: &RepoName, d: &Digest, what: &str) -> Result<Copied, Failure> {
+        if self.source.stat_blob(repo, d).await?.is_some() {
+            return Ok(Copied::default());
+        }
+        Err(Failure::Dead(format!(
+            "{what} {d} of {repo} does not exist in the source {}",
+            self.source.id()
+        )))
+    }
+}
+
+/// Why a job did not finish.
+enum Failure {
+    /// An engine failed: the job may succeed later, and is retried with backoff.
+    Retry(Error),
+    /// The job can never succeed (names that do not validate, content the source does not
+    /// have or cannot parse): it is moved to the dead-letter prefix.
+    Dead(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        match e {
+            // Decided, not broken: absent content, a manifest that does not parse, bytes that
+            // do not match their digest in the source. No retry changes them.
+            Error::Client(e) => Failure::Dead(e.message),
+            e @ Error::DigestMismatch { .. } => Failure::Dead(e.to_string()),
+            e => Failure::Retry(e),
         }
     }
 }

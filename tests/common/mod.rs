@@ -444,6 +444,36 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
     false
 }
 
+/// The value of one series of `/metrics` (`name` or `name{labels}`, as exposed); `None` when the
+/// series is absent or the scrape fails.
+pub async fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
+    let text = client()
+        .get(proxy.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    metric_in(&text, series)
+}
+
+/// [`metric`] on a scrape already made.
+pub fn metric_in(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == series).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// Waits until no fill runs in `proxy` (a fill's verdict, commit or discard, is final then).
+pub async fn fills_settled(proxy: &Proxy) -> bool {
+    eventually(Duration::from_secs(60), async || {
+        metric(proxy, "ociedge_fills_in_flight").await == Some(0.0)
+    })
+    .await
+}
+
 /// A GET sent byte for byte (no client-side path normalisation): `(status, body)`.
 pub async fn raw_get(host: &str, path: &str, extra_headers: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
