@@ -10,6 +10,7 @@
 pub mod dns;
 pub mod layout;
 pub mod nearness;
+pub mod nofollow;
 pub mod objects;
 pub mod registry;
 pub mod set;
