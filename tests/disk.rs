@@ -235,3 +235,78 @@ async fn a_truncated_blob_file_is_refilled_and_repaired_tls() {
 async fn a_grown_blob_file_is_refilled_and_repaired() {
     wrong_size_is_refilled(false, true).await;
 }
+/// Runs `ociedge verify` on the config in `dir`.
+fn verify(dir: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ociedge"))
+        .args(["verify", "--config"])
+        .arg(dir.join("ociedge.yaml"))
+        .output()
+        .expect("run ociedge verify");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_removes_what_does_not_match_and_keeps_the_rest() {
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(200 * 1024, 20 + i)).collect();
+    let refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
+    let (_up, url, digests) = upstream(&refs).await;
+    let p = Proxy::start(&mirror_config(&url, ""));
+    let base = format!("http://{}", p.host());
+    let c = client();
+    for (b, d) in blobs.iter().zip(&digests) {
+        assert!(get_blob(&c, &base, d).await.1 == *b);
+        assert!(wait_whole(&p, d, b).await);
+    }
+    let dir = p.restart();
+
+    // A clean store verifies clean.
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("3 blobs"), "summary line: {out}");
+
+    // One blob's bytes flipped in place (same size), one replaced by a link.
+    let path = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    };
+    let bad = path(&digests[0]);
+    let mut bytes = std::fs::read(&bad).expect("read");
+    bytes[1000] ^= 0xff;
+    std::fs::write(&bad, &bytes).expect("write");
+    let linked = path(&digests[1]);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"secret").expect("secret");
+    std::fs::remove_file(&linked).expect("rm");
+    std::os::unix::fs::symlink(&secret, &linked).expect("symlink");
+    let good = path(&digests[2]);
+    let good_ino = std::fs::metadata(&good).expect("good").ino();
+
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(1), "bad blobs found: exit 1\n{out}{err}");
+    assert!(out.contains("3 blobs"), "summary line: {out}");
+    assert!(out.contains("2 removed"), "summary line: {out}");
+    assert!(
+        format!("{out}{err}").contains(&digests[0]),
+        "the bad blob is named: {out}{err}"
+    );
+    assert!(!bad.exists(), "the corrupt blob was removed");
+    assert!(
+        std::fs::symlink_metadata(&linked).is_err(),
+        "the link was removed"
+    );
+    assert_eq!(std::fs::read(&secret).expect("secret"), b"secret");
+    assert_eq!(std::fs::read(&good).expect("good"), blobs[2], "kept");
+    assert_eq!(std::fs::metadata(&good).expect("good").ino(), good_ino);
+
+    // And it is clean again.
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("1 blobs"), "summary line: {out}");
+}

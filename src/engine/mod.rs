@@ -13,6 +13,7 @@ pub mod nearness;
 pub mod nofollow;
 pub mod objects;
 pub mod registry;
+pub mod scrub;
 pub mod set;
 pub mod storage;
 
