@@ -199,6 +199,60 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
     Ok((file, meta.len()))
 }
 
+/// Opens the directory `rel` under `root` (made like `create_dir_all` where missing) so that no
+/// component of it is a symbolic link: a link found in the way is removed (nothing in the store is
+/// a link of ours) and a directory made in its place. Writes made relative to the returned
+/// directory never land outside the store.
+pub fn dir_beneath(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    use rustix::io::Errno;
+    let at = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        if part == "." || part == ".." {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{rel:?} is not a plain relative path"),
+            ));
+        }
+        let mut tries = 0;
+        dir = loop {
+            tries += 1;
+            match rustix::fs::openat(&dir, part, at, Mode::empty()) {
+                Ok(fd) => break fd,
+                Err(_) if tries > 4 => {
+                    return Err(std::io::Error::other(format!(
+                        "{rel}: cannot make {part:?} a directory"
+                    )))
+                }
+                Err(Errno::NOENT) => match rustix::fs::mkdirat(&dir, part, Mode::from(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Err(Errno::NOTDIR | Errno::LOOP) => {
+                    let st = rustix::fs::statat(&dir, part, AtFlags::SYMLINK_NOFOLLOW)?;
+                    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+                        return Err(std::io::Error::other(format!(
+                            "{rel}: {part:?} is not a directory"
+                        )));
+                    }
+                    tracing::warn!(path = %root.join(rel).display(), "removing a symbolic link from the store's tree");
+                    match rustix::fs::unlinkat(&dir, part, AtFlags::empty()) {
+                        Ok(()) | Err(Errno::NOENT) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+    }
+    Ok(dir)
+}
+
 /// The extended attribute that records a committed blob file's size: a file whose length differs
 /// from it was truncated or rewritten by someone else, and is not served.
 const SIZE_XATTR: &str = "user.ociedge.size";

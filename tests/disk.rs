@@ -160,6 +160,29 @@ async fn a_symlinked_blob_directory_is_not_followed() {
         "read through a linked directory"
     );
     assert!(status != 200 || body == blob);
+    // The refill replaced the link by a directory of the store, and wrote nothing through it.
+    assert!(
+        wait_whole(&p, digest, &blob).await,
+        "the blob is back in a real directory"
+    );
+    assert!(
+        !std::fs::symlink_metadata(dir)
+            .expect("dir")
+            .file_type()
+            .is_symlink(),
+        "the link is gone"
+    );
+    let outside_files: Vec<_> = std::fs::read_dir(outside.path())
+        .expect("outside")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(outside_files, vec![std::ffi::OsString::from("data")]);
+    assert_eq!(
+        std::fs::read(outside.path().join("data")).expect("outside"),
+        b"outside the store",
+        "nothing written outside the store"
+    );
+    assert_eq!(get_blob(&c, &base, digest).await.1, blob);
 }
 
 async fn wrong_size_is_refilled(tls: bool, grow: bool) {

@@ -170,42 +170,11 @@ impl StorageEngine {
     async fn put_blob_data(&self, digest: &Digest, file: &FsPath, size: u64) -> Result<()> {
         let dest = layout::blob_data(digest);
         if let Some(root) = &self.local_root {
-            let target = root.join(dest.as_ref());
-            if let Some(dir) = target.parent() {
-                tokio::fs::create_dir_all(dir).await?;
-            }
-            // The committed size, recorded on the inode the link shares: a hit checks it.
-            if let Ok(f) = std::fs::File::open(file) {
-                crate::fileio::record_size(&f, size);
-            }
-            // A hard link is an atomic create-if-absent: the blob appears whole or not at all,
-            // and a concurrent commit of the same digest (same bytes) simply finds it there.
-            match tokio::fs::hard_link(file, &target).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if self.local_whole(digest, size).await {
-                        return Ok(());
-                    }
-                    tracing::warn!(engine = %self.id, %digest, "replacing a bad local copy");
-                    // Linked beside it, then renamed over it: readers see the old file or the
-                    // new one, never a partial one (and a link is replaced, not followed).
-                    let tmp = target.with_extension(format!("{:016x}.tmp", rand::random::<u64>()));
-                    match tokio::fs::hard_link(file, &tmp).await {
-                        Ok(()) => {
-                            if let Err(e) = tokio::fs::rename(&tmp, &target).await {
-                                let _ = tokio::fs::remove_file(&tmp).await;
-                                return Err(e.into());
-                            }
-                            return Ok(());
-                        }
-                        Err(_) => {
-                            // Another filesystem: remove the bad copy and upload below.
-                            let _ = tokio::fs::remove_file(&target).await;
-                        }
-                    }
-                }
-                // Another filesystem: fall through to the store's own (staged, renamed) upload.
-                Err(_) => {}
+            match self.link_local(root, digest, &dest, file, size).await {
+                Ok(true) => return Ok(()),
+                // Another filesystem: the store's own (staged, renamed) upload below.
+                Ok(false) => {}
+                Err(e) => return Err(Error::engine(&self.id, e)),
             }
         }
         let replace = match self.store.head(&dest).await {
@@ -220,6 +189,96 @@ impl StorageEngine {
             }
         }
         Ok(())
+    }
+
+    /// Commits a spool file to a `file://` engine by hard links made inside a directory opened
+    /// without following links (so no write lands outside the store). A hard link is an atomic
+    /// create-if-absent: the blob appears whole or not at all, and a concurrent commit of the same
+    /// digest simply finds it there. A copy already there that is not whole (another size, a
+    /// link, a special file) is replaced by a link beside it renamed over it: readers see the old
+    /// file or the new one, never a partial one. `Ok(false)`: the spool is on another filesystem.
+    async fn link_local(
+        &self,
+        root: &FsPath,
+        digest: &Digest,
+        dest: &Path,
+        file: &FsPath,
+        size: u64,
+    ) -> std::io::Result<bool> {
+        use rustix::fs::AtFlags;
+        // The committed size, recorded on the inode the link shares: a hit checks it.
+        if let Ok(f) = std::fs::File::open(file) {
+            crate::fileio::record_size(&f, size);
+        }
+        let rel = dest.as_ref();
+        let (dir_rel, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        let (root2, dir_rel2, name2, spool) = (
+            root.to_path_buf(),
+            dir_rel.to_string(),
+            name.to_string(),
+            file.to_path_buf(),
+        );
+        let linked =
+            tokio::task::spawn_blocking(move || -> std::io::Result<Option<rustix::fd::OwnedFd>> {
+                let dir = crate::fileio::dir_beneath(&root2, &dir_rel2)?;
+                match rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    &spool,
+                    &dir,
+                    name2.as_str(),
+                    AtFlags::empty(),
+                ) {
+                    Ok(()) => Ok(None),
+                    Err(rustix::io::Errno::EXIST) => Ok(Some(dir)),
+                    // Another filesystem, or one without hard links: upload instead.
+                    Err(
+                        rustix::io::Errno::XDEV
+                        | rustix::io::Errno::PERM
+                        | rustix::io::Errno::OPNOTSUPP
+                        | rustix::io::Errno::MLINK,
+                    ) => Err(std::io::ErrorKind::CrossesDevices.into()),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+        let dir = match linked {
+            Ok(None) => return Ok(true),
+            Ok(Some(dir)) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+                // The store's upload replaces whatever is there only if told to: drop a bad copy.
+                if !self.local_whole(digest, size).await {
+                    if let Ok(d) = crate::fileio::dir_beneath(root, dir_rel) {
+                        let _ = rustix::fs::unlinkat(&d, name, AtFlags::empty());
+                    }
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        if self.local_whole(digest, size).await {
+            return Ok(true);
+        }
+        tracing::warn!(engine = %self.id, %digest, "replacing a bad local copy");
+        let (name, spool) = (name.to_string(), file.to_path_buf());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let tmp = format!("{name}.{:016x}.tmp", rand::random::<u64>());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                &spool,
+                &dir,
+                tmp.as_str(),
+                AtFlags::empty(),
+            )?;
+            if let Err(e) = rustix::fs::renameat(&dir, tmp.as_str(), &dir, name.as_str()) {
+                let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+                return Err(e.into());
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(true)
     }
 
     /// Whether the local file of `digest` is a regular file of `size` bytes (a hit would serve it).
