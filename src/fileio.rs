@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -121,6 +122,193 @@ impl FileSlice {
     pub fn stream(&self) -> ByteStream {
         stream_range(self.file.clone(), self.offset, self.len)
     }
+}
+
+/// Opens `rel` (a `/`-separated path of plain names) under the directory `root` for reading, never
+/// following a symbolic link on the way (a link anywhere below `root` is refused, so a blob file
+/// replaced by a link to a secret is never read through it), and only if it is a regular file (a
+/// FIFO or a device is refused without blocking on it). `root` must be canonical (no links in it).
+/// Returns the file and its size. A missing file is `ErrorKind::NotFound`; a link or a special
+/// file is `ErrorKind::InvalidData`.
+pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() || parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{rel:?} is not a plain relative path"),
+        ));
+    }
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    let flags =
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let link = |e: rustix::io::Errno| -> std::io::Error {
+        match e {
+            // ELOOP: a link was met (RESOLVE_NO_SYMLINKS, O_NOFOLLOW); ENOTDIR: a link where a
+            // directory was expected (O_DIRECTORY|O_NOFOLLOW).
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR | rustix::io::Errno::XDEV => {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{rel}: a symbolic link in the path; not followed"),
+                )
+            }
+            e => e.into(),
+        }
+    };
+    let fd = loop {
+        if !NO_OPENAT2.load(Ordering::Relaxed) {
+            match rustix::fs::openat2(
+                rustix::fs::CWD,
+                root.join(rel),
+                flags,
+                Mode::empty(),
+                ResolveFlags::NO_SYMLINKS,
+            ) {
+                Ok(fd) => break fd,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+                // Kernels before 5.6 (or a seccomp filter) lack openat2: walk the path instead.
+                Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => return Err(link(e)),
+            }
+        }
+        let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut dir = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let (last, dirs) = parts.split_last().ok_or(std::io::ErrorKind::InvalidInput)?;
+        for d in dirs {
+            dir = rustix::fs::openat(&dir, *d, dir_flags, Mode::empty()).map_err(link)?;
+        }
+        break rustix::fs::openat(&dir, *last, flags, Mode::empty()).map_err(link)?;
+    };
+    let file = File::from(fd);
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{rel}: not a regular file"),
+        ));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Opens the directory `rel` under `root` (made like `create_dir_all` where missing) so that no
+/// component of it is a symbolic link: a link found in the way is removed (nothing in the store is
+/// a link of ours) and a directory made in its place. Writes made relative to the returned
+/// directory never land outside the store.
+pub fn dir_beneath(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    use rustix::io::Errno;
+    let at = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        if part == "." || part == ".." {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{rel:?} is not a plain relative path"),
+            ));
+        }
+        let mut tries = 0;
+        dir = loop {
+            tries += 1;
+            match rustix::fs::openat(&dir, part, at, Mode::empty()) {
+                Ok(fd) => break fd,
+                Err(_) if tries > 4 => {
+                    return Err(std::io::Error::other(format!(
+                        "{rel}: cannot make {part:?} a directory"
+                    )))
+                }
+                Err(Errno::NOENT) => match rustix::fs::mkdirat(&dir, part, Mode::from(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Err(Errno::NOTDIR | Errno::LOOP) => {
+                    let st = rustix::fs::statat(&dir, part, AtFlags::SYMLINK_NOFOLLOW)?;
+                    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+                        return Err(std::io::Error::other(format!(
+                            "{rel}: {part:?} is not a directory"
+                        )));
+                    }
+                    tracing::warn!(path = %root.join(rel).display(), "removing a symbolic link from the store's tree");
+                    match rustix::fs::unlinkat(&dir, part, AtFlags::empty()) {
+                        Ok(()) | Err(Errno::NOENT) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+    }
+    Ok(dir)
+}
+
+/// The extended attribute that records a committed blob file's size: a file whose length differs
+/// from it was truncated or rewritten by someone else, and is not served.
+const SIZE_XATTR: &str = "user.ociedge.size";
+
+/// Records `size` as the committed size of `file` (best effort: a filesystem without user
+/// extended attributes records nothing, and such files are only checked by `ociedge verify`).
+pub fn record_size(file: &File, size: u64) {
+    let _ = rustix::fs::fsetxattr(
+        file,
+        SIZE_XATTR,
+        size.to_string().as_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    );
+}
+
+/// The size recorded for `file` by [`record_size`], if any.
+pub fn recorded_size(file: &File) -> Option<u64> {
+    let mut buf = [0u8; 24];
+    let n = rustix::fs::fgetxattr(file, SIZE_XATTR, &mut buf).ok()?;
+    std::str::from_utf8(buf.get(..n)?).ok()?.parse().ok()
+}
+
+/// Reads a whole small file that must be a regular file (links to one are followed) of at most
+/// `cap` bytes: a FIFO, a device (`/dev/zero`) or an oversized file is refused without blocking
+/// or reading past the cap.
+pub fn read_regular_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(
+            rustix::fs::OFlags::NONBLOCK.bits() as i32 | rustix::fs::OFlags::NOCTTY.bits() as i32,
+        )
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} bytes, more than the {cap} allowed", meta.len()),
+        ));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    file.take(cap + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than the {cap} bytes allowed"),
+        ));
+    }
+    Ok(buf)
 }
 
 /// A spool file, removed when dropped (committed copies are hard links or uploads of it).

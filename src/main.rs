@@ -1,4 +1,4 @@
-//! `ociedge serve | check-config`: command-line dispatch into the library.
+//! `ociedge serve | check-config | backfill | verify`: command-line dispatch into the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +54,13 @@ enum Cmd {
         /// Only repositories matching this glob (`team/**`).
         #[arg(long)]
         repo: Option<String>,
+    },
+    /// Re-hash every blob of the local engine and remove those that do not match their digest
+    /// (and anything in its blob tree that is not a regular file). Exit 0 when all were good,
+    /// 1 when some were removed or could not be checked.
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -118,6 +125,21 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("ociedge: backfill: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Verify { config } => {
+            init_logs(LogFormat::Text);
+            let (cfg, rt) = match config_and_runtime(config.as_deref()) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            match rt.block_on(verify(cfg)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("ociedge: verify: {e}");
+                    ExitCode::from(2)
                 }
             }
         }
@@ -244,6 +266,75 @@ async fn backfill(
         eprintln!("failed: {f}");
     }
     Ok(s.failures.is_empty())
+}
+
+/// Scrubs the local engine with a progress bar (bytes) on a terminal and a line per bad blob.
+/// `Ok(false)` when something was removed or could not be checked.
+async fn verify(cfg: Config) -> Result<bool, Box<dyn std::error::Error>> {
+    use ociedge::engine::scrub;
+    use ociedge::engine::storage::StorageEngine;
+    use std::io::IsTerminal;
+    let id = cfg.storage.preference.clone();
+    let ec = cfg
+        .storage
+        .engines
+        .get(&id)
+        .ok_or_else(|| format!("{id:?} is not a storage engine of this config"))?;
+    let engine = StorageEngine::open(&id, &ec.url, &ec.options)?;
+    let started = std::time::Instant::now();
+    let blobs = scrub::list(&engine).await?;
+    let total: u64 = blobs.iter().map(|b| b.size).sum();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let read = |n: u64| {
+        if let Some(b) = &bar {
+            b.inc(n);
+        }
+    };
+    let checked = |f: &scrub::Found, bad: Option<&str>| {
+        let name = f
+            .digest
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| f.key.clone());
+        if let Some(why) = bad {
+            let line = format!("bad: {name}: {why}");
+            match &bar {
+                Some(b) => b.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+        if let Some(b) = &bar {
+            b.set_message(name);
+        }
+    };
+    let s = scrub::run(&engine, &blobs, &read, &checked).await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    println!(
+        "verify {id}: {} blobs ({} bytes) checked in {:.1}s: {} removed, {} not checked",
+        s.blobs,
+        s.bytes,
+        started.elapsed().as_secs_f64(),
+        s.removed.len(),
+        s.errors.len()
+    );
+    for (key, why) in &s.removed {
+        println!("removed: {key}: {why}");
+    }
+    for (key, why) in &s.errors {
+        eprintln!("not checked: {key}: {why}");
+    }
+    Ok(s.removed.is_empty() && s.errors.is_empty())
 }
 
 async fn shutdown_signal() {

@@ -99,3 +99,48 @@ fn the_dockerfile_builds_as_the_readme_says() {
     );
     assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("USER ociedge"));
 }
+
+/// Every duration at the largest value check-config accepts: `serve` starts and answers (a
+/// duration check-config accepted used to panic at start or in every connection task).
+#[test]
+fn serve_runs_with_every_duration_at_its_bound() {
+    use std::io::{Read, Write};
+    let d = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = format!(
+        "listen: 127.0.0.1:{port}\nstorage:\n  preference: a\n  engines:\n    a: {{ url: \"file://{dir}/data\" }}\n  probe: {{ interval: 10years, timeout: 10years }}\n  redirect_blobs: 10years\ncache: {{ tag_ttl: 10years, max_stale: 10years, min_idle: 10years, stale_uploads: 10years, max_size: 1024TiB }}\nlimits: {{ header_read_timeout: 10years, idle_timeout: 10years, shutdown_grace: 10years }}\n",
+        dir = d.path().display()
+    );
+    let f = d.path().join("c.yaml");
+    std::fs::write(&f, &yaml).unwrap();
+    let (ok, _, err) = ociedge(&["check-config", "--config", f.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ociedge"))
+        .args(["serve", "--config", f.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut answer = String::new();
+    while std::time::Instant::now() < deadline {
+        assert!(child.try_wait().unwrap().is_none(), "serve exited");
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let _ = s.read_to_string(&mut answer);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(alive, "serve still runs after a request");
+}

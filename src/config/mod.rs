@@ -355,6 +355,68 @@ fn err(path: &str, msg: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("{path}: {msg}"))
 }
 
+/// Deepest nesting of collections a config file may have (the config itself needs 5).
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses text whose flow collections (`[`, `{`) nest deeper than [`MAX_NESTING`], in one
+/// linear pass before the parser sees it. Brackets inside quoted scalars and comments do not
+/// count; a bracket inside a plain scalar may count, which only makes the check stricter by one.
+/// (Block nesting costs the parser linear time, and its depth is bounded by the serde
+/// deserializer's recursion limit.)
+fn check_nesting(text: &str) -> Result<(), ConfigError> {
+    let mut depth = 0usize;
+    let mut line = 1usize;
+    let mut chars = text.chars().peekable();
+    // Whether a quote here would start a quoted scalar (at the start of a token).
+    let mut token_start = true;
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => {
+                line += 1;
+                token_start = true;
+                continue;
+            }
+            '#' if token_start => {
+                while chars.peek().is_some_and(|&c| c != '\n') {
+                    chars.next();
+                }
+                continue;
+            }
+            '\'' | '"' if token_start => {
+                while let Some(q) = chars.next() {
+                    match q {
+                        '\n' => line += 1,
+                        '\\' if c == '"' => {
+                            chars.next();
+                        }
+                        q if q == c => {
+                            // '' is an escaped quote inside a single-quoted scalar.
+                            if c == '\'' && chars.peek() == Some(&'\'') {
+                                chars.next();
+                                continue;
+                            }
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(ConfigError(format!(
+                        "line {line}: collections nested deeper than {MAX_NESTING} levels"
+                    )));
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        token_start = matches!(c, ' ' | '\t' | '[' | '{' | ',' | ':' | '-' | '?');
+    }
+    Ok(())
+}
+
 impl Config {
     /// Loads `path`, or the embedded default when `None`, applies environment overrides and
     /// validates.
@@ -379,8 +441,14 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Parses YAML; errors name the key path (`storage.engines.eu.url: ...`).
+    /// Parses YAML; errors name the key path (`storage.engines.eu.url: ...`). A key given twice
+    /// in one mapping, at any level, is an error (a map field would silently keep the last one),
+    /// and so is nesting deeper than [`MAX_NESTING`] (the YAML parser takes quadratic time in
+    /// the depth of flow collections: 100k levels took minutes).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        check_nesting(text)?;
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
+            .map_err(|e| ConfigError(e.to_string()))?;
         let de = serde_yaml_ng::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();

@@ -122,3 +122,69 @@ fn two_upstreams_with_one_storage_prefix_are_refused() {
         "{e}"
     );
 }
+
+const MINIMAL: &str = "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\n";
+
+#[test]
+fn durations_and_sizes_have_an_upper_bound_named_by_key() {
+    for (yaml, key) in [
+        ("cache: { tag_ttl: 1001years }\n", "cache.tag_ttl"),
+        ("cache: { max_stale: 11years }\n", "cache.max_stale"),
+        (
+            "limits: { header_read_timeout: 300000000000years }\n",
+            "limits.header_read_timeout",
+        ),
+        ("cache: { max_size: 1025TiB }\n", "cache.max_size"),
+        ("cache: { max_size: 100000TiB }\n", "cache.max_size"),
+        (
+            "cache: { max_size: 18446744073709551615 }\n",
+            "cache.max_size",
+        ),
+    ] {
+        let e = Config::parse(&format!("{MINIMAL}{yaml}")).unwrap_err().0;
+        assert!(e.starts_with(key), "{yaml}: {e}");
+        assert!(e.contains("largest allowed"), "{yaml}: {e}");
+    }
+    // The bounds themselves are accepted.
+    let c = Config::parse(&format!(
+        "{MINIMAL}cache: {{ tag_ttl: 10years, max_size: 1024TiB }}\n"
+    ))
+    .unwrap();
+    c.validate().unwrap();
+}
+
+#[test]
+fn duplicate_keys_are_refused_at_every_level() {
+    for yaml in [
+        "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\n    a: { url: 'file:///tmp/x' }\n",
+        "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://', url: 'file:///x' }\n",
+        "region: eu\nregion: us\nstorage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\n",
+        "storage:\n  preference: a\n  engines:\n    a: { url: 'memory://', options: { region: x, region: y } }\n",
+    ] {
+        let e = Config::parse(yaml).unwrap_err().0;
+        assert!(e.contains("duplicate"), "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn deep_nesting_is_refused_quickly() {
+    let started = std::time::Instant::now();
+    let n = 100_000;
+    for (open, close) in [("[", "]"), ("{a: ", "}")] {
+        let yaml = format!("{MINIMAL}region: {}1{}\n", open.repeat(n), close.repeat(n));
+        let e = Config::parse(&yaml).unwrap_err().0;
+        assert!(e.contains("nested deeper"), "{}", &e[..e.len().min(200)]);
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Brackets in quoted scalars and comments are not nesting.
+    let quoted = format!(
+        "{MINIMAL}region: eu # {}\nupstreams:\n  - {{ name: docker.io, url: 'https://r/{}' }}\n",
+        "[".repeat(200),
+        "[".repeat(200)
+    );
+    Config::parse(&quoted).unwrap();
+}

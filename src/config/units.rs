@@ -9,16 +9,29 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// The longest duration any setting takes: ten years is "for ever" for every timeout, TTL and
+/// interval, and far from what the runtime cannot add to a clock (`tag_ttl: 1001years` made the
+/// cache builder panic at start; `header_read_timeout: 300000000000years` every connection task).
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000); // 10 years of 365.25 days
+
+/// The largest size any setting takes: 1 PiB.
+pub const MAX_SIZE: u64 = 1 << 50;
+
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(HumanDuration)
-            .map_err(|e| {
-                de::Error::custom(format!(
-                    "invalid duration {s:?} ({e}); write e.g. 60s, 5m, 24h"
-                ))
-            })
+        let v = humantime::parse_duration(&s).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. 60s, 5m, 24h"
+            ))
+        })?;
+        if v > MAX_DURATION {
+            return Err(de::Error::custom(format!(
+                "duration {s:?} is longer than the largest allowed, {}",
+                humantime::format_duration(MAX_DURATION)
+            )));
+        }
+        Ok(HumanDuration(v))
     }
 }
 
@@ -65,8 +78,11 @@ impl ByteSize {
                 .ok_or_else(|| format!("unknown size unit {unit:?} in {s:?}; use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB"))?
         };
         let v = n * mult as f64;
-        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-            return Err(format!("size {s:?} is out of range"));
+        if !v.is_finite() || v < 0.0 || v > MAX_SIZE as f64 {
+            return Err(format!(
+                "size {s:?} is larger than the largest allowed, {}",
+                ByteSize(MAX_SIZE)
+            ));
         }
         Ok(ByteSize(v as u64))
     }
@@ -92,6 +108,10 @@ impl<'de> Deserialize<'de> for ByteSize {
             S(String),
         }
         match Raw::deserialize(d)? {
+            Raw::N(n) if n > MAX_SIZE => Err(de::Error::custom(format!(
+                "size {n} is larger than the largest allowed, {}",
+                ByteSize(MAX_SIZE)
+            ))),
             Raw::N(n) => Ok(ByteSize(n)),
             Raw::S(s) => ByteSize::parse(&s).map_err(de::Error::custom),
         }

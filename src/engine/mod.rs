@@ -10,9 +10,11 @@
 pub mod dns;
 pub mod layout;
 pub mod nearness;
+pub mod nofollow;
 pub mod objects;
 pub mod pushed;
 pub mod registry;
+pub mod scrub;
 pub mod set;
 pub mod storage;
 

@@ -43,6 +43,15 @@ pub struct StorageEngine {
     /// Signs URLs of a cloud store (and the key prefix the store's paths are under), for blob
     /// GETs redirected to the store.
     signer: Option<(Arc<dyn Signer>, Path)>,
+    /// Sizes of the blobs this process committed to a `file://` engine: with the size recorded
+    /// on the file itself (an extended attribute, where the filesystem has them), what a hit
+    /// checks the file's length against, so a file another writer replaced by one of another
+    /// length is caught too.
+    committed: moka::sync::Cache<Digest, u64>,
+}
+
+fn committed_sizes() -> moka::sync::Cache<Digest, u64> {
+    moka::sync::Cache::builder().max_capacity(100_000).build()
 }
 
 /// Retries inside object_store are kept short: a failing engine is better replaced by the next
@@ -156,28 +165,125 @@ pub fn check_url(
 
 impl StorageEngine {
     /// Puts a spooled blob under its digest: a hard link on a `file://` engine, an upload
-    /// otherwise (skipped when the store already holds it whole).
+    /// otherwise. A copy already there counts only if it is whole: a file of another size, a link
+    /// or a special file in its place is replaced (never taken as "already exists, done").
     async fn put_blob_data(&self, digest: &Digest, file: &FsPath, size: u64) -> Result<()> {
         let dest = layout::blob_data(digest);
         if let Some(root) = &self.local_root {
-            let target = root.join(dest.as_ref());
-            if let Some(dir) = target.parent() {
-                tokio::fs::create_dir_all(dir).await?;
-            }
-            // A hard link is an atomic create-if-absent: the blob appears whole or not at all,
-            // and a concurrent commit of the same digest (same bytes) simply finds it there.
-            match tokio::fs::hard_link(file, &target).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-                // Another filesystem: fall through to the store's own (staged, renamed) upload.
-                Err(_) => {}
+            match self.link_local(root, digest, &dest, file, size).await {
+                Ok(true) => return Ok(()),
+                // Another filesystem: the store's own (staged, renamed) upload below.
+                Ok(false) => {}
+                Err(e) => return Err(Error::engine(&self.id, e)),
             }
         }
-        match self.store.head(&dest).await {
+        let replace = match self.store.head(&dest).await {
             Ok(m) if m.size == size => return Ok(()),
-            _ => {}
+            Ok(_) => true,
+            _ => false,
+        };
+        self.upload_file(&dest, file, size, replace).await?;
+        if let Some(root) = &self.local_root {
+            if let Ok((f, _)) = crate::fileio::open_beneath(root, dest.as_ref()) {
+                crate::fileio::record_size(&f, size);
+            }
         }
-        self.upload_file(&dest, file, size).await
+        Ok(())
+    }
+
+    /// Commits a spool file to a `file://` engine by hard links made inside a directory opened
+    /// without following links (so no write lands outside the store). A hard link is an atomic
+    /// create-if-absent: the blob appears whole or not at all, and a concurrent commit of the same
+    /// digest simply finds it there. A copy already there that is not whole (another size, a
+    /// link, a special file) is replaced by a link beside it renamed over it: readers see the old
+    /// file or the new one, never a partial one. `Ok(false)`: the spool is on another filesystem.
+    async fn link_local(
+        &self,
+        root: &FsPath,
+        digest: &Digest,
+        dest: &Path,
+        file: &FsPath,
+        size: u64,
+    ) -> std::io::Result<bool> {
+        use rustix::fs::AtFlags;
+        // The committed size, recorded on the inode the link shares: a hit checks it.
+        if let Ok(f) = std::fs::File::open(file) {
+            crate::fileio::record_size(&f, size);
+        }
+        let rel = dest.as_ref();
+        let (dir_rel, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        let (root2, dir_rel2, name2, spool) = (
+            root.to_path_buf(),
+            dir_rel.to_string(),
+            name.to_string(),
+            file.to_path_buf(),
+        );
+        let linked =
+            tokio::task::spawn_blocking(move || -> std::io::Result<Option<rustix::fd::OwnedFd>> {
+                let dir = crate::fileio::dir_beneath(&root2, &dir_rel2)?;
+                match rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    &spool,
+                    &dir,
+                    name2.as_str(),
+                    AtFlags::empty(),
+                ) {
+                    Ok(()) => Ok(None),
+                    Err(rustix::io::Errno::EXIST) => Ok(Some(dir)),
+                    // Another filesystem, or one without hard links: upload instead.
+                    Err(
+                        rustix::io::Errno::XDEV
+                        | rustix::io::Errno::PERM
+                        | rustix::io::Errno::OPNOTSUPP
+                        | rustix::io::Errno::MLINK,
+                    ) => Err(std::io::ErrorKind::CrossesDevices.into()),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+        let dir = match linked {
+            Ok(None) => return Ok(true),
+            Ok(Some(dir)) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+                // The store's upload replaces whatever is there only if told to: drop a bad copy.
+                if !self.local_whole(digest, size).await {
+                    if let Ok(d) = crate::fileio::dir_beneath(root, dir_rel) {
+                        let _ = rustix::fs::unlinkat(&d, name, AtFlags::empty());
+                    }
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        if self.local_whole(digest, size).await {
+            return Ok(true);
+        }
+        tracing::warn!(engine = %self.id, %digest, "replacing a bad local copy");
+        let (name, spool) = (name.to_string(), file.to_path_buf());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let tmp = format!("{name}.{:016x}.tmp", rand::random::<u64>());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                &spool,
+                &dir,
+                tmp.as_str(),
+                AtFlags::empty(),
+            )?;
+            if let Err(e) = rustix::fs::renameat(&dir, tmp.as_str(), &dir, name.as_str()) {
+                let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+                return Err(e.into());
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(true)
+    }
+
+    /// Whether the local file of `digest` is a regular file of `size` bytes (a hit would serve it).
+    async fn local_whole(&self, digest: &Digest, size: u64) -> bool {
+        matches!(self.open_local_file(digest).await, Ok(Some(lf)) if lf.size == size)
     }
 
     /// Builds the store for `url`; `options` are object_store configuration keys.
@@ -200,11 +306,13 @@ impl StorageEngine {
             let dir = dir.canonicalize()?;
             let store =
                 LocalFileSystem::new_with_prefix(&dir).map_err(|e| cfg_err(e.to_string()))?;
+            let store = super::nofollow::NoFollow::new(store, dir.clone());
             return Ok(StorageEngine {
                 id: id.into(),
                 store: Arc::new(store),
                 local_root: Some(dir),
                 signer: None,
+                committed: committed_sizes(),
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| cfg_err(e.to_string()))?;
@@ -224,6 +332,7 @@ impl StorageEngine {
             store,
             local_root: None,
             signer: None,
+            committed: committed_sizes(),
         }
     }
 
@@ -253,9 +362,15 @@ impl StorageEngine {
         }
     }
 
-    async fn put_if_absent(&self, path: &Path, bytes: Bytes) -> Result<()> {
+    /// Writes a content-addressed object unless it is there (`replace`: write it anyway, over a
+    /// copy known to be bad).
+    async fn put_if_absent(&self, path: &Path, bytes: Bytes, replace: bool) -> Result<()> {
         let opts = PutOptions {
-            mode: PutMode::Create,
+            mode: if replace {
+                PutMode::Overwrite
+            } else {
+                PutMode::Create
+            },
             ..Default::default()
         };
         match self
@@ -322,12 +437,45 @@ impl StorageEngine {
         self.put_link(path, digest).await
     }
 
+    /// Stores manifest bytes under their digest; a copy already there that does not hash to it
+    /// (truncated, overwritten) is replaced rather than taken as "already exists".
+    async fn put_manifest_bytes(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        let path = layout::blob_data(digest);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)
+            .await
+        {
+            Ok(_) | Err(object_store::Error::NotImplemented { .. }) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let whole = matches!(self.read_small(&path).await,
+                    Ok(Some((have, _))) if digest.same_algorithm_of(&have) == *digest);
+                if whole {
+                    return Ok(());
+                }
+                tracing::warn!(engine = %self.id, %digest, "replacing a bad stored manifest");
+                self.put_if_absent(&path, bytes, true).await
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
     /// Streams a verified local file into the store.
-    async fn upload_file(&self, dest: &Path, file: &FsPath, size: u64) -> Result<()> {
+    async fn upload_file(
+        &self,
+        dest: &Path,
+        file: &FsPath,
+        size: u64,
+        replace: bool,
+    ) -> Result<()> {
         let f = Arc::new(std::fs::File::open(file)?);
         if size <= SINGLE_PUT_MAX {
             let bytes = crate::fileio::read_at(f, 0, size as usize).await?;
-            return self.put_if_absent(dest, bytes).await;
+            return self.put_if_absent(dest, bytes, replace).await;
         }
         let upload = self
             .store
@@ -390,6 +538,12 @@ impl Engine for StorageEngine {
     }
 
     async fn stat_blob(&self, _repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
+        if self.local_root.is_some() {
+            return Ok(self
+                .open_local_file(digest)
+                .await?
+                .map(|lf| BlobMeta { size: lf.size }));
+        }
         match self.store.head(&layout::blob_data(digest)).await {
             Ok(m) => Ok(Some(BlobMeta { size: m.size })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -412,6 +566,10 @@ impl Engine for StorageEngine {
                 len,
                 stream,
             }));
+        }
+        if self.local_root.is_some() {
+            // Absent, or a copy that is not served (see `open_local_file`).
+            return Ok(None);
         }
         // One request: a miss that asks this engine pays a single GET, "not found" included.
         let path = layout::blob_data(digest);
@@ -454,17 +612,31 @@ impl Engine for StorageEngine {
         }))
     }
 
+    /// The blob's file, opened without following any link below the engine's directory; only a
+    /// regular file whose length is the size recorded at its commit (when one was recorded) is
+    /// served. Anything else (a link, a FIFO, a truncated or overwritten file) reads as absent: the
+    /// miss path fetches the blob again and its commit replaces the bad copy.
     async fn open_local_file(&self, digest: &Digest) -> Result<Option<LocalFile>> {
         let Some(root) = &self.local_root else {
             return Ok(None);
         };
-        let path = root.join(layout::blob_data(digest).as_ref());
-        match std::fs::File::open(&path) {
-            Ok(file) => {
-                let size = file.metadata()?.len();
-                Ok(Some(LocalFile { file, size }))
+        let rel = layout::blob_data(digest);
+        match crate::fileio::open_beneath(root, rel.as_ref()) {
+            Ok((file, size)) => {
+                match crate::fileio::recorded_size(&file).or_else(|| self.committed.get(digest)) {
+                    Some(recorded) if recorded != size => {
+                        tracing::warn!(engine = %self.id, %digest, size, recorded,
+                        "local blob file has another size than was committed; not served");
+                        Ok(None)
+                    }
+                    _ => Ok(Some(LocalFile { file, size })),
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(engine = %self.id, %digest, error = %e, "local blob file not served");
+                Ok(None)
+            }
             Err(e) => Err(Error::engine(&self.id, e)),
         }
     }
@@ -562,6 +734,9 @@ impl Engine for StorageEngine {
 
     async fn put_blob_file(&self, digest: &Digest, file: &FsPath, size: u64) -> Result<()> {
         let res = self.put_blob_data(digest, file, size).await;
+        if res.is_ok() && self.local_root.is_some() {
+            self.committed.insert(digest.clone(), size);
+        }
         // Counted once visible: a memo of "not here" made before cannot outlive it.
         crate::writes::moved();
         res
@@ -579,7 +754,7 @@ impl Engine for StorageEngine {
 
     async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
         let res = self
-            .put_if_absent(&layout::blob_data(&manifest.digest), manifest.bytes.clone())
+            .put_manifest_bytes(&manifest.digest, manifest.bytes.clone())
             .await;
         // Counted once visible: a memo of "not here" made before cannot outlive it.
         crate::writes::moved();

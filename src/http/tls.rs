@@ -77,10 +77,23 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// Largest certificate chain or key file read: real ones are a few KiB.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Reads a certificate or key file: only a regular file (a link to one is followed, as Kubernetes
+/// secret volumes need) of at most [`MAX_PEM_FILE`] bytes. A FIFO would block the reader for
+/// good and `/dev/zero` would grow without end.
+fn read_pem(path: &Path, key: &str) -> Result<Vec<u8>> {
+    crate::fileio::read_regular_capped(path, MAX_PEM_FILE)
+        .map_err(|e| Error::Config(format!("{key}: {}: {e}", path.display())))
+}
+
 /// Reads a PEM chain and key, and checks that the key belongs to the leaf certificate.
 fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+    let cert_pem = read_pem(cert, "tls.cert")?;
+    let key_pem = read_pem(key, "tls.key")?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Config(format!("tls.cert: {}: {e}", cert.display())))?;
     if chain.is_empty() {
         return Err(Error::Config(format!(
@@ -88,7 +101,7 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedK
             cert.display()
         )));
     }
-    let pkey = PrivateKeyDer::from_pem_file(key)
+    let pkey = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| Error::Config(format!("tls.key: {}: {e}", key.display())))?;
     CertifiedKey::from_der(chain, pkey, provider).map_err(|e| {
         Error::Config(format!(
@@ -244,5 +257,88 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("no PEM certificate"), "{e}");
+    }
+
+    /// The resident set size of this process, in bytes.
+    fn rss() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    }
+
+    /// Reloads in a thread and waits at most 10 s for the verdict (`None`: still blocked).
+    fn reload_within(tls: &Tls) -> Option<Result<bool>> {
+        let cert = tls.cert.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(cert.reload(true));
+        });
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    fn served(tls: &Tls) -> String {
+        fingerprint(&tls.cert.current.read().expect("lock"))
+    }
+
+    #[test]
+    fn a_fifo_or_a_device_as_certificate_keeps_the_old_one_in_service() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (d.path().join("tls.crt"), d.path().join("tls.key"));
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+        std::fs::write(&cert, ck.cert.pem()).expect("write");
+        std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write");
+        let cfg = TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            plain_listen: None,
+            reload_interval: crate::config::HumanDuration(Duration::from_secs(5)),
+        };
+        let tls = Tls::new(&cfg).expect("tls");
+        let first = served(&tls);
+        let before = rss();
+
+        // A FIFO nobody writes to: opening it for reading would wait for a writer for ever.
+        std::fs::remove_file(&cert).expect("rm");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &cert,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let r = reload_within(&tls).expect("a FIFO blocked the reload");
+        let e = r.expect_err("a FIFO is no certificate").to_string();
+        assert!(e.starts_with("tls.cert:"), "{e}");
+        assert_eq!(served(&tls), first, "the previous certificate stays");
+
+        // Links to /dev/zero, as the certificate and as the key: refused without reading.
+        for path in [&cert, &key] {
+            let _ = std::fs::remove_file(&cert);
+            std::fs::write(&cert, ck.cert.pem()).expect("write");
+            let _ = std::fs::remove_file(path);
+            std::os::unix::fs::symlink("/dev/zero", path).expect("symlink");
+            let r = reload_within(&tls).expect("/dev/zero blocked the reload");
+            assert!(r.is_err(), "/dev/zero is no PEM file");
+            assert_eq!(served(&tls), first, "the previous certificate stays");
+        }
+        let grown = rss().saturating_sub(before);
+        assert!(grown < 64 << 20, "memory grew by {grown} bytes");
+
+        // An oversized regular file is refused too.
+        let _ = std::fs::remove_file(&key);
+        std::fs::write(&key, vec![b'A'; (MAX_PEM_FILE + 1) as usize]).expect("write");
+        assert!(reload_within(&tls).expect("reload").is_err());
+        assert_eq!(served(&tls), first);
+        // And a good pair is loaded again.
+        let ck2 = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+        std::fs::write(&cert, ck2.cert.pem()).expect("write");
+        std::fs::write(&key, ck2.signing_key.serialize_pem()).expect("write");
+        assert!(reload_within(&tls).expect("reload").expect("loads"));
+        assert_ne!(served(&tls), first, "the new certificate is served");
     }
 }

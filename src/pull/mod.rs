@@ -374,28 +374,26 @@ impl Puller {
                 redirect: None,
             })
         };
-        // HEAD on a file:// engine: one stat, no open.
-        if head {
-            if let Some(root) = local.local_dir() {
-                let writes = crate::writes::count();
-                let size = match self.local_sizes.get(digest) {
-                    Some(LocalSize::Present(size)) => size,
-                    Some(LocalSize::Absent(at)) if at == writes => return Ok(None),
-                    _ => {
-                        let path = root.join(crate::engine::layout::blob_data(digest).as_ref());
-                        let Ok(m) = std::fs::metadata(&path) else {
-                            self.local_sizes
-                                .insert(digest.clone(), LocalSize::Absent(writes));
-                            return Ok(None);
-                        };
+        // HEAD on a file:// engine: the file's checks (no link, a regular file of its recorded
+        // size) as a GET makes them, remembered for a second.
+        if head && local.local_dir().is_some() {
+            let writes = crate::writes::count();
+            let size = match self.local_sizes.get(digest) {
+                Some(LocalSize::Present(size)) => size,
+                Some(LocalSize::Absent(at)) if at == writes => return Ok(None),
+                _ => {
+                    let Ok(Some(lf)) = local.open_local_file(digest).await else {
                         self.local_sizes
-                            .insert(digest.clone(), LocalSize::Present(m.len()));
-                        m.len()
-                    }
-                };
-                let range = range.map(|s| s.resolve(size)).transpose()?;
-                return Ok(hit(size, range, None));
-            }
+                            .insert(digest.clone(), LocalSize::Absent(writes));
+                        return Ok(None);
+                    };
+                    self.local_sizes
+                        .insert(digest.clone(), LocalSize::Present(lf.size));
+                    lf.size
+                }
+            };
+            let range = range.map(|s| s.resolve(size)).transpose()?;
+            return Ok(hit(size, range, None));
         }
         // Fast path: a file:// engine's file, read directly in large chunks.
         match local.open_local_file(digest).await {

@@ -1,0 +1,335 @@
+//! What is on disk is checked before it is served: a blob file replaced by a symbolic link (to a
+//! secret) is never read through it, a blob file of the wrong size is never served with the
+//! wrong length and is repaired by the next fill, and `ociedge verify` re-hashes the local engine
+//! and removes what does not match. On the plain front and the TLS front alike.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::fake::FakeUpstream;
+use common::*;
+
+/// A fake upstream holding `blobs`; returns it with its URL.
+async fn upstream(blobs: &[&[u8]]) -> (FakeUpstream, String, Vec<String>) {
+    let up = FakeUpstream::default();
+    let mut digests = Vec::new();
+    for b in blobs {
+        let d = format!("sha256:{}", sha256_hex(b));
+        up.blobs
+            .lock()
+            .expect("lock")
+            .insert(d.clone(), Bytes::copy_from_slice(b));
+        digests.push(d);
+    }
+    let port = up.clone().start().await;
+    (up, format!("http://127.0.0.1:{port}"), digests)
+}
+
+/// The `tls:` section and a client for it: a self-signed certificate written into `dir`.
+fn tls_in(dir: &Path) -> String {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    std::fs::write(dir.join("tls.crt"), cert.cert.pem()).expect("tls.crt");
+    std::fs::write(dir.join("tls.key"), cert.signing_key.serialize_pem()).expect("tls.key");
+    "tls: { cert: \"{DIR}/tls.crt\", key: \"{DIR}/tls.key\" }\n".to_string()
+}
+
+fn tls_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .expect("client")
+}
+
+/// GETs a blob; the status and the body (empty when the body broke off).
+async fn get_blob(client: &reqwest::Client, base: &str, digest: &str) -> (u16, Vec<u8>) {
+    let r = client
+        .get(format!("{base}/v2/library/test/blobs/{digest}"))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let body = r.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until the proxy's local copy of `digest` is a regular file holding `want`.
+async fn wait_whole(p: &Proxy, digest: &str, want: &[u8]) -> bool {
+    let path = p.blob_path(digest);
+    eventually(Duration::from_secs(20), async || {
+        std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file())
+            && std::fs::read(&path).is_ok_and(|b| b == want)
+    })
+    .await
+}
+
+async fn symlinked_blob_is_never_served(tls: bool) {
+    let blob = random_bytes(300 * 1024, 11);
+    let (_up, url, digests) = upstream(&[&blob]).await;
+    let digest = &digests[0];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret.key");
+    std::fs::write(&secret, b"-----BEGIN PRIVATE KEY----- the crown jewels").expect("secret");
+    let (extra, client, scheme) = if tls {
+        (tls_in(dir.path()), tls_client(), "https")
+    } else {
+        (String::new(), client(), "http")
+    };
+    let p = Proxy::start_in(&mirror_config(&url, &extra), dir);
+    let base = format!("{scheme}://{}", p.host());
+    let (status, body) = get_blob(&client, &base, digest).await;
+    assert_eq!(status, 200);
+    assert!(body == blob, "first pull gets the blob");
+    assert!(wait_whole(&p, digest, &blob).await, "the blob was filled");
+
+    // Another writer on the storage replaces the blob file by a link to a secret.
+    let data = p.blob_path(digest);
+    std::fs::remove_file(&data).expect("rm");
+    std::os::unix::fs::symlink(&secret, &data).expect("symlink");
+    for _ in 0..3 {
+        let (status, body) = get_blob(&client, &base, digest).await;
+        assert!(
+            !body.windows(16).any(|w| w == b"the crown jewels"),
+            "the link's target was served ({status})"
+        );
+        assert!(status != 200 || body == blob, "a 200 carries the blob");
+        let head = client
+            .head(format!("{base}/v2/library/test/blobs/{digest}"))
+            .send()
+            .await
+            .expect("head");
+        if head.status() == 200 {
+            assert_eq!(
+                head.headers()["content-length"].to_str().ok(),
+                Some(blob.len().to_string().as_str()),
+                "HEAD tells the blob's size, not the link target's"
+            );
+        }
+    }
+    // The refill replaced the link by the blob itself.
+    assert!(
+        wait_whole(&p, digest, &blob).await,
+        "the link was replaced by the blob"
+    );
+    assert_eq!(
+        std::fs::read(&secret).expect("secret"),
+        b"-----BEGIN PRIVATE KEY----- the crown jewels",
+        "the link's target is untouched"
+    );
+    let (status, body) = get_blob(&client, &base, digest).await;
+    assert_eq!(status, 200);
+    assert!(body == blob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_file_replaced_by_a_symlink_is_never_served_plain() {
+    symlinked_blob_is_never_served(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_file_replaced_by_a_symlink_is_never_served_tls() {
+    symlinked_blob_is_never_served(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_blob_directory_is_not_followed() {
+    let blob = random_bytes(64 * 1024, 12);
+    let (_up, url, digests) = upstream(&[&blob]).await;
+    let digest = &digests[0];
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("data"), b"outside the store").expect("write");
+    let p = Proxy::start(&mirror_config(&url, ""));
+    let base = format!("http://{}", p.host());
+    let c = client();
+    assert_eq!(get_blob(&c, &base, digest).await.1, blob);
+    assert!(wait_whole(&p, digest, &blob).await);
+    // The blob's directory becomes a link to a directory outside the store.
+    let data = p.blob_path(digest);
+    let dir = data.parent().expect("dir");
+    std::fs::remove_dir_all(dir).expect("rm");
+    std::os::unix::fs::symlink(outside.path(), dir).expect("symlink");
+    let (status, body) = get_blob(&c, &base, digest).await;
+    assert!(
+        body != b"outside the store",
+        "read through a linked directory"
+    );
+    assert!(status != 200 || body == blob);
+    // The refill replaced the link by a directory of the store, and wrote nothing through it.
+    assert!(
+        wait_whole(&p, digest, &blob).await,
+        "the blob is back in a real directory"
+    );
+    assert!(
+        !std::fs::symlink_metadata(dir)
+            .expect("dir")
+            .file_type()
+            .is_symlink(),
+        "the link is gone"
+    );
+    let outside_files: Vec<_> = std::fs::read_dir(outside.path())
+        .expect("outside")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(outside_files, vec![std::ffi::OsString::from("data")]);
+    assert_eq!(
+        std::fs::read(outside.path().join("data")).expect("outside"),
+        b"outside the store",
+        "nothing written outside the store"
+    );
+    assert_eq!(get_blob(&c, &base, digest).await.1, blob);
+}
+
+async fn wrong_size_is_refilled(tls: bool, grow: bool) {
+    let blob = random_bytes(700 * 1024 + 17, 13);
+    let (up, url, digests) = upstream(&[&blob]).await;
+    let digest = &digests[0];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (extra, client, scheme) = if tls {
+        (tls_in(dir.path()), tls_client(), "https")
+    } else {
+        (String::new(), client(), "http")
+    };
+    let p = Proxy::start_in(&mirror_config(&url, &extra), dir);
+    let base = format!("{scheme}://{}", p.host());
+    assert_eq!(get_blob(&client, &base, digest).await.1, blob);
+    assert!(wait_whole(&p, digest, &blob).await, "the blob was filled");
+    let gets = up.blob_gets.load(std::sync::atomic::Ordering::SeqCst);
+
+    // The file is truncated (or grown) in place: same inode, other length.
+    let data = p.blob_path(digest);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .expect("open");
+    let len = if grow {
+        blob.len() + 4096
+    } else {
+        blob.len() / 3
+    };
+    f.set_len(len as u64).expect("set_len");
+    drop(f);
+
+    let head = client
+        .head(format!("{base}/v2/library/test/blobs/{digest}"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers()["content-length"].to_str().ok(),
+        Some(blob.len().to_string().as_str()),
+        "HEAD tells the blob's size"
+    );
+    let (status, body) = get_blob(&client, &base, digest).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), blob.len(), "served with the blob's length");
+    assert!(body == blob, "the right bytes");
+    assert!(
+        up.blob_gets.load(std::sync::atomic::Ordering::SeqCst) > gets,
+        "fetched again from upstream"
+    );
+    assert!(
+        wait_whole(&p, digest, &blob).await,
+        "the bad copy was replaced: {} bytes on disk",
+        std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0)
+    );
+    let (status, body) = get_blob(&client, &base, digest).await;
+    assert_eq!(status, 200);
+    assert!(body == blob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_blob_file_is_refilled_and_repaired_plain() {
+    wrong_size_is_refilled(false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_blob_file_is_refilled_and_repaired_tls() {
+    wrong_size_is_refilled(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_blob_file_is_refilled_and_repaired() {
+    wrong_size_is_refilled(false, true).await;
+}
+/// Runs `ociedge verify` on the config in `dir`.
+fn verify(dir: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ociedge"))
+        .args(["verify", "--config"])
+        .arg(dir.join("ociedge.yaml"))
+        .output()
+        .expect("run ociedge verify");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_removes_what_does_not_match_and_keeps_the_rest() {
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(200 * 1024, 20 + i)).collect();
+    let refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
+    let (_up, url, digests) = upstream(&refs).await;
+    let p = Proxy::start(&mirror_config(&url, ""));
+    let base = format!("http://{}", p.host());
+    let c = client();
+    for (b, d) in blobs.iter().zip(&digests) {
+        assert!(get_blob(&c, &base, d).await.1 == *b);
+        assert!(wait_whole(&p, d, b).await);
+    }
+    let dir = p.restart();
+
+    // A clean store verifies clean.
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("3 blobs"), "summary line: {out}");
+
+    // One blob's bytes flipped in place (same size), one replaced by a link.
+    let path = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    };
+    let bad = path(&digests[0]);
+    let mut bytes = std::fs::read(&bad).expect("read");
+    bytes[1000] ^= 0xff;
+    std::fs::write(&bad, &bytes).expect("write");
+    let linked = path(&digests[1]);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"secret").expect("secret");
+    std::fs::remove_file(&linked).expect("rm");
+    std::os::unix::fs::symlink(&secret, &linked).expect("symlink");
+    let good = path(&digests[2]);
+    let good_ino = std::fs::metadata(&good).expect("good").ino();
+
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(1), "bad blobs found: exit 1\n{out}{err}");
+    assert!(out.contains("3 blobs"), "summary line: {out}");
+    assert!(out.contains("2 removed"), "summary line: {out}");
+    assert!(
+        format!("{out}{err}").contains(&digests[0]),
+        "the bad blob is named: {out}{err}"
+    );
+    assert!(!bad.exists(), "the corrupt blob was removed");
+    assert!(
+        std::fs::symlink_metadata(&linked).is_err(),
+        "the link was removed"
+    );
+    assert_eq!(std::fs::read(&secret).expect("secret"), b"secret");
+    assert_eq!(std::fs::read(&good).expect("good"), blobs[2], "kept");
+    assert_eq!(std::fs::metadata(&good).expect("good").ino(), good_ino);
+
+    // And it is clean again.
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("1 blobs"), "summary line: {out}");
+}
