@@ -2,10 +2,11 @@
 
 pub mod auth;
 pub mod client;
+pub mod limit;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::Response;
 
@@ -14,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
 pub use client::RegistryClient;
 
-/// Manifests larger than this are refused (the spec's bound, and Distribution's).
-pub const MAX_MANIFEST: usize = 4 << 20;
+/// Manifests larger than this are refused (the spec's bound, and Distribution's; the push side's).
+pub const MAX_MANIFEST: usize = crate::push::manifest::MAX_MANIFEST;
 
 #[derive(Debug)]
 pub struct RegistryEngine {
@@ -62,6 +63,24 @@ impl RegistryEngine {
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(self.status_error("manifest", s)),
         }
+    }
+
+    /// The path and query of a tags-list `Link: <…>; rel="next"` target, if it is the tags list
+    /// of `repo` on this upstream (relative, or absolute with this upstream's origin); another
+    /// repository's or host's list is never followed.
+    fn next_page(&self, repo: &RepoName, link: &str) -> Option<String> {
+        let start = link.find('<')? + 1;
+        let end = link[start..].find('>')? + start;
+        let base = url::Url::parse(&self.client.url("/")).ok()?;
+        let target = base.join(&link[start..end]).ok()?;
+        if target.origin() != base.origin() || target.path() != format!("/v2/{repo}/tags/list") {
+            tracing::warn!(engine = %self.client.id(), link, "tags-list Link outside the repository ignored");
+            return None;
+        }
+        Some(match target.query() {
+            Some(q) => format!("{}?{q}", target.path()),
+            None => target.path().to_string(),
+        })
     }
 
     fn status_error(&self, what: &str, status: StatusCode) -> Error {
@@ -217,12 +236,6 @@ impl Engine for RegistryEngine {
         else {
             return Ok(None);
         };
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_MANIFEST as u64)
-        {
-            return Err(self.client.fail("manifest larger than 4 MiB"));
-        }
         let media_type = header_str(&resp, http::header::CONTENT_TYPE)
             .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
         let header_digest: Option<Digest> = resp
@@ -230,16 +243,9 @@ impl Engine for RegistryEngine {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse().ok());
-        let mut body = BytesMut::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.client.fail(e))?;
-            if body.len() + chunk.len() > MAX_MANIFEST {
-                return Err(self.client.fail("manifest larger than 4 MiB"));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let bytes: Bytes = body.freeze();
+        let bytes = limit::read_body(resp, MAX_MANIFEST, "manifest")
+            .await
+            .map_err(|e| self.client.fail(e))?;
         // The name we will store and serve it under must be what the bytes hash to.
         let expected = match reference {
             Reference::Digest(d) => Some(d.clone()),
@@ -258,6 +264,12 @@ impl Engine for RegistryEngine {
             }
             None => Digest::sha256_of(&bytes),
         };
+        // Right bytes for the digest, but no manifest (a layer or config answered as one).
+        if !media::is_manifest(&bytes) {
+            return Err(self
+                .client
+                .fail("upstream answered a manifest request with a non-manifest"));
+        }
         let media_type = match media_type {
             Some(m) if !m.is_empty() && m != "application/json" && m != "text/plain" => m,
             _ => media::sniff_manifest(&bytes),
@@ -314,7 +326,8 @@ impl Engine for RegistryEngine {
         }
         let mut all = Vec::new();
         let mut path = format!("/v2/{repo}/tags/list");
-        // Follow `Link: <...>; rel="next"` pagination, bounded.
+        // Follow `Link: <...>; rel="next"` pagination, bounded, and only within this repository
+        // of this upstream.
         for _ in 0..100 {
             let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
             match resp.status() {
@@ -322,16 +335,19 @@ impl Engine for RegistryEngine {
                 StatusCode::NOT_FOUND => return Ok(None),
                 s => return Err(self.status_error("tags", s)),
             }
-            let next = header_str(&resp, http::header::LINK).and_then(|l| {
-                let start = l.find('<')? + 1;
-                let end = l[start..].find('>')? + start;
-                let target = &l[start..end];
-                target.starts_with("/v2/").then(|| target.to_string())
-            });
-            let body = resp.bytes().await.map_err(|e| self.client.fail(e))?;
+            let next = header_str(&resp, http::header::LINK).and_then(|l| self.next_page(repo, l));
+            let body = limit::read_body(resp, limit::MAX_TAGS_PAGE, "tags list page")
+                .await
+                .map_err(|e| self.client.fail(e))?;
             let list: TagList = serde_json::from_slice(&body)
                 .map_err(|e| self.client.fail(format!("tags list: {e}")))?;
+            drop(body);
             all.extend(list.tags.unwrap_or_default());
+            if all.len() > limit::MAX_TAGS {
+                return Err(self
+                    .client
+                    .fail(format!("tags list longer than {} tags", limit::MAX_TAGS)));
+            }
             match next {
                 Some(n) => path = n,
                 None => break,
@@ -360,16 +376,9 @@ impl Engine for RegistryEngine {
             s => return Err(self.status_error("referrers", s)),
         }
         let filtered = resp.headers().contains_key("oci-filters-applied");
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_MANIFEST as u64)
-        {
-            return Err(self.client.fail("referrers index larger than 4 MiB"));
-        }
-        let body = resp.bytes().await.map_err(|e| self.client.fail(e))?;
-        if body.len() > MAX_MANIFEST {
-            return Err(self.client.fail("referrers index larger than 4 MiB"));
-        }
+        let body = limit::read_body(resp, MAX_MANIFEST, "referrers index")
+            .await
+            .map_err(|e| self.client.fail(e))?;
         Ok(Some((body, filtered)))
     }
 
