@@ -326,3 +326,88 @@ async fn upstream_tags_lists_and_tokens_are_bounded() {
     let slowest = health.slowest().await;
     assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
 }
+
+/// An upstream that trickles one byte a second: a manifest and a tags list are given up after
+/// the small-request deadline (an error, not an open request), and a blob below the minimum rate
+/// fails the fill (no other engine has it here), so the client's response ends broken instead of
+/// hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trickling_upstream_is_given_up() {
+    static SLOW: [u8; 4096] = [b' '; 4096];
+    let blob = random_bytes(4 << 20, 1605);
+    let blob_digest = format!("sha256:{}", sha256_hex(&blob));
+    let blob = Bytes::from(blob);
+    let port = serve(move |req| {
+        let blob = blob.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            if path == "/v2/" {
+                return respond(200, "{}");
+            }
+            if path.contains("/blobs/") {
+                // 1 KiB every 200 ms: 5 KiB/s.
+                let chunks: Vec<Bytes> = blob.chunks(1024).map(Bytes::copy_from_slice).collect();
+                let len = blob.len();
+                let s = futures::stream::iter(chunks).then(|c| async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(c))
+                });
+                let mut r = http::Response::new(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(s),
+                ));
+                r.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, len.into());
+                return r;
+            }
+            let mut r = respond(200, "");
+            *r.body_mut() = trickle(&SLOW, Duration::from_secs(1));
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, SLOW.len().into());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                "application/vnd.oci.image.manifest.v1+json"
+                    .parse()
+                    .unwrap(),
+            );
+            r
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{port}"), ""));
+    let health = HealthWatch::start(proxy.url("/healthz"));
+    let c = client();
+    let timed = |path: String| {
+        let c = c.clone();
+        let url = proxy.url(&path);
+        async move {
+            let t = std::time::Instant::now();
+            // Given up at a minute (before the fix, these hung for over an hour).
+            let r = tokio::time::timeout(Duration::from_secs(60), async {
+                let r = c.get(url).send().await.ok()?;
+                let status = r.status().as_u16();
+                Some((status, r.bytes().await.is_ok()))
+            })
+            .await;
+            let (status, whole) = r.ok().flatten().unwrap_or((0, false));
+            (status, whole, t.elapsed())
+        }
+    };
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let (manifest, tags, blob) = tokio::join!(
+        timed(format!("/v2/library/slow/manifests/{digest}")),
+        timed("/v2/library/slow/tags/list".into()),
+        timed(format!("/v2/library/slow/blobs/{blob_digest}")),
+    );
+    let bound = Duration::from_secs(40);
+    assert!(
+        manifest.0 >= 500 && manifest.2 < bound,
+        "manifest: {manifest:?}"
+    );
+    assert!(tags.0 != 200 && tags.2 < bound, "tags list: {tags:?}");
+    assert!(
+        !(blob.0 == 200 && blob.1) && blob.2 < bound,
+        "blob: {blob:?}"
+    );
+    let slowest = health.slowest().await;
+    assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
+}

@@ -18,6 +18,10 @@ pub use client::RegistryClient;
 /// Manifests larger than this are refused (the spec's bound, and Distribution's; the push side's).
 pub const MAX_MANIFEST: usize = crate::push::manifest::MAX_MANIFEST;
 
+/// The overall deadline of a small upstream request (manifest, tags list, referrers, blob
+/// `HEAD`, the head of a blob `GET`), token fetches included: a whole answer or an engine error.
+pub const SMALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
 #[derive(Debug)]
 pub struct RegistryEngine {
     client: RegistryClient,
@@ -83,57 +87,24 @@ impl RegistryEngine {
         })
     }
 
-    fn status_error(&self, what: &str, status: StatusCode) -> Error {
-        match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::client(
-                ErrorCode::Denied,
-                format!("upstream {} refused access to {what}", self.client.id()),
-            ),
-            StatusCode::TOO_MANY_REQUESTS => Error::client(
-                ErrorCode::TooManyRequests,
-                format!("upstream {} is rate limiting", self.client.id()),
-            ),
-            s => self.client.fail(format!("{what}: upstream answered {s}")),
+    /// `fut` (a small upstream request: its answer is read whole), given up with an engine error
+    /// when it has not finished within [`SMALL_DEADLINE`]: an upstream that trickles cannot hold
+    /// it open.
+    async fn within<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(SMALL_DEADLINE, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(self.client.fail(format!(
+                "{what}: no whole answer within {}s",
+                SMALL_DEADLINE.as_secs()
+            ))),
         }
     }
-}
 
-fn accept_header(accept: &[String]) -> HeaderValue {
-    let joined = if accept.is_empty() || accept.iter().all(|a| a.trim() == "*/*") {
-        media::ALL_MANIFESTS.join(", ")
-    } else {
-        accept.join(", ")
-    };
-    HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static(media::OCI_MANIFEST))
-}
-
-fn header_str(r: &Response, name: http::header::HeaderName) -> Option<&str> {
-    r.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// `bytes a-b/total` → (a, b + 1, total).
-fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    Some((
-        a.parse().ok()?,
-        b.parse::<u64>().ok()? + 1,
-        total.parse().ok()?,
-    ))
-}
-
-#[async_trait]
-impl Engine for RegistryEngine {
-    fn id(&self) -> &str {
-        self.client.id()
-    }
-
-    fn kind(&self) -> EngineKind {
-        EngineKind::Registry
-    }
-
-    async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
+    async fn stat_blob_now(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
         let resp = self
             .get(
                 Method::HEAD,
@@ -156,75 +127,7 @@ impl Engine for RegistryEngine {
         }
     }
 
-    async fn get_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        opts: GetBlob,
-    ) -> Result<Option<BlobRead>> {
-        let mut headers = HeaderMap::new();
-        if let Some(r) = opts.range {
-            let v = match r.end {
-                Some(end) => format!("bytes={}-{}", r.start, end.saturating_sub(1)),
-                None => format!("bytes={}-", r.start),
-            };
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                headers.insert(http::header::RANGE, v);
-            }
-        }
-        let resp = self
-            .get(
-                Method::GET,
-                repo,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                headers,
-            )
-            .await?;
-        let status = resp.status();
-        let (size, offset, len) = match status {
-            StatusCode::OK => {
-                let len = resp
-                    .content_length()
-                    .ok_or_else(|| self.client.fail("blob GET without Content-Length"))?;
-                if opts.range.is_some_and(|r| r.start > 0) {
-                    // The upstream ignored our Range; a resume from the wrong offset would corrupt
-                    // the fill, so treat this engine as unable to resume.
-                    return Err(self.client.fail("upstream ignored a Range request"));
-                }
-                (len, 0, len)
-            }
-            StatusCode::PARTIAL_CONTENT => {
-                let (a, b, total) = header_str(&resp, http::header::CONTENT_RANGE)
-                    .and_then(parse_content_range)
-                    .ok_or_else(|| self.client.fail("206 without a valid Content-Range"))?;
-                if Some(a) != opts.range.map(|r| r.start) {
-                    return Err(self
-                        .client
-                        .fail("upstream answered another range than asked"));
-                }
-                (total, a, b - a)
-            }
-            StatusCode::NOT_FOUND => return Ok(None),
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(Error::client(
-                    ErrorCode::RangeInvalid,
-                    "range not satisfiable",
-                ))
-            }
-            s => return Err(self.status_error("blob", s)),
-        };
-        let id = self.client.id().to_string();
-        let stream: ByteStream =
-            Box::pin(resp.bytes_stream().map_err(move |e| Error::engine(&id, e)));
-        Ok(Some(BlobRead {
-            size,
-            offset,
-            len,
-            stream,
-        }))
-    }
-
-    async fn get_manifest(
+    async fn get_manifest_now(
         &self,
         repo: &RepoName,
         reference: &Reference,
@@ -281,7 +184,7 @@ impl Engine for RegistryEngine {
         }))
     }
 
-    async fn head_manifest(
+    async fn head_manifest_now(
         &self,
         repo: &RepoName,
         reference: &Reference,
@@ -309,7 +212,7 @@ impl Engine for RegistryEngine {
             })),
             // An upstream that does not say the digest on HEAD: fall back to a GET.
             _ => Ok(self
-                .get_manifest(repo, reference, accept)
+                .get_manifest_now(repo, reference, accept)
                 .await?
                 .map(|m| ManifestMeta {
                     size: m.bytes.len() as u64,
@@ -319,7 +222,7 @@ impl Engine for RegistryEngine {
         }
     }
 
-    async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
+    async fn list_tags_now(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
         #[derive(serde::Deserialize)]
         struct TagList {
             tags: Option<Vec<String>>,
@@ -329,16 +232,24 @@ impl Engine for RegistryEngine {
         // Follow `Link: <...>; rel="next"` pagination, bounded, and only within this repository
         // of this upstream.
         for _ in 0..100 {
-            let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
-            match resp.status() {
-                StatusCode::OK => {}
-                StatusCode::NOT_FOUND => return Ok(None),
-                s => return Err(self.status_error("tags", s)),
-            }
-            let next = header_str(&resp, http::header::LINK).and_then(|l| self.next_page(repo, l));
-            let body = limit::read_body(resp, limit::MAX_TAGS_PAGE, "tags list page")
-                .await
-                .map_err(|e| self.client.fail(e))?;
+            // Each page within its deadline (a long list is many pages).
+            let page = self.within("tags list page", async {
+                let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
+                match resp.status() {
+                    StatusCode::OK => {}
+                    StatusCode::NOT_FOUND => return Ok(None),
+                    s => return Err(self.status_error("tags", s)),
+                }
+                let next =
+                    header_str(&resp, http::header::LINK).and_then(|l| self.next_page(repo, l));
+                let body = limit::read_body(resp, limit::MAX_TAGS_PAGE, "tags list page")
+                    .await
+                    .map_err(|e| self.client.fail(e))?;
+                Ok(Some((body, next)))
+            });
+            let Some((body, next)) = page.await? else {
+                return Ok(None);
+            };
             let list: TagList = serde_json::from_slice(&body)
                 .map_err(|e| self.client.fail(format!("tags list: {e}")))?;
             drop(body);
@@ -358,7 +269,7 @@ impl Engine for RegistryEngine {
         Ok(Some(all))
     }
 
-    async fn referrers(
+    async fn referrers_now(
         &self,
         repo: &RepoName,
         digest: &Digest,
@@ -380,6 +291,163 @@ impl Engine for RegistryEngine {
             .await
             .map_err(|e| self.client.fail(e))?;
         Ok(Some((body, filtered)))
+    }
+
+    fn status_error(&self, what: &str, status: StatusCode) -> Error {
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::client(
+                ErrorCode::Denied,
+                format!("upstream {} refused access to {what}", self.client.id()),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => Error::client(
+                ErrorCode::TooManyRequests,
+                format!("upstream {} is rate limiting", self.client.id()),
+            ),
+            s => self.client.fail(format!("{what}: upstream answered {s}")),
+        }
+    }
+}
+
+fn accept_header(accept: &[String]) -> HeaderValue {
+    let joined = if accept.is_empty() || accept.iter().all(|a| a.trim() == "*/*") {
+        media::ALL_MANIFESTS.join(", ")
+    } else {
+        accept.join(", ")
+    };
+    HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static(media::OCI_MANIFEST))
+}
+
+fn header_str(r: &Response, name: http::header::HeaderName) -> Option<&str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `bytes a-b/total` → (a, b + 1, total).
+fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    Some((
+        a.parse().ok()?,
+        b.parse::<u64>().ok()? + 1,
+        total.parse().ok()?,
+    ))
+}
+
+#[async_trait]
+impl Engine for RegistryEngine {
+    fn id(&self) -> &str {
+        self.client.id()
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Registry
+    }
+
+    async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
+        self.within("blob HEAD", self.stat_blob_now(repo, digest))
+            .await
+    }
+
+    async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        opts: GetBlob,
+    ) -> Result<Option<BlobRead>> {
+        let mut headers = HeaderMap::new();
+        if let Some(r) = opts.range {
+            let v = match r.end {
+                Some(end) => format!("bytes={}-{}", r.start, end.saturating_sub(1)),
+                None => format!("bytes={}-", r.start),
+            };
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(http::header::RANGE, v);
+            }
+        }
+        // The head within the deadline; the body is a stream the fill holds to a minimum rate.
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let resp = self
+            .within("blob GET", self.get(Method::GET, repo, &path, headers))
+            .await?;
+        let status = resp.status();
+        let (size, offset, len) = match status {
+            StatusCode::OK => {
+                let len = resp
+                    .content_length()
+                    .ok_or_else(|| self.client.fail("blob GET without Content-Length"))?;
+                if opts.range.is_some_and(|r| r.start > 0) {
+                    // The upstream ignored our Range; a resume from the wrong offset would corrupt
+                    // the fill, so treat this engine as unable to resume.
+                    return Err(self.client.fail("upstream ignored a Range request"));
+                }
+                (len, 0, len)
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let (a, b, total) = header_str(&resp, http::header::CONTENT_RANGE)
+                    .and_then(parse_content_range)
+                    .ok_or_else(|| self.client.fail("206 without a valid Content-Range"))?;
+                if Some(a) != opts.range.map(|r| r.start) {
+                    return Err(self
+                        .client
+                        .fail("upstream answered another range than asked"));
+                }
+                (total, a, b - a)
+            }
+            StatusCode::NOT_FOUND => return Ok(None),
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(Error::client(
+                    ErrorCode::RangeInvalid,
+                    "range not satisfiable",
+                ))
+            }
+            s => return Err(self.status_error("blob", s)),
+        };
+        let id = self.client.id().to_string();
+        let stream: ByteStream =
+            Box::pin(resp.bytes_stream().map_err(move |e| Error::engine(&id, e)));
+        Ok(Some(BlobRead {
+            size,
+            offset,
+            len,
+            stream,
+        }))
+    }
+
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<Manifest>> {
+        self.within("manifest", self.get_manifest_now(repo, reference, accept))
+            .await
+    }
+
+    async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<ManifestMeta>> {
+        self.within(
+            "manifest HEAD",
+            self.head_manifest_now(repo, reference, accept),
+        )
+        .await
+    }
+
+    async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
+        self.list_tags_now(repo).await
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<(Bytes, bool)>> {
+        self.within("referrers", self.referrers_now(repo, digest, artifact_type))
+            .await
     }
 
     async fn probe(&self) -> Result<()> {
