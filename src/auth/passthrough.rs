@@ -210,7 +210,13 @@ impl Passthrough {
         if !tr.status().is_success() {
             return Ok(false);
         }
-        let body = tr.bytes().await.map_err(fail)?;
+        let body = crate::engine::registry::limit::read_body(
+            tr,
+            crate::engine::registry::limit::MAX_TOKEN,
+            "token response",
+        )
+        .await
+        .map_err(|e| Error::engine(&gate.name, e))?;
         let Some((token, _)) = serde_json::from_slice::<TokenResponse>(&body)
             .ok()
             .and_then(TokenResponse::into_token)

@@ -4,7 +4,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -28,6 +28,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
+use crate::push::manifest::MAX_MANIFEST;
 
 /// Blobs smaller than this are committed with one conditional `put`; larger ones stream through a
 /// multipart upload.
@@ -52,6 +53,17 @@ pub struct StorageEngine {
 
 fn committed_sizes() -> moka::sync::Cache<Digest, u64> {
     moka::sync::Cache::builder().max_capacity(100_000).build()
+}
+
+/// Links and other small objects of the layout are read whole only up to this size.
+const MAX_LINK: usize = 4 << 10;
+
+/// A bounded read of a small object.
+enum Small {
+    Absent,
+    /// Larger than the bound: nothing was kept.
+    TooLarge,
+    Read(Bytes, object_store::ObjectMeta),
 }
 
 /// Retries inside object_store are kept short: a failing engine is better replaced by the next
@@ -349,16 +361,40 @@ impl StorageEngine {
         Error::engine(&self.id, e)
     }
 
-    /// Reads a small object whole; `None` when absent.
-    async fn read_small(&self, path: &Path) -> Result<Option<(Bytes, object_store::ObjectMeta)>> {
-        match self.store.get(path).await {
-            Ok(r) => {
-                let meta = r.meta.clone();
-                let bytes = r.bytes().await.map_err(|e| self.fail(e))?;
-                Ok(Some((bytes, meta)))
+    /// Reads a small object whole, never more than `max` bytes into memory (the size the store
+    /// reports is checked before any byte is read, and the bytes as they come).
+    async fn read_bounded(&self, path: &Path, max: usize) -> Result<Small> {
+        let r = match self.store.get(path).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Small::Absent),
+            Err(e) => return Err(self.fail(e)),
+        };
+        let meta = r.meta.clone();
+        if meta.size > max as u64 {
+            return Ok(Small::TooLarge);
+        }
+        let mut body = BytesMut::with_capacity(meta.size as usize);
+        let mut stream = r.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.fail(e))?;
+            if body.len() + chunk.len() > max {
+                return Ok(Small::TooLarge);
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.fail(e)),
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Small::Read(body.freeze(), meta))
+    }
+
+    /// Reads a link or other small object whole; `None` when absent. One larger than
+    /// [`MAX_LINK`] is not a link: an engine error.
+    async fn read_small(&self, path: &Path) -> Result<Option<(Bytes, object_store::ObjectMeta)>> {
+        match self.read_bounded(path, MAX_LINK).await? {
+            Small::Absent => Ok(None),
+            Small::Read(bytes, meta) => Ok(Some((bytes, meta))),
+            Small::TooLarge => Err(Error::engine(
+                &self.id,
+                format!("{path}: larger than {MAX_LINK} bytes, not a link"),
+            )),
         }
     }
 
@@ -654,8 +690,15 @@ impl Engine for StorageEngine {
                 None => return Ok(None),
             },
         };
-        let Some((bytes, _)) = self.read_small(&layout::blob_data(&digest)).await? else {
-            return Ok(None);
+        // Blobs and manifests share one store: content larger than a manifest can be, or that
+        // is not a manifest (a layer, an image config), is no manifest here, and is never read
+        // into memory beyond the bound.
+        let bytes = match self
+            .read_bounded(&layout::blob_data(&digest), MAX_MANIFEST)
+            .await?
+        {
+            Small::Read(bytes, _) => bytes,
+            Small::Absent | Small::TooLarge => return Ok(None),
         };
         // Never serve bytes that do not hash to the name they are served under.
         let actual = digest.same_algorithm_of(&bytes);
@@ -665,9 +708,13 @@ impl Engine for StorageEngine {
                 actual: actual.to_string(),
             });
         }
-        // Only what is a manifest is answered as one (a layer's digest names no manifest).
+        // Only what is a manifest is answered as one (a layer's digest names no manifest, nor
+        // does a JSON blob declaring another media type).
+        if !media::is_manifest(&bytes) {
+            return Ok(None);
+        }
         let Some(media_type) = media::sniff_manifest(&bytes) else {
-            tracing::debug!(%digest, "stored content is not a manifest");
+            tracing::debug!(%digest, "stored content is not of a manifest media type");
             return Ok(None);
         };
         Ok(Some(Manifest {

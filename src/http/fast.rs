@@ -462,7 +462,12 @@ async fn send(
     if !parts.headers.contains_key(header::DATE) {
         date(out);
     }
-    if declared.is_none() && !status.is_informational() && status != StatusCode::NO_CONTENT {
+    // (a 304 carries no length at all, as under hyper: RFC 9110 §8.6 allows only the 200's)
+    if declared.is_none()
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+    {
         match exact {
             Some(n) if !(head_only && n == 0) => line(
                 out,

@@ -17,8 +17,9 @@ pub const CSP_NONE: HeaderValue =
     HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'");
 pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
-/// Parses a single-range `Range: bytes=…` header. `Ok(None)` when absent, or for a multi-range
-/// request (answered with the whole blob, as HTTP allows); a malformed one is `RANGE_INVALID`.
+/// Parses a single-range `Range: bytes=…` header. `Ok(None)` when absent, for another unit than
+/// `bytes` (ignored, RFC 9110 §14.2), or for a multi-range request (answered with the whole blob,
+/// as HTTP allows); a malformed one is `RANGE_INVALID`.
 pub fn parse_range(headers: &HeaderMap) -> Result<Option<RangeSpec>> {
     let Some(v) = headers.get(header::RANGE) else {
         return Ok(None);
@@ -30,7 +31,11 @@ pub fn parse_range(headers: &HeaderMap) -> Result<Option<RangeSpec>> {
         )
     };
     let s = v.to_str().map_err(|_| bad())?.trim();
-    let spec = s.strip_prefix("bytes=").ok_or_else(bad)?.trim();
+    let (unit, spec) = s.split_once('=').ok_or_else(bad)?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return Ok(None);
+    }
+    let spec = spec.trim();
     if spec.contains(',') {
         return Ok(None);
     }
@@ -72,7 +77,26 @@ pub fn owned_value(s: String) -> HeaderValue {
     HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-/// Whether `If-None-Match` matches the ETag (so the answer is `304`).
+/// Whether `If-None-Match` names this ETag itself (not `*`): `304` without looking the content up,
+/// as digest-addressed content never changes.
+pub fn none_match_tag(headers: &HeaderMap, d: &Digest) -> bool {
+    if !headers.contains_key(header::IF_NONE_MATCH) {
+        return false;
+    }
+    let tag = etag(d);
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t.trim_start_matches("W/") == tag)
+        })
+}
+
+/// Whether `If-None-Match` matches the ETag or is `*` (so the answer is `304` for content that
+/// exists: check that first).
 pub fn none_match(headers: &HeaderMap, d: &Digest) -> bool {
     if !headers.contains_key(header::IF_NONE_MATCH) {
         return false;
@@ -146,7 +170,7 @@ mod tests {
             "bytes=",
             "bytes=-",
             "bytes=a-b",
-            "items=0-1",
+            "bytes 0-1",
             "bytes=9-3",
             "bytes=99999999999999999999-",
             "bytes=1",
@@ -154,6 +178,9 @@ mod tests {
             assert!(parse_range(&h(bad)).is_err(), "{bad}");
         }
         assert_eq!(parse_range(&HeaderMap::new()).unwrap(), None);
+        // Another unit is ignored, not refused; the unit's case does not matter.
+        assert_eq!(parse_range(&h("items=0-1")).unwrap(), None);
+        assert!(parse_range(&h("Bytes=0-1")).unwrap().is_some());
     }
 
     #[test]

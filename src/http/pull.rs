@@ -62,11 +62,19 @@ pub async fn blob(
     ns: Option<&str>,
 ) -> Result<Response<Body>> {
     let r = routed(app, name, ns)?;
-    if h::none_match(headers, digest) {
-        return finish(
+    let not_modified = || {
+        finish(
             immutable(builder(StatusCode::NOT_MODIFIED), digest),
             body::empty(),
-        );
+        )
+    };
+    if h::none_match_tag(headers, digest) {
+        return not_modified();
+    }
+    if h::none_match(headers, digest) {
+        // `*`: only for a blob that exists (an unknown one is answered as without the header).
+        app.puller.blob(&r, digest, None, true).await?;
+        return not_modified();
     }
     let range = if h::if_range_allows(headers, digest) {
         h::parse_range(headers)?
@@ -126,7 +134,8 @@ pub async fn manifest(
 ) -> Result<Response<Body>> {
     let r = routed(app, name, ns)?;
     if let Reference::Digest(d) = reference {
-        if h::none_match(headers, d) {
+        // (`*` is answered below, once the manifest is known to exist)
+        if h::none_match_tag(headers, d) {
             return finish(
                 immutable(builder(StatusCode::NOT_MODIFIED), d),
                 body::empty(),

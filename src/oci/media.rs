@@ -55,6 +55,23 @@ pub fn sniff_manifest(bytes: &[u8]) -> Option<String> {
     is_manifest_type(&t).then_some(t)
 }
 
+/// Whether bytes are a manifest at all (a JSON object with `schemaVersion` 1 or 2), as opposed to
+/// some other blob stored under its digest (a layer, an image config): only such content is
+/// answered as a manifest. The first byte is checked before any parse, so a binary layer costs
+/// nothing.
+pub fn is_manifest(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+    }
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return false;
+    }
+    serde_json::from_slice::<Probe>(bytes)
+        .is_ok_and(|p| matches!(p.schema_version, Some(1) | Some(2)))
+}
+
 /// Whether a client's `Accept` header values allow `media_type`. No `Accept` at all, or `*/*`,
 /// accepts anything.
 pub fn accepts(accept: &[String], media_type: &str) -> bool {
@@ -91,6 +108,16 @@ mod tests {
             "application/vnd.oci.image.index.v1+json; charset=utf-8"
         ));
         assert!(!is_manifest_type("text/html"));
+    }
+
+    #[test]
+    fn only_manifests_are_manifests() {
+        assert!(is_manifest(br#" {"schemaVersion":2,"layers":[]}"#));
+        assert!(is_manifest(br#"{"schemaVersion":1,"fsLayers":[]}"#));
+        assert!(!is_manifest(br#"{"architecture":"amd64","config":{}}"#));
+        assert!(!is_manifest(br#"{"schemaVersion":3}"#));
+        assert!(!is_manifest(b"\x1f\x8b\x08\x00 a gzip layer"));
+        assert!(!is_manifest(b""));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::rate::{self, MinRate};
 use crate::engine::{ByteRange, ByteStream, Engine, GetBlob};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -135,6 +136,8 @@ struct FillsInner {
     evictor: OnceLock<Arc<crate::evict::Evictor>>,
     spool_dir: PathBuf,
     metrics: Metrics,
+    /// The rate every source stream must keep (below it the fill moves to the next engine).
+    min_rate: OnceLock<MinRate>,
 }
 
 /// What the fill task needs to run.
@@ -154,6 +157,7 @@ impl Fills {
                 evictor: OnceLock::new(),
                 spool_dir,
                 metrics,
+                min_rate: OnceLock::new(),
             }),
         }
     }
@@ -161,6 +165,15 @@ impl Fills {
     /// Committed fills are reported to `e` from now on.
     pub fn set_evictor(&self, e: Arc<crate::evict::Evictor>) {
         let _ = self.inner.evictor.set(e);
+    }
+
+    /// Sets the minimum rate of source streams (once; the default otherwise).
+    pub fn set_min_rate(&self, rate: MinRate) {
+        let _ = self.inner.min_rate.set(rate);
+    }
+
+    fn min_rate(&self) -> MinRate {
+        self.inner.min_rate.get().copied().unwrap_or_default()
     }
 
     /// Number of fills in flight.
@@ -216,6 +229,7 @@ impl Fills {
                     &fills.inner.spool_dir,
                     &fills.inner.metrics,
                     fills.inner.evictor.get(),
+                    fills.min_rate(),
                 )
                 .await;
                 fills.inner.metrics.fill_finished(&outcome);
@@ -239,8 +253,9 @@ impl Fills {
         let s = state.clone();
         let dir = self.inner.spool_dir.clone();
         let metrics = self.inner.metrics.clone();
+        let rate = self.min_rate();
         tokio::spawn(async move {
-            let outcome = run_fill(&s, plan, &dir, &metrics, None).await;
+            let outcome = run_fill(&s, plan, &dir, &metrics, None, rate).await;
             s.end(outcome);
         });
         state
@@ -458,6 +473,7 @@ async fn run_fill(
     spool_dir: &std::path::Path,
     metrics: &Metrics,
     evictor: Option<&Arc<crate::evict::Evictor>>,
+    min_rate: MinRate,
 ) -> Outcome {
     let digest = &state.digest;
     let mut sources = plan.sources.into_iter();
@@ -473,7 +489,10 @@ async fn run_fill(
         };
         metrics.engine_request(engine.id());
         match engine.get_blob(&repo, digest, GetBlob::default()).await {
-            Ok(Some(read)) => break (read.stream, read.size, engine, repo),
+            Ok(Some(read)) => {
+                let stream = rate::guard(read.stream, min_rate, engine.id());
+                break (stream, read.size, engine, repo);
+            }
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(engine = engine.id(), error = %e, "fill source failed");
@@ -507,6 +526,8 @@ async fn run_fill(
     let mut received: u64 = 0;
     // What the stream said after a batch was cut short (its error or its end), for the next turn.
     let mut held: Option<Option<Result<Bytes>>> = None;
+    // The last stream failed for want of rate (then its engine is not retried).
+    let mut too_slow = false;
     loop {
         let item = match held.take() {
             Some(item) => item,
@@ -538,6 +559,8 @@ async fn run_fill(
             Some(Err(e)) => {
                 tracing::warn!(engine = engine.id(), offset = received, error = %e, "fill source failed mid-stream");
                 metrics.upstream_error(engine.id());
+                // A source too slow is not asked again: the next engine takes over.
+                too_slow = e.to_string().contains(rate::TOO_SLOW);
                 last_err = Some(e.to_string());
                 end_of_stream = true;
             }
@@ -576,7 +599,9 @@ async fn run_fill(
         // fill fails) on the next engine that has the blob
         // (the same upstream is retried once first, as most failures are a dropped connection).
         let mut resumed = None;
-        let retry_same = std::iter::once((engine.clone(), current_src.clone()));
+        let skip_same = std::mem::take(&mut too_slow);
+        let retry_same =
+            std::iter::once((engine.clone(), current_src.clone())).filter(move |_| !skip_same);
         for (e, repo) in retry_same.chain(sources.by_ref()) {
             let opts = GetBlob {
                 range: Some(ByteRange {
@@ -588,7 +613,8 @@ async fn run_fill(
             match e.get_blob(&repo, digest, opts).await {
                 Ok(Some(read)) if read.size == size && read.offset == received => {
                     tracing::info!(engine = e.id(), offset = received, "fill resumed");
-                    resumed = Some((read.stream, e, repo));
+                    let stream = rate::guard(read.stream, min_rate, e.id());
+                    resumed = Some((stream, e, repo));
                     break;
                 }
                 Ok(_) => continue,
@@ -855,6 +881,134 @@ mod tests {
             Piece::Bytes(b) => (u64::from(b[0]), b.len() as u64, false),
             Piece::File { offset, len, .. } => (*offset, *len, true),
         }
+    }
+
+    /// An engine holding one blob, sending it in 1 KiB chunks `every` apart (from the range's
+    /// start); records the offsets it was asked from.
+    #[derive(Debug)]
+    struct Source {
+        id: &'static str,
+        data: Bytes,
+        every: std::time::Duration,
+        asked: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Source {
+        fn id(&self) -> &str {
+            self.id
+        }
+        fn kind(&self) -> crate::engine::EngineKind {
+            crate::engine::EngineKind::Registry
+        }
+        async fn stat_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+        ) -> Result<Option<crate::engine::BlobMeta>> {
+            Ok(None)
+        }
+        async fn get_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+            opts: GetBlob,
+        ) -> Result<Option<crate::engine::BlobRead>> {
+            let start = opts.range.map_or(0, |r| r.start);
+            self.asked.lock().unwrap().push(start);
+            let rest = self.data.slice(start as usize..);
+            let every = self.every;
+            let chunks: Vec<Bytes> = rest.chunks(1024).map(Bytes::copy_from_slice).collect();
+            let stream = futures::stream::iter(chunks).then(move |c| async move {
+                tokio::time::sleep(every).await;
+                Ok(c)
+            });
+            Ok(Some(crate::engine::BlobRead {
+                size: self.data.len() as u64,
+                offset: start,
+                len: rest.len() as u64,
+                stream: Box::pin(stream),
+            }))
+        }
+        async fn get_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::Manifest>> {
+            Ok(None)
+        }
+        async fn head_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::ManifestMeta>> {
+            Ok(None)
+        }
+        async fn list_tags(&self, _: &RepoName) -> Result<Option<Vec<String>>> {
+            Ok(None)
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A source that trickles is left for the next engine, which resumes at the byte reached
+    /// (the trickler is not asked again).
+    #[tokio::test]
+    async fn a_trickling_source_is_replaced_at_the_byte_reached() {
+        let data = Bytes::from(
+            (0..200_000u32)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let digest = Digest::sha256_of(&data);
+        let slow = Arc::new(Source {
+            id: "slow",
+            data: data.clone(),
+            every: std::time::Duration::from_millis(100),
+            asked: Mutex::default(),
+        });
+        let fast = Arc::new(Source {
+            id: "fast",
+            data: data.clone(),
+            every: std::time::Duration::ZERO,
+            asked: Mutex::default(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+        fills.set_min_rate(MinRate {
+            bytes: 16 << 10,
+            window: std::time::Duration::from_millis(500),
+        });
+        let repo: RepoName = "a/b".parse().unwrap();
+        let (state, _) = fills.join_or_start(&digest, || FillPlan {
+            sources: vec![
+                (slow.clone() as Arc<dyn Engine>, repo.clone()),
+                (fast.clone() as Arc<dyn Engine>, repo.clone()),
+            ],
+            target: None,
+        });
+        let mut rx = state.progress.subscribe();
+        let outcome = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            rx.wait_for(|p| p.outcome.is_some()),
+        )
+        .await
+        .expect("the fill ended")
+        .unwrap()
+        .outcome
+        .clone();
+        assert!(matches!(outcome, Some(Outcome::Done)), "{outcome:?}");
+        assert_eq!(
+            *slow.asked.lock().unwrap(),
+            vec![0],
+            "the trickler was asked again"
+        );
+        let resumed = fast.asked.lock().unwrap().clone();
+        assert_eq!(resumed.len(), 1);
+        assert!(resumed[0] > 0 && resumed[0] < 20_000, "{resumed:?}");
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! of the local engine, tags from their authority.
 
 pub mod fill;
+pub mod rate;
 pub mod tags;
 
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 
 pub mod fake;
 pub mod faults;
+pub mod hostile;
 pub mod layout;
 pub mod regions;
 

@@ -235,8 +235,7 @@ impl RegistryClient {
             tracing::warn!(engine = %self.id, status = %resp.status(), "token request refused");
             return Ok(None);
         }
-        let body = resp
-            .bytes()
+        let body = super::limit::read_body(resp, super::limit::MAX_TOKEN, "token response")
             .await
             .map_err(|e| self.fail(format!("token endpoint: {e}")))?;
         let parsed: TokenResponse = serde_json::from_slice(&body)

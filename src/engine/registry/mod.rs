@@ -2,10 +2,11 @@
 
 pub mod auth;
 pub mod client;
+pub mod limit;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::Response;
 
@@ -14,8 +15,12 @@ use crate::error::{Error, Result};
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
 pub use client::RegistryClient;
 
-/// Manifests larger than this are refused (the spec's bound, and Distribution's).
-pub const MAX_MANIFEST: usize = 4 << 20;
+/// Manifests larger than this are refused (the spec's bound, and Distribution's; the push side's).
+pub const MAX_MANIFEST: usize = crate::push::manifest::MAX_MANIFEST;
+
+/// The overall deadline of a small upstream request (manifest, tags list, referrers, blob
+/// `HEAD`, the head of a blob `GET`), token fetches included: a whole answer or an engine error.
+pub const SMALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 #[derive(Debug)]
 pub struct RegistryEngine {
@@ -62,6 +67,238 @@ impl RegistryEngine {
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(self.status_error("manifest", s)),
         }
+    }
+
+    /// The path and query of a tags-list `Link: <…>; rel="next"` target, if it is the tags list
+    /// of `repo` on this upstream (relative, or absolute with this upstream's origin); another
+    /// repository's or host's list is never followed.
+    fn next_page(&self, repo: &RepoName, link: &str) -> Option<String> {
+        let start = link.find('<')? + 1;
+        let end = link[start..].find('>')? + start;
+        let base = url::Url::parse(&self.client.url("/")).ok()?;
+        let target = base.join(&link[start..end]).ok()?;
+        if target.origin() != base.origin() || target.path() != format!("/v2/{repo}/tags/list") {
+            tracing::warn!(engine = %self.client.id(), link, "tags-list Link outside the repository ignored");
+            return None;
+        }
+        Some(match target.query() {
+            Some(q) => format!("{}?{q}", target.path()),
+            None => target.path().to_string(),
+        })
+    }
+
+    /// `fut` (a small upstream request: its answer is read whole), given up with an engine error
+    /// when it has not finished within [`SMALL_DEADLINE`]: an upstream that trickles cannot hold
+    /// it open.
+    async fn within<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(SMALL_DEADLINE, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(self.client.fail(format!(
+                "{what}: no whole answer within {}s",
+                SMALL_DEADLINE.as_secs()
+            ))),
+        }
+    }
+
+    async fn stat_blob_now(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
+        let resp = self
+            .get(
+                Method::HEAD,
+                repo,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                HeaderMap::new(),
+            )
+            .await?;
+        match resp.status() {
+            s if s.is_success() => {
+                let size =
+                    header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+                // (the header, not reqwest's body size hint, which is 0 for a HEAD)
+                let size =
+                    size.ok_or_else(|| self.client.fail("blob HEAD without Content-Length"))?;
+                Ok(Some(BlobMeta { size }))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(self.status_error("blob", s)),
+        }
+    }
+
+    async fn get_manifest_now(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<Manifest>> {
+        let Some(resp) = self
+            .manifest_request(Method::GET, repo, reference, accept)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let media_type = header_str(&resp, http::header::CONTENT_TYPE)
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+        let header_digest: Option<Digest> = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok());
+        let bytes = limit::read_body(resp, MAX_MANIFEST, "manifest")
+            .await
+            .map_err(|e| self.client.fail(e))?;
+        // The name we will store and serve it under must be what the bytes hash to.
+        let expected = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => header_digest,
+        };
+        let digest = match expected {
+            Some(d) => {
+                let actual = d.same_algorithm_of(&bytes);
+                if actual != d {
+                    return Err(Error::DigestMismatch {
+                        expected: d.to_string(),
+                        actual: actual.to_string(),
+                    });
+                }
+                d
+            }
+            None => Digest::sha256_of(&bytes),
+        };
+        // Right bytes for the digest, but no manifest (a layer or config answered as one).
+        if !media::is_manifest(&bytes) {
+            return Err(self
+                .client
+                .fail("upstream answered a manifest request with a non-manifest"));
+        }
+        // An upstream's word for the type is taken only when it is a manifest type; otherwise
+        // the bytes must declare one (a "manifest" served as `text/html` is refused, never
+        // passed on with its type).
+        let media_type = match media_type {
+            Some(m) if media::is_manifest_type(&m) => m,
+            _ => media::sniff_manifest(&bytes).ok_or_else(|| {
+                self.client.fail(format!(
+                    "{repo}:{reference} is not a manifest (no manifest media type)"
+                ))
+            })?,
+        };
+        Ok(Some(Manifest {
+            digest,
+            media_type,
+            bytes,
+        }))
+    }
+
+    async fn head_manifest_now(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<ManifestMeta>> {
+        let Some(resp) = self
+            .manifest_request(Method::HEAD, repo, reference, accept)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let digest: Option<Digest> = header_str(
+            &resp,
+            http::HeaderName::from_static("docker-content-digest"),
+        )
+        .and_then(|s| s.parse().ok());
+        let media_type = header_str(&resp, http::header::CONTENT_TYPE)
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+        let size = header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+        let media_type = media_type.filter(|m| media::is_manifest_type(m));
+        match (digest, media_type, size) {
+            (Some(digest), Some(media_type), Some(size)) => Ok(Some(ManifestMeta {
+                digest,
+                media_type,
+                size,
+            })),
+            // An upstream that does not say the digest on HEAD: fall back to a GET.
+            _ => Ok(self
+                .get_manifest_now(repo, reference, accept)
+                .await?
+                .map(|m| ManifestMeta {
+                    size: m.bytes.len() as u64,
+                    digest: m.digest,
+                    media_type: m.media_type,
+                })),
+        }
+    }
+
+    async fn list_tags_now(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let mut all = Vec::new();
+        let mut path = format!("/v2/{repo}/tags/list");
+        // Follow `Link: <...>; rel="next"` pagination, bounded, and only within this repository
+        // of this upstream.
+        for _ in 0..100 {
+            // Each page within its deadline (a long list is many pages).
+            let page = self.within("tags list page", async {
+                let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
+                match resp.status() {
+                    StatusCode::OK => {}
+                    StatusCode::NOT_FOUND => return Ok(None),
+                    s => return Err(self.status_error("tags", s)),
+                }
+                let next =
+                    header_str(&resp, http::header::LINK).and_then(|l| self.next_page(repo, l));
+                let body = limit::read_body(resp, limit::MAX_TAGS_PAGE, "tags list page")
+                    .await
+                    .map_err(|e| self.client.fail(e))?;
+                Ok(Some((body, next)))
+            });
+            let Some((body, next)) = page.await? else {
+                return Ok(None);
+            };
+            let list: TagList = serde_json::from_slice(&body)
+                .map_err(|e| self.client.fail(format!("tags list: {e}")))?;
+            drop(body);
+            all.extend(list.tags.unwrap_or_default());
+            if all.len() > limit::MAX_TAGS {
+                return Err(self
+                    .client
+                    .fail(format!("tags list longer than {} tags", limit::MAX_TAGS)));
+            }
+            match next {
+                Some(n) => path = n,
+                None => break,
+            }
+        }
+        all.sort();
+        all.dedup();
+        Ok(Some(all))
+    }
+
+    async fn referrers_now(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<(Bytes, bool)>> {
+        let mut path = format!("/v2/{repo}/referrers/{digest}");
+        if let Some(t) = artifact_type {
+            path.push_str("?artifactType=");
+            path.push_str(&url::form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>());
+        }
+        let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => return Err(self.status_error("referrers", s)),
+        }
+        let filtered = resp.headers().contains_key("oci-filters-applied");
+        let body = limit::read_body(resp, MAX_MANIFEST, "referrers index")
+            .await
+            .map_err(|e| self.client.fail(e))?;
+        Ok(Some((body, filtered)))
     }
 
     fn status_error(&self, what: &str, status: StatusCode) -> Error {
@@ -122,26 +359,8 @@ impl Engine for RegistryEngine {
     }
 
     async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
-        let resp = self
-            .get(
-                Method::HEAD,
-                repo,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                HeaderMap::new(),
-            )
-            .await?;
-        match resp.status() {
-            s if s.is_success() => {
-                let size =
-                    header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
-                // (the header, not reqwest's body size hint, which is 0 for a HEAD)
-                let size =
-                    size.ok_or_else(|| self.client.fail("blob HEAD without Content-Length"))?;
-                Ok(Some(BlobMeta { size }))
-            }
-            StatusCode::NOT_FOUND => Ok(None),
-            s => Err(self.status_error("blob", s)),
-        }
+        self.within("blob HEAD", self.stat_blob_now(repo, digest))
+            .await
     }
 
     async fn get_blob(
@@ -160,13 +379,10 @@ impl Engine for RegistryEngine {
                 headers.insert(http::header::RANGE, v);
             }
         }
+        // The head within the deadline; the body is a stream the fill holds to a minimum rate.
+        let path = format!("/v2/{repo}/blobs/{digest}");
         let resp = self
-            .get(
-                Method::GET,
-                repo,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                headers,
-            )
+            .within("blob GET", self.get(Method::GET, repo, &path, headers))
             .await?;
         let status = resp.status();
         let (size, offset, len) = match status {
@@ -218,69 +434,8 @@ impl Engine for RegistryEngine {
         reference: &Reference,
         accept: &[String],
     ) -> Result<Option<Manifest>> {
-        let Some(resp) = self
-            .manifest_request(Method::GET, repo, reference, accept)
-            .await?
-        else {
-            return Ok(None);
-        };
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_MANIFEST as u64)
-        {
-            return Err(self.client.fail("manifest larger than 4 MiB"));
-        }
-        let media_type = header_str(&resp, http::header::CONTENT_TYPE)
-            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-        let header_digest: Option<Digest> = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse().ok());
-        let mut body = BytesMut::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.client.fail(e))?;
-            if body.len() + chunk.len() > MAX_MANIFEST {
-                return Err(self.client.fail("manifest larger than 4 MiB"));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let bytes: Bytes = body.freeze();
-        // The name we will store and serve it under must be what the bytes hash to.
-        let expected = match reference {
-            Reference::Digest(d) => Some(d.clone()),
-            Reference::Tag(_) => header_digest,
-        };
-        let digest = match expected {
-            Some(d) => {
-                let actual = d.same_algorithm_of(&bytes);
-                if actual != d {
-                    return Err(Error::DigestMismatch {
-                        expected: d.to_string(),
-                        actual: actual.to_string(),
-                    });
-                }
-                d
-            }
-            None => Digest::sha256_of(&bytes),
-        };
-        // An upstream's word for the type is taken only when it is a manifest type; otherwise
-        // the bytes must declare one (a "manifest" served as `text/html` is refused, never
-        // passed on with its type).
-        let media_type = match media_type {
-            Some(m) if media::is_manifest_type(&m) => m,
-            _ => media::sniff_manifest(&bytes).ok_or_else(|| {
-                self.client.fail(format!(
-                    "{repo}:{reference} is not a manifest (no manifest media type)"
-                ))
-            })?,
-        };
-        Ok(Some(Manifest {
-            digest,
-            media_type,
-            bytes,
-        }))
+        self.within("manifest", self.get_manifest_now(repo, reference, accept))
+            .await
     }
 
     async fn head_manifest(
@@ -289,72 +444,15 @@ impl Engine for RegistryEngine {
         reference: &Reference,
         accept: &[String],
     ) -> Result<Option<ManifestMeta>> {
-        let Some(resp) = self
-            .manifest_request(Method::HEAD, repo, reference, accept)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let digest: Option<Digest> = header_str(
-            &resp,
-            http::HeaderName::from_static("docker-content-digest"),
+        self.within(
+            "manifest HEAD",
+            self.head_manifest_now(repo, reference, accept),
         )
-        .and_then(|s| s.parse().ok());
-        let media_type = header_str(&resp, http::header::CONTENT_TYPE)
-            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-        let size = header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
-        let media_type = media_type.filter(|m| media::is_manifest_type(m));
-        match (digest, media_type, size) {
-            (Some(digest), Some(media_type), Some(size)) => Ok(Some(ManifestMeta {
-                digest,
-                media_type,
-                size,
-            })),
-            // An upstream that does not say the digest on HEAD: fall back to a GET.
-            _ => Ok(self
-                .get_manifest(repo, reference, accept)
-                .await?
-                .map(|m| ManifestMeta {
-                    size: m.bytes.len() as u64,
-                    digest: m.digest,
-                    media_type: m.media_type,
-                })),
-        }
+        .await
     }
 
     async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
-        #[derive(serde::Deserialize)]
-        struct TagList {
-            tags: Option<Vec<String>>,
-        }
-        let mut all = Vec::new();
-        let mut path = format!("/v2/{repo}/tags/list");
-        // Follow `Link: <...>; rel="next"` pagination, bounded.
-        for _ in 0..100 {
-            let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
-            match resp.status() {
-                StatusCode::OK => {}
-                StatusCode::NOT_FOUND => return Ok(None),
-                s => return Err(self.status_error("tags", s)),
-            }
-            let next = header_str(&resp, http::header::LINK).and_then(|l| {
-                let start = l.find('<')? + 1;
-                let end = l[start..].find('>')? + start;
-                let target = &l[start..end];
-                target.starts_with("/v2/").then(|| target.to_string())
-            });
-            let body = resp.bytes().await.map_err(|e| self.client.fail(e))?;
-            let list: TagList = serde_json::from_slice(&body)
-                .map_err(|e| self.client.fail(format!("tags list: {e}")))?;
-            all.extend(list.tags.unwrap_or_default());
-            match next {
-                Some(n) => path = n,
-                None => break,
-            }
-        }
-        all.sort();
-        all.dedup();
-        Ok(Some(all))
+        self.list_tags_now(repo).await
     }
 
     async fn referrers(
@@ -363,29 +461,8 @@ impl Engine for RegistryEngine {
         digest: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Option<(Bytes, bool)>> {
-        let mut path = format!("/v2/{repo}/referrers/{digest}");
-        if let Some(t) = artifact_type {
-            path.push_str("?artifactType=");
-            path.push_str(&url::form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>());
-        }
-        let resp = self.get(Method::GET, repo, &path, HeaderMap::new()).await?;
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok(None),
-            s => return Err(self.status_error("referrers", s)),
-        }
-        let filtered = resp.headers().contains_key("oci-filters-applied");
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_MANIFEST as u64)
-        {
-            return Err(self.client.fail("referrers index larger than 4 MiB"));
-        }
-        let body = resp.bytes().await.map_err(|e| self.client.fail(e))?;
-        if body.len() > MAX_MANIFEST {
-            return Err(self.client.fail("referrers index larger than 4 MiB"));
-        }
-        Ok(Some((body, filtered)))
+        self.within("referrers", self.referrers_now(repo, digest, artifact_type))
+            .await
     }
 
     async fn probe(&self) -> Result<()> {
