@@ -131,8 +131,10 @@ async fn failures(proxy: &Proxy) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deletes_are_replicated_to_every_engine() {
     let root = tempfile::tempdir().unwrap();
-    let (eu_cfg, _) = two_regions(root.path());
+    let (eu_cfg, us_cfg) = two_regions(root.path());
     let eu = Proxy::start(&eu_cfg);
+    // The other region's process (pushes and deletes through it go to eu's engine too).
+    let us_proxy = Proxy::start(&us_cfg);
     let us = root.path().join("us");
     let a = push_image(&eu, "del/app", "1.0", 1).await;
     let r = client()
@@ -190,9 +192,9 @@ async fn deletes_are_replicated_to_every_engine() {
         tag_value(&us, "del/app", "keep").is_none(),
         "no tag left on a deleted manifest"
     );
-    // A blob: its link goes in us too.
+    // A blob, deleted through the other region: its link goes in us too.
     assert_eq!(
-        delete(&eu, &format!("/v2/del/app/blobs/{}", a.layer)).await,
+        delete(&us_proxy, &format!("/v2/del/app/blobs/{}", a.layer)).await,
         202
     );
     assert!(

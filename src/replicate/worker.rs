@@ -1,6 +1,8 @@
 //! The replication worker: for each target engine, runs the queued jobs (oldest first), retries
-//! failures with backoff, and reports the backlog. Jobs are idempotent, so a job interrupted by a
-//! kill simply runs again after the restart.
+//! failures with backoff, moves jobs that can never succeed to the dead-letter prefix, and
+//! reports the backlog. Jobs are idempotent and copy the source's state when they run, so a job
+//! interrupted by a kill simply runs again after the restart, and a retried job cannot undo a
+//! newer one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -260,17 +262,17 @@ enum Failure {
     /// An engine failed: the job may succeed later, and is retried with backoff.
     Retry(Error),
     /// The job can never succeed (names that do not validate, content the source does not
-    /// have or cannot parse): it is moved to the dead-letter prefix.
+    /// have, a manifest that does not parse): it is moved to the dead-letter prefix.
     Dead(String),
 }
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         match e {
-            // Decided, not broken: absent content, a manifest that does not parse, bytes that
-            // do not match their digest in the source. No retry changes them.
+            // Decided, not broken: content absent from the source, a manifest (verified against
+            // its digest) that does not parse. No retry changes them.
             Error::Client(e) => Failure::Dead(e.message),
-            e @ Error::DigestMismatch { .. } => Failure::Dead(e.to_string()),
+            // Engines failing, and bytes that did not match (a read cut short looks the same).
             e => Failure::Retry(e),
         }
     }
