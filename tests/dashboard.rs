@@ -248,18 +248,19 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
     let pushed = push_blob(&proxy.url(""), "team/app", random_bytes(100_000, 1)).await;
     assert_eq!(get(format!("/v2/team/app/blobs/{pushed}")).await.0, 200);
     assert_eq!(get(format!("/v2/team/app/blobs/{pushed}")).await.0, 200);
-    // A miss filled from us.
+    // A miss filled from us (in a mirrored repository: in the pushed `team/app`, only what the
+    // preferred engine links is served).
     let remote = random_bytes(50_000, 2);
     let remote_digest = format!("sha256:{}", sha256_hex(&remote));
     plant_blob(&root.path().join("us"), &remote_digest, &remote);
     assert_eq!(
-        get(format!("/v2/team/app/blobs/{remote_digest}")).await,
+        get(format!("/v2/library/app/blobs/{remote_digest}")).await,
         (200, Some(50_000))
     );
     // A blob whose bytes in us do not match its digest.
     let wrong = format!("sha256:{}", sha256_hex(b"what it should be"));
     plant_blob(&root.path().join("us"), &wrong, b"something else entirely");
-    let _ = get(format!("/v2/team/app/blobs/{wrong}")).await;
+    let _ = get(format!("/v2/library/app/blobs/{wrong}")).await;
     // A tag the upstream cannot be asked for.
     let _ = get("/v2/library/nothing/manifests/latest".into()).await;
     let _ = get("/_ociedge/status".into()).await;
