@@ -204,6 +204,17 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
 /// a link of ours) and a directory made in its place. Writes made relative to the returned
 /// directory never land outside the store.
 pub fn dir_beneath(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
+    walk_dirs(root, rel, true)
+}
+
+/// Opens the directory `rel` under `root` without following a link on the way (and without
+/// making or removing anything): a link in the way is `ErrorKind::InvalidData`, a missing
+/// directory `ErrorKind::NotFound`.
+pub fn dir_nofollow(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
+    walk_dirs(root, rel, false)
+}
+
+fn walk_dirs(root: &Path, rel: &str, make: bool) -> std::io::Result<rustix::fd::OwnedFd> {
     use rustix::fs::{AtFlags, FileType, Mode, OFlags};
     use rustix::io::Errno;
     let at = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -228,6 +239,13 @@ pub fn dir_beneath(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedF
                     return Err(std::io::Error::other(format!(
                         "{rel}: cannot make {part:?} a directory"
                     )))
+                }
+                Err(Errno::NOENT) if !make => return Err(Errno::NOENT.into()),
+                Err(Errno::NOTDIR | Errno::LOOP) if !make => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{rel}: a symbolic link or a file in the path; not followed"),
+                    ))
                 }
                 Err(Errno::NOENT) => match rustix::fs::mkdirat(&dir, part, Mode::from(0o755)) {
                     Ok(()) | Err(Errno::EXIST) => {}
