@@ -361,7 +361,7 @@ pub const MAX_NESTING: usize = 64;
 
 /// Refuses text whose flow collections (`[`, `{`) nest deeper than [`MAX_NESTING`], in one
 /// linear pass before the parser sees it. Brackets inside quoted scalars and comments do not
-/// count; a bracket inside a plain scalar may count, which only makes the check stricter by one.
+/// count, nor do brackets inside a plain scalar (a collection starts only where a token does).
 /// (Block nesting costs the parser linear time, and its depth is bounded by the serde
 /// deserializer's recursion limit.)
 fn check_nesting(text: &str) -> Result<(), ConfigError> {
@@ -402,7 +402,8 @@ fn check_nesting(text: &str) -> Result<(), ConfigError> {
                     }
                 }
             }
-            '[' | '{' => {
+            // A flow collection starts only where a token does (`team/[ab]` is a plain scalar).
+            '[' | '{' if token_start => {
                 depth += 1;
                 if depth > MAX_NESTING {
                     return Err(ConfigError(format!(
