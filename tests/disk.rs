@@ -431,3 +431,55 @@ async fn a_fifo_or_dev_zero_as_certificate_keeps_the_old_one_and_the_watcher() {
     );
     assert!(p.log().contains("not reloaded"), "the failures are logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs moto"]
+async fn verify_scrubs_an_s3_local_engine() {
+    use object_store::ObjectStoreExt;
+    let moto = common::regions::Moto::start(None, "127.0.0.1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "storage:\n  preference: eu\n  engines:\n    eu: {}\n",
+        moto.engine_yaml(None)
+    );
+    std::fs::write(dir.path().join("ociedge.yaml"), yaml).expect("config");
+    let cfg = ociedge::config::Config::load(Some(&dir.path().join("ociedge.yaml"))).expect("cfg");
+    let ec = &cfg.storage.engines["eu"];
+    let engine =
+        ociedge::engine::storage::StorageEngine::open("eu", &ec.url, &ec.options).expect("engine");
+    let key = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        object_store::path::Path::from(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    };
+    let good = random_bytes(100 * 1024, 31);
+    let good_d = format!("sha256:{}", sha256_hex(&good));
+    let bad = random_bytes(100 * 1024, 32);
+    let bad_d = format!("sha256:{}", sha256_hex(&bad));
+    let mut wrong = bad.clone();
+    wrong[7] ^= 1;
+    engine
+        .store()
+        .put(&key(&good_d), good.clone().into())
+        .await
+        .expect("put");
+    engine
+        .store()
+        .put(&key(&bad_d), wrong.into())
+        .await
+        .expect("put");
+
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("2 blobs") && out.contains("1 removed"),
+        "{out}"
+    );
+    assert!(out.contains(&bad_d[7..]), "the bad blob is named: {out}");
+    assert!(engine.store().head(&key(&bad_d)).await.is_err(), "removed");
+    assert!(engine.store().head(&key(&good_d)).await.is_ok(), "kept");
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+}
