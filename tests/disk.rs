@@ -483,3 +483,56 @@ async fn verify_scrubs_an_s3_local_engine() {
     let (code, out, err) = verify(dir.path());
     assert_eq!(code, Some(0), "{out}{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry, skopeo"]
+async fn a_truncated_manifest_file_is_refetched_and_repaired() {
+    let origin = Origin::start();
+    origin.seed();
+    let cfg = mirror_config(&origin.url(), "");
+    let p = Proxy::start(&cfg);
+    let c = client();
+    let url = |p: &Proxy| p.url(&format!("/v2/library/small/manifests/{SMALL}"));
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let want = c
+        .get(url(&p))
+        .header("accept", accept)
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(format!("sha256:{}", sha256_hex(&want)), SMALL);
+    let path = p.blob_path(SMALL);
+    assert!(
+        eventually(Duration::from_secs(20), async || std::fs::read(&path)
+            .is_ok_and(|b| b == want))
+        .await,
+        "the manifest was stored"
+    );
+    // A new process (nothing in memory), and the stored manifest cut short.
+    let dir = p.restart();
+    let p = Proxy::start_in(&cfg, dir);
+    let path = p.blob_path(SMALL);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    f.set_len(want.len() as u64 / 2).expect("truncate");
+    drop(f);
+    let r = c
+        .get(url(&p))
+        .header("accept", accept)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body"), want, "the right manifest");
+    assert!(
+        eventually(Duration::from_secs(20), async || std::fs::read(&path)
+            .is_ok_and(|b| b == want))
+        .await,
+        "the stored manifest was repaired"
+    );
+}
