@@ -157,7 +157,9 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
             e => e.into(),
         }
     };
+    let mut tries = 0;
     let fd = loop {
+        tries += 1;
         if !NO_OPENAT2.load(Ordering::Relaxed) {
             match rustix::fs::openat2(
                 rustix::fs::CWD,
@@ -167,7 +169,7 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
                 ResolveFlags::NO_SYMLINKS,
             ) {
                 Ok(fd) => break fd,
-                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) if tries < 8 => continue,
                 // Kernels before 5.6 (or a seccomp filter) lack openat2: walk the path instead.
                 Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
                     NO_OPENAT2.store(true, Ordering::Relaxed);
