@@ -131,9 +131,19 @@ impl FileSlice {
 /// Returns the file and its size. A missing file is `ErrorKind::NotFound`; a link or a special
 /// file is `ErrorKind::InvalidData`.
 pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
+    static NO_OPENAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    open_regular(root, rel, &NO_OPENAT2)
+}
+
+/// [`open_beneath`], by `openat2` unless `no_openat2` is set (or gets set when the kernel lacks
+/// it), else by a walk that opens each component with `O_NOFOLLOW`.
+fn open_regular(
+    root: &Path,
+    rel: &str,
+    no_openat2: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<(File, u64)> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+    use std::sync::atomic::Ordering;
     let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
     if parts.is_empty() || parts.iter().any(|p| *p == "." || *p == "..") {
         return Err(std::io::Error::new(
@@ -157,8 +167,10 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
             e => e.into(),
         }
     };
+    let mut tries = 0;
     let fd = loop {
-        if !NO_OPENAT2.load(Ordering::Relaxed) {
+        tries += 1;
+        if !no_openat2.load(Ordering::Relaxed) {
             match rustix::fs::openat2(
                 rustix::fs::CWD,
                 root.join(rel),
@@ -167,10 +179,10 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
                 ResolveFlags::NO_SYMLINKS,
             ) {
                 Ok(fd) => break fd,
-                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) if tries < 8 => continue,
                 // Kernels before 5.6 (or a seccomp filter) lack openat2: walk the path instead.
                 Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
-                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    no_openat2.store(true, Ordering::Relaxed);
                     continue;
                 }
                 Err(e) => return Err(link(e)),
@@ -204,6 +216,17 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<(File, u64)> {
 /// a link of ours) and a directory made in its place. Writes made relative to the returned
 /// directory never land outside the store.
 pub fn dir_beneath(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
+    walk_dirs(root, rel, true)
+}
+
+/// Opens the directory `rel` under `root` without following a link on the way (and without
+/// making or removing anything): a link in the way is `ErrorKind::InvalidData`, a missing
+/// directory `ErrorKind::NotFound`.
+pub fn dir_nofollow(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
+    walk_dirs(root, rel, false)
+}
+
+fn walk_dirs(root: &Path, rel: &str, make: bool) -> std::io::Result<rustix::fd::OwnedFd> {
     use rustix::fs::{AtFlags, FileType, Mode, OFlags};
     use rustix::io::Errno;
     let at = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -228,6 +251,13 @@ pub fn dir_beneath(root: &Path, rel: &str) -> std::io::Result<rustix::fd::OwnedF
                     return Err(std::io::Error::other(format!(
                         "{rel}: cannot make {part:?} a directory"
                     )))
+                }
+                Err(Errno::NOENT) if !make => return Err(Errno::NOENT.into()),
+                Err(Errno::NOTDIR | Errno::LOOP) if !make => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{rel}: a symbolic link or a file in the path; not followed"),
+                    ))
                 }
                 Err(Errno::NOENT) => match rustix::fs::mkdirat(&dir, part, Mode::from(0o755)) {
                     Ok(()) | Err(Errno::EXIST) => {}
@@ -364,6 +394,73 @@ pub async fn spool_hashed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checked_opens_refuse_links_and_special_files_both_ways() {
+        let root = tempfile::tempdir().unwrap();
+        let root_path = root.path().canonicalize().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("data"), b"secret").unwrap();
+        std::fs::create_dir_all(root_path.join("a/b")).unwrap();
+        std::fs::write(root_path.join("a/b/data"), b"blob").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("data"), root_path.join("a/link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root_path.join("d")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root_path.join("a/fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        for walk in [false, true] {
+            let flag = std::sync::atomic::AtomicBool::new(walk);
+            let open = |rel: &str| open_regular(&root_path, rel, &flag);
+            let (_, size) = open("a/b/data").unwrap();
+            assert_eq!(size, 4);
+            for (rel, kind) in [
+                ("a/link", std::io::ErrorKind::InvalidData),
+                ("d/data", std::io::ErrorKind::InvalidData),
+                ("a/fifo", std::io::ErrorKind::InvalidData),
+                ("a/missing", std::io::ErrorKind::NotFound),
+                ("a/../a/b/data", std::io::ErrorKind::InvalidInput),
+            ] {
+                let e = open(rel).map(|_| ()).unwrap_err();
+                assert_eq!(e.kind(), kind, "{rel} (walk: {walk}): {e}");
+            }
+        }
+        // Directories: a link in the way is refused, or replaced by a real directory.
+        assert_eq!(
+            dir_nofollow(&root_path, "d")
+                .map(|_| ())
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::InvalidData
+        );
+        dir_beneath(&root_path, "d/x").unwrap();
+        assert!(root_path.join("d").symlink_metadata().unwrap().is_dir());
+        assert!(!outside.path().join("x").exists());
+    }
+
+    #[test]
+    fn capped_reads_refuse_devices_fifos_and_big_files() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(read_regular_capped(&fifo, 1024).is_err());
+        assert!(read_regular_capped(Path::new("/dev/zero"), 1024).is_err());
+        let big = d.path().join("big");
+        std::fs::write(&big, vec![b'x'; 2048]).unwrap();
+        assert!(read_regular_capped(&big, 1024).is_err());
+        assert_eq!(read_regular_capped(&big, 2048).unwrap().len(), 2048);
+    }
 
     #[tokio::test]
     async fn reads_reuse_buffers_without_leaking_old_bytes() {

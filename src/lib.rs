@@ -9,11 +9,14 @@
 //!   handed to hyper through `rewind.rs`), `answers.rs` its 100 ms memo of small answers,
 //!   `body.rs` the body types, `tls.rs` the rustls acceptor and certificate reloading.
 //! - `writes.rs`: the count of write requests that read memos check.
+//! - `fileio.rs`: local file reads in large chunks, spools, and the checked opens of a `file://`
+//!   engine (no link followed, regular files only, the committed size recorded on the inode).
 //! - `pull/`: the pull path. `mod.rs` (`Puller`): hits, misses, manifests, tags;
 //!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache.
 //! - `engine/`: the `Engine` trait and its two kinds, `storage.rs` (object_store in the
 //!   Distribution layout, `layout.rs`) and `registry/` (upstream registries, with token auth);
-//!   `set.rs` routes names to upstreams and orders remote engines.
+//!   `set.rs` routes names to upstreams and orders remote engines; `nofollow.rs` keeps a `file://`
+//!   engine's object store from following symbolic links, `scrub.rs` is `ociedge verify`.
 //! - `oci/`: validated names, digests, media types, wire errors. `config/`: the config tree.
 //! - `metrics.rs`: the Prometheus counters; `history.rs`: the last hour of them, sampled in
 //!   memory for the status page (`http/page.rs` serves `http/status.html` at `/_ociedge/`).

@@ -144,3 +144,16 @@ fn serve_runs_with_every_duration_at_its_bound() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert!(alive, "serve still runs after a request");
 }
+
+#[test]
+fn an_endless_config_file_is_refused_quickly() {
+    let started = std::time::Instant::now();
+    let (ok, _, err) = ociedge(&["check-config", "--config", "/dev/zero"]);
+    assert!(!ok);
+    assert!(err.contains("/dev/zero"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}

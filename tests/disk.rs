@@ -1,7 +1,9 @@
-//! What is on disk is checked before it is served: a blob file replaced by a symbolic link (to a
-//! secret) is never read through it, a blob file of the wrong size is never served with the
-//! wrong length and is repaired by the next fill, and `ociedge verify` re-hashes the local engine
-//! and removes what does not match. On the plain front and the TLS front alike.
+//! What is on disk is checked before it is served or loaded: a blob file replaced by a symbolic
+//! link (to a secret) is never read through it, a blob file of the wrong size is never served
+//! with the wrong length and is repaired by the next fill, `ociedge verify` re-hashes the local
+//! engine and removes what does not match (on the plain front and the TLS front alike), and a
+//! certificate path naming a FIFO or `/dev/zero` neither blocks the reload watcher nor grows
+//! memory.
 
 mod common;
 
@@ -332,4 +334,205 @@ async fn verify_removes_what_does_not_match_and_keeps_the_rest() {
     let (code, out, err) = verify(dir.path());
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("1 blobs"), "summary line: {out}");
+}
+
+/// The leaf certificate a fresh TLS connection to `p` is shown, if it answers `/healthz`.
+async fn served_cert(p: &Proxy) -> Option<Vec<u8>> {
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .build()
+        .expect("client");
+    let r = c
+        .get(format!("https://{}/healthz", p.host()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|t| t.peer_certificate())
+        .map(|c| c.to_vec())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_or_dev_zero_as_certificate_keeps_the_old_one_and_the_watcher() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    std::fs::write(dir.path().join("tls.crt"), first.cert.pem()).expect("tls.crt");
+    std::fs::write(
+        dir.path().join("tls.key"),
+        first.signing_key.serialize_pem(),
+    )
+    .expect("key");
+    let cert = dir.path().join("tls.crt");
+    let tls = "tls: { cert: \"{DIR}/tls.crt\", key: \"{DIR}/tls.key\", reload_interval: 100ms }\n";
+    let p = Proxy::start_in(&mirror_config("http://127.0.0.1:9", tls), dir);
+    assert_eq!(served_cert(&p).await, Some(first.cert.der().to_vec()));
+    let before = rss_kib(p.child.id());
+
+    // A FIFO nobody writes to, then a link to /dev/zero, each for several reload intervals.
+    std::fs::remove_file(&cert).expect("rm");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &cert,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        served_cert(&p).await,
+        Some(first.cert.der().to_vec()),
+        "the previous certificate stays in service"
+    );
+    std::fs::remove_file(&cert).expect("rm");
+    std::os::unix::fs::symlink("/dev/zero", &cert).expect("symlink");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        served_cert(&p).await,
+        Some(first.cert.der().to_vec()),
+        "the previous certificate stays in service"
+    );
+    let grown = rss_kib(p.child.id()).saturating_sub(before);
+    assert!(grown < 64 * 1024, "RSS grew by {grown} KiB");
+
+    // The watcher is still alive: a good certificate is picked up.
+    let second = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    std::fs::write(
+        p.dir.path().join("tls.key"),
+        second.signing_key.serialize_pem(),
+    )
+    .expect("key");
+    std::fs::remove_file(&cert).expect("rm");
+    std::fs::write(&cert, second.cert.pem()).expect("tls.crt");
+    let want = second.cert.der().to_vec();
+    assert!(
+        eventually(Duration::from_secs(10), async || served_cert(&p)
+            .await
+            .as_ref()
+            == Some(&want))
+        .await,
+        "the new certificate is served"
+    );
+    assert!(p.log().contains("not reloaded"), "the failures are logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs moto"]
+async fn verify_scrubs_an_s3_local_engine() {
+    use object_store::ObjectStoreExt;
+    let moto = common::regions::Moto::start(None, "127.0.0.1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "storage:\n  preference: eu\n  engines:\n    eu: {}\n",
+        moto.engine_yaml(None)
+    );
+    std::fs::write(dir.path().join("ociedge.yaml"), yaml).expect("config");
+    let cfg = ociedge::config::Config::load(Some(&dir.path().join("ociedge.yaml"))).expect("cfg");
+    let ec = &cfg.storage.engines["eu"];
+    let engine =
+        ociedge::engine::storage::StorageEngine::open("eu", &ec.url, &ec.options).expect("engine");
+    let key = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        object_store::path::Path::from(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    };
+    let good = random_bytes(100 * 1024, 31);
+    let good_d = format!("sha256:{}", sha256_hex(&good));
+    let bad = random_bytes(100 * 1024, 32);
+    let bad_d = format!("sha256:{}", sha256_hex(&bad));
+    let mut wrong = bad.clone();
+    wrong[7] ^= 1;
+    engine
+        .store()
+        .put(&key(&good_d), good.clone().into())
+        .await
+        .expect("put");
+    engine
+        .store()
+        .put(&key(&bad_d), wrong.into())
+        .await
+        .expect("put");
+
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("2 blobs") && out.contains("1 removed"),
+        "{out}"
+    );
+    assert!(out.contains(&bad_d[7..]), "the bad blob is named: {out}");
+    assert!(engine.store().head(&key(&bad_d)).await.is_err(), "removed");
+    assert!(engine.store().head(&key(&good_d)).await.is_ok(), "kept");
+    let (code, out, err) = verify(dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry, skopeo"]
+async fn a_truncated_manifest_file_is_refetched_and_repaired() {
+    let origin = Origin::start();
+    origin.seed();
+    let cfg = mirror_config(&origin.url(), "");
+    let p = Proxy::start(&cfg);
+    let c = client();
+    let url = |p: &Proxy| p.url(&format!("/v2/library/small/manifests/{SMALL}"));
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let want = c
+        .get(url(&p))
+        .header("accept", accept)
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(format!("sha256:{}", sha256_hex(&want)), SMALL);
+    let path = p.blob_path(SMALL);
+    assert!(
+        eventually(Duration::from_secs(20), async || std::fs::read(&path)
+            .is_ok_and(|b| b == want))
+        .await,
+        "the manifest was stored"
+    );
+    // A new process (nothing in memory), and the stored manifest cut short.
+    let dir = p.restart();
+    let p = Proxy::start_in(&cfg, dir);
+    let path = p.blob_path(SMALL);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    f.set_len(want.len() as u64 / 2).expect("truncate");
+    drop(f);
+    let r = c
+        .get(url(&p))
+        .header("accept", accept)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body"), want, "the right manifest");
+    assert!(
+        eventually(Duration::from_secs(20), async || std::fs::read(&path)
+            .is_ok_and(|b| b == want))
+        .await,
+        "the stored manifest was repaired"
+    );
 }

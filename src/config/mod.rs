@@ -355,12 +355,31 @@ fn err(path: &str, msg: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("{path}: {msg}"))
 }
 
+/// Largest config file read (a real one is a few KiB).
+pub const MAX_CONFIG_FILE: u64 = 4 << 20;
+
+/// Reads the config file, at most [`MAX_CONFIG_FILE`] bytes of it: a pipe (`--config
+/// /dev/stdin`) still works, `/dev/zero` is refused instead of filling memory.
+fn read_config_file(p: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(p)?
+        .take(MAX_CONFIG_FILE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than the {MAX_CONFIG_FILE} bytes a config file may have"
+        )));
+    }
+    Ok(text)
+}
+
 /// Deepest nesting of collections a config file may have (the config itself needs 5).
 pub const MAX_NESTING: usize = 64;
 
 /// Refuses text whose flow collections (`[`, `{`) nest deeper than [`MAX_NESTING`], in one
 /// linear pass before the parser sees it. Brackets inside quoted scalars and comments do not
-/// count; a bracket inside a plain scalar may count, which only makes the check stricter by one.
+/// count, nor do brackets inside a plain scalar (a collection starts only where a token does).
 /// (Block nesting costs the parser linear time, and its depth is bounded by the serde
 /// deserializer's recursion limit.)
 fn check_nesting(text: &str) -> Result<(), ConfigError> {
@@ -401,7 +420,8 @@ fn check_nesting(text: &str) -> Result<(), ConfigError> {
                     }
                 }
             }
-            '[' | '{' => {
+            // A flow collection starts only where a token does (`team/[ab]` is a plain scalar).
+            '[' | '{' if token_start => {
                 depth += 1;
                 if depth > MAX_NESTING {
                     return Err(ConfigError(format!(
@@ -423,8 +443,7 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError(format!("{}: {e}", p.display())))?,
+                read_config_file(p).map_err(|e| ConfigError(format!("{}: {e}", p.display())))?,
                 p.display().to_string(),
             ),
             None => (DEFAULT_YAML.to_string(), "embedded default".to_string()),

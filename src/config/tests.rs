@@ -187,4 +187,14 @@ fn deep_nesting_is_refused_quickly() {
         "[".repeat(200)
     );
     Config::parse(&quoted).unwrap();
+    // Nor are brackets inside plain scalars, however many lines have them.
+    let mut plain = MINIMAL.to_string();
+    plain.push_str("upstreams:\n");
+    for i in 0..100 {
+        plain.push_str(&format!(
+            "  - {{ name: r{i}.example, url: https://r{i}/[x }}\n"
+        ));
+    }
+    let e = Config::parse(&plain).err().map(|e| e.0).unwrap_or_default();
+    assert!(!e.contains("nested deeper"), "{e}");
 }
