@@ -411,3 +411,64 @@ async fn a_trickling_upstream_is_given_up() {
     let slowest = health.slowest().await;
     assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
 }
+
+/// Upload sessions: a repository holds at most 64 open sessions (the next `POST` is `429
+/// TOOMANYREQUESTS`), and sessions idle for `cache.stale_uploads` are removed even without
+/// `cache.max_size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upload_sessions_are_capped_and_stale_ones_removed() {
+    let config = "listen: 127.0.0.1:{PORT}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: { url: \"file://{DIR}/data\" }\npush: { engine: eu }\ncache: { stale_uploads: 2s }\n";
+    let proxy = Proxy::start(config);
+    let c = client();
+    let start = |repo: &'static str| {
+        let c = c.clone();
+        let url = proxy.url(&format!("/v2/{repo}/blobs/uploads/"));
+        async move {
+            let r = c.post(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let loc = r
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (status, loc)
+        }
+    };
+    let (status, loc) = start("team/stale").await;
+    assert_eq!(status, 202);
+    let r = c
+        .patch(proxy.url(&loc))
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let gone = eventually(Duration::from_secs(30), async || {
+        c.get(proxy.url(&loc))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 404)
+    })
+    .await;
+    assert!(gone, "a stale upload session stayed");
+
+    drop(proxy);
+
+    // The caps, on a proxy that cleans nothing meanwhile.
+    let proxy = Proxy::start(&config.replace("2s", "24h"));
+    let start = |repo: &'static str| {
+        let c = c.clone();
+        let url = proxy.url(&format!("/v2/{repo}/blobs/uploads/"));
+        async move { c.post(url).send().await.unwrap().status().as_u16() }
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..65 {
+        statuses.push(start("team/many").await);
+    }
+    assert!(statuses[..64].iter().all(|s| *s == 202), "{statuses:?}");
+    assert_eq!(statuses[64], 429, "the 65th session of one repository");
+    // Another repository is not held up by this one.
+    assert_eq!(start("team/other").await, 202);
+}

@@ -25,7 +25,7 @@ use upload::{Session, Uploads};
 pub struct Pusher {
     engine: Arc<StorageEngine>,
     dyn_engine: Arc<dyn Engine>,
-    uploads: Uploads,
+    uploads: Arc<Uploads>,
     spool_dir: PathBuf,
     replicator: Arc<Replicator>,
     tags: TagCache,
@@ -53,7 +53,7 @@ impl Pusher {
     ) -> Pusher {
         let dyn_engine: Arc<dyn Engine> = engine.clone();
         Pusher {
-            uploads: Uploads::new(engine.clone()),
+            uploads: Arc::new(Uploads::new(engine.clone())),
             engine,
             dyn_engine,
             spool_dir,
@@ -63,6 +63,11 @@ impl Pusher {
             metrics,
             evictor: None,
         }
+    }
+
+    /// Removes upload sessions idle for `max_age`, in the background, from now on.
+    pub fn clean_uploads_after(&self, max_age: std::time::Duration) {
+        tokio::spawn(self.uploads.clone().run_cleanup(max_age));
     }
 
     pub fn set_evictor(&mut self, e: Arc<crate::evict::Evictor>) {
