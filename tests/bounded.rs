@@ -472,3 +472,66 @@ async fn upload_sessions_are_capped_and_stale_ones_removed() {
     // Another repository is not held up by this one.
     assert_eq!(start("team/other").await, 202);
 }
+
+/// HTTP/2 clients that open their streams with `SETTINGS_INITIAL_WINDOW_SIZE=0` and never send
+/// `WINDOW_UPDATE` (while answering pings): 4 connections × 256 streams of a 40 MB local blob on
+/// the plain port's h2 must not pin read-ahead per stalled stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_clients_with_closed_windows_pin_no_memory() {
+    let up = BlobsAsManifests::default();
+    let big = up.add(random_bytes(40 << 20, 1607));
+    let port = up.start().await;
+    let proxy = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{port}"), ""));
+    let pid = proxy.child.id();
+    let c = client();
+    let path = format!("/v2/library/h2/blobs/{big}");
+    let r = c.get(proxy.url(&path)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let stored = proxy.blob_path(&big);
+    assert!(eventually(Duration::from_secs(30), async || stored.exists()).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = rss_mib(pid);
+    let health = HealthWatch::start(proxy.url("/healthz"));
+
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        let (mut h2c, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut streams = Vec::new();
+        for _ in 0..256 {
+            let req = http::Request::get(format!("http://127.0.0.1:{}{path}", proxy.port))
+                .body(())
+                .unwrap();
+            let Ok(ready) = h2c.clone().ready().await else {
+                break;
+            };
+            h2c = ready;
+            match h2c.send_request(req, true) {
+                Ok((resp, _)) => streams.push(resp),
+                Err(_) => break,
+            }
+        }
+        held.push((h2c, streams));
+    }
+    // Let the server do whatever read-ahead it does.
+    let mut peak = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_mib(pid));
+    }
+    let opened: usize = held.iter().map(|(_, s)| s.len()).sum();
+    assert!(opened >= 256, "only {opened} streams opened");
+    assert_peak_within_budget(pid, idle, "HTTP/2 streams with closed windows");
+    let slowest = health.slowest().await;
+    assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
+    drop(held);
+    eprintln!("peak RSS while stalled: {peak} MiB (idle {idle} MiB)");
+}
