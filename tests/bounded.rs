@@ -535,3 +535,121 @@ async fn http2_clients_with_closed_windows_pin_no_memory() {
     drop(held);
     eprintln!("peak RSS while stalled: {peak} MiB (idle {idle} MiB)");
 }
+
+/// A client that stops reading a 40 MB blob (plain front, and plain-port HTTP/2 alike) loses
+/// its connection after `limits.send_timeout`: asked to read again later, it gets far less than
+/// the blob, where it used to get all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = BlobsAsManifests::default();
+    let big = up.add(random_bytes(40 << 20, 1608));
+    let port = up.start().await;
+    let proxy = Proxy::start(&mirror_config(
+        &format!("http://127.0.0.1:{port}"),
+        "limits: { send_timeout: 2s }\n",
+    ));
+    let c = client();
+    let path = format!("/v2/library/slowreader/blobs/{big}");
+    let r = c.get(proxy.url(&path)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let stored = proxy.blob_path(&big);
+    assert!(eventually(Duration::from_secs(30), async || stored.exists()).await);
+    let health = HealthWatch::start(proxy.url("/healthz"));
+
+    // Small receive buffer, so that the window closes early.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(64 << 10).unwrap();
+    let mut s = sock
+        .connect(format!("127.0.0.1:{}", proxy.port).parse().unwrap())
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let read_all = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+    })
+    .await;
+    assert!(
+        read_all.is_ok(),
+        "the connection was still open after a minute"
+    );
+    assert!(
+        got < 40 << 20,
+        "a client that stopped reading for 8s got the whole blob ({got} bytes)"
+    );
+    let slowest = health.slowest().await;
+    assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
+}
+
+/// A push whose body never ends (it trickles a byte every 200 ms) fails once below the minimum
+/// rate, instead of holding its connection and upload session for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_never_ends_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = "listen: 127.0.0.1:{PORT}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: { url: \"file://{DIR}/data\" }\npush: { engine: eu }\n";
+    let proxy = Proxy::start(config);
+    let c = client();
+    let r = c
+        .post(proxy.url("/v2/team/trickle/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            tokio::select! {
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        answer.extend_from_slice(&buf[..n]);
+                        if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if s.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a trickled body held the request for a minute"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 4"),
+        "answered: {text}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+}

@@ -176,6 +176,8 @@ async fn accept_loop(
     slots: Arc<Semaphore>,
 ) {
     let stop = settings.stop.clone();
+    let send_timeout_ms =
+        u32::try_from(app.config.limits.send_timeout.0.as_millis()).unwrap_or(u32::MAX);
     // At the cap, say so at most every 10s: a flood must not also flood the logs.
     let mut last_warned: Option<Instant> = None;
     loop {
@@ -211,6 +213,9 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        // A client that takes none of our bytes for this long (its window stays closed) is cut
+        // off by the kernel, whatever the connection is doing: a slot is never held for ever.
+        let _ = rustix::net::sockopt::set_tcp_user_timeout(&stream, send_timeout_ms);
         let span = tracing::debug_span!("conn", %peer);
         tokio::spawn(
             conn::serve_conn(
