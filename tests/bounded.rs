@@ -653,3 +653,68 @@ async fn a_body_that_never_ends_is_cut_off() {
     );
     assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
 }
+
+/// With every slot of `limits.max_connections` held, `/healthz`, `/readyz` and `/metrics` still
+/// answer at once (a load balancer must not take a healthy node out), while other requests wait
+/// for a slot as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_answers_at_the_connection_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start(&mirror_config(
+        "http://127.0.0.1:9",
+        "limits: { max_connections: 4 }\n",
+    ));
+    // Four kept-alive connections, idle after one request each: every slot is held.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let quick = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for path in ["/healthz", "/readyz", "/metrics", "/healthz"] {
+        let t = std::time::Instant::now();
+        let r = quick.get(proxy.url(path)).send().await;
+        assert!(
+            r.as_ref().is_ok_and(|r| r.status().is_success()),
+            "{path} at the connection cap: {r:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{path}: {:?}",
+            t.elapsed()
+        );
+    }
+    // Anything else waits for a slot, and gets one when a connection goes.
+    let waiting = tokio::spawn({
+        let url = proxy.url("/v2/");
+        async move {
+            let c = reqwest::Client::builder().no_proxy().build().unwrap();
+            c.get(url).send().await.map(|r| r.status().as_u16())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a request was served beyond the cap"
+    );
+    drop(held.pop());
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once a slot was free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+}

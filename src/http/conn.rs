@@ -45,6 +45,11 @@ pub struct ConnSettings {
     /// Set with `stop`, for the per-request check: the token's own `is_cancelled` takes a lock
     /// that every connection shares.
     pub stopping: Arc<AtomicBool>,
+    /// Set on a connection taken beyond `limits.max_connections` from the small reserve kept
+    /// for health checks: `/healthz`, `/readyz` and `/metrics` are answered at once, anything
+    /// else waits for one of these regular slots (as a new connection would), and the
+    /// connection closes after one response.
+    pub ops_only: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl ConnSettings {
@@ -99,11 +104,22 @@ where
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
             let guard = activity.begin();
+            let ops_only = settings.ops_only.clone();
             async move {
-                let resp = super::server::handle(app, req.map(RequestBody::Hyper)).await;
+                let (resp, slot) = match ops_only {
+                    Some(slots) => {
+                        super::server::handle_ops_only(app, req.map(RequestBody::Hyper), &slots)
+                            .await
+                    }
+                    None => (
+                        super::server::handle(app, req.map(RequestBody::Hyper)).await,
+                        None,
+                    ),
+                };
                 Ok::<_, Infallible>(resp.map(|body| Guarded {
                     inner: body,
                     _guard: guard,
+                    _slot: slot,
                 }))
             }
         })
@@ -220,6 +236,8 @@ impl Drop for RequestGuard {
 struct Guarded {
     inner: Body,
     _guard: RequestGuard,
+    /// The regular slot a request on an ops-reserve connection waited for, held to its end.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl hyper::body::Body for Guarded {

@@ -65,7 +65,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
     loop {
         // An answer kept in memory needs no request object: looked up straight off the buffer.
         let mut memo = false;
-        let probed = if buf.is_empty() {
+        let probed = if buf.is_empty() || settings.ops_only.is_some() {
             None
         } else {
             probe(&buf, max_head, &app.answers, &mut key)
@@ -131,8 +131,16 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
         buf.advance(next.head_len);
         let mut how = How {
             head_only: next.req.method() == Method::HEAD,
-            keep_alive: next.keep_alive && !settings.is_stopping(),
+            keep_alive: next.keep_alive && !settings.is_stopping() && settings.ops_only.is_none(),
             http10: next.req.version() == Version::HTTP_10,
+        };
+        // On a connection of the ops reserve, anything but health waits for a regular slot,
+        // held until the response is sent.
+        let _slot = match &settings.ops_only {
+            Some(slots) if !super::server::is_ops_path(next.req.uri().path()) => {
+                slots.clone().acquire_owned().await.ok()
+            }
+            _ => None,
         };
         // A request the memo may answer (it did not hold the answer): the answer is kept when it
         // is one to keep, and sent as kept.
