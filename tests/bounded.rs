@@ -461,16 +461,35 @@ async fn upload_sessions_are_capped_and_stale_ones_removed() {
     let start = |repo: &'static str| {
         let c = c.clone();
         let url = proxy.url(&format!("/v2/{repo}/blobs/uploads/"));
-        async move { c.post(url).send().await.unwrap().status().as_u16() }
+        async move {
+            let r = c.post(url).send().await.unwrap();
+            let loc = r
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (r.status().as_u16(), loc)
+        }
     };
     let mut statuses = Vec::new();
+    let mut locations = Vec::new();
     for _ in 0..65 {
-        statuses.push(start("team/many").await);
+        let (status, loc) = start("team/many").await;
+        statuses.push(status);
+        locations.push(loc);
     }
     assert!(statuses[..64].iter().all(|s| *s == 202), "{statuses:?}");
     assert_eq!(statuses[64], 429, "the 65th session of one repository");
-    // Another repository is not held up by this one.
-    assert_eq!(start("team/other").await, 202);
+    // The same client is at its own cap in another repository too, until it cancels one.
+    assert_eq!(
+        start("team/other").await.0,
+        429,
+        "the client's 65th session"
+    );
+    let r = c.delete(proxy.url(&locations[0])).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(start("team/other").await.0, 202);
 }
 
 /// HTTP/2 clients that open their streams with `SETTINGS_INITIAL_WINDOW_SIZE=0` and never send

@@ -32,6 +32,10 @@ use super::tls::Tls;
 use crate::app::App;
 use crate::error::BoxError;
 
+/// The client's address, as a request extension (per-client caps).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// What a connection needs besides its socket.
 #[derive(Clone)]
 pub struct ConnSettings {
@@ -85,7 +89,7 @@ pub async fn serve_conn(
         _ = settings.stop.cancelled() => return,
     };
     match stream {
-        Ok(Ok(s)) => drive(app, TokioIo::new(s), &settings).await,
+        Ok(Ok(s)) => drive(app, TokioIo::new(s), &settings, peer.ip()).await,
         // Scanners, clients that do not trust our certificate, plain HTTP sent to the TLS
         // port: the client's problem, and frequent; debug, not warn.
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -94,14 +98,15 @@ pub async fn serve_conn(
 }
 
 /// Runs HTTP on `io` until the client closes, the connection goes idle, or shutdown.
-pub(super) async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings)
+pub(super) async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings, peer: std::net::IpAddr)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
     let svc = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
             let app = app.clone();
             let guard = activity.begin();
             let ops_only = settings.ops_only.clone();

@@ -51,6 +51,10 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
     let max_head = usize::try_from(app.config.limits.max_header_size.0)
         .unwrap_or(usize::MAX)
         .max(8192);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let mut buf = BytesMut::with_capacity(8192);
     let mut out = Vec::with_capacity(1024);
     let mut key = Vec::with_capacity(256);
@@ -125,7 +129,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
             }
             Parsed::HandOff => {
                 let io = Rewind::new(buf.freeze(), stream);
-                return conn::drive(app, TokioIo::new(io), settings).await;
+                return conn::drive(app, TokioIo::new(io), settings, peer).await;
             }
         };
         buf.advance(next.head_len);
@@ -146,7 +150,9 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, settings: &ConnSettings
         // is one to keep, and sent as kept.
         let writes = crate::writes::count();
         let memo_req = memo.then(|| (next.req.method().clone(), next.req.uri().clone()));
-        let resp = super::server::handle(app.clone(), next.req).await;
+        let mut req = next.req;
+        req.extensions_mut().insert(conn::ClientAddr(peer));
+        let resp = super::server::handle(app.clone(), req).await;
         how.keep_alive = how.keep_alive && !settings.is_stopping();
         let kept = memo_req
             .and_then(|(method, uri)| app.answers.put(&key, &method, uri.path(), &resp, writes));

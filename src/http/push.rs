@@ -161,7 +161,11 @@ pub async fn upload(
                     ],
                 );
             }
-            let id = p.start_upload(&repo).await?;
+            let client = parts
+                .extensions
+                .get::<super::conn::ClientAddr>()
+                .map(|c| c.0.to_string());
+            let id = p.start_upload(&repo, client.as_deref()).await?;
             respond(
                 StatusCode::ACCEPTED,
                 &[

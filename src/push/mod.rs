@@ -82,8 +82,9 @@ impl Pusher {
         &self.replicator
     }
 
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
-        self.uploads.start(repo).await
+    /// Opens an upload session for `client` (its address, for the per-client cap).
+    pub async fn start_upload(&self, repo: &RepoName, client: Option<&str>) -> Result<String> {
+        self.uploads.start(repo, client).await
     }
 
     pub async fn upload_offset(&self, repo: &RepoName, id: &str) -> Result<u64> {

@@ -21,6 +21,9 @@ const ROOT: &str = "_ociedge/uploads";
 struct Info {
     repo: String,
     created: u64,
+    /// Who opened it (the client's address), for the per-client cap.
+    #[serde(default)]
+    client: Option<String>,
 }
 
 /// A session's state, read from the engine.
@@ -36,9 +39,17 @@ pub struct Uploads {
     /// One writer per session at a time, so chunk offsets cannot race.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     limits: UploadLimits,
-    /// The open sessions (repository, bytes staged), read from the engine at first use and kept
-    /// up to date by this process, so the caps cost no listing per request.
-    open: tokio::sync::OnceCell<Mutex<HashMap<String, (String, u64)>>>,
+    /// The open sessions, read from the engine at first use and kept up to date by this
+    /// process, so the caps cost no listing per request.
+    open: tokio::sync::OnceCell<Mutex<HashMap<String, Open>>>,
+}
+
+/// An open session as the caps see it.
+#[derive(Default)]
+struct Open {
+    repo: String,
+    client: Option<String>,
+    staged: u64,
 }
 
 /// Caps on upload sessions, so abandoned ones cannot pile up without end.
@@ -46,6 +57,8 @@ pub struct Uploads {
 pub struct UploadLimits {
     /// Open sessions per repository.
     pub per_repo: usize,
+    /// Open sessions per client.
+    pub per_client: usize,
     /// Open sessions in all.
     pub total: usize,
     /// Bytes staged in all open sessions.
@@ -56,6 +69,7 @@ impl Default for UploadLimits {
     fn default() -> UploadLimits {
         UploadLimits {
             per_repo: 64,
+            per_client: 64,
             total: 4096,
             staged: 64 << 30,
         }
@@ -96,10 +110,10 @@ impl Uploads {
     }
 
     /// The table of open sessions, read from the engine the first time.
-    async fn open(&self) -> Result<&Mutex<HashMap<String, (String, u64)>>> {
+    async fn open(&self) -> Result<&Mutex<HashMap<String, Open>>> {
         self.open
             .get_or_try_init(|| async {
-                let mut table: HashMap<String, (String, u64)> = HashMap::new();
+                let mut table: HashMap<String, Open> = HashMap::new();
                 for (p, size) in self.engine.list_objects(&Path::from(ROOT)).await? {
                     let mut parts = p.as_ref().split('/').skip(2);
                     let (Some(id), Some(file)) = (parts.next(), parts.next()) else {
@@ -115,10 +129,11 @@ impl Uploads {
                             .flatten()
                             .map(|b| serde_json::from_slice::<Info>(&b))
                         {
-                            e.0 = info.repo;
+                            e.repo = info.repo;
+                            e.client = info.client;
                         }
                     } else {
-                        e.1 += size;
+                        e.staged += size;
                     }
                 }
                 Ok::<_, Error>(Mutex::new(table))
@@ -127,8 +142,8 @@ impl Uploads {
     }
 
     fn with_table<T>(
-        table: &Mutex<HashMap<String, (String, u64)>>,
-        f: impl FnOnce(&mut HashMap<String, (String, u64)>) -> T,
+        table: &Mutex<HashMap<String, Open>>,
+        f: impl FnOnce(&mut HashMap<String, Open>) -> T,
     ) -> T {
         let mut t = match table.lock() {
             Ok(t) => t,
@@ -141,7 +156,7 @@ impl Uploads {
     pub async fn usage(&self) -> Result<(u64, usize)> {
         let table = self.open().await?;
         Ok(Self::with_table(table, |t| {
-            (t.values().map(|(_, b)| b).sum(), t.len())
+            (t.values().map(|o| o.staged).sum(), t.len())
         }))
     }
 
@@ -157,7 +172,8 @@ impl Uploads {
         m.entry(id.to_string()).or_default().clone()
     }
 
-    pub async fn start(&self, repo: &RepoName) -> Result<String> {
+    /// Opens a session in `repo` for `client` (its address; `None` when unknown).
+    pub async fn start(&self, repo: &RepoName, client: Option<&str>) -> Result<String> {
         let id = format!(
             "{:016x}{:016x}",
             rand::random::<u64>(),
@@ -172,13 +188,31 @@ impl Uploads {
                     t.len()
                 )));
             }
-            let here = t.values().filter(|(r, _)| r == repo.as_str()).count();
+            let here = t.values().filter(|o| o.repo == repo.as_str()).count();
             if here >= limits.per_repo {
                 return Err(too_many(format!(
                     "{here} upload sessions are open for {repo}; finish or cancel some"
                 )));
             }
-            t.insert(id.clone(), (repo.to_string(), 0));
+            if let Some(c) = client {
+                let mine = t
+                    .values()
+                    .filter(|o| o.client.as_deref() == Some(c))
+                    .count();
+                if mine >= limits.per_client {
+                    return Err(too_many(format!(
+                        "{mine} upload sessions are open for this client; finish or cancel some"
+                    )));
+                }
+            }
+            t.insert(
+                id.clone(),
+                Open {
+                    repo: repo.to_string(),
+                    client: client.map(str::to_string),
+                    staged: 0,
+                },
+            );
             Ok(())
         })?;
         let created = std::time::SystemTime::now()
@@ -188,6 +222,7 @@ impl Uploads {
         let info = serde_json::to_vec(&Info {
             repo: repo.to_string(),
             created,
+            client: client.map(str::to_string),
         })
         .unwrap_or_default();
         let put = self
@@ -255,7 +290,7 @@ impl Uploads {
         expected_len: Option<u64>,
     ) -> Result<u64> {
         let table = self.open().await?;
-        let staged: u64 = Self::with_table(table, |t| t.values().map(|(_, b)| b).sum());
+        let staged: u64 = Self::with_table(table, |t| t.values().map(|o| o.staged).sum());
         if staged >= self.limits.staged {
             return Err(too_many(format!(
                 "upload sessions hold {staged} bytes already; finish or cancel some"
@@ -275,7 +310,7 @@ impl Uploads {
         }
         Self::with_table(table, |t| {
             if let Some(e) = t.get_mut(&session.id) {
-                e.1 += n;
+                e.staged += n;
             }
         });
         Ok(session.offset + n)
@@ -377,31 +412,33 @@ mod tests {
     async fn sessions_are_capped_per_repository_and_in_all() {
         let u = uploads(UploadLimits {
             per_repo: 2,
+            per_client: 10,
             total: 3,
             staged: 1 << 20,
         });
         let (a, b): (RepoName, RepoName) = ("a/x".parse().unwrap(), "b/x".parse().unwrap());
-        let first = u.start(&a).await.unwrap();
-        u.start(&a).await.unwrap();
-        let e = u.start(&a).await.unwrap_err();
+        let first = u.start(&a, None).await.unwrap();
+        u.start(&a, None).await.unwrap();
+        let e = u.start(&a, None).await.unwrap_err();
         assert!(e.to_string().contains("upload sessions are open"), "{e}");
-        u.start(&b).await.unwrap();
-        assert!(u.start(&b).await.is_err(), "the total cap");
+        u.start(&b, None).await.unwrap();
+        assert!(u.start(&b, None).await.is_err(), "the total cap");
         // A removed session frees its place.
         u.remove(&first).await.unwrap();
-        u.start(&a).await.unwrap();
+        u.start(&a, None).await.unwrap();
     }
 
     #[tokio::test]
     async fn staged_bytes_are_capped_and_counted_from_the_engine() {
         let limits = UploadLimits {
             per_repo: 10,
+            per_client: 10,
             total: 10,
             staged: 1000,
         };
         let u = uploads(limits);
         let repo: RepoName = "a/x".parse().unwrap();
-        let id = u.start(&repo).await.unwrap();
+        let id = u.start(&repo, None).await.unwrap();
         let s = u.session(&repo, &id).await.unwrap();
         assert_eq!(u.append(&s, body(1200), None).await.unwrap(), 1200);
         let s = u.session(&repo, &id).await.unwrap();
@@ -415,10 +452,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sessions_are_capped_per_client_across_repositories() {
+        let u = uploads(UploadLimits {
+            per_client: 2,
+            ..UploadLimits::default()
+        });
+        let (a, b): (RepoName, RepoName) = ("a/x".parse().unwrap(), "b/x".parse().unwrap());
+        u.start(&a, Some("10.0.0.1")).await.unwrap();
+        u.start(&b, Some("10.0.0.1")).await.unwrap();
+        assert!(u.start(&a, Some("10.0.0.1")).await.is_err());
+        u.start(&a, Some("10.0.0.2")).await.unwrap();
+        // Counted from the engine too (a restart keeps who opened what).
+        let again = Uploads::with_limits(u.engine.clone(), u.limits);
+        assert!(again.start(&b, Some("10.0.0.1")).await.is_err());
+    }
+
+    #[tokio::test]
     async fn stale_sessions_are_removed() {
         let u = uploads(UploadLimits::default());
         let repo: RepoName = "a/x".parse().unwrap();
-        let id = u.start(&repo).await.unwrap();
+        let id = u.start(&repo, None).await.unwrap();
         assert_eq!(u.clean_stale(Duration::from_secs(3600)).await.unwrap(), 0);
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(u.clean_stale(Duration::ZERO).await.unwrap(), 1);
