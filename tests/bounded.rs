@@ -494,13 +494,17 @@ async fn upload_sessions_are_capped_and_stale_ones_removed() {
 
 /// HTTP/2 clients that open their streams with `SETTINGS_INITIAL_WINDOW_SIZE=0` and never send
 /// `WINDOW_UPDATE` (while answering pings): 4 connections × 256 streams of a 40 MB local blob on
-/// the plain port's h2 must not pin read-ahead per stalled stream.
+/// the plain port's h2 must not pin read-ahead per stalled stream, and the connections are
+/// dropped after `limits.send_timeout` (the requests are in progress: no idle timeout fires).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http2_clients_with_closed_windows_pin_no_memory() {
     let up = BlobsAsManifests::default();
     let big = up.add(random_bytes(40 << 20, 1607));
     let port = up.start().await;
-    let proxy = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{port}"), ""));
+    let proxy = Proxy::start(&mirror_config(
+        &format!("http://127.0.0.1:{port}"),
+        "limits: { send_timeout: 4s }\n",
+    ));
     let pid = proxy.child.id();
     let c = client();
     let path = format!("/v2/library/h2/blobs/{big}");
@@ -514,6 +518,7 @@ async fn http2_clients_with_closed_windows_pin_no_memory() {
     let health = HealthWatch::start(proxy.url("/healthz"));
 
     let mut held = Vec::new();
+    let mut conns = Vec::new();
     for _ in 0..4 {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
             .await
@@ -523,7 +528,7 @@ async fn http2_clients_with_closed_windows_pin_no_memory() {
             .handshake::<_, Bytes>(tcp)
             .await
             .expect("h2 handshake");
-        tokio::spawn(conn);
+        conns.push(tokio::spawn(conn));
         let mut streams = Vec::new();
         for _ in 0..256 {
             let req = http::Request::get(format!("http://127.0.0.1:{}{path}", proxy.port))
@@ -551,6 +556,12 @@ async fn http2_clients_with_closed_windows_pin_no_memory() {
     assert_peak_within_budget(pid, idle, "HTTP/2 streams with closed windows");
     let slowest = health.slowest().await;
     assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
+    let closed =
+        tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(conns)).await;
+    assert!(
+        closed.is_ok(),
+        "stalled HTTP/2 connections stayed open past send_timeout"
+    );
     drop(held);
     eprintln!("peak RSS while stalled: {peak} MiB (idle {idle} MiB)");
 }

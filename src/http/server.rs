@@ -115,6 +115,7 @@ pub async fn serve(
         builder: Arc::new(http_builder(&limits)),
         header_read_timeout: limits.header_read_timeout.0,
         idle_timeout: limits.idle_timeout.0,
+        send_timeout: limits.send_timeout.0,
         stop: stop.clone(),
         stopping: Arc::default(),
         ops_only: None,
