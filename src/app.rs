@@ -239,6 +239,8 @@ impl App {
                     puller.manifest_cache(),
                     metrics.clone(),
                 );
+                // Stale sessions go whatever the cache settings.
+                pusher.clean_uploads_after(config.cache.stale_uploads.0);
                 if *id == pref {
                     if let Some(ev) = &evictor {
                         pusher.set_evictor(ev.clone());

@@ -17,6 +17,14 @@ use crate::error::Error;
 /// Read size of file streams.
 pub const CHUNK: usize = 512 * 1024;
 
+/// The first read of a file stream: all that a response whose receiver never takes a byte (an
+/// HTTP/2 stream whose window stays closed) ever holds. Reads then double up to [`CHUNK`], and
+/// read-ahead starts only once the first chunk was taken.
+pub const FIRST_CHUNK: usize = 16 * 1024;
+
+/// Reads up to this size get a buffer of their own, of their size.
+const SMALL_READ: usize = 64 * 1024;
+
 /// Read buffers of [`CHUNK`] bytes kept for reuse, process-wide: zeroed once when made, then
 /// reused, where a fresh buffer per read costs a memset and page faults every time (in a profile
 /// of 16 readers of one fill, ~15% of the CPU). Bounded, so idle memory stays flat.
@@ -48,7 +56,8 @@ impl Drop for ReadBuffer {
 /// capacity. Either way nothing is zeroed per read (it cost 10% of a TLS hit).
 pub async fn read_at(file: Arc<File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
-        if len > CHUNK {
+        // (a small read must not pin a whole pooled buffer while its bytes wait to be sent)
+        if len > CHUNK || len <= SMALL_READ {
             return read_new(&file, offset, len);
         }
         let mut buf = READ_BUFFERS
@@ -86,26 +95,40 @@ fn read_new(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// A stream of exactly `len` bytes of `file` from `offset`, with one chunk read ahead so the
-/// disk read of the next chunk overlaps the socket write of this one. A file shorter than that
-/// ends the stream with an error, never a clean short end.
+/// A stream of exactly `len` bytes of `file` from `offset`: a first chunk of [`FIRST_CHUNK`]
+/// bytes alone, then chunks doubling up to [`CHUNK`] with one read ahead, so the disk read of the
+/// next chunk overlaps the socket write of this one (a receiver that takes nothing holds one small
+/// chunk). A file shorter than that ends the stream with an error, never a clean short end.
 pub fn stream_range(file: Arc<File>, offset: u64, len: u64) -> ByteStream {
     let end = offset + len;
-    let chunks = (offset..end).step_by(CHUNK).map(move |pos| {
-        let file = file.clone();
-        let want = (end - pos).min(CHUNK as u64) as usize;
-        async move {
-            let chunk = read_at(file, pos, want).await.map_err(Error::Io)?;
-            if chunk.len() < want {
-                return Err(Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "file ended before its recorded size",
-                )));
-            }
-            Ok(chunk)
+    let read = move |file: Arc<File>, pos: u64, want: usize| async move {
+        let chunk = read_at(file, pos, want).await.map_err(Error::Io)?;
+        if chunk.len() < want {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file ended before its recorded size",
+            )));
         }
+        Ok(chunk)
+    };
+    if len == 0 {
+        return Box::pin(stream::empty());
+    }
+    let first = len.min(FIRST_CHUNK as u64) as usize;
+    let head = stream::once(read(file.clone(), offset, first));
+    let mut pos = offset + first as u64;
+    let mut size = FIRST_CHUNK * 2;
+    let chunks = std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let want = (end - pos).min(size as u64) as usize;
+        let at = pos;
+        pos += want as u64;
+        size = (size * 2).min(CHUNK);
+        Some(read(file.clone(), at, want))
     });
-    Box::pin(stream::iter(chunks).buffered(2))
+    Box::pin(head.chain(stream::iter(chunks).buffered(2)))
 }
 
 /// A byte range of an open local file, as a response body: the plain HTTP/1.1 front sends it with

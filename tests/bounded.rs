@@ -411,3 +411,340 @@ async fn a_trickling_upstream_is_given_up() {
     let slowest = health.slowest().await;
     assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
 }
+
+/// Upload sessions: a repository holds at most 64 open sessions (the next `POST` is `429
+/// TOOMANYREQUESTS`), and sessions idle for `cache.stale_uploads` are removed even without
+/// `cache.max_size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upload_sessions_are_capped_and_stale_ones_removed() {
+    let config = "listen: 127.0.0.1:{PORT}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: { url: \"file://{DIR}/data\" }\npush: { engine: eu }\ncache: { stale_uploads: 2s }\n";
+    let proxy = Proxy::start(config);
+    let c = client();
+    let start = |repo: &'static str| {
+        let c = c.clone();
+        let url = proxy.url(&format!("/v2/{repo}/blobs/uploads/"));
+        async move {
+            let r = c.post(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let loc = r
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (status, loc)
+        }
+    };
+    let (status, loc) = start("team/stale").await;
+    assert_eq!(status, 202);
+    let r = c
+        .patch(proxy.url(&loc))
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let gone = eventually(Duration::from_secs(30), async || {
+        c.get(proxy.url(&loc))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 404)
+    })
+    .await;
+    assert!(gone, "a stale upload session stayed");
+
+    drop(proxy);
+
+    // The caps, on a proxy that cleans nothing meanwhile.
+    let proxy = Proxy::start(&config.replace("2s", "24h"));
+    let start = |repo: &'static str| {
+        let c = c.clone();
+        let url = proxy.url(&format!("/v2/{repo}/blobs/uploads/"));
+        async move {
+            let r = c.post(url).send().await.unwrap();
+            let loc = r
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (r.status().as_u16(), loc)
+        }
+    };
+    let mut statuses = Vec::new();
+    let mut locations = Vec::new();
+    for _ in 0..65 {
+        let (status, loc) = start("team/many").await;
+        statuses.push(status);
+        locations.push(loc);
+    }
+    assert!(statuses[..64].iter().all(|s| *s == 202), "{statuses:?}");
+    assert_eq!(statuses[64], 429, "the 65th session of one repository");
+    // The same client is at its own cap in another repository too, until it cancels one.
+    assert_eq!(
+        start("team/other").await.0,
+        429,
+        "the client's 65th session"
+    );
+    let r = c.delete(proxy.url(&locations[0])).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(start("team/other").await.0, 202);
+}
+
+/// HTTP/2 clients that open their streams with `SETTINGS_INITIAL_WINDOW_SIZE=0` and never send
+/// `WINDOW_UPDATE` (while answering pings): 4 connections × 256 streams of a 40 MB local blob on
+/// the plain port's h2 must not pin read-ahead per stalled stream, and the connections are
+/// dropped after `limits.send_timeout` (the requests are in progress: no idle timeout fires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_clients_with_closed_windows_pin_no_memory() {
+    let up = BlobsAsManifests::default();
+    let big = up.add(random_bytes(40 << 20, 1607));
+    let port = up.start().await;
+    let proxy = Proxy::start(&mirror_config(
+        &format!("http://127.0.0.1:{port}"),
+        "limits: { send_timeout: 4s }\n",
+    ));
+    let pid = proxy.child.id();
+    let c = client();
+    let path = format!("/v2/library/h2/blobs/{big}");
+    let r = c.get(proxy.url(&path)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let stored = proxy.blob_path(&big);
+    assert!(eventually(Duration::from_secs(30), async || stored.exists()).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = rss_mib(pid);
+    let health = HealthWatch::start(proxy.url("/healthz"));
+
+    let mut held = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        let (mut h2c, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        conns.push(tokio::spawn(conn));
+        let mut streams = Vec::new();
+        for _ in 0..256 {
+            let req = http::Request::get(format!("http://127.0.0.1:{}{path}", proxy.port))
+                .body(())
+                .unwrap();
+            let Ok(ready) = h2c.clone().ready().await else {
+                break;
+            };
+            h2c = ready;
+            match h2c.send_request(req, true) {
+                Ok((resp, _)) => streams.push(resp),
+                Err(_) => break,
+            }
+        }
+        held.push((h2c, streams));
+    }
+    // Let the server do whatever read-ahead it does.
+    let mut peak = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_mib(pid));
+    }
+    let opened: usize = held.iter().map(|(_, s)| s.len()).sum();
+    assert!(opened >= 256, "only {opened} streams opened");
+    assert_peak_within_budget(pid, idle, "HTTP/2 streams with closed windows");
+    let slowest = health.slowest().await;
+    assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
+    let closed =
+        tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(conns)).await;
+    assert!(
+        closed.is_ok(),
+        "stalled HTTP/2 connections stayed open past send_timeout"
+    );
+    drop(held);
+    eprintln!("peak RSS while stalled: {peak} MiB (idle {idle} MiB)");
+}
+
+/// A client that stops reading a 40 MB blob (plain front, and plain-port HTTP/2 alike) loses
+/// its connection after `limits.send_timeout`: asked to read again later, it gets far less than
+/// the blob, where it used to get all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = BlobsAsManifests::default();
+    let big = up.add(random_bytes(40 << 20, 1608));
+    let port = up.start().await;
+    let proxy = Proxy::start(&mirror_config(
+        &format!("http://127.0.0.1:{port}"),
+        "limits: { send_timeout: 2s }\n",
+    ));
+    let c = client();
+    let path = format!("/v2/library/slowreader/blobs/{big}");
+    let r = c.get(proxy.url(&path)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let stored = proxy.blob_path(&big);
+    assert!(eventually(Duration::from_secs(30), async || stored.exists()).await);
+    let health = HealthWatch::start(proxy.url("/healthz"));
+
+    // Small receive buffer, so that the window closes early.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(64 << 10).unwrap();
+    let mut s = sock
+        .connect(format!("127.0.0.1:{}", proxy.port).parse().unwrap())
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let read_all = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+    })
+    .await;
+    assert!(
+        read_all.is_ok(),
+        "the connection was still open after a minute"
+    );
+    assert!(
+        got < 40 << 20,
+        "a client that stopped reading for 8s got the whole blob ({got} bytes)"
+    );
+    let slowest = health.slowest().await;
+    assert!(slowest < HEALTH_WITHIN, "/healthz took {slowest:?}");
+}
+
+/// A push whose body never ends (it trickles a byte every 200 ms) fails once below the minimum
+/// rate, instead of holding its connection and upload session for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_never_ends_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = "listen: 127.0.0.1:{PORT}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: { url: \"file://{DIR}/data\" }\npush: { engine: eu }\n";
+    let proxy = Proxy::start(config);
+    let c = client();
+    let r = c
+        .post(proxy.url("/v2/team/trickle/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            tokio::select! {
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        answer.extend_from_slice(&buf[..n]);
+                        if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if s.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a trickled body held the request for a minute"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 4"),
+        "answered: {text}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+}
+
+/// With every slot of `limits.max_connections` held, `/healthz`, `/readyz` and `/metrics` still
+/// answer at once (a load balancer must not take a healthy node out), while other requests wait
+/// for a slot as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_answers_at_the_connection_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start(&mirror_config(
+        "http://127.0.0.1:9",
+        "limits: { max_connections: 4 }\n",
+    ));
+    // Four kept-alive connections, idle after one request each: every slot is held.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let quick = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for path in ["/healthz", "/readyz", "/metrics", "/healthz"] {
+        let t = std::time::Instant::now();
+        let r = quick.get(proxy.url(path)).send().await;
+        assert!(
+            r.as_ref().is_ok_and(|r| r.status().is_success()),
+            "{path} at the connection cap: {r:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{path}: {:?}",
+            t.elapsed()
+        );
+    }
+    // Anything else waits for a slot, and gets one when a connection goes.
+    let waiting = tokio::spawn({
+        let url = proxy.url("/v2/");
+        async move {
+            let c = reqwest::Client::builder().no_proxy().build().unwrap();
+            c.get(url).send().await.map(|r| r.status().as_u16())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a request was served beyond the cap"
+    );
+    drop(held.pop());
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once a slot was free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+}

@@ -88,6 +88,11 @@ pub struct LimitsConfig {
     /// Default 60s.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// A connection whose client takes none of the bytes sent to it for this long (a reader
+    /// that stopped, or trickles so slowly that its window stays closed) is dropped, whatever is
+    /// in progress (the socket's `TCP_USER_TIMEOUT`). Default 60s.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: HumanDuration,
     /// After `SIGTERM`, how long responses and fills in progress may take to finish before the
     /// process exits anyway. Default 30s.
     #[serde(default = "default_shutdown_grace")]
@@ -101,6 +106,7 @@ impl Default for LimitsConfig {
             max_header_size: default_max_header_size(),
             header_read_timeout: default_header_read_timeout(),
             idle_timeout: default_idle_timeout(),
+            send_timeout: default_send_timeout(),
             shutdown_grace: default_shutdown_grace(),
         }
     }
@@ -119,6 +125,9 @@ fn default_header_read_timeout() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(10))
 }
 fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_send_timeout() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(60))
 }
 fn default_shutdown_grace() -> HumanDuration {
@@ -739,6 +748,11 @@ impl LimitsConfig {
             if d.0.is_zero() {
                 return Err(err(key, "must be more than 0s"));
             }
+        }
+        // Set on each socket in milliseconds, as a u32.
+        let send = self.send_timeout.0;
+        if send < std::time::Duration::from_secs(1) || send.as_millis() > u128::from(u32::MAX) {
+            return Err(err("limits.send_timeout", "must be between 1s and 49days"));
         }
         Ok(())
     }

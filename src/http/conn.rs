@@ -12,8 +12,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,6 +43,10 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// The client's address, as a request extension (per-client caps).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// What a connection needs besides its socket.
 #[derive(Clone)]
 pub struct ConnSettings {
@@ -51,11 +55,19 @@ pub struct ConnSettings {
     pub header_read_timeout: Duration,
     /// Time with no request in progress after the first one.
     pub idle_timeout: Duration,
+    /// A response whose client has taken nothing of what it was handed for this long (an
+    /// HTTP/2 stream whose window stays closed) ends its connection.
+    pub send_timeout: Duration,
     /// Cancelled at shutdown: finish what is in progress, accept no new request.
     pub stop: CancellationToken,
     /// Set with `stop`, for the per-request check: the token's own `is_cancelled` takes a lock
     /// that every connection shares.
     pub stopping: Arc<AtomicBool>,
+    /// Set on a connection taken beyond `limits.max_connections` from the small reserve kept
+    /// for health checks: `/healthz`, `/readyz` and `/metrics` are answered at once, anything
+    /// else waits for one of these regular slots (as a new connection would), and the
+    /// connection closes after one response.
+    pub ops_only: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl ConnSettings {
@@ -96,7 +108,7 @@ pub async fn serve_conn(
         _ = settings.stop.cancelled() => return,
     };
     match stream {
-        Ok(Ok(s)) => drive(app, TokioIo::new(s), &settings, info).await,
+        Ok(Ok(s)) => drive(app, TokioIo::new(s), &settings, info, peer.ip()).await,
         // Scanners, clients that do not trust our certificate, plain HTTP sent to the TLS
         // port: the client's problem, and frequent; debug, not warn.
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -105,24 +117,43 @@ pub async fn serve_conn(
 }
 
 /// Runs HTTP on `io` until the client closes, the connection goes idle, or shutdown.
-pub(super) async fn drive<I>(app: Arc<App>, io: I, settings: &ConnSettings, info: Option<ConnInfo>)
-where
+pub(super) async fn drive<I>(
+    app: Arc<App>,
+    io: I,
+    settings: &ConnSettings,
+    info: Option<ConnInfo>,
+    peer: std::net::IpAddr,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
     let svc = {
         let activity = activity.clone();
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            let app = app.clone();
-            let guard = activity.begin();
+            req.extensions_mut().insert(ClientAddr(peer));
             if let Some(i) = info {
                 req.extensions_mut().insert(i);
             }
+            let app = app.clone();
+            let guard = activity.begin();
+            let progress = activity.track();
+            let ops_only = settings.ops_only.clone();
             async move {
-                let resp = super::server::handle(app, req.map(RequestBody::Hyper)).await;
+                let (resp, slot) = match ops_only {
+                    Some(slots) => {
+                        super::server::handle_ops_only(app, req.map(RequestBody::Hyper), &slots)
+                            .await
+                    }
+                    None => (
+                        super::server::handle(app, req.map(RequestBody::Hyper)).await,
+                        None,
+                    ),
+                };
                 Ok::<_, Infallible>(resp.map(|body| Guarded {
                     inner: body,
                     _guard: guard,
+                    _slot: slot,
+                    progress,
                 }))
             }
         })
@@ -156,6 +187,10 @@ where
                 tracing::debug!("idle connection did not close; dropping it");
                 return;
             }
+            _ = activity.stalled(settings.send_timeout) => {
+                tracing::debug!("a response's client took nothing for limits.send_timeout; dropping the connection");
+                return;
+            }
         }
     }
 }
@@ -169,6 +204,9 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Requests in progress on one connection, and when the last one ended.
 struct Activity {
+    /// The responses of this connection, for [`Activity::stalled`].
+    sending: Mutex<Vec<Weak<SendProgress>>>,
+    epoch: Instant,
     active: AtomicUsize,
     /// Whether any request has been seen (switches the idle limit from the header timeout to
     /// the idle timeout).
@@ -180,10 +218,36 @@ struct Activity {
 impl Activity {
     fn new() -> Activity {
         Activity {
+            sending: Mutex::new(Vec::new()),
+            epoch: Instant::now(),
             active: AtomicUsize::new(0),
             seen: AtomicBool::new(false),
             last_end: Mutex::new(Instant::now()),
             changed: Notify::new(),
+        }
+    }
+
+    /// The progress record of a new response.
+    fn track(&self) -> Arc<SendProgress> {
+        let p = Arc::new(SendProgress {
+            epoch: self.epoch,
+            handed_at: AtomicU64::new(0),
+        });
+        let mut v = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(&p));
+        p
+    }
+
+    /// Resolves once some response has waited on its client for longer than `limit`.
+    async fn stalled(&self, limit: Duration) {
+        let every = (limit / 4).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            let v = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+            if v.iter().filter_map(Weak::upgrade).any(|p| p.stalled(limit)) {
+                return;
+            }
         }
     }
 
@@ -239,6 +303,30 @@ impl Drop for RequestGuard {
 struct Guarded {
     inner: Body,
     _guard: RequestGuard,
+    /// The regular slot a request on an ops-reserve connection waited for, held to its end.
+    _slot: Option<OwnedSemaphorePermit>,
+    progress: Arc<SendProgress>,
+}
+
+/// Whether a response waits on its client: set when a chunk was handed to hyper, cleared when
+/// hyper asks for the next one (the client took the last) or the body itself waits (a fill).
+struct SendProgress {
+    epoch: Instant,
+    /// Milliseconds since `epoch` when a chunk was handed over and not asked past yet; 0 when
+    /// not waiting on the client.
+    handed_at: AtomicU64,
+}
+
+impl SendProgress {
+    fn now_ms(&self) -> u64 {
+        (self.epoch.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// Whether the client has taken nothing for longer than `limit`.
+    fn stalled(&self, limit: Duration) -> bool {
+        let at = self.handed_at.load(Ordering::Relaxed);
+        at != 0 && self.now_ms().saturating_sub(at) > limit.as_millis() as u64
+    }
 }
 
 impl hyper::body::Body for Guarded {
@@ -249,7 +337,13 @@ impl hyper::body::Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let handed = match &polled {
+            Poll::Ready(Some(Ok(f))) if f.is_data() => self.progress.now_ms(),
+            _ => 0,
+        };
+        self.progress.handed_at.store(handed, Ordering::Relaxed);
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

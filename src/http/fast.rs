@@ -57,6 +57,10 @@ pub async fn serve(
     let max_head = usize::try_from(app.config.limits.max_header_size.0)
         .unwrap_or(usize::MAX)
         .max(8192);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let mut buf = BytesMut::with_capacity(8192);
     let mut out = Vec::with_capacity(1024);
     let mut key = Vec::with_capacity(256);
@@ -71,7 +75,7 @@ pub async fn serve(
     loop {
         // An answer kept in memory needs no request object: looked up straight off the buffer.
         let mut memo = false;
-        let probed = if buf.is_empty() {
+        let probed = if buf.is_empty() || settings.ops_only.is_some() {
             None
         } else {
             probe(&buf, max_head, &app.answers, &mut key)
@@ -131,7 +135,7 @@ pub async fn serve(
             }
             Parsed::HandOff => {
                 let io = Rewind::new(buf.freeze(), stream);
-                return conn::drive(app, TokioIo::new(io), settings, info).await;
+                return conn::drive(app, TokioIo::new(io), settings, info, peer).await;
             }
         };
         buf.advance(next.head_len);
@@ -140,14 +144,24 @@ pub async fn serve(
         }
         let mut how = How {
             head_only: next.req.method() == Method::HEAD,
-            keep_alive: next.keep_alive && !settings.is_stopping(),
+            keep_alive: next.keep_alive && !settings.is_stopping() && settings.ops_only.is_none(),
             http10: next.req.version() == Version::HTTP_10,
+        };
+        // On a connection of the ops reserve, anything but health waits for a regular slot,
+        // held until the response is sent.
+        let _slot = match &settings.ops_only {
+            Some(slots) if !super::server::is_ops_path(next.req.uri().path()) => {
+                slots.clone().acquire_owned().await.ok()
+            }
+            _ => None,
         };
         // A request the memo may answer (it did not hold the answer): the answer is kept when it
         // is one to keep, and sent as kept.
         let writes = crate::writes::count();
         let memo_req = memo.then(|| (next.req.method().clone(), next.req.uri().clone()));
-        let resp = super::server::handle(app.clone(), next.req).await;
+        let mut req = next.req;
+        req.extensions_mut().insert(conn::ClientAddr(peer));
+        let resp = super::server::handle(app.clone(), req).await;
         how.keep_alive = how.keep_alive && !settings.is_stopping();
         let kept = memo_req
             .and_then(|(method, uri)| app.answers.put(&key, &method, uri.path(), &resp, writes));

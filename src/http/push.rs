@@ -16,6 +16,7 @@ use crate::app::App;
 use crate::engine::ByteStream;
 use crate::error::{Error, Result};
 use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName};
+use crate::pull::rate::{self, MinRate};
 use crate::push::manifest::MAX_MANIFEST;
 use crate::push::Pusher;
 
@@ -28,15 +29,22 @@ fn pusher(app: &App) -> Result<&Pusher> {
     })
 }
 
-/// A request body as a byte stream (for blobs: never buffered whole).
+/// A request body as a byte stream (for blobs: never buffered whole), held to the minimum rate
+/// of [`MinRate::default`]: a body that never ends, or trickles, fails the request.
 pub fn stream(body: RequestBody) -> ByteStream {
-    Box::pin(BodyStream::new(body).filter_map(|frame| async move {
+    let s: ByteStream = Box::pin(BodyStream::new(body).filter_map(|frame| async move {
         match frame {
             Ok(f) => f.into_data().ok().map(Ok),
             Err(e) => Some(Err(Error::Io(std::io::Error::other(e)))),
         }
-    }))
+    }));
+    rate::guard_with(s, MinRate::default(), |m| {
+        Error::client(ErrorCode::BlobUploadInvalid, format!("request body {m}"))
+    })
 }
+
+/// The longest a manifest body (at most 4 MiB) may take to arrive.
+const MANIFEST_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
 const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
@@ -153,7 +161,11 @@ pub async fn upload(
                     ],
                 );
             }
-            let id = p.start_upload(&repo).await?;
+            let client = parts
+                .extensions
+                .get::<super::conn::ClientAddr>()
+                .map(|c| c.0.to_string());
+            let id = p.start_upload(&repo, client.as_deref()).await?;
             respond(
                 StatusCode::ACCEPTED,
                 &[
@@ -281,10 +293,20 @@ pub async fn put_manifest(
     {
         return Err(too_big());
     }
-    let bytes: Bytes = match Limited::new(body, MAX_MANIFEST).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_big()),
-        Err(e) => return Err(Error::Io(std::io::Error::other(e))),
+    let read = tokio::time::timeout(
+        MANIFEST_BODY_DEADLINE,
+        Limited::new(body, MAX_MANIFEST).collect(),
+    );
+    let bytes: Bytes = match read.await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_big()),
+        Ok(Err(e)) => return Err(Error::Io(std::io::Error::other(e))),
+        Err(_) => {
+            return Err(Error::client(
+                ErrorCode::ManifestInvalid,
+                "the manifest body did not arrive within 60s",
+            ))
+        }
     };
     let ct = parts
         .headers

@@ -115,8 +115,10 @@ pub async fn serve(
         builder: Arc::new(http_builder(&limits)),
         header_read_timeout: limits.header_read_timeout.0,
         idle_timeout: limits.idle_timeout.0,
+        send_timeout: limits.send_timeout.0,
         stop: stop.clone(),
         stopping: Arc::default(),
+        ops_only: None,
     };
     if let Some(tls) = &front.tls {
         tokio::spawn(tls.clone().watch(stop.clone()));
@@ -188,6 +190,13 @@ async fn accept_loop(
     slots: Arc<Semaphore>,
 ) {
     let stop = settings.stop.clone();
+    let ops_reserve = Arc::new(Semaphore::new(OPS_RESERVE));
+    let ops_settings = ConnSettings {
+        ops_only: Some(slots.clone()),
+        ..settings.clone()
+    };
+    let send_timeout_ms =
+        u32::try_from(app.config.limits.send_timeout.0.as_millis()).unwrap_or(u32::MAX);
     // At the cap, say so at most every 10s: a flood must not also flood the logs.
     let mut last_warned: Option<Instant> = None;
     loop {
@@ -204,15 +213,25 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    last_warned = Some(Instant::now());
-                    tracing::warn!(
-                        "limits.max_connections reached: new connections wait for a free slot"
-                    );
-                }
+        let mut conn_settings = &settings;
+        let free = slots.clone().try_acquire_owned();
+        if free.is_err() && last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            last_warned = Some(Instant::now());
+            tracing::warn!("limits.max_connections reached: new connections wait for a free slot");
+        }
+        let reserve = match free {
+            Ok(_) => None,
+            Err(_) => ops_reserve.clone().try_acquire_owned().ok(),
+        };
+        let permit = match (free, reserve) {
+            (Ok(p), _) => p,
+            // At the cap, health checks are still answered at once, from the reserve; other
+            // requests on such a connection wait for a slot there.
+            (Err(_), Some(p)) => {
+                conn_settings = &ops_settings;
+                p
+            }
+            (Err(_), None) => {
                 tokio::select! {
                     p = slots.clone().acquire_owned() => match p {
                         Ok(p) => p,
@@ -223,6 +242,9 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        // A client that takes none of our bytes for this long (its window stays closed) is cut
+        // off by the kernel, whatever the connection is doing: a slot is never held for ever.
+        let _ = rustix::net::sockopt::set_tcp_user_timeout(&stream, send_timeout_ms);
         let span = tracing::debug_span!("conn", %peer);
         tokio::spawn(
             conn::serve_conn(
@@ -230,7 +252,7 @@ async fn accept_loop(
                 stream,
                 peer,
                 tls.clone(),
-                settings.clone(),
+                conn_settings.clone(),
                 permit,
             )
             .instrument(span),
@@ -274,6 +296,35 @@ pub(super) fn client_request_id(headers: &http::HeaderMap) -> Option<&str> {
 const UNDRAINED_BODY: u64 = 8 << 10;
 
 /// One request: route, handle, map errors to OCI bodies, stamp the common headers.
+/// Connections accepted beyond `limits.max_connections` for health checks only.
+const OPS_RESERVE: usize = 32;
+
+/// Whether a path is one a load balancer or scraper must reach even at the connection cap.
+pub(super) fn is_ops_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+/// [`handle`] on a connection of the ops reserve: health, readiness and metrics at once;
+/// anything else first waits for a regular slot of `slots` (returned, to be held until the
+/// response is sent). The connection closes after the response.
+pub async fn handle_ops_only(
+    app: Arc<App>,
+    req: Request<RequestBody>,
+    slots: &Arc<Semaphore>,
+) -> (Response<Body>, Option<tokio::sync::OwnedSemaphorePermit>) {
+    let slot = if is_ops_path(req.uri().path()) {
+        None
+    } else {
+        slots.clone().acquire_owned().await.ok()
+    };
+    let mut resp = handle(app, req).await;
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    (resp, slot)
+}
+
 pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> {
     let start = Instant::now();
     let id = match client_request_id(req.headers()) {

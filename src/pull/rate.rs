@@ -38,10 +38,21 @@ pub const TOO_SLOW: &str = "slower than the minimum rate";
 /// `inner`, failing with an engine error of `engine` once a window of waiting brought fewer
 /// bytes than the rate asks.
 pub fn guard(inner: ByteStream, rate: MinRate, engine: &str) -> ByteStream {
+    let engine = engine.to_string();
+    guard_with(inner, rate, move |m| Error::engine(&engine, m))
+}
+
+/// [`guard`] failing with the error `fail` makes of the message (a client's request body: a
+/// client error).
+pub fn guard_with(
+    inner: ByteStream,
+    rate: MinRate,
+    fail: impl Fn(String) -> Error + Send + 'static,
+) -> ByteStream {
     Box::pin(Guarded {
         inner,
         rate,
-        engine: engine.to_string(),
+        fail: Box::new(fail),
         got: 0,
         waited: Duration::ZERO,
         pending_since: None,
@@ -53,7 +64,7 @@ pub fn guard(inner: ByteStream, rate: MinRate, engine: &str) -> ByteStream {
 struct Guarded {
     inner: ByteStream,
     rate: MinRate,
-    engine: String,
+    fail: Box<dyn Fn(String) -> Error + Send>,
     /// Bytes in the current window.
     got: u64,
     /// Time spent waiting on `inner` in the current window (not counting the current wait).
@@ -82,13 +93,11 @@ impl Guarded {
 
     fn too_slow(&mut self) -> Poll<Option<Result<Bytes>>> {
         self.failed = true;
-        Poll::Ready(Some(Err(Error::engine(
-            &self.engine,
-            format!(
-                "{TOO_SLOW} ({} bytes in {:?})",
-                self.rate.bytes, self.rate.window
-            ),
-        ))))
+        let msg = format!(
+            "{TOO_SLOW} ({} bytes in {:?})",
+            self.rate.bytes, self.rate.window
+        );
+        Poll::Ready(Some(Err((self.fail)(msg))))
     }
 }
 

@@ -28,7 +28,7 @@ pub struct Pusher {
     /// Marks the repositories pushed to (the preferred engine is their authority).
     pushed: Arc<PushedRepos>,
     dyn_engine: Arc<dyn Engine>,
-    uploads: Uploads,
+    uploads: Arc<Uploads>,
     spool_dir: PathBuf,
     replicator: Arc<Replicator>,
     tags: TagCache,
@@ -62,7 +62,7 @@ impl Pusher {
     ) -> Pusher {
         let dyn_engine: Arc<dyn Engine> = engine.clone();
         Pusher {
-            uploads: Uploads::new(engine.clone()),
+            uploads: Arc::new(Uploads::new(engine.clone())),
             engine,
             pushed,
             dyn_engine,
@@ -86,6 +86,11 @@ impl Pusher {
         &self.tag_locks[(h.finish() as usize) % TAG_STRIPES]
     }
 
+    /// Removes upload sessions idle for `max_age`, in the background, from now on.
+    pub fn clean_uploads_after(&self, max_age: std::time::Duration) {
+        tokio::spawn(self.uploads.clone().run_cleanup(max_age));
+    }
+
     pub fn set_evictor(&mut self, e: Arc<crate::evict::Evictor>) {
         self.evictor = Some(e);
     }
@@ -98,8 +103,9 @@ impl Pusher {
         &self.replicator
     }
 
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
-        self.uploads.start(repo).await
+    /// Opens an upload session for `client` (its address, for the per-client cap).
+    pub async fn start_upload(&self, repo: &RepoName, client: Option<&str>) -> Result<String> {
+        self.uploads.start(repo, client).await
     }
 
     pub async fn upload_offset(&self, repo: &RepoName, id: &str) -> Result<u64> {
