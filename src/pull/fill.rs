@@ -361,24 +361,30 @@ pub enum Piece {
 }
 
 impl FillReader {
-    /// The bytes as a stream of chunks (window chunks, or spool reads of up to
-    /// [`crate::fileio::CHUNK`]).
+    /// The bytes as a stream of chunks (window chunks, or spool reads that start at
+    /// [`crate::fileio::FIRST_CHUNK`] and double up to [`crate::fileio::CHUNK`], so a receiver
+    /// that takes nothing holds one small read).
     pub fn into_stream(self) -> ByteStream {
-        Box::pin(futures::stream::try_unfold(self, |mut r| async move {
-            Ok(match r.next_piece(false).await? {
-                None => None,
-                Some(Piece::Bytes(b)) => Some((b, r)),
-                Some(Piece::File { file, offset, len }) => {
-                    let want = len.min(crate::fileio::CHUNK as u64) as usize;
-                    let chunk = crate::fileio::read_at(file, offset, want).await?;
-                    if chunk.is_empty() {
-                        return Err(Error::engine("fill", "spool shorter than reported"));
+        let first = crate::fileio::FIRST_CHUNK;
+        Box::pin(futures::stream::try_unfold(
+            (self, first),
+            |(mut r, size)| async move {
+                Ok(match r.next_piece(false).await? {
+                    None => None,
+                    Some(Piece::Bytes(b)) => Some((b, (r, size))),
+                    Some(Piece::File { file, offset, len }) => {
+                        let want = len.min(size as u64) as usize;
+                        let chunk = crate::fileio::read_at(file, offset, want).await?;
+                        if chunk.is_empty() {
+                            return Err(Error::engine("fill", "spool shorter than reported"));
+                        }
+                        r.rewind_to(offset + chunk.len() as u64);
+                        let next = (size * 2).min(crate::fileio::CHUNK);
+                        Some((chunk, (r, next)))
                     }
-                    r.rewind_to(offset + chunk.len() as u64);
-                    Some((chunk, r))
-                }
-            })
-        }))
+                })
+            },
+        ))
     }
 
     /// The next piece, once there is one; `None` at the end. `prefer_file`: take bytes from the
