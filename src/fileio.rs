@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::ByteStream;
 use crate::error::Error;
@@ -95,21 +96,106 @@ fn read_new(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
+/// Bytes of file reads that response bodies may hold in memory at once, over the whole process.
+pub const PROCESS_READ_BUDGET: usize = 128 << 20;
+/// The same for one connection (one HTTP/2 connection carries up to 256 streams), so one client
+/// cannot take the process's budget from the others.
+pub const CONNECTION_READ_BUDGET: usize = 16 << 20;
+/// Budgets are counted in units of this many bytes.
+const BUDGET_UNIT: usize = 1024;
+
+static PROCESS_BUDGET: std::sync::LazyLock<Arc<Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(Semaphore::new(PROCESS_READ_BUDGET / BUDGET_UNIT)));
+
+tokio::task_local! {
+    /// The budget of the connection whose request is being handled (see [`with_connection_budget`]).
+    static CONNECTION_BUDGET: Arc<Semaphore>;
+}
+
+/// A new budget for one connection's response bodies.
+pub fn connection_budget() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(CONNECTION_READ_BUDGET / BUDGET_UNIT))
+}
+
+/// Runs a request's handler with `budget` as its connection's: file streams made inside it
+/// count their reads against it, and against the process's, until each chunk is dropped (sent,
+/// or its stream gone). Beyond either, reads wait: a client whose HTTP/2 windows stay shut (it
+/// never takes a byte) holds at most the connection's budget, and delays others' reads only
+/// until `limits.send_timeout` drops its connection.
+pub async fn with_connection_budget<F: std::future::Future>(
+    budget: Arc<Semaphore>,
+    f: F,
+) -> F::Output {
+    CONNECTION_BUDGET.scope(budget, f).await
+}
+
+/// The budgets a file stream made now reads against.
+#[derive(Clone)]
+pub struct ReadBudget {
+    connection: Option<Arc<Semaphore>>,
+}
+
+/// Permits held by a chunk for as long as its bytes live.
+struct Budgeted {
+    bytes: Bytes,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl ReadBudget {
+    /// The budgets of the request being handled (the process's alone outside a request).
+    pub fn current() -> ReadBudget {
+        ReadBudget {
+            connection: CONNECTION_BUDGET.try_with(|b| b.clone()).ok(),
+        }
+    }
+
+    /// Reads `want` bytes of `file` at `pos` once the budgets allow (the connection's first, so
+    /// a client over its own budget never holds the process's while it waits).
+    pub async fn read(&self, file: Arc<File>, pos: u64, want: usize) -> std::io::Result<Bytes> {
+        let units = u32::try_from(want.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
+        let closed = |_| std::io::Error::other("read budget closed");
+        let connection = match &self.connection {
+            Some(c) => Some(c.clone().acquire_many_owned(units).await.map_err(closed)?),
+            None => None,
+        };
+        let process = PROCESS_BUDGET
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(closed)?;
+        let bytes = read_at(file, pos, want).await?;
+        Ok(Bytes::from_owner(Budgeted {
+            bytes,
+            _permits: (process, connection),
+        }))
+    }
+}
+
 /// A stream of exactly `len` bytes of `file` from `offset`: a first chunk of [`FIRST_CHUNK`]
 /// bytes alone, then chunks doubling up to [`CHUNK`] with one read ahead, so the disk read of the
 /// next chunk overlaps the socket write of this one (a receiver that takes nothing holds one small
 /// chunk). A file shorter than that ends the stream with an error, never a clean short end.
 pub fn stream_range(file: Arc<File>, offset: u64, len: u64) -> ByteStream {
     let end = offset + len;
-    let read = move |file: Arc<File>, pos: u64, want: usize| async move {
-        let chunk = read_at(file, pos, want).await.map_err(Error::Io)?;
-        if chunk.len() < want {
-            return Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file ended before its recorded size",
-            )));
+    let budget = ReadBudget::current();
+    let read = move |file: Arc<File>, pos: u64, want: usize| {
+        let budget = budget.clone();
+        async move {
+            let chunk = budget.read(file, pos, want).await.map_err(Error::Io)?;
+            if chunk.len() < want {
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file ended before its recorded size",
+                )));
+            }
+            Ok(chunk)
         }
-        Ok(chunk)
     };
     if len == 0 {
         return Box::pin(stream::empty());
@@ -417,6 +503,46 @@ pub async fn spool_hashed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks not taken (an HTTP/2 stream whose window stays shut) hold their connection's budget;
+    /// beyond it the connection's next reads wait, and reads of other connections do not.
+    #[tokio::test]
+    async fn chunks_not_taken_hold_the_connections_budget_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let len = 1 << 20;
+        let budget = Arc::new(Semaphore::new(40)); // 40 KiB
+        let (mut a, mut b) = with_connection_budget(budget.clone(), async {
+            (
+                stream_range(file.clone(), 0, len),
+                stream_range(file.clone(), 0, len),
+            )
+        })
+        .await;
+        let wait = std::time::Duration::from_millis(300);
+        let a1 = a.next().await.unwrap().unwrap();
+        let b1 = b.next().await.unwrap().unwrap();
+        assert_eq!((a1.len(), b1.len()), (FIRST_CHUNK, FIRST_CHUNK));
+        assert_eq!(budget.available_permits(), 8);
+        // a's next read (32 KiB) does not fit while both first chunks are held.
+        assert!(tokio::time::timeout(wait, a.next()).await.is_err());
+        drop(b1);
+        assert!(tokio::time::timeout(wait, a.next()).await.is_err());
+        // Another connection's stream is not held back by this one's budget.
+        let mut other = stream_range(file.clone(), 0, len);
+        assert!(tokio::time::timeout(wait * 10, other.next()).await.is_ok());
+        drop(a1);
+        let a2 = tokio::time::timeout(wait * 10, a.next())
+            .await
+            .expect("a read once the budget is free")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a2.len(), 2 * FIRST_CHUNK);
+        drop((a2, a, b));
+        assert_eq!(budget.available_permits(), 40, "every permit is back");
+    }
 
     #[test]
     fn checked_opens_refuse_links_and_special_files_both_ways() {

@@ -127,9 +127,12 @@ pub(super) async fn drive<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
+    // What this connection's response bodies may hold of file reads (see fileio's budgets).
+    let budget = crate::fileio::connection_budget();
     let svc = {
         let activity = activity.clone();
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let budget = budget.clone();
             req.extensions_mut().insert(ClientAddr(peer));
             if let Some(i) = info {
                 req.extensions_mut().insert(i);
@@ -139,16 +142,19 @@ pub(super) async fn drive<I>(
             let progress = activity.track();
             let ops_only = settings.ops_only.clone();
             async move {
-                let (resp, slot) = match ops_only {
-                    Some(slots) => {
-                        super::server::handle_ops_only(app, req.map(RequestBody::Hyper), &slots)
-                            .await
+                let handled = async move {
+                    match ops_only {
+                        Some(slots) => {
+                            super::server::handle_ops_only(app, req.map(RequestBody::Hyper), &slots)
+                                .await
+                        }
+                        None => (
+                            super::server::handle(app, req.map(RequestBody::Hyper)).await,
+                            None,
+                        ),
                     }
-                    None => (
-                        super::server::handle(app, req.map(RequestBody::Hyper)).await,
-                        None,
-                    ),
                 };
+                let (resp, slot) = crate::fileio::with_connection_budget(budget, handled).await;
                 Ok::<_, Infallible>(resp.map(|body| Guarded {
                     inner: body,
                     _guard: guard,

@@ -366,23 +366,27 @@ impl FillReader {
     /// that takes nothing holds one small read).
     pub fn into_stream(self) -> ByteStream {
         let first = crate::fileio::FIRST_CHUNK;
+        let budget = crate::fileio::ReadBudget::current();
         Box::pin(futures::stream::try_unfold(
             (self, first),
-            |(mut r, size)| async move {
-                Ok(match r.next_piece(false).await? {
-                    None => None,
-                    Some(Piece::Bytes(b)) => Some((b, (r, size))),
-                    Some(Piece::File { file, offset, len }) => {
-                        let want = len.min(size as u64) as usize;
-                        let chunk = crate::fileio::read_at(file, offset, want).await?;
-                        if chunk.is_empty() {
-                            return Err(Error::engine("fill", "spool shorter than reported"));
+            move |(mut r, size)| {
+                let budget = budget.clone();
+                async move {
+                    Ok(match r.next_piece(false).await? {
+                        None => None,
+                        Some(Piece::Bytes(b)) => Some((b, (r, size))),
+                        Some(Piece::File { file, offset, len }) => {
+                            let want = len.min(size as u64) as usize;
+                            let chunk = budget.read(file, offset, want).await?;
+                            if chunk.is_empty() {
+                                return Err(Error::engine("fill", "spool shorter than reported"));
+                            }
+                            r.rewind_to(offset + chunk.len() as u64);
+                            let next = (size * 2).min(crate::fileio::CHUNK);
+                            Some((chunk, (r, next)))
                         }
-                        r.rewind_to(offset + chunk.len() as u64);
-                        let next = (size * 2).min(crate::fileio::CHUNK);
-                        Some((chunk, (r, next)))
-                    }
-                })
+                    })
+                }
             },
         ))
     }
