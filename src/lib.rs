@@ -10,19 +10,23 @@
 //!   `body.rs` the body types, `tls.rs` the rustls acceptor and certificate reloading.
 //! - `writes.rs`: the count of write requests that read memos check.
 //! - `fileio.rs`: local file reads in large chunks, spools, and the checked opens of a `file://`
-//!   engine (no link followed, regular files only, the committed size recorded on the inode).
+//!   engine (no link followed, regular files only, the committed size recorded on the inode),
+//!   and the memory budgets (per connection, per process) of file reads not sent yet.
 //! - `pull/`: the pull path. `mod.rs` (`Puller`): hits, misses, manifests, tags;
-//!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache.
+//!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache;
+//!   `rate.rs`: the minimum rate a fill's source must keep.
 //! - `engine/`: the `Engine` trait and its two kinds, `storage.rs` (object_store in the
-//!   Distribution layout, `layout.rs`) and `registry/` (upstream registries, with token auth);
-//!   `set.rs` routes names to upstreams and orders remote engines; `nofollow.rs` keeps a `file://`
+//!   Distribution layout, `layout.rs`) and `registry/` (upstream registries, with token auth
+//!   sent only to allowed realms, `limit.rs` the bounds and deadlines of what they answer);
+//!   `set.rs` routes names to upstreams, one storage name per (upstream, repository), and
+//!   orders remote engines; `pushed.rs` marks repositories pushed beside upstreams; `nofollow.rs` keeps a `file://`
 //!   engine's object store from following symbolic links, `scrub.rs` is `ociedge verify`.
 //! - `oci/`: validated names, digests, media types, wire errors. `config/`: the config tree.
 //! - `metrics.rs`: the Prometheus counters; `history.rs`: the last hour of them, sampled in
 //!   memory for the status page (`http/page.rs` serves `http/status.html` at `/_ociedge/`).
 //! - `auth/`: access control (htpasswd users, ES256 tokens, per-repository rules, passthrough
-//!   checks against upstreams); `http/access.rs` applies it per route, `http/token.rs` is
-//!   `/token`.
+//!   checks against upstreams, `throttle.rs` for failed passwords); `http/access.rs` applies
+//!   it per route, `http/token.rs` is `/token`. `SECURITY.md` has the threat model.
 //!
 //! # The miss path
 //! `GET /v2/library/alpine/blobs/sha256:…` is parsed into `Route::Blob` (bad names and digests
