@@ -295,7 +295,6 @@ pub(super) fn client_request_id(headers: &http::HeaderMap) -> Option<&str> {
 /// Request bodies larger than this, refused, get `Connection: close` on HTTP/1 (see `handle`).
 const UNDRAINED_BODY: u64 = 8 << 10;
 
-/// One request: route, handle, map errors to OCI bodies, stamp the common headers.
 /// Connections accepted beyond `limits.max_connections` for health checks only.
 const OPS_RESERVE: usize = 32;
 
@@ -325,6 +324,7 @@ pub async fn handle_ops_only(
     (resp, slot)
 }
 
+/// One request: route, handle, map errors to OCI bodies, stamp the common headers.
 pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> {
     let start = Instant::now();
     let id = match client_request_id(req.headers()) {

@@ -258,34 +258,54 @@ impl Proxy {
     }
 
     /// [`Proxy::start_in`] with more `serve` arguments (`--log-format json`).
-    pub fn start_with(config: &str, dir: tempfile::TempDir, args: &[&str]) -> Proxy {
-        let port = free_port();
-        let cfg = config
-            .replace("{PORT}", &port.to_string())
-            .replace("{DIR}", &dir.path().display().to_string());
-        let path = dir.path().join("ociedge.yaml");
-        std::fs::write(&path, cfg).expect("write config");
-        let log = std::fs::File::create(dir.path().join("ociedge.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ociedge"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .args(args)
-            .env("OCIEDGE_LOG", "info,ociedge=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ociedge");
-        let p = Proxy { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "ociedge did not start: {}",
-                p.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    pub fn start_with(config: &str, mut dir: tempfile::TempDir, args: &[&str]) -> Proxy {
+        // A port from `free_port` is free when picked, not when ociedge binds it: another test's
+        // socket may take it in between. Ready means *this* process logged that it serves (a
+        // TCP connect alone could reach another process, or loop back to the connecting socket
+        // itself); a process that exits because the port was taken is started again elsewhere.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port();
+            let cfg = config
+                .replace("{PORT}", &port.to_string())
+                .replace("{DIR}", &dir.path().display().to_string());
+            let path = dir.path().join("ociedge.yaml");
+            std::fs::write(&path, cfg).expect("write config");
+            let log = std::fs::File::create(dir.path().join("ociedge.log")).expect("log");
+            let child = Command::new(env!("CARGO_BIN_EXE_ociedge"))
+                .args(["serve", "--config"])
+                .arg(&path)
+                .args(args)
+                .env("OCIEDGE_LOG", "info,ociedge=debug")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn ociedge");
+            let mut p = Proxy { child, dir, port };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if p.log().contains("ociedge serving")
+                    && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                {
+                    return p;
+                }
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    let log = p.log();
+                    if attempt < 5 && log.contains("in use") {
+                        break;
+                    }
+                    panic!("ociedge exited at start: {log}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "ociedge did not start: {}",
+                    p.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            dir = p.restart();
         }
-        p
     }
 
     pub fn host(&self) -> String {
