@@ -28,8 +28,27 @@ async fn pushed_content_is_decided_by_the_preferred_engine_beside_an_upstream() 
         &origin.url(),
         "push: { engine: eu }\ncache: { tag_ttl: 1s }\n",
     ));
-    let host = p.host();
-    assert!(skopeo_push(&host, "app-v1", "team/pushed:v1"), "push");
+    // Pushed through the API (skopeo's blob-info cache, shared by every test on the machine,
+    // can name another test's repository on a reused port as a mount source and so make the
+    // push depend on what ran before).
+    let config = push_blob(&p.url(""), "team/pushed", b"{}".to_vec()).await;
+    let layer = push_blob(&p.url(""), "team/pushed", random_bytes(4096, 7)).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2 },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 4096 }],
+    })
+    .to_string();
+    let app = format!("sha256:{}", sha256_hex(manifest.as_bytes()));
+    let r = client()
+        .put(p.url("/v2/team/pushed/manifests/v1"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "push");
     // The tags list of the pushed repository (the upstream does not know it).
     let r = client()
         .get(p.url("/v2/team/pushed/tags/list"))
@@ -40,16 +59,7 @@ async fn pushed_content_is_decided_by_the_preferred_engine_beside_an_upstream() 
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["v1"]));
     // A delete by digest of its manifest and of a blob is seen by the next GET.
-    let m: serde_json::Value = client()
-        .get(p.url(&format!("/v2/team/pushed/manifests/{APP}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
-    let manifest_url = p.url(&format!("/v2/team/pushed/manifests/{APP}"));
+    let manifest_url = p.url(&format!("/v2/team/pushed/manifests/{app}"));
     let blob_url = p.url(&format!("/v2/team/pushed/blobs/{layer}"));
     assert_eq!(status(reqwest::Method::GET, blob_url.clone()).await, 200);
     assert_eq!(status(reqwest::Method::DELETE, blob_url.clone()).await, 202);
