@@ -241,6 +241,9 @@ impl App {
                 );
                 // Stale sessions go whatever the cache settings.
                 pusher.clean_uploads_after(config.cache.stale_uploads.0);
+                if config.auth.is_none() {
+                    pusher.link_stored_blobs();
+                }
                 if *id == pref {
                     if let Some(ev) = &evictor {
                         pusher.set_evictor(ev.clone());

@@ -49,6 +49,29 @@ async fn pushed_content_is_decided_by_the_preferred_engine_beside_an_upstream() 
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "push");
+    // Without `auth:` every repository is readable, and a client told by a HEAD (answered by
+    // digest, as a mirror answers) that a blob exists skips its upload: a manifest referencing a
+    // stored blob of another repository is accepted, the blob linked into its repository.
+    // (Under `auth:` it is refused: tests/access.rs.)
+    let other = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2 },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 4096 }],
+    })
+    .to_string();
+    let r = client()
+        .put(p.url("/v2/team/other/manifests/v1"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        201,
+        "a stored blob of another repository, without auth:"
+    );
     // The tags list of the pushed repository (the upstream does not know it).
     let r = client()
         .get(p.url("/v2/team/pushed/tags/list"))

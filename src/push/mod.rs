@@ -27,6 +27,8 @@ pub struct Pusher {
     engine: Arc<StorageEngine>,
     /// Marks the repositories pushed to (the preferred engine is their authority).
     pushed: Arc<PushedRepos>,
+    /// See [`Pusher::link_stored_blobs`].
+    link_stored: bool,
     dyn_engine: Arc<dyn Engine>,
     uploads: Arc<Uploads>,
     spool_dir: PathBuf,
@@ -65,6 +67,7 @@ impl Pusher {
             uploads: Arc::new(Uploads::new(engine.clone())),
             engine,
             pushed,
+            link_stored: false,
             dyn_engine,
             spool_dir,
             replicator,
@@ -89,6 +92,15 @@ impl Pusher {
     /// Removes upload sessions idle for `max_age`, in the background, from now on.
     pub fn clean_uploads_after(&self, max_age: std::time::Duration) {
         tokio::spawn(self.uploads.clone().run_cleanup(max_age));
+    }
+
+    /// Without access control (no `auth:`), a manifest may also reference blobs stored for
+    /// other repositories: they are linked into its repository. Every client may read every
+    /// repository there, and beside upstreams a client's `HEAD` of a blob is answered by digest
+    /// (a mirror's hit), so a client that skipped an upload it was told exists must not be
+    /// refused. Under `auth:` a `HEAD` is checked per repository and this stays off.
+    pub fn link_stored_blobs(&mut self) {
+        self.link_stored = true;
     }
 
     pub fn set_evictor(&mut self, e: Arc<crate::evict::Evictor>) {
@@ -341,7 +353,12 @@ impl Pusher {
     /// `manifest` a manifest (an index whose child is a layer is refused).
     async fn linked_here(&self, repo: &RepoName, digest: &Digest, manifest: bool) -> Result<bool> {
         if !self.engine.is_linked(repo, digest, manifest).await? {
-            return Ok(false);
+            if manifest || !self.link_stored || self.engine.stat_blob(repo, digest).await?.is_none()
+            {
+                return Ok(false);
+            }
+            self.engine.link_blob(repo, digest).await?;
+            return Ok(true);
         }
         Ok(if manifest {
             self.engine
