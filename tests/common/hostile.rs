@@ -2,23 +2,19 @@
 //! answers the test writes (floods, lies, trickles), the proxy's resident memory (current and
 //! peak, from `/proc`), and a watcher that asks `/healthz` all along and keeps the slowest answer.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 
-pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
-
-pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e| match e {}).boxed()
-}
+// One loopback server and body type for every fake and hostile peer.
+#[allow(unused_imports)]
+pub use super::fake::{full, serve, Body};
 
 pub fn respond(status: u16, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(full(body));
@@ -51,36 +47,6 @@ pub fn trickle(data: &'static [u8], every: Duration) -> Body {
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(vec![b])))
     });
     BodyExt::boxed(StreamBody::new(s))
-}
-
-/// Serves `handler` on 127.0.0.1 until the test's runtime ends; returns the port.
-pub async fn serve<F, Fut>(handler: F) -> u16
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let h = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let h = h.clone();
-                    async move { Ok::<_, Infallible>(h(req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    port
 }
 
 /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
