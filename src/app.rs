@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::config::Config;
+use crate::engine::caching::{CachingEngine, Freshness, Generation};
 use crate::engine::nearness::{Nearness, ProbeSettings};
 use crate::engine::registry::{client, RegistryClient, RegistryEngine};
 use crate::engine::set::Engines;
@@ -61,18 +62,37 @@ impl App {
     pub async fn build(config: Config) -> Result<Arc<App>> {
         let metrics = Metrics::new();
         let pref = config.storage.preference.clone();
+        // Every engine is wrapped once in a caching engine, and every path of this process
+        // reads and writes through that wrapper (see `engine::caching`).
+        let generation = Generation::default();
+        let tag_ttl = config.cache.tag_ttl.0;
+        let cached = |e: Arc<dyn Engine>, f: Freshness| {
+            Arc::new(CachingEngine::new(e, generation.clone(), f))
+        };
+        let mut cached_by_id: std::collections::HashMap<String, Arc<CachingEngine>> =
+            Default::default();
+        let mut local_cached: Option<Arc<CachingEngine>> = None;
         let mut local: Option<Arc<StorageEngine>> = None;
         let mut by_id: std::collections::HashMap<String, Arc<StorageEngine>> = Default::default();
         let mut remotes: Vec<Arc<dyn Engine>> = Vec::new();
         let mut probed: Vec<(Arc<dyn Engine>, i32)> = Vec::new();
         for (id, ec) in &config.storage.engines {
             let engine = Arc::new(StorageEngine::open(id, &ec.url, &ec.options)?);
-            probed.push((engine.clone(), ec.priority.unwrap_or(0)));
-            by_id.insert(id.clone(), engine.clone());
-            if *id == pref {
-                local = Some(engine);
+            let is_local = *id == pref;
+            let freshness = if is_local {
+                Freshness::local(tag_ttl)
             } else {
-                remotes.push(engine);
+                Freshness::remote(tag_ttl)
+            };
+            let wrapped = cached(engine.clone(), freshness);
+            probed.push((wrapped.clone(), ec.priority.unwrap_or(0)));
+            by_id.insert(id.clone(), engine.clone());
+            cached_by_id.insert(id.clone(), wrapped.clone());
+            if is_local {
+                local = Some(engine);
+                local_cached = Some(wrapped);
+            } else {
+                remotes.push(wrapped);
             }
         }
         let local = local.ok_or_else(|| {
@@ -98,8 +118,10 @@ impl App {
             if let Some(realms) = u.realm_policy() {
                 client = client.with_realms(realms);
             }
-            let engine = RegistryEngine::new(client);
-            let engine: Arc<dyn Engine> = Arc::new(engine);
+            let engine: Arc<dyn Engine> = cached(
+                Arc::new(RegistryEngine::new(client)),
+                Freshness::remote(tag_ttl),
+            );
             probed.push((engine.clone(), 0));
             upstreams.push((u.name.clone(), engine));
         }
@@ -116,7 +138,9 @@ impl App {
         })?;
         clean_spool(&spool_dir);
         let local_storage = local.clone();
-        let local_dyn: Arc<dyn Engine> = local;
+        let local_cached =
+            local_cached.ok_or_else(|| Error::Config("storage.preference".into()))?;
+        let local_dyn: Arc<dyn Engine> = local_cached.clone();
         let p = &config.storage.probe;
         let settings = ProbeSettings {
             interval: p.interval.0,
@@ -145,7 +169,7 @@ impl App {
         let engines = Arc::new(Engines::new(local_dyn, remotes, upstreams, nearness));
         let fills = Fills::new(spool_dir.clone(), metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
-        let mut puller = Puller::new(engines, fills, tags.clone(), metrics.clone());
+        let mut puller = Puller::new(engines, local_cached, fills, tags, metrics.clone());
         let evictor = config.cache.max_size.map(|m| {
             let push_engine = config.push.engine.as_deref();
             let limits = Limits {
@@ -204,7 +228,7 @@ impl App {
                 let targets: Vec<(String, Arc<dyn Engine>)> = all
                     .iter()
                     .filter_map(|tid| {
-                        by_id
+                        cached_by_id
                             .get(tid)
                             .map(|e| (tid.clone(), e.clone() as Arc<dyn Engine>))
                     })
@@ -212,7 +236,10 @@ impl App {
                 let copier = Copier {
                     spool_dir: spool_dir.clone(),
                 };
-                let source: Arc<dyn Engine> = engine.clone();
+                let source: Arc<dyn Engine> = match cached_by_id.get(id) {
+                    Some(c) => c.clone(),
+                    None => engine.clone(),
+                };
                 metrics.preset_replication(&all);
                 let replicator = Arc::new(Replicator::new(
                     Queue::new(engine.clone()).with_metrics(metrics.clone()),
@@ -229,14 +256,13 @@ impl App {
                     engine.store().clone(),
                     config.cache.tag_ttl.0,
                 ));
-                puller.set_preferred(source, pushed.clone());
+                puller.set_preferred(source.clone(), pushed.clone());
                 let mut pusher = Pusher::new(
                     engine,
+                    source,
                     pushed,
                     spool_dir.clone(),
                     replicator.clone(),
-                    tags,
-                    puller.manifest_cache(),
                     metrics.clone(),
                 );
                 // Stale sessions go whatever the cache settings.
@@ -280,7 +306,11 @@ impl App {
         if let Some(ev) = &evictor {
             tokio::spawn(ev.clone().run(spool_dir.clone()));
         }
-        let answers = crate::http::answers::AnswerMemo::new(config.cache.tag_ttl.0, auth.is_none());
+        let answers = crate::http::answers::AnswerMemo::new(
+            config.cache.tag_ttl.0,
+            auth.is_none(),
+            puller.generation().clone(),
+        );
         Ok(Arc::new(App {
             answers,
             pusher,

@@ -57,6 +57,5 @@ pub mod oci;
 pub mod pull;
 pub mod push;
 pub mod replicate;
-pub mod writes;
 
 pub use error::{Error, Result};

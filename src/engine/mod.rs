@@ -7,6 +7,7 @@
 //! A stream that ends early or fails yields an `Err` item; callers never treat a short stream as
 //! complete. Writes commit whole objects only: a reader sees an object entirely or not at all.
 
+pub mod caching;
 pub mod dns;
 pub mod layout;
 pub mod nearness;
@@ -20,13 +21,14 @@ pub mod storage;
 
 use std::fmt::Debug;
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::error::{Error, Result};
+use crate::fileio::FileSlice;
 use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
 
 /// A stream of body bytes from an engine.
@@ -51,7 +53,119 @@ pub struct ByteRange {
     pub end: Option<u64>,
 }
 
-/// Options of [`Engine::get_blob`].
+/// A client's `Range`, before the blob size is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// `bytes=a-` or `bytes=a-b` (`b` inclusive).
+    From { start: u64, last: Option<u64> },
+    /// `bytes=-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+impl RangeSpec {
+    /// The concrete range for a blob of `size` bytes, or `RANGE_INVALID` when unsatisfiable.
+    pub fn resolve(self, size: u64) -> Result<ByteRange> {
+        let bad = || {
+            Error::client(
+                ErrorCode::RangeInvalid,
+                format!("range not satisfiable for a blob of {size} bytes"),
+            )
+        };
+        match self {
+            RangeSpec::From { start, last } => {
+                if start >= size || last.is_some_and(|l| l < start) {
+                    return Err(bad());
+                }
+                Ok(ByteRange {
+                    start,
+                    end: Some(last.map_or(size, |l| (l + 1).min(size))),
+                })
+            }
+            RangeSpec::Suffix(n) => {
+                if n == 0 || size == 0 {
+                    return Err(bad());
+                }
+                Ok(ByteRange {
+                    start: size.saturating_sub(n),
+                    end: Some(size),
+                })
+            }
+        }
+    }
+
+    /// The spec of the concrete range `r` (what a resumed read asks for).
+    pub fn of(r: ByteRange) -> RangeSpec {
+        RangeSpec::From {
+            start: r.start,
+            last: r.end.map(|e| e.saturating_sub(1)),
+        }
+    }
+}
+
+/// What [`Engine::open_blob`] is asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lookup {
+    /// Only these bytes (resolved against the blob's real size: a start past the end is
+    /// `Error::Client(RANGE_INVALID)`).
+    pub range: Option<RangeSpec>,
+    /// The bytes too, not only the size (a `GET` rather than a `HEAD`).
+    pub body: bool,
+    /// A client may be sent to a presigned URL valid this long instead of the bytes (engines
+    /// that cannot sign answer with the bytes).
+    pub redirect: Option<Duration>,
+}
+
+impl Lookup {
+    /// The size only.
+    pub fn head() -> Lookup {
+        Lookup::default()
+    }
+
+    /// The bytes of `range` (all of them for `None`).
+    pub fn body(range: Option<RangeSpec>) -> Lookup {
+        Lookup {
+            range,
+            body: true,
+            redirect: None,
+        }
+    }
+}
+
+/// What a blob hit is: the engine says how its bytes are best sent, the front sends them
+/// without knowing where they are kept.
+pub struct BlobHit {
+    /// The whole blob's size.
+    pub size: u64,
+    /// The range resolved against `size`, when one was asked for.
+    pub range: Option<ByteRange>,
+    /// `None` when only the size was asked for.
+    pub body: Option<Hit>,
+}
+
+/// How the bytes of a blob hit are sent.
+pub enum Hit {
+    /// A local file (a `file://` engine): sent with `sendfile`, no copy.
+    File(FileSlice),
+    /// Bytes read from the store.
+    Stream(ByteStream),
+    /// The client fetches them itself from this URL (a presigned URL of a cloud store).
+    Redirect(url::Url),
+}
+
+impl BlobHit {
+    /// `(offset, len)` of the bytes the hit covers.
+    pub fn span(&self) -> (u64, u64) {
+        match self.range {
+            None => (0, self.size),
+            Some(r) => {
+                let end = r.end.unwrap_or(self.size).min(self.size);
+                (r.start, end.saturating_sub(r.start))
+            }
+        }
+    }
+}
+
+/// Options of [`EngineExt::get_blob`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GetBlob {
     /// Only these bytes. The engine may not know the total size beforehand, so it is resolved
@@ -68,12 +182,6 @@ pub struct BlobRead {
     /// Number of bytes `stream` will yield.
     pub len: u64,
     pub stream: ByteStream,
-}
-
-/// A file the engine can serve from directly (a `file://` engine's hit), for zero-copy paths.
-pub struct LocalFile {
-    pub file: std::fs::File,
-    pub size: u64,
 }
 
 /// Manifest bytes with their digest and media type.
@@ -99,7 +207,41 @@ pub struct TagLink {
     pub modified: Option<SystemTime>,
 }
 
+/// Content a repository may hold: blobs are stored once for all repositories, and a repository
+/// holds one by a link (Distribution's `_layers` and revision links).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Content {
+    Blob(Digest),
+    Manifest(Digest),
+}
+
+impl Content {
+    pub fn digest(&self) -> &Digest {
+        match self {
+            Content::Blob(d) | Content::Manifest(d) => d,
+        }
+    }
+}
+
+/// A change to what a repository holds, made by [`Engine::update`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The repository holds the content (it is stored already). Idempotent.
+    Link(Content),
+    /// The repository no longer holds the content; for a manifest, the tags pointing at it go
+    /// too. The bytes stay for other repositories.
+    Unlink(Content),
+    /// The tag points at the manifest.
+    Tag(Tag, Digest),
+    /// The tag is removed.
+    Untag(Tag),
+}
+
 /// A named place that holds registry content. Object-safe; used as `Arc<dyn Engine>`.
+///
+/// Reads answer **absent as `Ok(None)`**; writes commit whole objects only. The conveniences
+/// callers use (`stat_blob`, `get_blob`, `link_blob`, `delete_tag`, …) are [`EngineExt`]'s,
+/// written once in terms of these.
 #[async_trait]
 pub trait Engine: Send + Sync + Debug {
     /// The location id (`eu`, `origin`) or upstream name (`docker.io`).
@@ -107,37 +249,19 @@ pub trait Engine: Send + Sync + Debug {
 
     fn kind(&self) -> EngineKind;
 
-    /// The blob's size, or `None` when this engine does not have it (for `repo`; storage engines
-    /// hold blobs globally and ignore `repo`).
-    async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>>;
-
-    /// Opens the blob (or a range of it). `None` when absent.
-    async fn get_blob(
+    /// The blob (its size, and with `want.body` its bytes as this engine serves them best), or
+    /// `None` when this engine does not have it (for `repo`; storage engines hold blobs
+    /// globally and ignore `repo`).
+    async fn open_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
-        opts: GetBlob,
-    ) -> Result<Option<BlobRead>>;
+        want: Lookup,
+    ) -> Result<Option<BlobHit>>;
 
-    /// A time-limited URL a client can fetch the blob from directly (S3, GCS, Azure engines);
-    /// `None` for engines that cannot sign.
-    async fn presigned_get(
-        &self,
-        _digest: &Digest,
-        _expires_in: std::time::Duration,
-    ) -> Result<Option<url::Url>> {
-        Ok(None)
-    }
-
-    /// The directory of a `file://` engine (hits are read from it directly).
-    fn local_dir(&self) -> Option<&Path> {
-        None
-    }
-
-    /// An open file for the blob when the engine is a local directory; `None` otherwise or when
-    /// absent. The hot hit path uses it to skip object_store's small-buffer reads.
-    async fn open_local_file(&self, _digest: &Digest) -> Result<Option<LocalFile>> {
-        Ok(None)
+    /// Commits a verified blob from a local file. Idempotent: an existing blob is success.
+    async fn put_blob_file(&self, _digest: &Digest, _file: &Path, _size: u64) -> Result<()> {
+        Err(unsupported(self.id(), "blob writes"))
     }
 
     /// A manifest by tag or digest. `accept` is the client's `Accept` (registries negotiate on it;
@@ -156,6 +280,11 @@ pub trait Engine: Send + Sync + Debug {
         reference: &Reference,
         accept: &[String],
     ) -> Result<Option<ManifestMeta>>;
+
+    /// Stores a verified manifest and links it into `repo`.
+    async fn put_manifest(&self, _repo: &RepoName, _manifest: &Manifest) -> Result<()> {
+        Err(unsupported(self.id(), "manifest writes"))
+    }
 
     /// The tag's current link in a storage engine (`None` for registries or when absent).
     async fn tag_link(&self, _repo: &RepoName, _tag: &Tag) -> Result<Option<TagLink>> {
@@ -176,62 +305,137 @@ pub trait Engine: Send + Sync + Debug {
         Ok(None)
     }
 
-    /// Commits a verified blob from a local file. Idempotent: an existing blob is success.
-    async fn put_blob_file(&self, _digest: &Digest, _file: &Path, _size: u64) -> Result<()> {
-        Err(unsupported(self.id(), "blob writes"))
-    }
-
-    /// Records that `repo` contains the blob (Distribution's `_layers` link).
-    async fn link_blob(&self, _repo: &RepoName, _digest: &Digest) -> Result<()> {
-        Err(unsupported(self.id(), "blob links"))
-    }
-
-    /// Records that `repo` contains the manifest (Distribution's revision link).
-    async fn link_manifest(&self, _repo: &RepoName, _digest: &Digest) -> Result<()> {
-        Err(unsupported(self.id(), "manifest links"))
-    }
-
-    /// Whether `repo` links the blob (or, with `manifest`, the manifest) `digest`: blobs are
-    /// stored once for all repositories, and access control serves content only under a
-    /// repository that holds it. `false` for engines without links (registries answer
-    /// `stat_blob`/`head_manifest` per repository instead).
-    async fn is_linked(&self, _repo: &RepoName, _digest: &Digest, _manifest: bool) -> Result<bool> {
+    /// Whether `repo` links `content`: access control serves content only under a repository
+    /// that holds it. `false` for engines without links (registries answer `open_blob` and
+    /// `head_manifest` per repository instead).
+    async fn is_linked(&self, _repo: &RepoName, _content: &Content) -> Result<bool> {
         Ok(false)
     }
 
-    /// Stores a verified manifest and links it into `repo`.
-    async fn put_manifest(&self, _repo: &RepoName, _manifest: &Manifest) -> Result<()> {
-        Err(unsupported(self.id(), "manifest writes"))
-    }
-
-    /// Points `tag` at `digest`.
-    async fn put_tag(&self, _repo: &RepoName, _tag: &Tag, _digest: &Digest) -> Result<()> {
-        Err(unsupported(self.id(), "tag writes"))
-    }
-
-    /// Removes a tag (its current link). Absent is success.
-    async fn delete_tag(&self, _repo: &RepoName, _tag: &Tag) -> Result<()> {
-        Err(unsupported(self.id(), "tag deletes"))
-    }
-
-    /// Removes a manifest from `repo` (its revision link, and every tag pointing at it).
-    /// Returns whether it was there. The manifest's bytes stay for other repositories.
-    async fn delete_manifest(&self, _repo: &RepoName, _digest: &Digest) -> Result<bool> {
-        Err(unsupported(self.id(), "manifest deletes"))
-    }
-
-    /// Removes a blob from `repo` (its layer link). Returns whether it was linked.
-    async fn delete_blob(&self, _repo: &RepoName, _digest: &Digest) -> Result<bool> {
-        Err(unsupported(self.id(), "blob deletes"))
+    /// Applies `change` to `repo`. Returns whether what an `Unlink` or `Untag` removes was there
+    /// (removing what is absent is success); `true` for the others.
+    async fn update(&self, _repo: &RepoName, change: &Change) -> Result<bool> {
+        let what = match change {
+            Change::Link(_) => "links",
+            Change::Unlink(_) => "deletes",
+            Change::Tag(..) | Change::Untag(_) => "tag writes",
+        };
+        Err(unsupported(self.id(), what))
     }
 
     /// A cheap request that proves the engine is reachable; its duration is the RTT sample.
     async fn probe(&self) -> Result<()>;
 }
 
+/// What callers say, in terms of [`Engine`]'s methods (as `object_store`'s `ObjectStoreExt`
+/// is to `ObjectStore`): implemented for every engine, never overridden.
+#[async_trait]
+pub trait EngineExt: Engine {
+    /// The blob's size, or `None` when absent.
+    async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
+        Ok(self
+            .open_blob(repo, digest, Lookup::head())
+            .await?
+            .map(|h| BlobMeta { size: h.size }))
+    }
+
+    /// The blob (or a range of it) as a stream, whatever way the engine serves it.
+    async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        opts: GetBlob,
+    ) -> Result<Option<BlobRead>> {
+        let want = Lookup::body(opts.range.map(RangeSpec::of));
+        let Some(hit) = self.open_blob(repo, digest, want).await? else {
+            return Ok(None);
+        };
+        let (offset, len) = hit.span();
+        let stream = match hit.body {
+            Some(Hit::Stream(s)) => s,
+            Some(Hit::File(f)) => f.stream(),
+            Some(Hit::Redirect(_)) | None => {
+                return Err(Error::engine(self.id(), "no bytes for a blob read"))
+            }
+        };
+        Ok(Some(BlobRead {
+            size: hit.size,
+            offset,
+            len,
+            stream,
+        }))
+    }
+
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.update(repo, &Change::Link(Content::Blob(digest.clone())))
+            .await
+            .map(drop)
+    }
+
+    async fn link_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.update(repo, &Change::Link(Content::Manifest(digest.clone())))
+            .await
+            .map(drop)
+    }
+
+    async fn put_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
+        self.update(repo, &Change::Tag(tag.clone(), digest.clone()))
+            .await
+            .map(drop)
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
+        self.update(repo, &Change::Untag(tag.clone())).await
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        self.update(repo, &Change::Unlink(Content::Manifest(digest.clone())))
+            .await
+    }
+
+    async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        self.update(repo, &Change::Unlink(Content::Blob(digest.clone())))
+            .await
+    }
+
+    /// [`Engine::is_linked`] of a blob (`manifest: false`) or a manifest.
+    async fn links(&self, repo: &RepoName, digest: &Digest, manifest: bool) -> Result<bool> {
+        let c = if manifest {
+            Content::Manifest(digest.clone())
+        } else {
+            Content::Blob(digest.clone())
+        };
+        self.is_linked(repo, &c).await
+    }
+}
+
+impl<E: Engine + ?Sized> EngineExt for E {}
+
 fn unsupported(engine: &str, what: &str) -> Error {
     Error::client(
         ErrorCode::Unsupported,
         format!("engine {engine} does not support {what}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve() {
+        let f = |s, l| RangeSpec::From { start: s, last: l };
+        let r = |start, end| ByteRange {
+            start,
+            end: Some(end),
+        };
+        assert_eq!(f(0, Some(9)).resolve(100).unwrap(), r(0, 10));
+        assert_eq!(f(90, None).resolve(100).unwrap(), r(90, 100));
+        assert_eq!(f(90, Some(500)).resolve(100).unwrap(), r(90, 100));
+        assert_eq!(RangeSpec::Suffix(10).resolve(100).unwrap(), r(90, 100));
+        assert_eq!(RangeSpec::Suffix(1000).resolve(100).unwrap(), r(0, 100));
+        assert!(f(100, None).resolve(100).is_err());
+        assert!(f(5, Some(4)).resolve(100).is_err());
+        assert!(RangeSpec::Suffix(0).resolve(100).is_err());
+    }
 }

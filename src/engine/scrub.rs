@@ -222,7 +222,6 @@ pub async fn run(
                 checked(f, Some(&why));
                 match remove(engine, &f.key).await {
                     Ok(()) => {
-                        crate::writes::moved();
                         s.removed.push((f.key.clone(), why));
                     }
                     Err(e) => s

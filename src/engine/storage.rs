@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use super::layout;
 use super::{
-    BlobMeta, BlobRead, ByteStream, Engine, EngineKind, GetBlob, LocalFile, Manifest, ManifestMeta,
-    TagLink,
+    BlobHit, BlobRead, ByteStream, Change, Content, Engine, EngineKind, GetBlob, Hit, Lookup,
+    Manifest, ManifestMeta, TagLink,
 };
 use crate::error::{Error, Result};
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
@@ -53,6 +53,12 @@ pub struct StorageEngine {
 
 fn committed_sizes() -> moka::sync::Cache<Digest, u64> {
     moka::sync::Cache::builder().max_capacity(100_000).build()
+}
+
+/// A blob's file in a `file://` engine, checked (see [`StorageEngine::open_local_file`]).
+pub(crate) struct LocalFile {
+    pub file: std::fs::File,
+    pub size: u64,
 }
 
 /// Links and other small objects of the layout are read whole only up to this size.
@@ -296,6 +302,100 @@ impl StorageEngine {
     /// Whether the local file of `digest` is a regular file of `size` bytes (a hit would serve it).
     async fn local_whole(&self, digest: &Digest, size: u64) -> bool {
         matches!(self.open_local_file(digest).await, Ok(Some(lf)) if lf.size == size)
+    }
+
+    /// A URL a client can fetch the blob from directly, valid for `expires_in` (cloud stores).
+    async fn presigned_get(
+        &self,
+        digest: &Digest,
+        expires_in: Duration,
+    ) -> Result<Option<url::Url>> {
+        let Some((signer, prefix)) = &self.signer else {
+            return Ok(None);
+        };
+        let key = layout::blob_data(digest);
+        let full = if prefix.as_ref().is_empty() {
+            key
+        } else {
+            Path::from(format!("{prefix}/{key}"))
+        };
+        signer
+            .signed_url(http::Method::GET, &full, expires_in)
+            .await
+            .map(Some)
+            .map_err(|e| self.fail(e))
+    }
+
+    /// A read of the store's object of the blob (or a range of it): one request.
+    async fn read_blob(&self, digest: &Digest, opts: GetBlob) -> Result<Option<BlobRead>> {
+        // One request: a miss that asks this engine pays a single GET, "not found" included.
+        let path = layout::blob_data(digest);
+        let range = opts.range.map(|r| match r.end {
+            Some(end) => GetRange::Bounded(r.start..end),
+            None => GetRange::Offset(r.start),
+        });
+        let gopts = GetOptions {
+            range,
+            ..Default::default()
+        };
+        let res = match self.store.get_opts(&path, gopts).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.fail(e)),
+        };
+        let size = res.meta.size;
+        let (offset, len) = (res.range.start, res.range.end - res.range.start);
+        if opts.range.is_some_and(|r| r.start != offset) {
+            return Err(Error::engine(
+                &self.id,
+                format!("asked for offset {:?}, got {offset}", opts.range),
+            ));
+        }
+        let stream: ByteStream = match res.payload {
+            // A local directory used as a remote engine: large reads, not 8 KiB ones.
+            object_store::GetResultPayload::File(file, _) => {
+                crate::fileio::stream_range(Arc::new(file), offset, len)
+            }
+            object_store::GetResultPayload::Stream(s) => {
+                let id = self.id.clone();
+                Box::pin(s.map_err(move |e| Error::engine(&id, e)))
+            }
+        };
+        Ok(Some(BlobRead {
+            size,
+            offset,
+            len,
+            stream,
+        }))
+    }
+
+    /// The blob's file, opened without following any link below the engine's directory; only a
+    /// regular file whose length is the size recorded at its commit (when one was recorded) is
+    /// served. Anything else (a link, a FIFO, a truncated or overwritten file) reads as absent: the
+    /// miss path fetches the blob again and its commit replaces the bad copy.
+    pub(crate) async fn open_local_file(&self, digest: &Digest) -> Result<Option<LocalFile>> {
+        let Some(root) = &self.local_root else {
+            return Ok(None);
+        };
+        let rel = layout::blob_data(digest);
+        match crate::fileio::open_beneath(root, rel.as_ref()) {
+            Ok((file, size)) => {
+                match crate::fileio::recorded_size(&file).or_else(|| self.committed.get(digest)) {
+                    Some(recorded) if recorded != size => {
+                        tracing::warn!(engine = %self.id, %digest, size, recorded,
+                        "local blob file has another size than was committed; not served");
+                        Ok(None)
+                    }
+                    _ => Ok(Some(LocalFile { file, size })),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(engine = %self.id, %digest, error = %e, "local blob file not served");
+                Ok(None)
+            }
+            Err(e) => Err(Error::engine(&self.id, e)),
+        }
     }
 
     /// Builds the store for `url`; `options` are object_store configuration keys.
@@ -548,133 +648,75 @@ impl Engine for StorageEngine {
         EngineKind::Storage
     }
 
-    async fn presigned_get(
-        &self,
-        digest: &Digest,
-        expires_in: Duration,
-    ) -> Result<Option<url::Url>> {
-        let Some((signer, prefix)) = &self.signer else {
-            return Ok(None);
-        };
-        let key = layout::blob_data(digest);
-        let full = if prefix.as_ref().is_empty() {
-            key
-        } else {
-            Path::from(format!("{prefix}/{key}"))
-        };
-        signer
-            .signed_url(http::Method::GET, &full, expires_in)
-            .await
-            .map(Some)
-            .map_err(|e| self.fail(e))
-    }
-
-    fn local_dir(&self) -> Option<&FsPath> {
-        self.local_root.as_deref()
-    }
-
-    async fn stat_blob(&self, _repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
-        if self.local_root.is_some() {
-            return Ok(self
-                .open_local_file(digest)
-                .await?
-                .map(|lf| BlobMeta { size: lf.size }));
-        }
-        match self.store.head(&layout::blob_data(digest)).await {
-            Ok(m) => Ok(Some(BlobMeta { size: m.size })),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.fail(e)),
-        }
-    }
-
-    async fn get_blob(
+    async fn open_blob(
         &self,
         _repo: &RepoName,
         digest: &Digest,
-        opts: GetBlob,
-    ) -> Result<Option<BlobRead>> {
-        if let Some(lf) = self.open_local_file(digest).await? {
-            let (offset, len) = resolve_range(opts, lf.size)?;
-            let stream = crate::fileio::stream_range(Arc::new(lf.file), offset, len);
-            return Ok(Some(BlobRead {
-                size: lf.size,
-                offset,
-                len,
-                stream,
-            }));
-        }
+        want: Lookup,
+    ) -> Result<Option<BlobHit>> {
         if self.local_root.is_some() {
             // Absent, or a copy that is not served (see `open_local_file`).
-            return Ok(None);
+            let Some(lf) = self.open_local_file(digest).await? else {
+                return Ok(None);
+            };
+            let range = want.range.map(|r| r.resolve(lf.size)).transpose()?;
+            let mut hit = BlobHit {
+                size: lf.size,
+                range,
+                body: None,
+            };
+            if want.body {
+                let (offset, len) = hit.span();
+                hit.body = Some(Hit::File(crate::fileio::FileSlice {
+                    file: Arc::new(lf.file),
+                    offset,
+                    len,
+                    keep: None,
+                }));
+            }
+            return Ok(Some(hit));
         }
-        // One request: a miss that asks this engine pays a single GET, "not found" included.
-        let path = layout::blob_data(digest);
-        let range = opts.range.map(|r| match r.end {
-            Some(end) => GetRange::Bounded(r.start..end),
-            None => GetRange::Offset(r.start),
-        });
-        let gopts = GetOptions {
-            range,
-            ..Default::default()
-        };
-        let res = match self.store.get_opts(&path, gopts).await {
-            Ok(r) => r,
+        // A whole read: one request, "not found" included (what a miss asking this engine pays).
+        if want.body && want.range.is_none() && want.redirect.is_none() {
+            return Ok(self
+                .read_blob(digest, GetBlob::default())
+                .await?
+                .map(|read| BlobHit {
+                    size: read.size,
+                    range: None,
+                    body: Some(Hit::Stream(read.stream)),
+                }));
+        }
+        // Ranges are resolved against the size, so it is asked first.
+        let size = match self.store.head(&layout::blob_data(digest)).await {
+            Ok(m) => m.size,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.fail(e)),
         };
-        let size = res.meta.size;
-        let (offset, len) = (res.range.start, res.range.end - res.range.start);
-        if opts.range.is_some_and(|r| r.start != offset) {
-            return Err(Error::engine(
-                &self.id,
-                format!("asked for offset {:?}, got {offset}", opts.range),
-            ));
-        }
-        let stream: ByteStream = match res.payload {
-            // A local directory used as a remote engine: large reads, not 8 KiB ones.
-            object_store::GetResultPayload::File(file, _) => {
-                crate::fileio::stream_range(Arc::new(file), offset, len)
-            }
-            object_store::GetResultPayload::Stream(s) => {
-                let id = self.id.clone();
-                Box::pin(s.map_err(move |e| Error::engine(&id, e)))
-            }
-        };
-        Ok(Some(BlobRead {
+        let range = want.range.map(|r| r.resolve(size)).transpose()?;
+        let mut hit = BlobHit {
             size,
-            offset,
-            len,
-            stream,
-        }))
-    }
-
-    /// The blob's file, opened without following any link below the engine's directory; only a
-    /// regular file whose length is the size recorded at its commit (when one was recorded) is
-    /// served. Anything else (a link, a FIFO, a truncated or overwritten file) reads as absent: the
-    /// miss path fetches the blob again and its commit replaces the bad copy.
-    async fn open_local_file(&self, digest: &Digest) -> Result<Option<LocalFile>> {
-        let Some(root) = &self.local_root else {
+            range,
+            body: None,
+        };
+        if !want.body {
+            return Ok(Some(hit));
+        }
+        if let Some(expiry) = want.redirect {
+            match self.presigned_get(digest, expiry).await {
+                Ok(Some(url)) => {
+                    hit.body = Some(Hit::Redirect(url));
+                    return Ok(Some(hit));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot presign; serving the bytes"),
+            }
+        }
+        let Some(read) = self.read_blob(digest, GetBlob { range }).await? else {
             return Ok(None);
         };
-        let rel = layout::blob_data(digest);
-        match crate::fileio::open_beneath(root, rel.as_ref()) {
-            Ok((file, size)) => {
-                match crate::fileio::recorded_size(&file).or_else(|| self.committed.get(digest)) {
-                    Some(recorded) if recorded != size => {
-                        tracing::warn!(engine = %self.id, %digest, size, recorded,
-                        "local blob file has another size than was committed; not served");
-                        Ok(None)
-                    }
-                    _ => Ok(Some(LocalFile { file, size })),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                tracing::warn!(engine = %self.id, %digest, error = %e, "local blob file not served");
-                Ok(None)
-            }
-            Err(e) => Err(Error::engine(&self.id, e)),
-        }
+        hit.body = Some(Hit::Stream(read.stream));
+        Ok(Some(hit))
     }
 
     async fn get_manifest(
@@ -784,28 +826,12 @@ impl Engine for StorageEngine {
         if res.is_ok() && self.local_root.is_some() {
             self.committed.insert(digest.clone(), size);
         }
-        // Counted once visible: a memo of "not here" made before cannot outlive it.
-        crate::writes::moved();
         res
     }
 
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        self.put_link(&layout::layer_link(repo, digest), digest)
-            .await
-    }
-
-    async fn link_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        self.put_link(&layout::revision_link(repo, digest), digest)
-            .await
-    }
-
     async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
-        let res = self
-            .put_manifest_bytes(&manifest.digest, manifest.bytes.clone())
-            .await;
-        // Counted once visible: a memo of "not here" made before cannot outlive it.
-        crate::writes::moved();
-        res?;
+        self.put_manifest_bytes(&manifest.digest, manifest.bytes.clone())
+            .await?;
         self.put_link(
             &layout::revision_link(repo, &manifest.digest),
             &manifest.digest,
@@ -813,55 +839,61 @@ impl Engine for StorageEngine {
         .await
     }
 
-    async fn put_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
-        self.put_link(&layout::tag_index(repo, tag, digest), digest)
-            .await?;
-        self.swap_link(&layout::tag_current(repo, tag), digest)
-            .await
-    }
-
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<()> {
-        let dir = Path::from(format!("{}/{tag}", layout::tags_dir(repo)));
-        self.delete_prefix(&dir).await
-    }
-
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        let link = layout::revision_link(repo, digest);
-        let present = self.read_small(&link).await?.is_some();
-        for tag in self.list_tags(repo).await?.unwrap_or_default() {
-            let Ok(tag) = tag.parse::<Tag>() else {
-                continue;
-            };
-            if self
-                .tag_link(repo, &tag)
-                .await?
-                .is_some_and(|l| &l.digest == digest)
-            {
-                self.delete_tag(repo, &tag).await?;
-            }
-        }
-        self.delete_object(&link).await?;
-        Ok(present)
-    }
-
-    async fn is_linked(&self, repo: &RepoName, digest: &Digest, manifest: bool) -> Result<bool> {
-        let link = if manifest {
-            layout::revision_link(repo, digest)
-        } else {
-            layout::layer_link(repo, digest)
-        };
-        match self.store.head(&link).await {
+    async fn is_linked(&self, repo: &RepoName, content: &Content) -> Result<bool> {
+        match self.store.head(&content_link(repo, content)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.fail(e)),
         }
     }
 
-    async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        let link = layout::layer_link(repo, digest);
-        let present = self.read_small(&link).await?.is_some();
-        self.delete_object(&link).await?;
-        Ok(present)
+    async fn update(&self, repo: &RepoName, change: &Change) -> Result<bool> {
+        match change {
+            Change::Link(c) => {
+                self.put_link(&content_link(repo, c), c.digest()).await?;
+                Ok(true)
+            }
+            Change::Tag(tag, digest) => {
+                self.put_link(&layout::tag_index(repo, tag, digest), digest)
+                    .await?;
+                self.swap_link(&layout::tag_current(repo, tag), digest)
+                    .await?;
+                Ok(true)
+            }
+            Change::Untag(tag) => {
+                let present = self
+                    .read_small(&layout::tag_current(repo, tag))
+                    .await?
+                    .is_some();
+                let dir = Path::from(format!("{}/{tag}", layout::tags_dir(repo)));
+                self.delete_prefix(&dir).await?;
+                Ok(present)
+            }
+            Change::Unlink(c @ Content::Manifest(digest)) => {
+                let link = content_link(repo, c);
+                let present = self.read_small(&link).await?.is_some();
+                for tag in self.list_tags(repo).await?.unwrap_or_default() {
+                    let Ok(tag) = tag.parse::<Tag>() else {
+                        continue;
+                    };
+                    if self
+                        .tag_link(repo, &tag)
+                        .await?
+                        .is_some_and(|l| &l.digest == digest)
+                    {
+                        self.update(repo, &Change::Untag(tag)).await?;
+                    }
+                }
+                self.delete_object(&link).await?;
+                Ok(present)
+            }
+            Change::Unlink(c @ Content::Blob(_)) => {
+                let link = content_link(repo, c);
+                let present = self.read_small(&link).await?.is_some();
+                self.delete_object(&link).await?;
+                Ok(present)
+            }
+        }
     }
 
     async fn probe(&self) -> Result<()> {
@@ -869,6 +901,14 @@ impl Engine for StorageEngine {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.fail(e)),
         }
+    }
+}
+
+/// The link object by which `repo` holds `content`.
+fn content_link(repo: &RepoName, content: &Content) -> Path {
+    match content {
+        Content::Blob(d) => layout::layer_link(repo, d),
+        Content::Manifest(d) => layout::revision_link(repo, d),
     }
 }
 
@@ -892,7 +932,7 @@ pub fn resolve_range(opts: GetBlob, size: u64) -> Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Engine;
+    use crate::engine::{Engine, EngineExt};
 
     async fn race(engine: Arc<StorageEngine>) {
         let repo: RepoName = "team/app".parse().unwrap();

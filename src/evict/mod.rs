@@ -21,6 +21,7 @@ use object_store::path::Path;
 use tokio::sync::Notify;
 
 use crate::engine::storage::StorageEngine;
+use crate::engine::EngineExt;
 use crate::engine::{layout, ByteStream, Engine, Manifest};
 use crate::error::Result;
 use crate::metrics::Metrics;

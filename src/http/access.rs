@@ -15,6 +15,7 @@ use super::server::error_response;
 use crate::app::App;
 use crate::auth::{self, Action, Auth, Refusal, Target};
 use crate::engine::set::Routed;
+use crate::engine::EngineExt;
 use crate::error::{Error, Result};
 use crate::oci::{ErrorCode, OciError, Reference, RepoName};
 
@@ -159,7 +160,7 @@ async fn member_or_unknown(app: &App, route: &Route, r: &Routed) -> Result<()> {
     };
     let engines = app.puller.engines();
     for e in engines.storage() {
-        match e.is_linked(&r.storage_repo, digest, manifest).await {
+        match e.links(&r.storage_repo, digest, manifest).await {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             // An engine that cannot answer proves nothing; the next one may.

@@ -12,10 +12,10 @@
 //!   answered from here, nor is any request when `auth:` is configured (who may see what is
 //!   decided per request);
 //! * only `200` answers with a complete, small body are kept, never a stale tag (`Age`);
-//! * every request that may write (any method but `GET` and `HEAD`) moves the process-wide
-//!   count of [`crate::writes`] before and after it is handled (so does any blob stored), and an
-//!   answer is used only while the count is the one it was made under: a push, a tag move or a
-//!   delete is seen by the very next request;
+//! * every write through the app's engines (a push, a tag move, a delete, a fill's commit)
+//!   moves the [`Generation`] of their caching engines once it is made, and an answer is used
+//!   only while the generation is the one read before it was made: a write is seen by the very
+//!   next request;
 //! * a tag answer is kept at most `tag_ttl` when that is shorter than the memo's tenth of a
 //!   second.
 //!
@@ -43,6 +43,7 @@ use http::{Method, Response, StatusCode};
 use super::body::Body;
 use super::headers as h;
 use super::route::{self, Route};
+use crate::engine::caching::Generation;
 use crate::oci::Reference;
 
 /// How long an answer is reused.
@@ -61,6 +62,9 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// One app's view of the per-thread memo.
 pub struct AnswerMemo {
     id: u64,
+    /// The count of writes of the app's engines: an answer is used only under the count it
+    /// was made under.
+    generation: Generation,
     /// Tag answers are kept no longer than this.
     tag_ttl: Duration,
     enabled: bool,
@@ -95,12 +99,18 @@ thread_local! {
 }
 
 impl AnswerMemo {
-    pub fn new(tag_ttl: Duration, enabled: bool) -> AnswerMemo {
+    pub fn new(tag_ttl: Duration, enabled: bool, generation: Generation) -> AnswerMemo {
         AnswerMemo {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            generation,
             tag_ttl,
             enabled,
         }
+    }
+
+    /// The count of writes now: read before a request is handled, given to [`AnswerMemo::put`].
+    pub fn generation(&self) -> u64 {
+        self.generation.now()
     }
 
     /// Writes the memo key of a request into `key`; `false` when its answer may not come from
@@ -138,7 +148,7 @@ impl AnswerMemo {
         MEMO.with(|m| {
             let mut m = m.borrow_mut();
             let a = m.map.get(key)?;
-            if a.writes == crate::writes::count() && Instant::now() < a.expires {
+            if a.writes == self.generation.now() && Instant::now() < a.expires {
                 return Some(a.clone());
             }
             let size = a.head.len() + a.body.len();
@@ -164,7 +174,7 @@ impl AnswerMemo {
             let mut m = m.borrow_mut();
             if m.map.len() >= MAX_ENTRIES || m.bytes + size > MAX_BYTES {
                 let now = Instant::now();
-                let current = crate::writes::count();
+                let current = self.generation.now();
                 m.map.retain(|_, a| a.writes == current && now < a.expires);
                 m.bytes = m.map.values().map(|a| a.head.len() + a.body.len()).sum();
                 if m.map.len() >= MAX_ENTRIES || m.bytes + size > MAX_BYTES {

@@ -157,7 +157,7 @@ pub async fn serve(
         };
         // A request the memo may answer (it did not hold the answer): the answer is kept when it
         // is one to keep, and sent as kept.
-        let writes = crate::writes::count();
+        let writes = app.answers.generation();
         let memo_req = memo.then(|| (next.req.method().clone(), next.req.uri().clone()));
         let mut req = next.req;
         req.extensions_mut().insert(conn::ClientAddr(peer));
@@ -746,7 +746,7 @@ async fn send_range(
 pub fn fuzz_parse(data: &[u8]) {
     // The memo's look at a head agrees with the full parse on the head's length.
     let mut key = Vec::new();
-    let memo = AnswerMemo::new(std::time::Duration::from_secs(1), true);
+    let memo = AnswerMemo::new(std::time::Duration::from_secs(1), true, Default::default());
     let probed = probe(data, 8192, &memo, &mut key);
     let Parsed::Request(n) = parse(data, 8192) else {
         assert!(probed.is_none(), "the memo took a head the parse refuses");
@@ -822,7 +822,7 @@ mod tests {
 
     #[test]
     fn the_memo_never_answers_a_request_with_a_missing_or_repeated_host() {
-        let memo = AnswerMemo::new(std::time::Duration::from_secs(1), true);
+        let memo = AnswerMemo::new(std::time::Duration::from_secs(1), true, Default::default());
         let mut key = Vec::new();
         let probe = |s: &str, key: &mut Vec<u8>| probe(s.as_bytes(), 8192, &memo, key).is_some();
         assert!(probe(

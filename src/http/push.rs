@@ -348,6 +348,5 @@ pub async fn delete_blob(
 ) -> Result<Response<Body>> {
     let p = pusher(app)?;
     p.delete_blob(&storage_name(app, name, ns)?, digest).await?;
-    app.puller.forget_local(digest);
     respond(StatusCode::ACCEPTED, &[])
 }

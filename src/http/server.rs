@@ -331,12 +331,6 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
         Some(id) => id.to_string(),
         None => String::from_utf8_lossy(&new_request_id()).into_owned(),
     };
-    // A request that may write moves the count of writes as it starts and as it ends, so no
-    // read answer remembered before or during it is used after it.
-    let may_write = !route::is_read(req.method());
-    if may_write {
-        crate::writes::moved();
-    }
     let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let mlabel = method_label(req.method());
@@ -379,9 +373,6 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
             // connection that closes (hyper closes it when the body was not read).
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if may_write {
-            crate::writes::moved();
         }
         tracing::Span::current().record("status", status);
         let secs = start.elapsed().as_secs_f64();

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::rate::{self, MinRate};
+use crate::engine::EngineExt;
 use crate::engine::{ByteRange, ByteStream, Engine, GetBlob};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -911,20 +912,19 @@ mod tests {
         fn kind(&self) -> crate::engine::EngineKind {
             crate::engine::EngineKind::Registry
         }
-        async fn stat_blob(
+        async fn open_blob(
             &self,
             _: &RepoName,
             _: &Digest,
-        ) -> Result<Option<crate::engine::BlobMeta>> {
-            Ok(None)
-        }
-        async fn get_blob(
-            &self,
-            _: &RepoName,
-            _: &Digest,
-            opts: GetBlob,
-        ) -> Result<Option<crate::engine::BlobRead>> {
-            let start = opts.range.map_or(0, |r| r.start);
+            want: crate::engine::Lookup,
+        ) -> Result<Option<crate::engine::BlobHit>> {
+            if !want.body {
+                return Ok(None);
+            }
+            let start = match want.range {
+                Some(crate::engine::RangeSpec::From { start, .. }) => start,
+                _ => 0,
+            };
             self.asked.lock().unwrap().push(start);
             let rest = self.data.slice(start as usize..);
             let every = self.every;
@@ -933,11 +933,10 @@ mod tests {
                 tokio::time::sleep(every).await;
                 Ok(c)
             });
-            Ok(Some(crate::engine::BlobRead {
+            Ok(Some(crate::engine::BlobHit {
                 size: self.data.len() as u64,
-                offset: start,
-                len: rest.len() as u64,
-                stream: Box::pin(stream),
+                range: (start > 0).then_some(crate::engine::ByteRange { start, end: None }),
+                body: Some(crate::engine::Hit::Stream(Box::pin(stream))),
             }))
         }
         async fn get_manifest(

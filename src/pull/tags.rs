@@ -17,6 +17,9 @@ pub struct TagEntry {
 #[derive(Clone)]
 pub struct TagCache {
     entries: Cache<(RepoName, Tag), TagEntry>,
+    /// Tags whose fresh answer is of a type some client did not accept and the authority had no
+    /// other: served as they are until the TTL, instead of asking the authority per request.
+    unnegotiable: moka::sync::Cache<(RepoName, Tag), ()>,
     ttl: Duration,
     max_stale: Duration,
 }
@@ -29,9 +32,22 @@ impl TagCache {
                 .max_capacity(200_000)
                 .time_to_live(keep)
                 .build(),
+            unnegotiable: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(ttl.max(Duration::from_secs(1)))
+                .build(),
             ttl,
             max_stale,
         }
+    }
+
+    /// Whether the tag's fresh answer is served as it is to every client (see `unnegotiable`).
+    pub fn unnegotiable(&self, repo: &RepoName, tag: &Tag) -> bool {
+        self.unnegotiable.contains_key(&(repo.clone(), tag.clone()))
+    }
+
+    pub fn set_unnegotiable(&self, repo: &RepoName, tag: &Tag) {
+        self.unnegotiable.insert((repo.clone(), tag.clone()), ());
     }
 
     pub fn ttl(&self) -> Duration {

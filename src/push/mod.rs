@@ -10,16 +10,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use moka::future::Cache;
 use object_store::path::Path;
 
 use crate::engine::pushed::PushedRepos;
 use crate::engine::storage::StorageEngine;
+use crate::engine::EngineExt;
 use crate::engine::{ByteStream, Engine, Manifest};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
-use crate::pull::tags::TagCache;
 use crate::replicate::{Job, Replicator};
 use upload::{Session, Uploads};
 
@@ -29,12 +28,12 @@ pub struct Pusher {
     pushed: Arc<PushedRepos>,
     /// See [`Pusher::link_stored_blobs`].
     link_stored: bool,
-    dyn_engine: Arc<dyn Engine>,
+    /// The same engine as the app's other paths see it: its caching engine, so that what a
+    /// push writes is what the next read answers.
+    content: Arc<dyn Engine>,
     uploads: Arc<Uploads>,
     spool_dir: PathBuf,
     replicator: Arc<Replicator>,
-    tags: TagCache,
-    manifests: Cache<Digest, Manifest>,
     metrics: Metrics,
     /// Set when the preferred engine is the local one: pushed content is recorded as not
     /// evictable (its only copy may be here).
@@ -55,24 +54,20 @@ pub struct Pushed {
 impl Pusher {
     pub fn new(
         engine: Arc<StorageEngine>,
+        content: Arc<dyn Engine>,
         pushed: Arc<PushedRepos>,
         spool_dir: PathBuf,
         replicator: Arc<Replicator>,
-        tags: TagCache,
-        manifests: Cache<Digest, Manifest>,
         metrics: Metrics,
     ) -> Pusher {
-        let dyn_engine: Arc<dyn Engine> = engine.clone();
         Pusher {
             uploads: Arc::new(Uploads::new(engine.clone())),
             engine,
             pushed,
             link_stored: false,
-            dyn_engine,
+            content,
             spool_dir,
             replicator,
-            tags,
-            manifests,
             metrics,
             evictor: None,
             tag_locks: (0..TAG_STRIPES)
@@ -108,7 +103,7 @@ impl Pusher {
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
-        &self.dyn_engine
+        &self.content
     }
 
     pub fn replicator(&self) -> &Arc<Replicator> {
@@ -202,14 +197,14 @@ impl Pusher {
     ) -> Result<bool> {
         let from = from.unwrap_or(repo);
         // Only from a repository that holds the blob (storage keeps one copy for all).
-        if !self.engine.is_linked(from, digest, false).await? {
+        if !self.content.links(from, digest, false).await? {
             return Ok(false);
         }
-        let Some(meta) = self.engine.stat_blob(from, digest).await? else {
+        let Some(meta) = self.content.stat_blob(from, digest).await? else {
             return Ok(false);
         };
         self.pushed.mark(repo).await?;
-        self.engine.link_blob(repo, digest).await?;
+        self.content.link_blob(repo, digest).await?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, meta.size, Some(false));
         }
@@ -240,8 +235,10 @@ impl Pusher {
             ));
         }
         self.pushed.mark(repo).await?;
-        self.engine.put_blob_file(digest, &spool.path, size).await?;
-        self.engine.link_blob(repo, digest).await?;
+        self.content
+            .put_blob_file(digest, &spool.path, size)
+            .await?;
+        self.content.link_blob(repo, digest).await?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, size, Some(false));
         }
@@ -306,7 +303,7 @@ impl Pusher {
             bytes: bytes.clone(),
         };
         self.pushed.mark(repo).await?;
-        self.engine.put_manifest(repo, &m).await?;
+        self.content.put_manifest(repo, &m).await?;
         if let Some(ev) = &self.evictor {
             ev.manifest_seen(repo, &m, Some(false));
         }
@@ -319,10 +316,7 @@ impl Pusher {
                 // Storage, the in-process answer and the job in one order: the last writer of
                 // the tag is the last everywhere (and the job copies the value current then).
                 let _one = self.tag_lock(repo, tag).lock().await;
-                self.engine.put_tag(repo, tag, &digest).await?;
-                self.tags
-                    .insert(repo, tag, digest.clone(), parsed.media_type.clone())
-                    .await;
+                self.content.put_tag(repo, tag, &digest).await?;
                 self.replicator
                     .enqueue(Job::Tag {
                         repo: repo.to_string(),
@@ -340,7 +334,6 @@ impl Pusher {
                     .await?
             }
         }
-        self.manifests.insert(digest.clone(), m).await;
         self.metrics.push("manifest", "ok");
         tracing::info!(%repo, %reference, %digest, "manifest pushed");
         Ok(Pushed {
@@ -352,21 +345,23 @@ impl Pusher {
     /// Whether `digest` is linked into `repo` and its content is at hand: a blob's bytes, or for
     /// `manifest` a manifest (an index whose child is a layer is refused).
     async fn linked_here(&self, repo: &RepoName, digest: &Digest, manifest: bool) -> Result<bool> {
-        if !self.engine.is_linked(repo, digest, manifest).await? {
-            if manifest || !self.link_stored || self.engine.stat_blob(repo, digest).await?.is_none()
+        if !self.content.links(repo, digest, manifest).await? {
+            if manifest
+                || !self.link_stored
+                || self.content.stat_blob(repo, digest).await?.is_none()
             {
                 return Ok(false);
             }
-            self.engine.link_blob(repo, digest).await?;
+            self.content.link_blob(repo, digest).await?;
             return Ok(true);
         }
         Ok(if manifest {
-            self.engine
+            self.content
                 .get_manifest(repo, &Reference::Digest(digest.clone()), &[])
                 .await?
                 .is_some()
         } else {
-            self.engine.stat_blob(repo, digest).await?.is_some()
+            self.content.stat_blob(repo, digest).await?.is_some()
         })
     }
 
@@ -375,14 +370,13 @@ impl Pusher {
         match reference {
             Reference::Tag(tag) => {
                 let _one = self.tag_lock(repo, tag).lock().await;
-                if self.engine.tag_link(repo, tag).await?.is_none() {
+                if self.content.tag_link(repo, tag).await?.is_none() {
                     return Err(Error::client(
                         ErrorCode::ManifestUnknown,
                         format!("{repo}:{tag} is unknown"),
                     ));
                 }
-                self.engine.delete_tag(repo, tag).await?;
-                self.tags.forget(repo, tag).await;
+                self.content.delete_tag(repo, tag).await?;
                 self.replicator
                     .enqueue(Job::Untag {
                         repo: repo.to_string(),
@@ -391,17 +385,12 @@ impl Pusher {
                     .await?;
             }
             Reference::Digest(d) => {
-                let tags = self.engine.list_tags(repo).await?.unwrap_or_default();
-                if !self.engine.delete_manifest(repo, d).await? {
+                if !self.content.delete_manifest(repo, d).await? {
                     return Err(Error::client(
                         ErrorCode::ManifestUnknown,
                         format!("manifest {d} is not in {repo}"),
                     ));
                 }
-                for t in tags.iter().filter_map(|t| t.parse().ok()) {
-                    self.tags.forget(repo, &t).await;
-                }
-                self.manifests.invalidate(d).await;
                 // Replicated like pushes: every engine it was copied to drops it (and the tags
                 // pointing at it) too.
                 self.replicator
@@ -416,7 +405,7 @@ impl Pusher {
     }
 
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        if !self.engine.delete_blob(repo, digest).await? {
+        if !self.content.delete_blob(repo, digest).await? {
             return Err(Error::client(
                 ErrorCode::BlobUnknown,
                 format!("blob {digest} is not in {repo}"),

@@ -153,6 +153,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineExt;
 
     #[tokio::test]
     async fn a_deleted_manifest_is_no_revision_on_a_directory() {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
+use crate::engine::EngineExt;
 use crate::engine::{Engine, GetBlob};
 use crate::error::{Error, Result};
 use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};

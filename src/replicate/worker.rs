@@ -15,6 +15,7 @@ use super::copy::{Copied, Copier};
 use super::queue::{Queue, Queued};
 use super::task::{Job, Parsed};
 use crate::engine::Engine;
+use crate::engine::EngineExt;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
@@ -203,13 +204,13 @@ impl Replicator {
         let src = &self.source;
         match parsed {
             Parsed::Blob(repo, d) => {
-                if !src.is_linked(&repo, &d, false).await? {
+                if !src.links(&repo, &d, false).await? {
                     return self.gone(&repo, &d, "blob").await;
                 }
                 Ok(self.copier.blob(src, target, &repo, &d).await?)
             }
             Parsed::Manifest(repo, d) => {
-                if !src.is_linked(&repo, &d, true).await? {
+                if !src.links(&repo, &d, true).await? {
                     return self.gone(&repo, &d, "manifest").await;
                 }
                 Ok(self.copier.manifest(src, target, &repo, &d).await?)
@@ -230,13 +231,13 @@ impl Replicator {
             }
             // A delete removes only what the source no longer has: pushed again since, it stays.
             Parsed::DeleteManifest(repo, d) => {
-                if !src.is_linked(&repo, &d, true).await? {
+                if !src.links(&repo, &d, true).await? {
                     target.delete_manifest(&repo, &d).await?;
                 }
                 Ok(Copied::default())
             }
             Parsed::DeleteBlob(repo, d) => {
-                if !src.is_linked(&repo, &d, false).await? {
+                if !src.links(&repo, &d, false).await? {
                     target.delete_blob(&repo, &d).await?;
                 }
                 Ok(Copied::default())

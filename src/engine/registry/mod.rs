@@ -10,7 +10,10 @@ use futures::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::Response;
 
-use super::{BlobMeta, BlobRead, ByteStream, Engine, EngineKind, GetBlob, Manifest, ManifestMeta};
+use super::{
+    BlobHit, BlobMeta, BlobRead, ByteRange, ByteStream, Engine, EngineKind, GetBlob, Hit, Lookup,
+    Manifest, ManifestMeta, RangeSpec,
+};
 use crate::error::{Error, Result};
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
 pub use client::RegistryClient;
@@ -28,6 +31,73 @@ pub struct RegistryEngine {
 }
 
 impl RegistryEngine {
+    /// A blob GET (of a range, with a `Range` header): the head within the deadline; the body
+    /// is a stream the fill holds to a minimum rate.
+    async fn read_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        opts: GetBlob,
+    ) -> Result<Option<BlobRead>> {
+        let mut headers = HeaderMap::new();
+        if let Some(r) = opts.range {
+            let v = match r.end {
+                Some(end) => format!("bytes={}-{}", r.start, end.saturating_sub(1)),
+                None => format!("bytes={}-", r.start),
+            };
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(http::header::RANGE, v);
+            }
+        }
+        // The head within the deadline; the body is a stream the fill holds to a minimum rate.
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let resp = self
+            .within("blob GET", self.get(Method::GET, repo, &path, headers))
+            .await?;
+        let status = resp.status();
+        let (size, offset, len) = match status {
+            StatusCode::OK => {
+                let len = resp
+                    .content_length()
+                    .ok_or_else(|| self.client.fail("blob GET without Content-Length"))?;
+                if opts.range.is_some_and(|r| r.start > 0) {
+                    // The upstream ignored our Range; a resume from the wrong offset would corrupt
+                    // the fill, so treat this engine as unable to resume.
+                    return Err(self.client.fail("upstream ignored a Range request"));
+                }
+                (len, 0, len)
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let (a, b, total) = header_str(&resp, http::header::CONTENT_RANGE)
+                    .and_then(parse_content_range)
+                    .ok_or_else(|| self.client.fail("206 without a valid Content-Range"))?;
+                if Some(a) != opts.range.map(|r| r.start) {
+                    return Err(self
+                        .client
+                        .fail("upstream answered another range than asked"));
+                }
+                (total, a, b - a)
+            }
+            StatusCode::NOT_FOUND => return Ok(None),
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(Error::client(
+                    ErrorCode::RangeInvalid,
+                    "range not satisfiable",
+                ))
+            }
+            s => return Err(self.status_error("blob", s)),
+        };
+        let id = self.client.id().to_string();
+        let stream: ByteStream =
+            Box::pin(resp.bytes_stream().map_err(move |e| Error::engine(&id, e)));
+        Ok(Some(BlobRead {
+            size,
+            offset,
+            len,
+            stream,
+        }))
+    }
+
     pub fn new(client: RegistryClient) -> RegistryEngine {
         RegistryEngine { client }
     }
@@ -358,73 +428,50 @@ impl Engine for RegistryEngine {
         EngineKind::Registry
     }
 
-    async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobMeta>> {
-        self.within("blob HEAD", self.stat_blob_now(repo, digest))
-            .await
-    }
-
-    async fn get_blob(
+    async fn open_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
-        opts: GetBlob,
-    ) -> Result<Option<BlobRead>> {
-        let mut headers = HeaderMap::new();
-        if let Some(r) = opts.range {
-            let v = match r.end {
-                Some(end) => format!("bytes={}-{}", r.start, end.saturating_sub(1)),
-                None => format!("bytes={}-", r.start),
+        want: Lookup,
+    ) -> Result<Option<BlobHit>> {
+        // A HEAD, and a suffix range, need the size first; any other read is one GET.
+        let needs_size = !want.body || matches!(want.range, Some(RangeSpec::Suffix(_)));
+        let range = if needs_size {
+            let Some(meta) = self
+                .within("blob HEAD", self.stat_blob_now(repo, digest))
+                .await?
+            else {
+                return Ok(None);
             };
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                headers.insert(http::header::RANGE, v);
+            let range = want.range.map(|s| s.resolve(meta.size)).transpose()?;
+            if !want.body {
+                return Ok(Some(BlobHit {
+                    size: meta.size,
+                    range,
+                    body: None,
+                }));
             }
-        }
-        // The head within the deadline; the body is a stream the fill holds to a minimum rate.
-        let path = format!("/v2/{repo}/blobs/{digest}");
-        let resp = self
-            .within("blob GET", self.get(Method::GET, repo, &path, headers))
-            .await?;
-        let status = resp.status();
-        let (size, offset, len) = match status {
-            StatusCode::OK => {
-                let len = resp
-                    .content_length()
-                    .ok_or_else(|| self.client.fail("blob GET without Content-Length"))?;
-                if opts.range.is_some_and(|r| r.start > 0) {
-                    // The upstream ignored our Range; a resume from the wrong offset would corrupt
-                    // the fill, so treat this engine as unable to resume.
-                    return Err(self.client.fail("upstream ignored a Range request"));
-                }
-                (len, 0, len)
+            range
+        } else {
+            match want.range {
+                Some(RangeSpec::From { start, last }) => Some(ByteRange {
+                    start,
+                    end: last.map(|l| l.saturating_add(1)),
+                }),
+                _ => None,
             }
-            StatusCode::PARTIAL_CONTENT => {
-                let (a, b, total) = header_str(&resp, http::header::CONTENT_RANGE)
-                    .and_then(parse_content_range)
-                    .ok_or_else(|| self.client.fail("206 without a valid Content-Range"))?;
-                if Some(a) != opts.range.map(|r| r.start) {
-                    return Err(self
-                        .client
-                        .fail("upstream answered another range than asked"));
-                }
-                (total, a, b - a)
-            }
-            StatusCode::NOT_FOUND => return Ok(None),
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(Error::client(
-                    ErrorCode::RangeInvalid,
-                    "range not satisfiable",
-                ))
-            }
-            s => return Err(self.status_error("blob", s)),
         };
-        let id = self.client.id().to_string();
-        let stream: ByteStream =
-            Box::pin(resp.bytes_stream().map_err(move |e| Error::engine(&id, e)));
-        Ok(Some(BlobRead {
-            size,
-            offset,
-            len,
-            stream,
+        let Some(read) = self.read_blob(repo, digest, GetBlob { range }).await? else {
+            return Ok(None);
+        };
+        let range = range.map(|_| ByteRange {
+            start: read.offset,
+            end: Some(read.offset + read.len),
+        });
+        Ok(Some(BlobHit {
+            size: read.size,
+            range,
+            body: Some(Hit::Stream(read.stream)),
         }))
     }
 

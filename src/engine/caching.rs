@@ -1,0 +1,413 @@
+//! `CachingEngine`: an [`Engine`] around another that owns every memo of the read path — blob
+//! sizes and absences, manifests by digest, the links a repository holds, tag links — so that
+//! freshness has one owner instead of being every caller's job.
+//!
+//! # What keeps it exact
+//! Every write of this process to an engine goes through that engine's `CachingEngine` (the app
+//! wraps each engine once and hands the same wrapper to the pull path, the push path and the
+//! replication worker). A write changes the store, then moves the process's [`Generation`],
+//! then updates or forgets exactly the memos it changed. A read that fills a memo records the
+//! generation before asking the store and drops what it kept if the generation moved meanwhile,
+//! so an answer read before a write is never kept after it. The plain front's answer memo keys
+//! on the same generation: the very next request after a write sees it.
+//!
+//! # What another process's writes cost
+//! Writes through another process sharing the storage (another ociedge, Distribution, an
+//! eviction of the local engine, `ociedge verify`) are not seen by the generation. They are
+//! seen within the memo's bound, stated by its [`Freshness`]: a blob size within `present`, an
+//! absence within `absent`, a link or tag within `answers` (the `tag_ttl`). Manifests are kept
+//! by digest: their bytes never change, and whether a repository holds one is a link.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use moka::sync::Cache;
+
+use super::{
+    BlobHit, Change, Content, Engine, EngineKind, Lookup, Manifest, ManifestMeta, TagLink,
+};
+use crate::error::Result;
+use crate::oci::{Digest, Reference, RepoName, Tag};
+
+/// The count of writes made through the caching engines of one process.
+#[derive(Clone, Debug, Default)]
+pub struct Generation(Arc<AtomicU64>);
+
+impl Generation {
+    /// The count now: read it before looking, record it with what was seen.
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// How long each kind of answer is trusted without asking the store again.
+#[derive(Clone, Copy, Debug)]
+pub struct Freshness {
+    /// A blob's size (its presence).
+    pub present: Duration,
+    /// A blob's absence (also forgotten at the next write of this process).
+    pub absent: Duration,
+    /// A link a repository holds, a tag's link.
+    pub answers: Duration,
+    /// Bytes of manifests kept by digest (0: none).
+    pub manifest_bytes: u64,
+}
+
+impl Freshness {
+    /// The local engine: an eviction (of another process too) is seen within a second.
+    pub fn local(tag_ttl: Duration) -> Freshness {
+        Freshness {
+            present: Duration::from_secs(1),
+            absent: Duration::from_secs(1),
+            answers: tag_ttl,
+            manifest_bytes: 64 << 20,
+        }
+    }
+
+    /// A remote engine: digests are immutable, so a `HEAD` storm for content not cached yet
+    /// costs the remote one request per digest for ten minutes, not one per request.
+    pub fn remote(tag_ttl: Duration) -> Freshness {
+        Freshness {
+            present: Duration::from_secs(600),
+            absent: Duration::from_secs(1),
+            answers: tag_ttl,
+            manifest_bytes: 0,
+        }
+    }
+}
+
+/// Blobs of a storage engine are stored once for all repositories; a registry answers per
+/// repository, so its answers are kept per repository.
+type BlobKey = (Option<RepoName>, Digest);
+
+#[derive(Debug)]
+pub struct CachingEngine {
+    inner: Arc<dyn Engine>,
+    generation: Generation,
+    per_repo: bool,
+    present: Cache<BlobKey, u64>,
+    /// Absences, with the generation they were seen under.
+    absent: Cache<BlobKey, u64>,
+    /// Links known to be there (`is_linked` answered `true`, or this process wrote them).
+    linked: Option<Cache<(RepoName, Content), ()>>,
+    /// Links this process wrote or found, so a hit links its repository once
+    /// ([`CachingEngine::ensure_linked`]).
+    written: Cache<(RepoName, Content), ()>,
+    tags: Option<Cache<(RepoName, Tag), TagLink>>,
+    manifests: Option<Cache<Digest, Manifest>>,
+}
+
+impl CachingEngine {
+    pub fn new(inner: Arc<dyn Engine>, generation: Generation, f: Freshness) -> CachingEngine {
+        let ttl = |d: Duration| d.max(Duration::from_millis(1));
+        let answers = (!f.answers.is_zero()).then_some(ttl(f.answers));
+        CachingEngine {
+            per_repo: inner.kind() == EngineKind::Registry,
+            inner,
+            generation,
+            present: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl(f.present))
+                .build(),
+            absent: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl(f.absent))
+                .build(),
+            linked: answers.map(|t| {
+                Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(t)
+                    .build()
+            }),
+            written: Cache::new(1_000_000),
+            tags: answers.map(|t| {
+                Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(t)
+                    .support_invalidation_closures()
+                    .build()
+            }),
+            manifests: (f.manifest_bytes > 0).then(|| {
+                Cache::builder()
+                    .max_capacity(f.manifest_bytes)
+                    .weigher(|_k: &Digest, m: &Manifest| {
+                        u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX)
+                    })
+                    .build()
+            }),
+        }
+    }
+
+    /// The engine this one wraps.
+    pub fn inner(&self) -> &Arc<dyn Engine> {
+        &self.inner
+    }
+
+    pub fn generation(&self) -> &Generation {
+        &self.generation
+    }
+
+    /// Makes sure `repo` holds `content` (a hit served under a repository it was not linked
+    /// into yet, which Distribution needs to serve it there): written in the background, once
+    /// per process unless a write of this process removes it.
+    pub fn ensure_linked(self: &Arc<Self>, repo: &RepoName, content: Content) {
+        let key = (repo.clone(), content);
+        if self.written.contains_key(&key) {
+            return;
+        }
+        self.written.insert(key.clone(), ());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (repo, content) = &key;
+            if let Err(e) = this.update(repo, &Change::Link(content.clone())).await {
+                tracing::warn!(error = %e, %repo, digest = %content.digest(), "could not link content into the repository");
+                this.written.invalidate(&key);
+            }
+        });
+    }
+
+    /// The manifest if it is held in memory (what is served while the store is down).
+    pub fn remembered_manifest(&self, digest: &Digest) -> Option<Manifest> {
+        self.manifests.as_ref()?.get(digest)
+    }
+
+    /// Whether this process wrote or ensured the link already (what is recorded once per
+    /// repository and content, e.g. by the evictor, checks this before `ensure_linked`).
+    pub fn knows_linked(&self, repo: &RepoName, content: &Content) -> bool {
+        self.written.contains_key(&(repo.clone(), content.clone()))
+    }
+
+    fn blob_key(&self, repo: &RepoName, digest: &Digest) -> BlobKey {
+        (self.per_repo.then(|| repo.clone()), digest.clone())
+    }
+
+    /// Keeps `value` under `key` in `cache` unless a write happened since `seen` (the
+    /// generation read before the store was asked); see the module doc.
+    fn keep<K, V>(&self, cache: &Cache<K, V>, key: K, value: V, seen: u64)
+    where
+        K: std::hash::Hash + Eq + Send + Sync + Clone + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        if self.generation.now() != seen {
+            return;
+        }
+        cache.insert(key.clone(), value);
+        if self.generation.now() != seen {
+            cache.invalidate(&key);
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for CachingEngine {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+
+    async fn open_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        want: Lookup,
+    ) -> Result<Option<BlobHit>> {
+        let key = self.blob_key(repo, digest);
+        let seen = self.generation.now();
+        if !want.body {
+            if let Some(size) = self.present.get(&key) {
+                let range = want.range.map(|r| r.resolve(size)).transpose()?;
+                return Ok(Some(BlobHit {
+                    size,
+                    range,
+                    body: None,
+                }));
+            }
+            if self.absent.get(&key) == Some(seen) {
+                return Ok(None);
+            }
+        }
+        let found = self.inner.open_blob(repo, digest, want).await?;
+        match &found {
+            Some(hit) => self.keep(&self.present, key, hit.size, seen),
+            None => self.keep(&self.absent, key, seen, seen),
+        }
+        Ok(found)
+    }
+
+    async fn put_blob_file(
+        &self,
+        digest: &Digest,
+        file: &std::path::Path,
+        size: u64,
+    ) -> Result<()> {
+        let res = self.inner.put_blob_file(digest, file, size).await;
+        self.generation.bump();
+        // Storage blobs are global: every repository's absence of it is gone.
+        self.absent.invalidate(&(None, digest.clone()));
+        if res.is_ok() && !self.per_repo {
+            self.present.insert((None, digest.clone()), size);
+        }
+        res
+    }
+
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<Manifest>> {
+        let (Some(memo), Reference::Digest(d)) = (&self.manifests, reference) else {
+            return self.inner.get_manifest(repo, reference, accept).await;
+        };
+        if let Some(m) = memo.get(d) {
+            return Ok(Some(m));
+        }
+        let found = self.inner.get_manifest(repo, reference, accept).await?;
+        if let Some(m) = &found {
+            // Content by digest never changes: no generation check.
+            memo.insert(d.clone(), m.clone());
+        }
+        Ok(found)
+    }
+
+    async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<Option<ManifestMeta>> {
+        if let (Some(memo), Reference::Digest(d)) = (&self.manifests, reference) {
+            if let Some(m) = memo.get(d) {
+                return Ok(Some(ManifestMeta {
+                    digest: m.digest,
+                    size: m.bytes.len() as u64,
+                    media_type: m.media_type,
+                }));
+            }
+        }
+        self.inner.head_manifest(repo, reference, accept).await
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
+        let res = self.inner.put_manifest(repo, manifest).await;
+        self.generation.bump();
+        if res.is_ok() {
+            let content = Content::Manifest(manifest.digest.clone());
+            self.written.insert((repo.clone(), content.clone()), ());
+            if let Some(linked) = &self.linked {
+                linked.insert((repo.clone(), content), ());
+            }
+            if let Some(memo) = &self.manifests {
+                memo.insert(manifest.digest.clone(), manifest.clone());
+            }
+        }
+        res
+    }
+
+    async fn tag_link(&self, repo: &RepoName, tag: &Tag) -> Result<Option<TagLink>> {
+        let Some(memo) = &self.tags else {
+            return self.inner.tag_link(repo, tag).await;
+        };
+        let key = (repo.clone(), tag.clone());
+        if let Some(link) = memo.get(&key) {
+            return Ok(Some(link));
+        }
+        let seen = self.generation.now();
+        let found = self.inner.tag_link(repo, tag).await?;
+        if let Some(link) = &found {
+            self.keep(memo, key, link.clone(), seen);
+        }
+        Ok(found)
+    }
+
+    async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
+        self.inner.list_tags(repo).await
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<(Bytes, bool)>> {
+        self.inner.referrers(repo, digest, artifact_type).await
+    }
+
+    async fn is_linked(&self, repo: &RepoName, content: &Content) -> Result<bool> {
+        let Some(memo) = &self.linked else {
+            return self.inner.is_linked(repo, content).await;
+        };
+        let key = (repo.clone(), content.clone());
+        if memo.contains_key(&key) {
+            return Ok(true);
+        }
+        let seen = self.generation.now();
+        let linked = self.inner.is_linked(repo, content).await?;
+        if linked {
+            self.keep(memo, key, (), seen);
+        }
+        Ok(linked)
+    }
+
+    async fn update(&self, repo: &RepoName, change: &Change) -> Result<bool> {
+        let res = self.inner.update(repo, change).await;
+        self.generation.bump();
+        match change {
+            Change::Link(c) => {
+                if res.is_ok() {
+                    self.written.insert((repo.clone(), c.clone()), ());
+                    if let Some(linked) = &self.linked {
+                        linked.insert((repo.clone(), c.clone()), ());
+                    }
+                }
+            }
+            Change::Unlink(c) => {
+                let key = (repo.clone(), c.clone());
+                self.written.invalidate(&key);
+                if let Some(linked) = &self.linked {
+                    linked.invalidate(&key);
+                }
+                // The tags pointing at a deleted manifest went with it.
+                if let (Content::Manifest(_), Some(tags)) = (c, &self.tags) {
+                    let repo = repo.clone();
+                    let _ = tags.invalidate_entries_if(move |(r, _), _| *r == repo);
+                }
+            }
+            Change::Tag(tag, digest) => {
+                if let Some(tags) = &self.tags {
+                    let key = (repo.clone(), tag.clone());
+                    match &res {
+                        Ok(_) => tags.insert(
+                            key,
+                            TagLink {
+                                digest: digest.clone(),
+                                modified: Some(SystemTime::now()),
+                            },
+                        ),
+                        Err(_) => tags.invalidate(&key),
+                    }
+                }
+            }
+            Change::Untag(tag) => {
+                if let Some(tags) = &self.tags {
+                    tags.invalidate(&(repo.clone(), tag.clone()));
+                }
+            }
+        }
+        res
+    }
+
+    async fn probe(&self) -> Result<()> {
+        self.inner.probe().await
+    }
+}

@@ -1,0 +1,179 @@
+//! Blob answers: a hit from the local engine as the engine serves it best (a file, a stream, a
+//! redirect); a miss from the fill of the local engine; a `HEAD` miss from the remote engines.
+
+use std::sync::Arc;
+
+use super::fill::FillPlan;
+use super::{Puller, RangeSpec};
+use crate::engine::set::Routed;
+use crate::engine::{BlobHit, ByteRange, Content, Engine, Hit, Lookup};
+use crate::error::{Error, Result};
+use crate::oci::Digest;
+
+/// A blob answer: what to send and where it came from.
+pub struct BlobAnswer {
+    pub size: u64,
+    /// The range served, when the client asked for one.
+    pub range: Option<ByteRange>,
+    pub source: Arc<str>,
+    /// `None` for `HEAD`.
+    pub body: Option<BlobBody>,
+    /// Where the client should fetch the bytes instead (a presigned URL of the local engine).
+    pub redirect: Option<url::Url>,
+}
+
+/// The bytes of a blob answer.
+pub enum BlobBody {
+    Stream(crate::engine::ByteStream),
+    /// A local file (a `file://` engine's hit): the front may send it without copying it.
+    File(crate::fileio::FileSlice),
+    /// A fill in progress: the front may send what is in its spool file without copying it.
+    Fill(super::fill::FillReader),
+}
+
+impl Puller {
+    /// A blob (or a range of it). `head` answers without a body and without starting a fill.
+    pub async fn blob(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+        head: bool,
+    ) -> Result<BlobAnswer> {
+        self.check_pushed(r, Content::Blob(digest.clone())).await?;
+        let local_ok = self.engines.local_usable();
+        if local_ok {
+            if let Some(hit) = self.blob_hit(r, digest, range, head).await? {
+                return Ok(hit);
+            }
+        }
+        self.metrics.cache("blob", "miss");
+        if head {
+            return self.head_remote(r, digest, range).await;
+        }
+        let joined = self.fills.join_or_start(digest, || FillPlan {
+            sources: self.engines.remotes_for(r),
+            // With the local engine down, clients are still served; nothing is filled.
+            target: local_ok.then(|| (self.engines.local().clone(), r.storage_repo.clone())),
+        });
+        let fill = joined.0;
+        let (size, source) = fill.started().await?;
+        let range = range.map(|s| s.resolve(size)).transpose()?;
+        let (offset, len) = BlobHit {
+            size,
+            range,
+            body: None,
+        }
+        .span();
+        let body = match fill.verified_spool() {
+            Some(file) => BlobBody::File(crate::fileio::FileSlice {
+                file,
+                offset,
+                len,
+                keep: None,
+            }),
+            None => BlobBody::Fill(fill.follow(offset, len)),
+        };
+        Ok(BlobAnswer {
+            size,
+            range,
+            source,
+            body: Some(body),
+            redirect: None,
+        })
+    }
+
+    /// A blob from the local engine, or `None` on a miss (or a local engine that fails).
+    async fn blob_hit(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+        head: bool,
+    ) -> Result<Option<BlobAnswer>> {
+        let want = Lookup {
+            range,
+            body: !head,
+            redirect: self.redirect,
+        };
+        let hit = match self.local.open_blob(&r.storage_repo, digest, want).await {
+            Ok(Some(hit)) => hit,
+            Ok(None) => return Ok(None),
+            Err(e @ Error::Client(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "local engine read failed; serving from remotes");
+                return Ok(None);
+            }
+        };
+        self.metrics.cache("blob", "hit");
+        self.local_hit(r, Content::Blob(digest.clone()), hit.size, None);
+        let mut answer = BlobAnswer {
+            size: hit.size,
+            range: hit.range,
+            source: self.local_name.clone(),
+            body: None,
+            redirect: None,
+        };
+        match hit.body {
+            None => {}
+            Some(Hit::Redirect(url)) => answer.redirect = Some(url),
+            Some(Hit::Stream(s)) => {
+                answer.body = Some(BlobBody::Stream(match &self.evictor {
+                    Some(ev) => ev.pinned_stream(digest, s),
+                    None => s,
+                }))
+            }
+            Some(Hit::File(mut f)) => {
+                if let Some(ev) = &self.evictor {
+                    f.keep = Some(Box::new(ev.pin(digest)));
+                }
+                answer.body = Some(BlobBody::File(f));
+            }
+        }
+        Ok(Some(answer))
+    }
+
+    /// A `HEAD` the local engine cannot answer: the remote engines', nearest first (their
+    /// caching engines remember what they answered).
+    async fn head_remote(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<BlobAnswer> {
+        let mut last_err = None;
+        for (engine, repo) in self.engines.remotes_for(r) {
+            let want = Lookup {
+                range,
+                ..Lookup::head()
+            };
+            match engine.open_blob(&repo, digest, want).await {
+                Ok(Some(hit)) => {
+                    return Ok(BlobAnswer {
+                        size: hit.size,
+                        range: hit.range,
+                        source: engine.id().into(),
+                        body: None,
+                        redirect: None,
+                    });
+                }
+                Ok(None) => {}
+                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) => {
+                    self.metrics.upstream_error(engine.id());
+                    last_err = Some(e);
+                }
+            }
+        }
+        match last_err {
+            // A registry that takes pushes answers what it knows: clients HEAD a blob before
+            // uploading it, and a remote engine being down must not fail their push.
+            Some(e) if self.preferred.is_some() => {
+                tracing::warn!(error = %e, "blob HEAD: a remote engine failed; answering unknown");
+                Err(Self::digest_unknown(digest))
+            }
+            Some(e) => Err(e),
+            None => Err(Self::digest_unknown(digest)),
+        }
+    }
+}
