@@ -27,6 +27,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::answers::AnswerMemo;
 use super::body::{Body, RequestBody};
 use super::tls::Tls;
 use crate::app::App;
@@ -68,6 +69,8 @@ pub struct ConnSettings {
     /// else waits for one of these regular slots (as a new connection would), and the
     /// connection closes after one response.
     pub ops_only: Option<Arc<tokio::sync::Semaphore>>,
+    /// Small answers kept ready for the plain front (off under `auth:`).
+    pub answers: Arc<AnswerMemo>,
 }
 
 impl ConnSettings {

@@ -78,10 +78,10 @@ pub async fn serve(
         let probed = if buf.is_empty() || settings.ops_only.is_some() {
             None
         } else {
-            probe(&buf, max_head, &app.answers, &mut key)
+            probe(&buf, max_head, &settings.answers, &mut key)
         };
         if let Some(p) = probed {
-            if let Some(a) = app.answers.get(&key) {
+            if let Some(a) = settings.answers.get(&key) {
                 let start = Instant::now();
                 let how = How {
                     keep_alive: p.how.keep_alive && !settings.is_stopping(),
@@ -163,8 +163,11 @@ pub async fn serve(
         req.extensions_mut().insert(conn::ClientAddr(peer));
         let resp = super::server::handle(app.clone(), req).await;
         how.keep_alive = how.keep_alive && !settings.is_stopping();
-        let kept = memo_req
-            .and_then(|(method, uri)| app.answers.put(&key, &method, uri.path(), &resp, writes));
+        let kept = memo_req.and_then(|(method, uri)| {
+            settings
+                .answers
+                .put(&key, &method, uri.path(), &resp, writes)
+        });
         let sent = match kept {
             Some(a) => {
                 let id = resp.headers().get(super::headers::X_REQUEST_ID);

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use super::rate::{self, MinRate};
 use crate::engine::{ByteRange, ByteStream, Engine, GetBlob};
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::metrics::{FillResult, Metrics};
 use crate::oci::{Digest, ErrorCode, RepoName, Verifier};
 
 /// Writes are batched up to this many bytes when the network delivers faster than the disk.
@@ -232,7 +232,11 @@ impl Fills {
                     fills.min_rate(),
                 )
                 .await;
-                fills.inner.metrics.fill_finished(&outcome);
+                fills.inner.metrics.fill_finished(match outcome {
+                    Outcome::Done => FillResult::Done,
+                    Outcome::NotFound => FillResult::NotFound,
+                    Outcome::Failed(_) => FillResult::Failed,
+                });
                 if let Ok(mut map) = fills.inner.running.lock() {
                     map.remove(&task_state.digest);
                 }

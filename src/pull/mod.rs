@@ -21,8 +21,7 @@ use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
 use fill::{FillPlan, Fills};
 use tags::TagCache;
 
-/// The source name of content served from the local engine.
-pub const LOCAL: &str = "local";
+pub use crate::metrics::LOCAL;
 
 /// A client's `Range`, before the blob size is known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
