@@ -1,6 +1,6 @@
 //! One client connection: the TLS handshake (bounded in time), HTTP/1.1 or HTTP/2 on top, and
 //! the rules that keep a client from holding it for nothing. Plain connections start in
-//! [`super::fast`], which hands them here ([`drive`]) at their first request it does not serve.
+//! [`super::fast`], which hands them here (`drive`) at their first request it does not serve.
 //!
 //! A connection is *idle* when no request is in progress on it. Before its first request an idle
 //! connection gets `header_read_timeout` (a client that connects and sends nothing, half a TLS
