@@ -9,6 +9,7 @@ use http::HeaderValue;
 use crate::config::Config;
 use crate::engine::caching::{CachingEngine, Freshness, Generation};
 use crate::engine::nearness::{Nearness, ProbeSettings};
+use crate::engine::registry::auth::RealmPolicy;
 use crate::engine::registry::{client, RegistryClient, RegistryEngine};
 use crate::engine::set::Engines;
 use crate::engine::storage::StorageEngine;
@@ -46,11 +47,8 @@ pub struct App {
     pub history_sources: Vec<String>,
     /// …and fetched from these remote engines.
     pub history_engines: Vec<String>,
-    pub tag_ttl: Duration,
     /// `Cache-Control` of answers by tag (`public, max-age=<tag_ttl>`), made once.
     pub tag_cache_control: http::HeaderValue,
-    /// Small answers kept ready for the plain front (off under `auth:`).
-    pub answers: crate::http::answers::AnswerMemo,
 }
 
 /// Spool files older than this are leftovers of a crashed process (a fill never takes a day).
@@ -115,7 +113,7 @@ impl App {
                 None => http.clone(),
             };
             let mut client = RegistryClient::new(&u.name, base, http, basic);
-            if let Some(realms) = u.realm_policy() {
+            if let Some(realms) = RealmPolicy::of(u) {
                 client = client.with_realms(realms);
             }
             let engine: Arc<dyn Engine> = cached(
@@ -306,18 +304,11 @@ impl App {
         if let Some(ev) = &evictor {
             tokio::spawn(ev.clone().run(spool_dir.clone()));
         }
-        let answers = crate::http::answers::AnswerMemo::new(
-            config.cache.tag_ttl.0,
-            auth.is_none(),
-            puller.generation().clone(),
-        );
         Ok(Arc::new(App {
-            answers,
             pusher,
             forwarder,
             evictor,
             auth,
-            tag_ttl: config.cache.tag_ttl.0,
             tag_cache_control: http::HeaderValue::from_str(&format!(
                 "public, max-age={}",
                 config.cache.tag_ttl.0.as_secs()

@@ -9,11 +9,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::engine::ByteStream;
 use crate::error::Error;
+
+/// A stream of body bytes: what engines, fills and spools pass around (also
+/// `crate::engine::ByteStream`).
+pub type ByteStream = BoxStream<'static, crate::error::Result<Bytes>>;
 
 /// Read size of file streams.
 pub const CHUNK: usize = 512 * 1024;

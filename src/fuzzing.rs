@@ -63,12 +63,12 @@ pub fn headers(data: &[u8]) {
 
 /// Manifest and index JSON, as a push and replication read them.
 pub fn manifest(data: &[u8]) {
-    let _ = crate::push::manifest::parse(data, None);
-    let _ = crate::push::manifest::parse(data, Some(crate::oci::media::OCI_INDEX));
+    let _ = crate::oci::manifest::parse(data, None);
+    let _ = crate::oci::manifest::parse(data, Some(crate::oci::media::OCI_INDEX));
     if let Some(t) = crate::oci::media::sniff_manifest(data) {
         assert!(crate::oci::media::is_manifest_type(&t));
     }
-    if let Ok(p) = crate::push::manifest::parse(data, None) {
+    if let Ok(p) = crate::oci::manifest::parse(data, None) {
         assert!(crate::oci::media::is_manifest_type(&p.media_type));
     }
 }

@@ -6,27 +6,50 @@
 //!   `server.rs` the listeners, connection cap and graceful shutdown, `conn.rs` one connection
 //!   (TLS handshake, HTTP/1.1 or HTTP/2 by hyper, idle and header timeouts), `fast.rs` the
 //!   plain HTTP/1.1 front for bodiless GET/HEAD (local blobs by `sendfile`; everything else
-//!   handed to hyper through `rewind.rs`), `answers.rs` its 100 ms memo of small answers,
-//!   `body.rs` the body types, `tls.rs` the rustls acceptor and certificate reloading.
-//! - `writes.rs`: the count of write requests that read memos check.
-//! - `fileio.rs`: local file reads in large chunks, spools, and the checked opens of a `file://`
-//!   engine (no link followed, regular files only, the committed size recorded on the inode),
-//!   and the memory budgets (per connection, per process) of file reads not sent yet.
-//! - `pull/`: the pull path. `mod.rs` (`Puller`): hits, misses, manifests, tags;
-//!   `fill.rs`: the single-flight fill of the local engine; `tags.rs`: the tag cache;
-//!   `rate.rs`: the minimum rate a fill's source must keep.
-//! - `engine/`: the `Engine` trait and its two kinds, `storage.rs` (object_store in the
+//!   handed to hyper through `rewind.rs`), `answers.rs` its 100 ms memo of small answers (made
+//!   with the listeners, not part of `App`), `body.rs` the body types, `tls.rs` the rustls
+//!   acceptor and certificate reloading.
+//! - `app.rs`: `App`, everything a request needs (engines, puller, pusher, auth, metrics), built
+//!   from the config; below `http/`, which it never imports.
+//! - `fileio.rs`: `ByteStream` (the body stream every layer passes), local file reads in large
+//!   chunks, spools, and the checked opens of a `file://` engine (no link followed, regular
+//!   files only, the committed size recorded on the inode), and the memory budgets (per
+//!   connection, per process) of file reads not sent yet.
+//! - `pull/`: the pull path. `mod.rs` (`Puller`): which engine is the authority of a name;
+//!   `blob.rs`: hits as the engine serves them, misses through fills; `manifest.rs`: manifests,
+//!   tags by their authority, stale answers; `fill.rs`: the single-flight fill of the local
+//!   engine; `tags.rs`: upstream tag answers; `rate.rs`: the minimum rate a fill's source keeps.
+//! - `engine/`: the `Engine` trait (13 methods, each with its contract; `EngineExt` the
+//!   conveniences), `caching.rs` the `CachingEngine` that wraps every engine once and owns every
+//!   memo of the read path (it sees this process's writes, moves the `Generation` the front's
+//!   answer memo keys on, and states how late it sees other processes' writes), and the two
+//!   kinds of engine, `storage.rs` (object_store in the
 //!   Distribution layout, `layout.rs`) and `registry/` (upstream registries, with token auth
 //!   sent only to allowed realms, `limit.rs` the bounds and deadlines of what they answer);
 //!   `set.rs` routes names to upstreams, one storage name per (upstream, repository), and
 //!   orders remote engines; `pushed.rs` marks repositories pushed beside upstreams; `nofollow.rs` keeps a `file://`
 //!   engine's object store from following symbolic links, `scrub.rs` is `ociedge verify`.
-//! - `oci/`: validated names, digests, media types, wire errors. `config/`: the config tree.
-//! - `metrics.rs`: the Prometheus counters; `history.rs`: the last hour of them, sampled in
-//!   memory for the status page (`http/page.rs` serves `http/status.html` at `/_ociedge/`).
+//! - `push/`: the push path (`Pusher`: uploads, manifests, tags, deletes, replication jobs
+//!   queued); `forward.rs` streams writes to an upstream registry when pushes are forwarded
+//!   (it hands back a plain `ByteStream` body: only `http/` speaks HTTP bodies).
+//! - `replicate/`: the durable queue and workers that copy pushed content to the other storage
+//!   engines; `evict/`: keeps the local engine under `cache.max_size`.
+//! - `oci/`: validated names, digests, media types, wire errors, and manifest parsing
+//!   (`manifest.rs`: what a manifest references). `config/`: the config tree (`urls.rs` checks
+//!   storage URLs and token realms without connecting).
+//! - `metrics.rs`: the Prometheus counters, and the names they record (`LOCAL`, `FillResult`);
+//!   `history.rs`: the last hour of them, sampled in memory for the status page (`http/page.rs`
+//!   serves `http/status.html` at `/_ociedge/`).
 //! - `auth/`: access control (htpasswd users, ES256 tokens, per-repository rules, passthrough
 //!   checks against upstreams, `throttle.rs` for failed passwords); `http/access.rs` applies
 //!   it per route, `http/token.rs` is `/token`. `SECURITY.md` has the threat model.
+//!
+//! # Layers
+//! A module imports only modules below it; `tests/module_graph.rs` fails on any circle between
+//! top-level modules. Low to high: `oci` → `error` → `config` → `metrics` (→ `history`) →
+//! `fileio` → `engine` → `replicate` → `evict` → `pull` → `push` → `auth` → `app` → `http`.
+//! `main.rs` may use anything; `fuzzing.rs` (for the fuzz targets) may use anything and nothing
+//! uses it.
 //!
 //! # The miss path
 //! `GET /v2/library/alpine/blobs/sha256:…` is parsed into `Route::Blob` (bad names and digests

@@ -13,7 +13,20 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::pull::fill::Outcome;
+/// The source name of content served from the local engine (the `source` label, the
+/// `X-Ociedge-Source` header, the status page).
+pub const LOCAL: &str = "local";
+
+/// How a fill ended, as `ociedge_fills_total{result}` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillResult {
+    /// Verified (and committed, or readers still got good bytes).
+    Done,
+    /// No engine had the blob.
+    NotFound,
+    /// The transfer failed or the digest did not match.
+    Failed,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -399,12 +412,12 @@ impl Metrics {
         self.inner.fills_joined.inc();
     }
 
-    pub fn fill_finished(&self, outcome: &Outcome) {
+    pub fn fill_finished(&self, result: FillResult) {
         self.inner.fills_in_flight.dec();
-        let result = match outcome {
-            Outcome::Done => "done",
-            Outcome::NotFound => "not_found",
-            Outcome::Failed(_) => "failed",
+        let result = match result {
+            FillResult::Done => "done",
+            FillResult::NotFound => "not_found",
+            FillResult::Failed => "failed",
         };
         self.inner
             .fills
@@ -553,7 +566,7 @@ impl Metrics {
             let _ = i.pushes.get_or_create(&CacheLabels { kind, result });
         }
         let _ = i.bytes_served.get_or_create(&SourceLabels {
-            source: Arc::from(crate::pull::LOCAL),
+            source: Arc::from(LOCAL),
         });
         for id in remotes {
             let l = EngineLabels {

@@ -28,6 +28,7 @@ use sha2::Digest as _;
 
 use crate::config::auth::AuthConfig;
 use crate::config::{Access, UpstreamConfig};
+use crate::engine::registry::auth::RealmPolicy;
 use crate::error::Error;
 use crate::oci::RepoName;
 pub use passthrough::Creds;
@@ -190,8 +191,7 @@ impl Auth {
                     name: u.name.clone(),
                     base: url::Url::parse(&u.url)
                         .map_err(|e| format!("upstreams[{i}].url: {e}"))?,
-                    realms: u
-                        .realm_policy()
+                    realms: RealmPolicy::of(u)
                         .ok_or_else(|| format!("upstreams[{i}].url: not a URL"))?,
                 }),
                 _ => None,

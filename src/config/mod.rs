@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod env;
 pub mod units;
+pub mod urls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -239,18 +240,6 @@ pub struct UpstreamAuth {
     /// an anonymous token. Default: none; for `docker.io`, `https://auth.docker.io`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realms: Option<Vec<String>>,
-}
-
-impl UpstreamConfig {
-    /// Which token realms may receive credentials for this upstream (its `url` must parse:
-    /// [`Config::validate`] checks it).
-    pub fn realm_policy(&self) -> Option<crate::engine::registry::auth::RealmPolicy> {
-        let base = url::Url::parse(&self.url).ok()?;
-        let realms = self.auth.as_ref().and_then(|a| a.realms.as_deref());
-        Some(crate::engine::registry::auth::RealmPolicy::new(
-            &self.name, &base, realms,
-        ))
-    }
 }
 
 impl UpstreamAuth {
@@ -549,7 +538,7 @@ impl Config {
             {
                 return Err(err(&path, "engine ids are letters, digits, '-' and '_'"));
             }
-            crate::engine::storage::check_url(&e.url, &e.options)
+            urls::check_storage_url(&e.url, &e.options)
                 .map_err(|m| err(&format!("{path}.url"), m))?;
         }
         if !self.storage.engines.contains_key(&self.storage.preference) {
@@ -612,7 +601,7 @@ impl Config {
             };
             if let Some(a) = &u.auth {
                 for (j, r) in a.realms.iter().flatten().enumerate() {
-                    crate::engine::registry::auth::check_realm(r, &base)
+                    urls::check_upstream_realm(r, &base)
                         .map_err(|m| err(&format!("{path}.auth.realms[{j}]"), m))?;
                 }
                 if a.password.is_none() && a.password_env.is_none() {

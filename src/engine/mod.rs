@@ -25,14 +25,12 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 
 use crate::error::{Error, Result};
 use crate::fileio::FileSlice;
 use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
 
-/// A stream of body bytes from an engine.
-pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+pub use crate::fileio::ByteStream;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {

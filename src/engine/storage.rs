@@ -26,9 +26,10 @@ use super::{
     BlobHit, BlobRead, ByteStream, Change, Content, Engine, EngineKind, GetBlob, Hit, Lookup,
     Manifest, ManifestMeta, TagLink,
 };
+use crate::config::urls::check_storage_url as check_url;
 use crate::error::{Error, Result};
+use crate::oci::manifest::MAX_MANIFEST;
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
-use crate::push::manifest::MAX_MANIFEST;
 
 /// Blobs smaller than this are committed with one conditional `put`; larger ones stream through a
 /// multipart upload.
@@ -159,26 +160,6 @@ fn cloud_store(url: &url::Url, options: &BTreeMap<String, String>) -> Result<Clo
 /// prefix there too.
 fn url_prefix(url: &url::Url, _abfs: bool) -> Path {
     Path::from(url.path().trim_matches('/'))
-}
-
-/// Checks an engine URL without connecting (for `check-config`).
-pub fn check_url(
-    url: &str,
-    _options: &std::collections::BTreeMap<String, String>,
-) -> Result<(), String> {
-    if let Some(rest) = url.strip_prefix("file://") {
-        if rest.is_empty() {
-            return Err("file:// needs a directory".into());
-        }
-        return Ok(());
-    }
-    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    match parsed.scheme() {
-        "memory" | "s3" | "s3a" | "gs" | "az" | "adl" | "azure" | "abfs" | "abfss" => Ok(()),
-        other => Err(format!(
-            "unsupported scheme {other:?}; use file://, memory://, s3://, gs:// or az://"
-        )),
-    }
 }
 
 impl StorageEngine {

@@ -115,7 +115,7 @@ impl Evictor {
     /// Records a manifest linked in `repo` and what it references.
     pub fn manifest_seen(&self, repo: &RepoName, m: &Manifest, cached: Option<bool>) {
         self.touch(&m.digest, m.bytes.len() as u64, cached);
-        let children = match crate::push::manifest::parse(&m.bytes, Some(&m.media_type)) {
+        let children = match crate::oci::manifest::parse(&m.bytes, Some(&m.media_type)) {
             Ok(p) => p.blobs.into_iter().chain(p.manifests).collect::<Vec<_>>(),
             Err(_) => Vec::new(),
         };
@@ -183,7 +183,7 @@ impl Evictor {
             for d in crate::replicate::backfill::revisions(&self.local, &repo).await? {
                 let by = crate::oci::Reference::Digest(d.clone());
                 if let Ok(Some(m)) = self.local.get_manifest(&repo, &by, &[]).await {
-                    let children = match crate::push::manifest::parse(&m.bytes, Some(&m.media_type))
+                    let children = match crate::oci::manifest::parse(&m.bytes, Some(&m.media_type))
                     {
                         Ok(p) => p.blobs.into_iter().chain(p.manifests).collect::<Vec<_>>(),
                         Err(_) => Vec::new(),
@@ -306,7 +306,7 @@ impl Evictor {
                 .get_manifest(&RepoName::placeholder(), &by, &[])
                 .await
             {
-                if let Ok(p) = crate::push::manifest::parse(&m.bytes, Some(&m.media_type)) {
+                if let Ok(p) = crate::oci::manifest::parse(&m.bytes, Some(&m.media_type)) {
                     stack.extend(p.blobs);
                     stack.extend(p.manifests);
                 }

@@ -28,7 +28,7 @@
 //! are recorded for every answer.
 //!
 //! The memo is per thread (no lock, no shared cache line on the hot path) and bounded: at most
-//! [`MAX_ENTRIES`] answers and [`MAX_BYTES`] of them per thread.
+//! `MAX_ENTRIES` answers and `MAX_BYTES` of them per thread.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! One client connection: the TLS handshake (bounded in time), HTTP/1.1 or HTTP/2 on top, and
 //! the rules that keep a client from holding it for nothing. Plain connections start in
-//! [`super::fast`], which hands them here ([`drive`]) at their first request it does not serve.
+//! [`super::fast`], which hands them here (`drive`) at their first request it does not serve.
 //!
 //! A connection is *idle* when no request is in progress on it. Before its first request an idle
 //! connection gets `header_read_timeout` (a client that connects and sends nothing, half a TLS
@@ -27,6 +27,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::answers::AnswerMemo;
 use super::body::{Body, RequestBody};
 use super::tls::Tls;
 use crate::app::App;
@@ -68,6 +69,8 @@ pub struct ConnSettings {
     /// else waits for one of these regular slots (as a new connection would), and the
     /// connection closes after one response.
     pub ops_only: Option<Arc<tokio::sync::Semaphore>>,
+    /// Small answers kept ready for the plain front (off under `auth:`).
+    pub answers: Arc<AnswerMemo>,
 }
 
 impl ConnSettings {

@@ -78,10 +78,10 @@ pub async fn serve(
         let probed = if buf.is_empty() || settings.ops_only.is_some() {
             None
         } else {
-            probe(&buf, max_head, &app.answers, &mut key)
+            probe(&buf, max_head, &settings.answers, &mut key)
         };
         if let Some(p) = probed {
-            if let Some(a) = app.answers.get(&key) {
+            if let Some(a) = settings.answers.get(&key) {
                 let start = Instant::now();
                 let how = How {
                     keep_alive: p.how.keep_alive && !settings.is_stopping(),
@@ -157,14 +157,17 @@ pub async fn serve(
         };
         // A request the memo may answer (it did not hold the answer): the answer is kept when it
         // is one to keep, and sent as kept.
-        let writes = app.answers.generation();
+        let writes = settings.answers.generation();
         let memo_req = memo.then(|| (next.req.method().clone(), next.req.uri().clone()));
         let mut req = next.req;
         req.extensions_mut().insert(conn::ClientAddr(peer));
         let resp = super::server::handle(app.clone(), req).await;
         how.keep_alive = how.keep_alive && !settings.is_stopping();
-        let kept = memo_req
-            .and_then(|(method, uri)| app.answers.put(&key, &method, uri.path(), &resp, writes));
+        let kept = memo_req.and_then(|(method, uri)| {
+            settings
+                .answers
+                .put(&key, &method, uri.path(), &resp, writes)
+        });
         let sent = match kept {
             Some(a) => {
                 let id = resp.headers().get(super::headers::X_REQUEST_ID);

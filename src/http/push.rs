@@ -15,9 +15,9 @@ use super::headers::{self as h, value};
 use crate::app::App;
 use crate::engine::ByteStream;
 use crate::error::{Error, Result};
+use crate::oci::manifest::MAX_MANIFEST;
 use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::pull::rate::{self, MinRate};
-use crate::push::manifest::MAX_MANIFEST;
 use crate::push::Pusher;
 
 fn pusher(app: &App) -> Result<&Pusher> {
@@ -248,7 +248,8 @@ pub async fn forward(
         own.headers.remove(header::AUTHORIZATION);
         let mut resp = f
             .forward(&own, stream(body), name, &routed.upstream_repo, rest)
-            .await?;
+            .await?
+            .map(body::stream);
         // Nor may the upstream's challenge reach the client: it would send the client (whose
         // stored credentials for this host are ociedge's) to the upstream's token service.
         resp.headers_mut().remove(header::WWW_AUTHENTICATE);
@@ -263,8 +264,11 @@ pub async fn forward(
         }
         return Ok(resp);
     }
-    f.forward(parts, stream(body), name, &routed.upstream_repo, rest)
-        .await
+    Ok(
+        f.forward(parts, stream(body), name, &routed.upstream_repo, rest)
+            .await?
+            .map(body::stream),
+    )
 }
 
 /// `PUT /v2/<name>/manifests/<reference>`.

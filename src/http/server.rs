@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::answers::AnswerMemo;
 use super::body::{self, Body, RequestBody};
 use super::conn::{self, ConnSettings};
 use super::headers as h;
@@ -119,6 +120,11 @@ pub async fn serve(
         stop: stop.clone(),
         stopping: Arc::default(),
         ops_only: None,
+        answers: Arc::new(AnswerMemo::new(
+            app.config.cache.tag_ttl.0,
+            app.auth.is_none(),
+            app.puller.generation().clone(),
+        )),
     };
     if let Some(tls) = &front.tls {
         tokio::spawn(tls.clone().watch(stop.clone()));

@@ -28,8 +28,7 @@ pub use crate::engine::RangeSpec;
 pub use blob::{BlobAnswer, BlobBody};
 pub use manifest::ManifestAnswer;
 
-/// The source name of content served from the local engine.
-pub const LOCAL: &str = "local";
+pub use crate::metrics::LOCAL;
 
 pub struct Puller {
     engines: Arc<Engines>,

@@ -2,16 +2,13 @@
 //! with their bodies streamed and the client's own credentials; `Location` headers come back
 //! rewritten to point at this proxy, under the name the client used.
 
-use bytes::Bytes;
 use futures::TryStreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Response, StatusCode};
-use http_body_util::BodyExt;
 
 use crate::engine::ByteStream;
 use crate::error::{Error, Result};
-use crate::http::body::{self, Body};
 use crate::oci::RepoName;
 
 /// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1), plus `host`.
@@ -42,7 +39,8 @@ impl Forwarder {
     }
 
     /// Forwards a write request. `client_name` is the repository as the client named it,
-    /// `upstream_name` as the upstream knows it; `rest` is the path after `/v2/<name>/`.
+    /// `upstream_name` as the upstream knows it; `rest` is the path after `/v2/<name>/`. The
+    /// answer's body is the upstream's, streamed (`http/` makes it a response body).
     pub async fn forward(
         &self,
         parts: &Parts,
@@ -50,7 +48,7 @@ impl Forwarder {
         client_name: &RepoName,
         upstream_name: &RepoName,
         rest: &str,
-    ) -> Result<Response<Body>> {
+    ) -> Result<Response<ByteStream>> {
         let mut url = format!(
             "{}/v2/{upstream_name}/{rest}",
             self.base.as_str().trim_end_matches('/')
@@ -107,8 +105,7 @@ impl Forwarder {
             move |e| Error::engine(&name, e)
         });
         let body: ByteStream = Box::pin(stream);
-        b.body(body::stream(body))
-            .map_err(|e| Error::engine("http", e))
+        b.body(body).map_err(|e| Error::engine("http", e))
     }
 
     /// `http://upstream/v2/<upstream name>/blobs/uploads/x?_state=…` → `/v2/<client name>/…`.
@@ -137,14 +134,6 @@ impl Forwarder {
         let rest = path.strip_prefix(&prefix)?;
         HeaderValue::from_str(&format!("/v2/{client_name}/{rest}")).ok()
     }
-}
-
-/// Collects a small forwarded body (tests and error paths).
-pub async fn collect(body: Body) -> Bytes {
-    body.collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

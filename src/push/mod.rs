@@ -2,7 +2,6 @@
 //! acknowledged before it is durable there and its replication jobs are queued (durably).
 
 pub mod forward;
-pub mod manifest;
 pub mod upload;
 
 use std::path::PathBuf;
@@ -18,7 +17,7 @@ use crate::engine::EngineExt;
 use crate::engine::{ByteStream, Engine, Manifest};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
+use crate::oci::{manifest, media, Digest, ErrorCode, Reference, RepoName};
 use crate::replicate::{Job, Replicator};
 use upload::{Session, Uploads};
 
@@ -261,7 +260,7 @@ impl Pusher {
         content_type: Option<&str>,
         bytes: Bytes,
     ) -> Result<Pushed> {
-        let parsed = manifest::parse(&bytes, content_type)?;
+        let parsed = manifest::parse(&bytes, content_type).map_err(Error::Client)?;
         let digest = match reference {
             Reference::Digest(d) => {
                 let actual = d.same_algorithm_of(&bytes);

@@ -11,8 +11,8 @@ use futures::FutureExt;
 use crate::engine::EngineExt;
 use crate::engine::{Engine, GetBlob};
 use crate::error::{Error, Result};
+use crate::oci::manifest;
 use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
-use crate::push::manifest;
 
 /// What one copy did.
 #[derive(Default, Debug, Clone, Copy)]
@@ -99,7 +99,7 @@ impl Copier {
                         format!("manifest {digest} missing in the source {}", src.id()),
                     )
                 })?;
-            let parsed = manifest::parse(&m.bytes, Some(&m.media_type))?;
+            let parsed = manifest::parse(&m.bytes, Some(&m.media_type)).map_err(Error::Client)?;
             let mut copied = Copied::default();
             for b in &parsed.blobs {
                 copied += self.blob(src, dst, repo, b).await?;

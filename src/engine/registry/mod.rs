@@ -19,7 +19,7 @@ use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
 pub use client::RegistryClient;
 
 /// Manifests larger than this are refused (the spec's bound, and Distribution's; the push side's).
-pub const MAX_MANIFEST: usize = crate::push::manifest::MAX_MANIFEST;
+pub const MAX_MANIFEST: usize = crate::oci::manifest::MAX_MANIFEST;
 
 /// The overall deadline of a small upstream request (manifest, tags list, referrers, blob
 /// `HEAD`, the head of a blob `GET`), token fetches included: a whole answer or an engine error.

@@ -1,12 +1,15 @@
-//! Manifest validation for pushes: parse the JSON, check its media type, and list what it
-//! references (blobs, child manifests, subject) so a push can refuse a manifest whose content is
-//! missing and replication can copy children before their parents.
+//! Manifest validation: parse the JSON, check its media type, and list what it references
+//! (blobs, child manifests, subject) so a push can refuse a manifest whose content is missing,
+//! replication can copy children before their parents and eviction can keep what a kept
+//! manifest needs.
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
-use crate::oci::{media, Digest, ErrorCode};
+use super::{media, Digest, ErrorCode, OciError};
+
+/// A refusal is a `MANIFEST_INVALID` error.
+type Result<T> = std::result::Result<T, OciError>;
 
 /// Manifests larger than this are refused (the spec's bound).
 pub const MAX_MANIFEST: usize = 4 << 20;
@@ -56,8 +59,8 @@ pub struct Parsed {
     pub annotations: Option<Value>,
 }
 
-fn invalid(msg: impl Into<String>) -> Error {
-    Error::client(ErrorCode::ManifestInvalid, msg)
+fn invalid(msg: impl Into<String>) -> OciError {
+    OciError::new(ErrorCode::ManifestInvalid, msg)
 }
 
 fn digest(d: &str) -> Result<Digest> {
