@@ -263,6 +263,21 @@ fn storage(id: &str, url: &str, options: &[(&str, &str)]) -> Arc<dyn Engine> {
     Arc::new(e)
 }
 
+/// An S3 engine on bucket `registry` at `endpoint`, with the harness's credentials.
+fn s3_engine(endpoint: &str) -> Arc<dyn Engine> {
+    storage(
+        "s3",
+        "s3://registry",
+        &[
+            ("endpoint", endpoint),
+            ("region", "us-east-1"),
+            ("access_key_id", "harness"),
+            ("secret_access_key", "harness-secret"),
+            ("allow_http", "true"),
+        ],
+    )
+}
+
 impl Backend {
     fn with(engine: Arc<dyn Engine>) -> Backend {
         Backend {
@@ -291,18 +306,7 @@ impl Backend {
         let moto = tokio::task::spawn_blocking(|| common::regions::Moto::start(None, "127.0.0.1"))
             .await
             .expect("moto");
-        let endpoint = moto.endpoint();
-        let engine = storage(
-            "s3",
-            "s3://registry",
-            &[
-                ("endpoint", endpoint.as_str()),
-                ("region", "us-east-1"),
-                ("access_key_id", "harness"),
-                ("secret_access_key", "harness-secret"),
-                ("allow_http", "true"),
-            ],
-        );
+        let engine = s3_engine(&moto.endpoint());
         let mut b = Backend::with(engine);
         b._keep.push(Box::new(moto));
         b
@@ -981,6 +985,35 @@ mod file {
 mod s3 {
     read_suite!(super::Backend::s3, #[ignore = "needs moto"]);
     write_suite!(super::Backend::s3, #[ignore = "needs moto"]);
+
+    /// A store whose every answer for the blob breaks off after 1000 bytes: the read is an
+    /// error (after the client's retries), never a short complete read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs moto"]
+    async fn a_short_stream_is_an_error() {
+        use super::*;
+        use common::faults::{Fault, FaultProxy};
+        let moto = tokio::task::spawn_blocking(|| common::regions::Moto::start(None, "127.0.0.1"))
+            .await
+            .expect("moto");
+        let faults = FaultProxy::start(&moto.endpoint()).await;
+        let engine = s3_engine(&faults.url());
+        let b = Backend::with(engine);
+        let r = repo("conformance/app");
+        let image = Image::new(10);
+        b.seed(&r, &image).await;
+        let d = image.layer_digest(0);
+        faults.inject(d.hex(), Fault::Reset(1000), 1000);
+        let res = tokio::time::timeout(Duration::from_secs(60), read_blob(b.e(), &r, &d, None))
+            .await
+            .expect("the read ends");
+        assert!(
+            res.is_err(),
+            "a broken-off blob read as {:?}",
+            res.map(|o| o.map(|g| g.bytes.len()))
+        );
+        drop(moto);
+    }
 }
 
 mod registry {
