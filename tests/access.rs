@@ -302,14 +302,15 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
+    common::assert_oci_error(r, 403, "DENIED").await;
     let r = client()
         .delete(p.url(&format!("/v2/team/app/manifests/{APP}")))
         .header("authorization", basic("bob", "bobpw"))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403, "bob may not delete");
+    // bob may not delete.
+    common::assert_oci_error(r, 403, "DENIED").await;
     // Anonymous: a challenge naming this proxy's realm and the scope, with the spec's body.
     let (status, code, challenge) = get(&p, "/v2/team/app/manifests/v1", None).await;
     assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));

@@ -286,7 +286,7 @@ async fn push_api_suite(engine: Engine, durable: bool) {
     let r = put("bad", manifest(&wrong, None)).await;
     assert_oci_error(r, 400, "MANIFEST_BLOB_UNKNOWN").await;
     let r = put("1.0", "{not json".into()).await;
-    assert_eq!(r.status(), 400);
+    assert_oci_error(r, 400, "MANIFEST_INVALID").await;
     // Too large: refused from its Content-Length, before the body is read.
     let (status, _) = raw_get(&proxy.host(), "/v2/t/app/manifests/big", "").await;
     assert_eq!(status, 404);
@@ -309,7 +309,8 @@ async fn push_api_suite(engine: Engine, durable: bool) {
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["docker-content-digest"], mdigest.as_str());
     let r = put(&format!("sha256:{}", "2".repeat(64)), body.clone()).await;
-    assert_eq!(r.status(), 400, "a digest reference must match the bytes");
+    // A digest reference must match the bytes.
+    assert_oci_error(r, 400, "DIGEST_INVALID").await;
     let r = c
         .get(format!("{base}/v2/t/app/manifests/1.0"))
         .send()
@@ -372,14 +373,12 @@ async fn push_api_suite(engine: Engine, durable: bool) {
             .status(),
         202
     );
-    assert_eq!(
-        c.get(format!("{base}/v2/t/app/manifests/1.0"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    let r = c
+        .get(format!("{base}/v2/t/app/manifests/1.0"))
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(r, 404, "MANIFEST_UNKNOWN").await;
     assert_eq!(listed_tags(&base, "t/app").await, ["2.0"]);
     assert_eq!(
         c.delete(format!("{base}/v2/t/app/manifests/{mdigest}"))
@@ -399,21 +398,19 @@ async fn push_api_suite(engine: Engine, durable: bool) {
             .status(),
         202
     );
-    assert_eq!(
-        c.delete(format!("{base}/v2/t/other/blobs/{digest}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    let r = c
+        .delete(format!("{base}/v2/t/other/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(r, 404, "BLOB_UNKNOWN").await;
     // Bad upload ids are refused before any I/O.
     let r = c
         .get(format!("{base}/v2/t/app/blobs/uploads/..%2f.."))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_oci_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await;
     assert_eq!(
         c.get(proxy.url("/healthz")).send().await.unwrap().status(),
         200
