@@ -699,6 +699,23 @@ async fn put_blob_is_idempotent(b: Backend) {
     }
 }
 
+/// Two writers committing the same blob at once (two processes filling one miss): both succeed,
+/// and the blob is whole.
+async fn racing_puts_of_one_blob_both_succeed(b: Backend) {
+    let r = repo("conformance/app");
+    let data = common::random_bytes(1 << 20, 46);
+    let d = sha(&data);
+    let (e, spool) = (b.e(), b.spool.path());
+    let (one, two) = tokio::join!(put_blob(e, spool, &d, &data), put_blob(e, spool, &d, &data));
+    one.expect("the first writer");
+    two.expect("the second writer");
+    let got = read_blob(e, &r, &d, None)
+        .await
+        .expect("read")
+        .expect("present");
+    assert!(got.bytes == data, "the blob is whole");
+}
+
 async fn links_are_per_repository(b: Backend) {
     let e = b.e();
     let (one, two) = (repo("conformance/one"), repo("conformance/two"));
@@ -935,6 +952,11 @@ macro_rules! write_suite {
         $(#[$attr])?
         async fn links_are_per_repository() {
             super::links_are_per_repository($make().await).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])?
+        async fn racing_puts_of_one_blob_both_succeed() {
+            super::racing_puts_of_one_blob_both_succeed($make().await).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         $(#[$attr])?
