@@ -12,6 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use common::config::{Auth, Config, Upstream};
 use common::{client, images, mirror_config, Origin, Proxy, APP, SMALL};
 
 /// Makes an ECDSA P-256 key pair with openssl: (private key PEM path, public key PEM path).
@@ -66,22 +67,21 @@ fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
     f
 }
 
-/// An `auth:` section.
-fn auth_yaml(htpasswd: &Path, key: &Path, verify: &[&Path], rules: &[&str]) -> String {
-    let verify: Vec<String> = verify
-        .iter()
-        .map(|p| format!("\"{}\"", p.display()))
-        .collect();
-    let mut s = format!(
-        "auth:\n  htpasswd: \"{}\"\n  token: {{ signing_key: \"{}\", verify_keys: [{}], ttl: 5m }}\n  rules:\n",
-        htpasswd.display(),
-        key.display(),
-        verify.join(", ")
-    );
-    for r in rules {
-        s.push_str(&format!("    - {r}\n"));
-    }
-    s
+/// The upstream `docker.io` on `port` with the proxy's own account `svc:svcpw`.
+fn svc(port: u16) -> Upstream {
+    Upstream::new("docker.io", &format!("http://127.0.0.1:{port}")).credentials("svc", "svcpw")
+}
+
+/// An `auth:` section: tokens signed with `key`, also accepted when `verify` keys sign them.
+fn auth_yaml(htpasswd: &Path, key: &Path, verify: &[&Path], rules: &[&str]) -> Auth {
+    rules.iter().fold(
+        Auth::new()
+            .htpasswd(htpasswd)
+            .signing_key(key)
+            .verify_keys(verify)
+            .token("ttl", "5m"),
+        |a, r| a.rule(r),
+    )
 }
 
 /// skopeo pulls `image` through `host` (with `creds` if given) into a directory; the top
@@ -190,7 +190,7 @@ async fn public_pulls_without_auth_and_with_an_anonymous_rule() {
             r#"{ repos: "org/**", pull: [alice] }"#,
         ],
     );
-    let p = Proxy::start(&mirror_config(&origin.url(), &auth));
+    let p = Proxy::start(&Config::mirror(&origin.url()).auth(auth).render());
     // Login-less: skopeo follows the challenge to an anonymous token.
     assert_eq!(
         pull(&p.host(), "library/small:1.0", None).as_deref(),
@@ -246,10 +246,7 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
         &[],
         &[r#"{ repos: "team/**", pull: [authenticated], push: [alice], delete: [alice] }"#],
     );
-    let p = Proxy::start(&mirror_config(
-        &origin.url(),
-        &format!("push: {{ engine: eu }}\n{auth}"),
-    ));
+    let p = Proxy::start(&Config::mirror(&origin.url()).push("eu").auth(auth).render());
     let host = p.host();
     assert!(
         push(&host, "app-v1", "team/app:v1", "alice:pw"),
@@ -291,9 +288,7 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "DENIED");
+    common::assert_oci_error(r, 403, "DENIED").await;
     // bob's token does not grant push; the rules refuse it, so it is DENIED, not a new challenge.
     let (_, bob_token) = token(
         &p,
@@ -307,14 +302,15 @@ async fn push_and_pull_with_credentials_denied_and_challenged() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
+    common::assert_oci_error(r, 403, "DENIED").await;
     let r = client()
         .delete(p.url(&format!("/v2/team/app/manifests/{APP}")))
         .header("authorization", basic("bob", "bobpw"))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403, "bob may not delete");
+    // bob may not delete.
+    common::assert_oci_error(r, 403, "DENIED").await;
     // Anonymous: a challenge naming this proxy's realm and the scope, with the spec's body.
     let (status, code, challenge) = get(&p, "/v2/team/app/manifests/v1", None).await;
     assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
@@ -402,14 +398,16 @@ async fn tokens_cross_regions_and_unknown_or_expired_ones_are_refused() {
     let (key_x, _) = keypair(d.path(), "stranger");
     let ht = htpasswd(d.path(), &[("alice", "pw")]);
     let rules = [r#"{ repos: "library/**", pull: [alice] }"#];
-    let a = Proxy::start(&mirror_config(
-        &origin.url(),
-        &auth_yaml(&ht, &key_a, &[], &rules),
-    ));
-    let b = Proxy::start(&mirror_config(
-        &origin.url(),
-        &auth_yaml(&ht, &key_b, &[&pub_a], &rules),
-    ));
+    let a = Proxy::start(
+        &Config::mirror(&origin.url())
+            .auth(auth_yaml(&ht, &key_a, &[], &rules))
+            .render(),
+    );
+    let b = Proxy::start(
+        &Config::mirror(&origin.url())
+            .auth(auth_yaml(&ht, &key_b, &[&pub_a], &rules))
+            .render(),
+    );
     let manifest = "/v2/library/small/manifests/1.0";
     let (status, t) = token(&a, Some(("alice", "pw")), "repository:library/small:pull").await;
     assert_eq!(status, 200);
@@ -504,9 +502,10 @@ async fn passthrough_serves_only_clients_the_upstream_lets_in_local_hits_include
     // alice is a local user; the upstream does not know her.
     let ht = htpasswd(d.path(), &[("alice", "pw")]);
     let auth = auth_yaml(&ht, &key, &[], &[r#"{ repos: "**", pull: [anonymous] }"#]);
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"http://127.0.0.1:{port}\", auth: {{ username: svc, password: svcpw }}, access: passthrough }}\n{auth}"
-    );
+    let cfg = Config::local("eu", "file://{DIR}/data")
+        .upstream(svc(port).access("passthrough"))
+        .auth(auth)
+        .render();
     let p = Proxy::start(&cfg);
     let host = p.host();
     // Nobody is served before the upstream vouches: not anonymous, not wrong credentials, not a
@@ -563,9 +562,10 @@ async fn gated_upstream_is_decided_by_the_rules() {
         &[r#"{ repos: "library/**", pull: [alice] }"#],
     );
     // access defaults to gated for an upstream with credentials.
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"http://127.0.0.1:{port}\", auth: {{ username: svc, password: svcpw }} }}\n{auth}"
-    );
+    let cfg = Config::local("eu", "file://{DIR}/data")
+        .upstream(svc(port))
+        .auth(auth)
+        .render();
     let p = Proxy::start(&cfg);
     let host = p.host();
     assert_eq!(
@@ -601,8 +601,10 @@ async fn over_tls_the_challenge_points_at_https() {
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
     std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
-    let tls = "tls: { cert: \"{DIR}/tls.crt\", key: \"{DIR}/tls.key\" }\n";
-    let p = Proxy::start_in(&mirror_config(&origin.url(), &format!("{tls}{auth}")), dir);
+    let cfg = Config::mirror(&origin.url())
+        .tls("{DIR}/tls.crt", "{DIR}/tls.key")
+        .auth(auth);
+    let p = Proxy::start_in(&cfg.render(), dir);
     // skopeo follows the realm: an http:// realm on this port would fail the token request.
     let tmp = tempfile::tempdir().unwrap();
     let ok = Command::new("skopeo")
@@ -633,7 +635,7 @@ async fn the_status_page_obeys_the_rules() {
             r#"{ repos: "library/**", pull: [anonymous] }"#,
         ],
     );
-    let p = Proxy::start(&mirror_config("http://127.0.0.1:9", &auth));
+    let p = Proxy::start(&Config::mirror("http://127.0.0.1:9").auth(auth).render());
     for path in ["/_ociedge/status", "/_ociedge/"] {
         assert_eq!(get(&p, path, None).await.0, 401, "{path} anonymous");
         assert_eq!(
@@ -675,10 +677,15 @@ async fn a_default_upstream_spelling_never_opens_a_passthrough_upstream() {
             r#"{ repos: "**", pull: [anonymous] }"#,
         ],
     );
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"{}\" }}\n  - {{ name: priv.example, url: \"http://127.0.0.1:{port}\", auth: {{ username: svc, password: svcpw }}, access: passthrough }}\n{auth}",
-        hub.url()
-    );
+    let cfg = Config::local("eu", "file://{DIR}/data")
+        .upstream(Upstream::new("docker.io", &hub.url()))
+        .upstream(
+            Upstream::new("priv.example", &format!("http://127.0.0.1:{port}"))
+                .credentials("svc", "svcpw")
+                .access("passthrough"),
+        )
+        .auth(auth)
+        .render();
     let p = Proxy::start(&cfg);
     let private_manifest = "/v2/priv.example/library/small/manifests/1.0";
     // Anonymous tokens asked for with every default-upstream spelling of the scope.
@@ -738,10 +745,7 @@ async fn a_manifest_push_references_only_what_its_repository_holds() {
             r#"{ repos: "bobs/**", pull: [bob], push: [bob] }"#,
         ],
     );
-    let p = Proxy::start(&mirror_config(
-        &origin.url(),
-        &format!("push: {{ engine: eu }}\n{auth}"),
-    ));
+    let p = Proxy::start(&Config::mirror(&origin.url()).push("eu").auth(auth).render());
     let host = p.host();
     assert!(
         push(&host, "app-v1", "team/a:v1", "alice:pw"),

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::config::Config;
 use common::hostile::*;
 use common::*;
 use futures::StreamExt;
@@ -411,8 +412,7 @@ async fn a_trickling_upstream_is_given_up() {
 /// `cache.max_size`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upload_sessions_are_capped_and_stale_ones_removed() {
-    let config = "listen: 127.0.0.1:{PORT}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: { url: \"file://{DIR}/data\" }\npush: { engine: eu }\ncache: { stale_uploads: 2s }\n";
-    let proxy = Proxy::start(config);
+    let proxy = Proxy::start(&pushable().cache("stale_uploads", "2s").render());
     let c = client();
     let start = |repo: &'static str| {
         let c = c.clone();
@@ -451,7 +451,7 @@ async fn upload_sessions_are_capped_and_stale_ones_removed() {
     drop(proxy);
 
     // The caps, on a proxy that cleans nothing meanwhile.
-    let proxy = Proxy::start(&config.replace("2s", "24h"));
+    let proxy = Proxy::start(&pushable().cache("stale_uploads", "24h").render());
     let start = |repo: &'static str| {
         let c = c.clone();
         let url = proxy.url(&format!("/v2/{repo}/blobs/uploads/"));
@@ -495,10 +495,11 @@ async fn http2_clients_with_closed_windows_pin_no_memory() {
     let up = BlobsAsManifests::default();
     let big = up.add(random_bytes(40 << 20, 1607));
     let port = up.start().await;
-    let proxy = Proxy::start(&mirror_config(
-        &format!("http://127.0.0.1:{port}"),
-        "limits: { send_timeout: 4s }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror(&format!("http://127.0.0.1:{port}"))
+            .limits("send_timeout", "4s")
+            .render(),
+    );
     let pid = proxy.child.id();
     let c = client();
     let path = format!("/v2/library/h2/blobs/{big}");
@@ -568,10 +569,11 @@ async fn a_client_that_stops_reading_loses_its_connection() {
     let up = BlobsAsManifests::default();
     let big = up.add(random_bytes(40 << 20, 1608));
     let port = up.start().await;
-    let proxy = Proxy::start(&mirror_config(
-        &format!("http://127.0.0.1:{port}"),
-        "limits: { send_timeout: 2s }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror(&format!("http://127.0.0.1:{port}"))
+            .limits("send_timeout", "2s")
+            .render(),
+    );
     let c = client();
     let path = format!("/v2/library/slowreader/blobs/{big}");
     let r = c.get(proxy.url(&path)).send().await.unwrap();
@@ -619,8 +621,7 @@ async fn a_client_that_stops_reading_loses_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_that_never_ends_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = "listen: 127.0.0.1:{PORT}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: { url: \"file://{DIR}/data\" }\npush: { engine: eu }\n";
-    let proxy = Proxy::start(config);
+    let proxy = Proxy::start(&pushable().render());
     let c = client();
     let r = c
         .post(proxy.url("/v2/team/trickle/blobs/uploads/"))
@@ -682,10 +683,11 @@ async fn a_body_that_never_ends_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_answers_at_the_connection_cap() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let proxy = Proxy::start(&mirror_config(
-        "http://127.0.0.1:9",
-        "limits: { max_connections: 4 }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror("http://127.0.0.1:9")
+            .limits("max_connections", "4")
+            .render(),
+    );
     // Four kept-alive connections, idle after one request each: every slot is held.
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -739,4 +741,11 @@ async fn health_answers_at_the_connection_cap() {
         .unwrap()
         .unwrap();
     assert_eq!(status, 200);
+}
+
+/// A proxy that takes pushes into a `file://` engine, no upstream.
+fn pushable() -> Config {
+    Config::local("eu", "file://{DIR}/data")
+        .region("eu")
+        .push("eu")
 }

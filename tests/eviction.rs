@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::config::Config;
 use common::layout::assert_no_dangling_tags;
 use common::*;
 
@@ -97,10 +98,12 @@ async fn the_cap_holds_and_the_most_recent_content_stays() {
             .await,
         );
     }
-    let proxy = Proxy::start(&mirror_config(
-        &origin.url(),
-        "cache: { max_size: 100MiB, min_idle: 0s }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror(&origin.url())
+            .cache("max_size", "100MiB")
+            .cache("min_idle", "0s")
+            .render(),
+    );
     assert!(verify_pull(&proxy.host(), "library/small:1.0", SMALL));
     let cap = 100 * MIB;
     for d in &blobs {
@@ -141,10 +144,12 @@ async fn a_blob_being_read_is_not_evicted() {
     let a = push_blob(&origin.url(), "evict/pin", random_bytes(40 << 20, 1)).await;
     let b = push_blob(&origin.url(), "evict/pin", random_bytes(30 << 20, 2)).await;
     let c = push_blob(&origin.url(), "evict/pin", random_bytes(30 << 20, 3)).await;
-    let proxy = Proxy::start(&mirror_config(
-        &origin.url(),
-        "cache: { max_size: 64MiB, min_idle: 0s }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror(&origin.url())
+            .cache("max_size", "64MiB")
+            .cache("min_idle", "0s")
+            .render(),
+    );
     get(&proxy, "evict/pin", &a).await; // cached
                                         // A slow reader of a hit holds it.
     let r = client()
@@ -178,10 +183,11 @@ async fn pushed_content_is_never_evicted() {
     for i in 0..5u64 {
         pulled.push(push_blob(&origin.url(), "evict/other", random_bytes(20 << 20, 50 + i)).await);
     }
-    let cfg = mirror_config(
-        &origin.url(),
-        "push: { engine: eu }\ncache: { max_size: 64MiB, min_idle: 0s }\n",
-    );
+    let cfg = Config::mirror(&origin.url())
+        .push("eu")
+        .cache("max_size", "64MiB")
+        .cache("min_idle", "0s")
+        .render();
     let proxy = Proxy::start(&cfg);
     // Pushed here, to the preferred engine: its only copy may be here.
     assert!(skopeo_push(&proxy.host(), "small-1.0", "team/app:1.0"));
@@ -223,7 +229,10 @@ async fn a_restart_keeps_the_eviction_order() {
             .await,
         );
     }
-    let cfg = mirror_config(&origin.url(), "cache: { max_size: 64MiB, min_idle: 0s }\n");
+    let cfg = Config::mirror(&origin.url())
+        .cache("max_size", "64MiB")
+        .cache("min_idle", "0s")
+        .render();
     let proxy = Proxy::start(&cfg);
     // Access times have a one-second grain (ties go by digest): one second apart, so the order
     // is A, B, C whatever the speed of the fills.
@@ -277,7 +286,10 @@ async fn a_restart_keeps_the_eviction_order() {
 async fn access_times_are_published_on_shutdown() {
     let origin = Origin::start();
     let d = push_blob(&origin.url(), "evict/term", random_bytes(1 << 20, 400)).await;
-    let cfg = mirror_config(&origin.url(), "cache: { max_size: 64MiB, min_idle: 0s }\n");
+    let cfg = Config::mirror(&origin.url())
+        .cache("max_size", "64MiB")
+        .cache("min_idle", "0s")
+        .render();
     let mut proxy = Proxy::start(&cfg);
     get(&proxy, "evict/term", &d).await;
     // SIGTERM at once, before the publishing timer: the graceful shutdown publishes them.

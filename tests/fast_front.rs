@@ -24,6 +24,18 @@ impl Resp {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// See [`common::assert_oci_error`].
+    fn assert_oci_error(&self, status: u16, code: &str, what: &str) -> serde_json::Value {
+        assert_oci_error_parts(
+            self.status,
+            self.header("content-type"),
+            &self.body,
+            status,
+            code,
+            what,
+        )
+    }
 }
 
 /// Reads one response from `s` (`buf` keeps what was read past it). Bodies are delimited by
@@ -137,9 +149,7 @@ async fn plain_http1_front_pipelines_sends_files_and_hands_off_to_hyper() {
     .await
     .unwrap();
     let r = read_resp(&mut s, &mut buf, false).await;
-    assert_eq!(r.status, 404, "no auth: section, no token endpoint");
-    let err: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(err["errors"][0]["code"], "UNSUPPORTED");
+    r.assert_oci_error(404, "UNSUPPORTED", "no auth: section, no token endpoint");
     s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
@@ -172,9 +182,7 @@ async fn plain_http1_front_pipelines_sends_files_and_hands_off_to_hyper() {
         .unwrap();
     let mut buf = Vec::new();
     let r = read_resp(&mut s, &mut buf, false).await;
-    assert_eq!(r.status, 400);
-    let err: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(err["errors"][0]["code"], "DIGEST_INVALID");
+    r.assert_oci_error(400, "DIGEST_INVALID", "a bad digest");
     assert_eq!(read_resp(&mut s, &mut buf, false).await.status, 200);
 
     // HTTP/2 prior knowledge on the plain port: hyper's, file bodies read in chunks.
@@ -205,10 +213,9 @@ async fn plain_http1_front_pipelines_sends_files_and_hands_off_to_hyper() {
 
 /// A pushable proxy with no upstream: a `file://` engine that takes pushes.
 fn push_only_config(root: &std::path::Path) -> String {
-    format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{}/eu\" }}\npush: {{ engine: eu }}\n",
-        root.display()
-    )
+    common::config::Config::local("eu", &format!("file://{}/eu", root.display()))
+        .push("eu")
+        .render()
 }
 
 /// Pushes an OCI image manifest of `config` and `layer` under `reference`: its digest.

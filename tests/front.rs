@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::config::{Config, Upstream};
 use common::*;
 use futures::StreamExt;
 use rcgen::{
@@ -102,8 +103,8 @@ impl Issued {
 }
 
 /// The `tls:` section for certificate files in the proxy's `{DIR}`.
-fn tls_section(extra: &str) -> String {
-    format!("tls: {{ cert: \"{{DIR}}/tls.crt\", key: \"{{DIR}}/tls.key\"{extra} }}\n")
+fn tls_mirror(upstream: &str) -> Config {
+    Config::mirror(upstream).tls("{DIR}/tls.crt", "{DIR}/tls.key")
 }
 
 /// Starts ociedge with `config` after installing a certificate with `serial` in its directory.
@@ -185,10 +186,9 @@ async fn tls_serves_skopeo_and_http2_by_alpn() {
     origin.push(&[("small-1.0", "library/small:1.0", false)]);
     let pki = Pki::new();
     let plain = free_port();
-    let cfg = mirror_config(
-        &origin.url(),
-        &tls_section(&format!(", plain_listen: 127.0.0.1:{plain}")),
-    );
+    let cfg = tls_mirror(&origin.url())
+        .tls_option("plain_listen", &format!("127.0.0.1:{plain}"))
+        .render();
     let (proxy, _) = start_tls(&pki, 1, &cfg);
     let base = format!("https://127.0.0.1:{}", proxy.port);
 
@@ -263,7 +263,9 @@ async fn a_renewed_certificate_is_served_without_restart() {
     let pki = Pki::new();
 
     // Polling: the files change, the next handshake gets the new certificate.
-    let cfg = mirror_config(&upstream, &tls_section(", reload_interval: 300ms"));
+    let cfg = tls_mirror(&upstream)
+        .tls_option("reload_interval", "300ms")
+        .render();
     let (proxy, first) = start_tls(&pki, 1, &cfg);
     assert_eq!(served_cert(&pki, proxy.port).await, first.der);
     let second = pki.issue(2);
@@ -304,7 +306,9 @@ async fn a_renewed_certificate_is_served_without_restart() {
     );
 
     // SIGHUP: with polling too slow to matter, the signal reloads at once.
-    let cfg = mirror_config(&upstream, &tls_section(", reload_interval: 1h"));
+    let cfg = tls_mirror(&upstream)
+        .tls_option("reload_interval", "1h")
+        .render();
     let (proxy, first) = start_tls(&pki, 10, &cfg);
     assert_eq!(served_cert(&pki, proxy.port).await, first.der);
     let next = pki.issue(11);
@@ -344,15 +348,17 @@ async fn an_upstream_with_a_private_ca_needs_its_ca_file() {
     let (inner, _) = start_tls(
         &pki,
         1,
-        &mirror_config(&format!("http://127.0.0.1:{up_port}"), &tls_section("")),
+        &tls_mirror(&format!("http://127.0.0.1:{up_port}")).render(),
     );
     let inner_url = format!("https://127.0.0.1:{}", inner.port);
     let path = format!("/v2/library/x/blobs/{digest}");
 
-    let trusting = Proxy::start(&mirror_config(
-        &inner_url,
-        &format!("    ca_file: {}\n", pki.ca_file().display()),
-    ));
+    let trusting = Proxy::start(
+        &Config::mirror_of(
+            Upstream::new("docker.io", &inner_url).ca_file(&pki.ca_file().display().to_string()),
+        )
+        .render(),
+    );
     let r = client().get(trusting.url(&path)).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", trusting.log());
     assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());
@@ -479,11 +485,10 @@ async fn podman_and_containerd_pull_through_the_mirror_over_tls() {
     origin.seed();
     let pki = Pki::new();
     let plain = free_port();
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"{0}\" }}\n  - {{ name: \"upstream.local:5000\", url: \"{0}\" }}\n{1}",
-        origin.url(),
-        tls_section(&format!(", plain_listen: 127.0.0.1:{plain}"))
-    );
+    let cfg = tls_mirror(&origin.url())
+        .upstream(Upstream::new("upstream.local:5000", &origin.url()))
+        .tls_option("plain_listen", &format!("127.0.0.1:{plain}"))
+        .render();
     let (proxy, _) = start_tls(&pki, 1, &cfg);
     let tls_host = proxy.host();
     let state = tempfile::tempdir().unwrap();
@@ -580,10 +585,11 @@ async fn sigterm_lets_a_large_transfer_finish() {
     let data = random_bytes(SIZE, 42);
     let want = sha256_hex(&data);
     let digest = push_blob(&origin.url(), "library/big", data).await;
-    let mut proxy = Proxy::start(&mirror_config(
-        &origin.url(),
-        "limits: { shutdown_grace: 60s }\n",
-    ));
+    let mut proxy = Proxy::start(
+        &Config::mirror(&origin.url())
+            .limits("shutdown_grace", "60s")
+            .render(),
+    );
     let r = client()
         .get(proxy.url(&format!("/v2/library/big/blobs/{digest}")))
         .send()
@@ -688,10 +694,11 @@ async fn sigterm_waits_for_fills_in_flight() {
     let data = Bytes::from(random_bytes(8 << 20, 9));
     let digest = format!("sha256:{}", sha256_hex(&data));
     let up = slow_upstream(data.clone(), 64 << 10, Duration::from_millis(25)).await;
-    let mut proxy = Proxy::start(&mirror_config(
-        &format!("http://127.0.0.1:{up}"),
-        "limits: { shutdown_grace: 30s }\n",
-    ));
+    let mut proxy = Proxy::start(
+        &Config::mirror(&format!("http://127.0.0.1:{up}"))
+            .limits("shutdown_grace", "30s")
+            .render(),
+    );
     let r = client()
         .get(proxy.url(&format!("/v2/library/x/blobs/{digest}")))
         .send()
@@ -747,13 +754,11 @@ async fn slow_loris_connections_are_closed_and_others_served() {
     let up = common::fake::FakeUpstream::default().start().await;
     let pki = Pki::new();
     let plain = free_port();
-    let cfg = mirror_config(
-        &format!("http://127.0.0.1:{up}"),
-        &format!(
-            "{}limits: {{ header_read_timeout: 3s, idle_timeout: 3s }}\n",
-            tls_section(&format!(", plain_listen: 127.0.0.1:{plain}"))
-        ),
-    );
+    let cfg = tls_mirror(&format!("http://127.0.0.1:{up}"))
+        .tls_option("plain_listen", &format!("127.0.0.1:{plain}"))
+        .limits("header_read_timeout", "3s")
+        .limits("idle_timeout", "3s")
+        .render();
     let (proxy, _) = start_tls(&pki, 1, &cfg);
     let mut idle = Vec::new();
     // 200 clients that send half a request head and stop.
@@ -852,10 +857,12 @@ async fn http2_connections_close_when_idle_not_while_busy() {
     let data = Bytes::from(random_bytes(2 << 20, 5));
     let digest = format!("sha256:{}", sha256_hex(&data));
     let up = slow_upstream(data, 64 << 10, Duration::from_millis(120)).await;
-    let proxy = Proxy::start(&mirror_config(
-        &format!("http://127.0.0.1:{up}"),
-        "limits: { header_read_timeout: 1s, idle_timeout: 2s }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror(&format!("http://127.0.0.1:{up}"))
+            .limits("header_read_timeout", "1s")
+            .limits("idle_timeout", "2s")
+            .render(),
+    );
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
         .await
         .unwrap();
@@ -903,10 +910,12 @@ async fn http2_connections_close_when_idle_not_while_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_queues_new_clients_until_a_slot_frees() {
     let up = common::fake::FakeUpstream::default().start().await;
-    let proxy = Proxy::start(&mirror_config(
-        &format!("http://127.0.0.1:{up}"),
-        "limits: { max_connections: 3, header_read_timeout: 2s }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror(&format!("http://127.0.0.1:{up}"))
+            .limits("max_connections", "3")
+            .limits("header_read_timeout", "2s")
+            .render(),
+    );
     let mut hogs = Vec::new();
     for _ in 0..3 {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
@@ -937,10 +946,11 @@ async fn the_connection_cap_queues_new_clients_until_a_slot_frees() {
 
 #[test]
 fn a_request_head_over_the_limit_is_refused() {
-    let proxy = Proxy::start(&mirror_config(
-        "http://127.0.0.1:9",
-        "limits: { max_header_size: 16KiB }\n",
-    ));
+    let proxy = Proxy::start(
+        &Config::mirror("http://127.0.0.1:9")
+            .limits("max_header_size", "16KiB")
+            .render(),
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let big = format!("X-Big: {}\r\n", "a".repeat(20 << 10));
     let (status, _) = rt.block_on(raw_get(&proxy.host(), "/healthz", &big));

@@ -158,17 +158,13 @@ async fn caching_headers_conditional_requests_and_ranges() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
+    assert_oci_error(r, 404, "BLOB_UNKNOWN").await;
     let r = c
         .get(proxy.url("/v2/library/small/manifests/nope"))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    assert_oci_error(r, 404, "MANIFEST_UNKNOWN").await;
     // Tags list with n/last, and referrers (an empty index when the upstream has none).
     let r = c
         .get(proxy.url("/v2/library/small/tags/list?n=5"))
@@ -293,9 +289,7 @@ async fn bad_input_gets_precise_errors_and_harms_nothing() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 416, "{range}");
-        let v: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(v["errors"][0]["code"], "RANGE_INVALID");
+        assert_oci_error(r, 416, "RANGE_INVALID").await;
     }
     // A range in another unit is ignored (RFC 9110 §14.2): the whole blob.
     let r = c

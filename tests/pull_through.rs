@@ -277,9 +277,7 @@ async fn with_the_upstream_stopped_cached_content_is_served_until_max_stale() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 503);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
+    assert_oci_error(r, 503, "UNAVAILABLE").await;
     // An uncached tag fails cleanly too.
     let r = c
         .get(proxy.url("/v2/library/small/manifests/1.1"))

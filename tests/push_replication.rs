@@ -5,19 +5,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::config::{two_regions, Config, Engine, Upstream};
 use common::layout::{assert_no_dangling_tags, complete};
 use common::*;
-
-/// Two regions sharing engines: eu pushes to its local engine and replicates to us.
-fn two_regions(root: &std::path::Path) -> (String, String) {
-    let engines = format!(
-        "  engines:\n    eu: {{ url: \"file://{0}/eu\" }}\n    us: {{ url: \"file://{0}/us\", replicate_by_default: true }}\npush: {{ engine: eu }}\n",
-        root.display()
-    );
-    let eu = format!("listen: 127.0.0.1:{{PORT}}\nregion: eu\nstorage:\n  preference: eu\n  probe: {{ interval: 200ms }}\n{engines}");
-    let us = format!("listen: 127.0.0.1:{{PORT}}\nregion: us\nstorage:\n  preference: us\n  probe: {{ interval: 200ms }}\n{engines}");
-    (eu, us)
-}
 
 async fn backlog_empty(proxy: &Proxy) -> bool {
     let s: serde_json::Value = client()
@@ -103,7 +93,7 @@ async fn pushed_images_are_pulled_in_every_region_after_replication() {
 async fn the_push_api_validates_chunks_digests_and_manifests() {
     let root = tempfile::tempdir().unwrap();
     push_api_suite(
-        &format!("{{ url: \"file://{}/eu\" }}", root.path().display()),
+        Engine::new("eu", &format!("file://{}/eu", root.path().display())),
         true,
     )
     .await;
@@ -111,14 +101,14 @@ async fn the_push_api_validates_chunks_digests_and_manifests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_push_api_on_a_memory_engine() {
-    push_api_suite("{ url: \"memory://\" }", false).await;
+    push_api_suite(Engine::new("eu", "memory://"), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs moto"]
 async fn the_push_api_on_an_s3_engine() {
     let s3 = common::regions::Moto::start(None, "127.0.0.1");
-    push_api_suite(&s3.engine_yaml(None), true).await;
+    push_api_suite(s3.engine("eu", None), true).await;
 }
 
 /// The tags `tags/list` answers for `repo` (none for a 404).
@@ -143,12 +133,10 @@ async fn listed_tags(base: &str, repo: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `engine`: the YAML of the preferred (and local) engine; `durable`: whether it outlives the
-/// process (`memory://` does not).
-async fn push_api_suite(engine: &str, durable: bool) {
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {engine}\npush: {{ engine: eu }}\n"
-    );
+/// `engine`: the preferred (and local) engine `eu`; `durable`: whether it outlives the process
+/// (`memory://` does not).
+async fn push_api_suite(engine: Engine, durable: bool) {
+    let cfg = Config::new("eu").engine(engine).push("eu").render();
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start_in(&cfg, dir);
     let c = client();
@@ -212,9 +200,7 @@ async fn push_api_suite(engine: &str, durable: bool) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "DIGEST_INVALID");
+    assert_oci_error(r, 400, "DIGEST_INVALID").await;
     let r = c
         .head(format!("{base}/v2/t/app/blobs/{wrong}"))
         .send()
@@ -298,11 +284,9 @@ async fn push_api_suite(engine: &str, durable: bool) {
             .unwrap()
     };
     let r = put("bad", manifest(&wrong, None)).await;
-    assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "MANIFEST_BLOB_UNKNOWN");
+    assert_oci_error(r, 400, "MANIFEST_BLOB_UNKNOWN").await;
     let r = put("1.0", "{not json".into()).await;
-    assert_eq!(r.status(), 400);
+    assert_oci_error(r, 400, "MANIFEST_INVALID").await;
     // Too large: refused from its Content-Length, before the body is read.
     let (status, _) = raw_get(&proxy.host(), "/v2/t/app/manifests/big", "").await;
     assert_eq!(status, 404);
@@ -325,7 +309,8 @@ async fn push_api_suite(engine: &str, durable: bool) {
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["docker-content-digest"], mdigest.as_str());
     let r = put(&format!("sha256:{}", "2".repeat(64)), body.clone()).await;
-    assert_eq!(r.status(), 400, "a digest reference must match the bytes");
+    // A digest reference must match the bytes.
+    assert_oci_error(r, 400, "DIGEST_INVALID").await;
     let r = c
         .get(format!("{base}/v2/t/app/manifests/1.0"))
         .send()
@@ -370,10 +355,10 @@ async fn push_api_suite(engine: &str, durable: bool) {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(r.status(), 404, "{m} {bad}");
             if m == reqwest::Method::GET {
-                let v: serde_json::Value = r.json().await.unwrap();
-                assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN", "{bad}");
+                assert_oci_error(r, 404, "MANIFEST_UNKNOWN").await;
+            } else {
+                assert_eq!(r.status(), 404, "{m} {bad}");
             }
         }
     }
@@ -388,14 +373,12 @@ async fn push_api_suite(engine: &str, durable: bool) {
             .status(),
         202
     );
-    assert_eq!(
-        c.get(format!("{base}/v2/t/app/manifests/1.0"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    let r = c
+        .get(format!("{base}/v2/t/app/manifests/1.0"))
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(r, 404, "MANIFEST_UNKNOWN").await;
     assert_eq!(listed_tags(&base, "t/app").await, ["2.0"]);
     assert_eq!(
         c.delete(format!("{base}/v2/t/app/manifests/{mdigest}"))
@@ -415,21 +398,19 @@ async fn push_api_suite(engine: &str, durable: bool) {
             .status(),
         202
     );
-    assert_eq!(
-        c.delete(format!("{base}/v2/t/other/blobs/{digest}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    let r = c
+        .delete(format!("{base}/v2/t/other/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(r, 404, "BLOB_UNKNOWN").await;
     // Bad upload ids are refused before any I/O.
     let r = c
         .get(format!("{base}/v2/t/app/blobs/uploads/..%2f.."))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_oci_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await;
     assert_eq!(
         c.get(proxy.url("/healthz")).send().await.unwrap().status(),
         200
@@ -512,12 +493,18 @@ async fn replication_waits_for_a_target_that_is_down() {
     let s3 = Moto::start(None, "127.0.0.1");
     let line_port = free_port();
     let line = DelayLine::start(line_port, s3.port, 1);
-    let us_engine = s3.engine_yaml(Some(&format!("http://127.0.0.1:{line_port}")));
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  probe: {{ interval: 200ms }}\n  engines:\n    eu: {{ url: \"file://{}/eu\" }}\n    us: {{ url: \"s3://registry\", options: {{ endpoint: \"http://127.0.0.1:{line_port}\", region: us-east-1, access_key_id: k, secret_access_key: s, allow_http: \"true\" }}, replicate_by_default: true }}\npush: {{ engine: eu }}\n",
-        root.path().display()
-    );
-    let _ = us_engine;
+    let cfg = Config::new("eu")
+        .probe("interval", "200ms")
+        .engine(Engine::new(
+            "eu",
+            &format!("file://{}/eu", root.path().display()),
+        ))
+        .engine(
+            s3.engine("us", Some(&format!("http://127.0.0.1:{line_port}")))
+                .replicate_by_default(),
+        )
+        .push("eu")
+        .render();
     let proxy = Proxy::start(&cfg);
     drop(line); // the target goes down
     assert!(
@@ -560,10 +547,7 @@ async fn replication_waits_for_a_target_that_is_down() {
         "jobs complete when it returns"
     );
     // A region whose only engine is the target serves the image: it was replicated.
-    let us_only = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: us\n  engines:\n    us: {}\n",
-        s3.engine_yaml(None)
-    );
+    let us_only = Config::new("us").engine(s3.engine("us", None)).render();
     let us = Proxy::start(&us_only);
     assert!(verify_pull(&us.host(), "down/app:1.0", SMALL));
 }
@@ -572,11 +556,8 @@ async fn replication_waits_for_a_target_that_is_down() {
 #[ignore = "needs skopeo"]
 async fn backfill_is_resumable_and_idempotent() {
     let root = tempfile::tempdir().unwrap();
-    let base = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{0}/eu\" }}\n",
-        root.path().display()
-    );
-    let proxy = Proxy::start(&format!("{base}push: {{ engine: eu }}\n"));
+    let base = Config::local("eu", &format!("file://{}/eu", root.path().display()));
+    let proxy = Proxy::start(&base.clone().push("eu").render());
     for i in 0..6 {
         let lt = ["small-1.0", "multi-1.0", "app-v1", "small-1.1"][i % 4];
         assert!(skopeo_push(
@@ -600,15 +581,14 @@ async fn backfill_is_resumable_and_idempotent() {
     drop(proxy);
     // A new engine "ap" is added to the config.
     let cfg_path = root.path().join("ociedge.yaml");
-    let base = base.replace("{PORT}", "0");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "{base}    ap: {{ url: \"file://{}/ap\" }}\n",
-            root.path().display()
-        ),
-    )
-    .unwrap();
+    let with_ap = base
+        .listen("127.0.0.1:0")
+        .engine(Engine::new(
+            "ap",
+            &format!("file://{}/ap", root.path().display()),
+        ))
+        .render();
+    std::fs::write(&cfg_path, with_ap).unwrap();
     let backfill = || {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ociedge"));
         c.args([
@@ -662,10 +642,11 @@ async fn backfill_is_resumable_and_idempotent() {
 #[ignore = "needs docker-registry, skopeo"]
 async fn pushes_forwarded_to_an_upstream_registry() {
     let origin = Origin::start();
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - {{ name: docker.io, url: \"{0}\" }}\n  - {{ name: ghcr.io, url: \"{0}\" }}\npush: {{ engine: docker.io }}\n",
-        origin.url()
-    );
+    let cfg = Config::local("eu", "file://{DIR}/data")
+        .upstream(Upstream::new("docker.io", &origin.url()))
+        .upstream(Upstream::new("ghcr.io", &origin.url()))
+        .push("docker.io")
+        .render();
     let proxy = Proxy::start(&cfg);
     assert!(
         skopeo_push(&proxy.host(), "small-1.0", "team/app:1.0"),
@@ -707,10 +688,14 @@ async fn pushes_forwarded_to_an_upstream_registry() {
 #[ignore = "needs skopeo"]
 async fn per_repository_replication_rules() {
     let root = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "listen: 127.0.0.1:{{PORT}}\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{0}/eu\" }}\n    us: {{ url: \"file://{0}/us\", replicate_by_default: true }}\n    ap: {{ url: \"file://{0}/ap\" }}\npush:\n  engine: eu\n  replicate:\n    - {{ repos: \"private/**\", to: [] }}\n    - {{ repos: \"asia/**\", to: [ap] }}\n",
-        root.path().display()
-    );
+    let dir = |id: &str| format!("file://{}/{id}", root.path().display());
+    let cfg = Config::local("eu", &dir("eu"))
+        .engine(Engine::new("us", &dir("us")).replicate_by_default())
+        .engine(Engine::new("ap", &dir("ap")))
+        .push("eu")
+        .replicate("private/**", &[])
+        .replicate("asia/**", &["ap"])
+        .render();
     let proxy = Proxy::start(&cfg);
     assert!(skopeo_push(&proxy.host(), "small-1.0", "private/x:1"));
     assert!(skopeo_push(&proxy.host(), "app-v1", "asia/y:1"));

@@ -8,18 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::config::two_regions;
 use common::*;
-
-/// eu pushes to its local engine and replicates to us (both `file://` under `root`).
-fn two_regions(root: &Path) -> (String, String) {
-    let engines = format!(
-        "  engines:\n    eu: {{ url: \"file://{0}/eu\" }}\n    us: {{ url: \"file://{0}/us\", replicate_by_default: true }}\npush: {{ engine: eu }}\n",
-        root.display()
-    );
-    let eu = format!("listen: 127.0.0.1:{{PORT}}\nregion: eu\nstorage:\n  preference: eu\n  probe: {{ interval: 200ms }}\n{engines}");
-    let us = format!("listen: 127.0.0.1:{{PORT}}\nregion: us\nstorage:\n  preference: us\n  probe: {{ interval: 200ms }}\n{engines}");
-    (eu, us)
-}
 
 /// Takes the `file://` engine at `dir` down (every write and read under `docker/` fails).
 fn engine_down(dir: &Path) {

@@ -5,51 +5,42 @@
 
 mod common;
 
-use std::convert::Infallible;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use common::{client, eventually, mirror_config, sha256_hex, Proxy};
-
-type Body = BoxBody<Bytes, Infallible>;
+use common::config::{Auth, Config, Upstream};
+use common::fake::{full, Body};
+use common::{assert_oci_error, client, eventually, sha256_hex, Proxy};
 
 fn resp(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).boxed());
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r
 }
 
-/// Serves `handler` on `ip`:0 until the test's runtime ends; returns the port.
+/// [`common::fake::serve_on`] with an answer made at once: serves `handler` on `ip`:0 until the
+/// test's runtime ends; returns the port.
 async fn serve<F>(ip: &str, handler: F) -> u16
 where
     F: Fn(Request<Incoming>) -> Response<Body> + Clone + Send + Sync + 'static,
 {
-    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let h = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let h = h.clone();
-                    async move { Ok::<_, Infallible>(h(req)) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    port
+    common::fake::serve_on(ip, move |req| std::future::ready(handler(req))).await
+}
+
+/// A mirror of the upstream on `port` with the credentials `bot:s3cret`, which may go to the
+/// token services of `realms`; `access: public`.
+fn bot(port: u16, realms: &[&str]) -> Config {
+    Config::mirror_of(
+        Upstream::new("docker.io", &format!("http://127.0.0.1:{port}"))
+            .credentials("bot", "s3cret")
+            .realms(realms)
+            .access("public"),
+    )
 }
 
 /// What a recording server saw: each request's path and `Authorization` header.
@@ -148,8 +139,7 @@ async fn pull_until_token_asked(p: &Proxy, path: &str, creds: Option<&str>, seen
 async fn a_realm_on_another_origin_never_gets_the_upstreams_credentials() {
     let (tport, seen) = token_server("127.0.0.1").await;
     let up = upstream(format!("http://127.0.0.1:{tport}/token"), None).await;
-    let extra = "    auth: { username: bot, password: s3cret }\n    access: public\n";
-    let p = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{up}"), extra));
+    let p = Proxy::start(&bot(up, &[]).render());
     pull_until_token_asked(&p, "/v2/library/app/manifests/1", None, &seen).await;
     // Another repository, another scope: still no credentials; the refusal says why.
     let r = client()
@@ -157,12 +147,8 @@ async fn a_realm_on_another_origin_never_gets_the_upstreams_credentials() {
         .send()
         .await
         .expect("GET");
-    assert_eq!(r.status(), 403);
-    let body = r.text().await.expect("body");
-    assert!(
-        body.contains("DENIED") && body.contains("upstreams[].auth.realms"),
-        "{body}"
-    );
+    let v = assert_oci_error(r, 403, "DENIED").await;
+    assert!(v.to_string().contains("upstreams[].auth.realms"), "{v}");
     let seen = seen.lock().expect("lock").clone();
     assert!(
         seen.iter().all(|(_, a)| a.is_none()),
@@ -179,10 +165,7 @@ async fn a_realm_on_another_origin_never_gets_the_upstreams_credentials() {
 async fn a_listed_realm_gets_the_upstreams_credentials() {
     let (tport, seen) = token_server("127.0.0.1").await;
     let up = upstream(format!("http://127.0.0.1:{tport}/token"), None).await;
-    let extra = format!(
-        "    auth: {{ username: bot, password: s3cret, realms: [\"http://127.0.0.1:{tport}\"] }}\n    access: public\n"
-    );
-    let p = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{up}"), &extra));
+    let p = Proxy::start(&bot(up, &[&format!("http://127.0.0.1:{tport}")]).render());
     pull_until_token_asked(&p, "/v2/library/app/manifests/1", None, &seen).await;
     let seen = seen.lock().expect("lock").clone();
     assert!(
@@ -200,14 +183,15 @@ async fn a_passthrough_clients_password_never_goes_to_a_foreign_realm() {
     let key = rcgen::KeyPair::generate().expect("key");
     let key_path = dir.path().join("token.pem");
     std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-    let extra = format!(
-        "    access: passthrough\nauth:\n  token: {{ signing_key: \"{}\" }}\n  rules:\n    - {{ repos: \"**\", pull: [anonymous] }}\n",
-        key_path.display()
+    let cfg = Config::mirror_of(
+        Upstream::new("docker.io", &format!("http://127.0.0.1:{up}")).access("passthrough"),
+    )
+    .auth(
+        Auth::new()
+            .signing_key(&key_path)
+            .rule(r#"{ repos: "**", pull: [anonymous] }"#),
     );
-    let p = Proxy::start_in(
-        &mirror_config(&format!("http://127.0.0.1:{up}"), &extra),
-        dir,
-    );
+    let p = Proxy::start_in(&cfg.render(), dir);
     pull_until_token_asked(
         &p,
         "/v2/library/app/manifests/1",
@@ -249,13 +233,7 @@ async fn a_redirect_to_another_host_carries_no_credentials() {
     let (tport, token_seen) = token_server("127.0.0.1").await;
     let realm = format!("http://127.0.0.1:{tport}/token");
     let up_port = upstream(realm, Some(format!("http://127.0.0.2:{cdn}/cdn"))).await;
-    let extra = format!(
-        "    auth: {{ username: bot, password: s3cret, realms: [\"http://127.0.0.1:{tport}\"] }}\n    access: public\n"
-    );
-    let p = Proxy::start(&mirror_config(
-        &format!("http://127.0.0.1:{up_port}"),
-        &extra,
-    ));
+    let p = Proxy::start(&bot(up_port, &[&format!("http://127.0.0.1:{tport}")]).render());
     let r = client()
         .get(p.url(&format!("/v2/library/app/blobs/{digest}")))
         .send()
@@ -329,8 +307,7 @@ async fn a_manifests_foreign_urls_are_never_followed() {
         })
         .await
     };
-    let extra = "    auth: { username: bot, password: s3cret }\n    access: public\n";
-    let p = Proxy::start(&mirror_config(&format!("http://127.0.0.1:{up}"), extra));
+    let p = Proxy::start(&bot(up, &[]).render());
     let r = client()
         .get(p.url("/v2/library/app/manifests/1"))
         .header(
@@ -368,11 +345,17 @@ async fn a_forwarded_push_never_sends_clients_to_the_upstreams_realm() {
     std::fs::write(dir.path().join("token.pem"), key.serialize_pem()).expect("key file");
     let hash = bcrypt::hash("pw", 4).expect("bcrypt");
     std::fs::write(dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
-    let extra = "    access: public\npush: { engine: docker.io }\nauth:\n  htpasswd: \"{DIR}/htpasswd\"\n  token: { signing_key: \"{DIR}/token.pem\" }\n  rules:\n    - { repos: \"**\", pull: [alice], push: [alice] }\n";
-    let p = Proxy::start_in(
-        &mirror_config(&format!("http://127.0.0.1:{up}"), extra),
-        dir,
+    let cfg = Config::mirror_of(
+        Upstream::new("docker.io", &format!("http://127.0.0.1:{up}")).access("public"),
+    )
+    .push("docker.io")
+    .auth(
+        Auth::new()
+            .htpasswd(Path::new("{DIR}/htpasswd"))
+            .signing_key(Path::new("{DIR}/token.pem"))
+            .rule(r#"{ repos: "**", pull: [alice], push: [alice] }"#),
     );
+    let p = Proxy::start_in(&cfg.render(), dir);
     let r = client()
         .post(p.url("/v2/library/app/blobs/uploads/"))
         .header("authorization", basic("alice:pw"))
@@ -389,8 +372,6 @@ async fn a_forwarded_push_never_sends_clients_to_the_upstreams_realm() {
             .is_none_or(|c| !c.contains(&tport.to_string())),
         "the upstream's realm reached the client: {challenge:?}"
     );
-    assert_eq!(r.status(), 403, "the upstream refused the push");
-    let body = r.text().await.expect("body");
-    assert!(body.contains("DENIED"), "{body}");
+    assert_oci_error(r, 403, "DENIED").await;
     assert!(seen.lock().expect("lock").is_empty());
 }

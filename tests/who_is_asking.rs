@@ -11,10 +11,11 @@ mod common;
 use std::net::IpAddr;
 use std::path::Path;
 
-use common::{mirror_config, Proxy};
+use common::config::{Auth, Config, Upstream};
+use common::Proxy;
 
-/// An `auth:` section with `users` and a fresh signing key, `extra` added under `token:`.
-fn auth_section(dir: &Path, users: &[(&str, &str)], token_extra: &str) -> String {
+/// An `auth:` section with `users` and a fresh signing key.
+fn auth_section(dir: &Path, users: &[(&str, &str)]) -> Auth {
     let ht = dir.join("htpasswd");
     let lines: Vec<String> = users
         .iter()
@@ -24,17 +25,21 @@ fn auth_section(dir: &Path, users: &[(&str, &str)], token_extra: &str) -> String
     let key = dir.join("token.pem");
     let pair = rcgen::KeyPair::generate().expect("key");
     std::fs::write(&key, pair.serialize_pem()).expect("key file");
-    format!(
-        "auth:\n  htpasswd: \"{}\"\n  token: {{ signing_key: \"{}\"{token_extra} }}\n  rules:\n    - {{ repos: \"library/**\", pull: [authenticated] }}\n",
-        ht.display(),
-        key.display()
-    )
+    Auth::new()
+        .htpasswd(&ht)
+        .signing_key(&key)
+        .rule(r#"{ repos: "library/**", pull: [authenticated] }"#)
 }
 
-fn proxy(users: &[(&str, &str)], token_extra: &str) -> Proxy {
+/// A mirror of nothing (port 9) with `users`; `realm` is `auth.token.realm`.
+fn proxy(users: &[(&str, &str)], realm: Option<&str>) -> Proxy {
     let dir = tempfile::tempdir().expect("tempdir");
-    let auth = auth_section(dir.path(), users, token_extra);
-    Proxy::start_in(&mirror_config("http://127.0.0.1:9", &auth), dir)
+    let mut auth = auth_section(dir.path(), users);
+    if let Some(r) = realm {
+        auth = auth.token("realm", &format!("\"{r}\""));
+    }
+    let cfg = Config::mirror("http://127.0.0.1:9").auth(auth);
+    Proxy::start_in(&cfg.render(), dir)
 }
 
 /// Sends `head` (and nothing else) on a fresh connection; the whole answer as text.
@@ -75,7 +80,7 @@ fn basic(user: &str, pw: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_host_does_not_change_the_realm() {
-    let p = proxy(&[("alice", "pw")], "");
+    let p = proxy(&[("alice", "pw")], None);
     let ours = format!(r#"realm="http://{}/token""#, p.host());
     // The plain fast front (a GET) and hyper's (a request with a body), with a forged Host and
     // a forged X-Forwarded-Proto.
@@ -91,10 +96,7 @@ async fn a_forged_host_does_not_change_the_realm() {
         assert!(!ch.contains("evil"), "{ch}");
     }
     // A configured realm is the realm, whatever the Host.
-    let p = proxy(
-        &[("alice", "pw")],
-        ", realm: \"https://registry.example/token\"",
-    );
+    let p = proxy(&[("alice", "pw")], Some("https://registry.example/token"));
     let a = raw(
         &p.host(),
         "GET /v2/ HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
@@ -109,7 +111,7 @@ async fn a_forged_host_does_not_change_the_realm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_repeated_host_is_a_bad_request() {
-    let p = proxy(&[("alice", "pw")], "");
+    let p = proxy(&[("alice", "pw")], None);
     let host = p.host();
     for (head, want) in [
         // The fast front: bodiless GET and HEAD.
@@ -135,7 +137,7 @@ async fn a_missing_or_repeated_host_is_a_bad_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_passwords_are_throttled_and_others_are_still_served() {
-    let p = proxy(&[("alice", "pw"), ("bob", "bobpw")], "");
+    let p = proxy(&[("alice", "pw"), ("bob", "bobpw")], None);
     let here = common::client();
     let get = |c: &reqwest::Client, path: &str, auth: String| {
         c.get(p.url(path)).header("authorization", auth).send()
@@ -163,8 +165,7 @@ async fn wrong_passwords_are_throttled_and_others_are_still_served() {
         .parse()
         .expect("seconds");
     assert!((1..=60).contains(&retry), "Retry-After: {retry}");
-    let body: serde_json::Value = r.json().await.expect("json");
-    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS");
+    common::assert_oci_error(r, 429, "TOOMANYREQUESTS").await;
     // The token endpoint counts the same failures.
     let r = get(&here, "/token?service=ociedge", basic("alice", "again"))
         .await
@@ -201,11 +202,12 @@ async fn users_an_upstream_vouches_for_are_not_throttled() {
             .start()
             .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let auth = auth_section(dir.path(), &[("alice", "pw")], "");
-    let cfg = mirror_config(
-        &format!("http://127.0.0.1:{gate}"),
-        &format!("    access: passthrough\n{auth}"),
-    );
+    let auth = auth_section(dir.path(), &[("alice", "pw")]);
+    let cfg = Config::mirror_of(
+        Upstream::new("docker.io", &format!("http://127.0.0.1:{gate}")).access("passthrough"),
+    )
+    .auth(auth)
+    .render();
     let p = Proxy::start_in(&cfg, dir);
     let c = common::client();
     for i in 0..25 {
@@ -227,12 +229,10 @@ async fn over_tls_and_http2_the_realm_is_https_at_the_listener_whatever_the_host
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
     std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).expect("crt");
     std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).expect("key");
-    let auth = auth_section(dir.path(), &[("alice", "pw")], "");
-    let tls = "tls: { cert: \"{DIR}/tls.crt\", key: \"{DIR}/tls.key\" }\n";
-    let p = Proxy::start_in(
-        &mirror_config("http://127.0.0.1:9", &format!("{tls}{auth}")),
-        dir,
-    );
+    let cfg = Config::mirror("http://127.0.0.1:9")
+        .tls("{DIR}/tls.crt", "{DIR}/tls.key")
+        .auth(auth_section(dir.path(), &[("alice", "pw")]));
+    let p = Proxy::start_in(&cfg.render(), dir);
     let url = format!("https://{}/v2/", p.host());
     let ours = format!(r#"Bearer realm="https://{}/token","#, p.host());
     for h2 in [false, true] {
@@ -284,14 +284,15 @@ async fn guessing_an_upstreams_passwords_through_a_passthrough_gate_is_throttled
         rcgen::KeyPair::generate().expect("key").serialize_pem(),
     )
     .expect("key");
-    let auth = format!(
-        "    access: passthrough\nauth:\n  token: {{ signing_key: \"{}\" }}\n  rules:\n    - {{ repos: \"**\", pull: [anonymous] }}\n",
-        key.display()
+    let cfg = Config::mirror_of(
+        Upstream::new("docker.io", &format!("http://127.0.0.1:{gate}")).access("passthrough"),
+    )
+    .auth(
+        Auth::new()
+            .signing_key(&key)
+            .rule(r#"{ repos: "**", pull: [anonymous] }"#),
     );
-    let p = Proxy::start_in(
-        &mirror_config(&format!("http://127.0.0.1:{gate}"), &auth),
-        dir,
-    );
+    let p = Proxy::start_in(&cfg.render(), dir);
     for (from, user, path) in [
         ("127.0.0.1", "carol", "/v2/library/app/manifests/1"),
         ("127.0.0.3", "dave", "/v2/"),

@@ -7,6 +7,7 @@
 //! A missing program fails the test; nothing here skips.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod fake;
 pub mod faults;
 pub mod hostile;
@@ -352,11 +353,69 @@ impl Drop for Proxy {
     }
 }
 
-/// A config with one docker.io upstream at `origin` and a `file://` local engine in `{DIR}/data`.
+/// A config with one docker.io upstream at `origin` and a `file://` local engine in `{DIR}/data`,
+/// then `extra` (YAML) as it is. [`config::Config::mirror`] builds the same config.
 pub fn mirror_config(upstream_url: &str, extra: &str) -> String {
     format!(
         "listen: 127.0.0.1:{{PORT}}\nregion: eu\nstorage:\n  preference: eu\n  engines:\n    eu: {{ url: \"file://{{DIR}}/data\" }}\nupstreams:\n  - name: docker.io\n    url: {upstream_url}\n{extra}"
     )
+}
+
+/// Checks an OCI error answer: its status, a JSON content type, and `code` among its
+/// `errors[].code`. Returns the parsed body.
+pub async fn assert_oci_error(
+    resp: reqwest::Response,
+    status: impl TryInto<reqwest::StatusCode, Error: std::fmt::Debug>,
+    code: &str,
+) -> serde_json::Value {
+    let status = status.try_into().expect("a status code");
+    let got = resp.status();
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or_default().to_string());
+    let url = resp.url().clone();
+    let body = resp.bytes().await.expect("the error body");
+    assert_oci_error_parts(
+        got.as_u16(),
+        content_type.as_deref(),
+        &body,
+        status.as_u16(),
+        code,
+        url.as_str(),
+    )
+}
+
+/// [`assert_oci_error`] on an answer read some other way (raw sockets): `what` names it in
+/// failure messages.
+pub fn assert_oci_error_parts(
+    got_status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    status: u16,
+    code: &str,
+    what: &str,
+) -> serde_json::Value {
+    let text = String::from_utf8_lossy(body);
+    assert_eq!(got_status, status, "{what}: status (body {text})");
+    assert!(
+        content_type
+            .is_some_and(|t| t.split(';').next().unwrap_or("").trim() == "application/json"),
+        "{what}: an OCI error is JSON, not {content_type:?} (body {text})"
+    );
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{what}: an OCI error body is JSON ({e}): {text}"));
+    let codes: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no errors[] in {text}"))
+        .iter()
+        .filter_map(|e| e["code"].as_str())
+        .collect();
+    assert!(
+        codes.contains(&code),
+        "{what}: errors[].code {codes:?}, want {code}"
+    );
+    v
 }
 
 pub fn client() -> reqwest::Client {

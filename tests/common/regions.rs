@@ -179,6 +179,15 @@ impl Moto {
         format!("{{ url: \"s3://registry\", options: {{ endpoint: \"{ep}\", region: us-east-1, access_key_id: harness, secret_access_key: harness-secret, allow_http: \"true\" }} }}")
     }
 
+    /// The engine `id` of ociedge's config for this bucket, through `endpoint` (default: the
+    /// server itself).
+    pub fn engine(&self, id: &str, endpoint: Option<&str>) -> super::config::Engine {
+        let ep = endpoint
+            .map(str::to_string)
+            .unwrap_or_else(|| self.endpoint());
+        super::config::Engine::s3(id, &ep)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
