@@ -30,7 +30,7 @@ mod adapter {
 
     use bytes::Bytes;
     use futures::StreamExt;
-    use ociedge::engine::{ByteRange, Engine, EngineKind, GetBlob, Manifest};
+    use ociedge::engine::{ByteRange, Engine, EngineExt, EngineKind, GetBlob, Manifest};
     use ociedge::error::{Error, Result};
     use ociedge::oci::{media, Digest, Reference, RepoName, Tag};
 
@@ -190,7 +190,7 @@ mod adapter {
         d: &Digest,
         manifest: bool,
     ) -> Result<bool> {
-        e.is_linked(repo, d, manifest).await
+        e.links(repo, d, manifest).await
     }
 
     /// Stores a manifest (its bytes and media type) and links it into `repo`.
@@ -215,7 +215,7 @@ mod adapter {
 
     /// Removes a tag. Absent is success.
     pub async fn delete_tag(e: &dyn Engine, repo: &RepoName, t: &str) -> Result<()> {
-        e.delete_tag(repo, &tag(t)).await
+        e.delete_tag(repo, &tag(t)).await.map(drop)
     }
 
     /// Removes a manifest from `repo`; whether it was there.
@@ -300,6 +300,22 @@ impl Backend {
         b.root = Some(dir.path().canonicalize().expect("canonical"));
         b._keep.push(Box::new(dir));
         b
+    }
+
+    /// `inner` in the caching engine the app wraps every engine in: it must keep the contract.
+    fn cached(mut inner: Backend) -> Backend {
+        use ociedge::engine::caching::{CachingEngine, Freshness, Generation};
+        let f = Freshness::local(Duration::from_secs(30));
+        inner.engine = Arc::new(CachingEngine::new(inner.engine, Generation::default(), f));
+        inner
+    }
+
+    async fn cached_memory() -> Backend {
+        Backend::cached(Backend::memory().await)
+    }
+
+    async fn cached_file() -> Backend {
+        Backend::cached(Backend::file().await)
     }
 
     async fn s3() -> Backend {
@@ -979,6 +995,16 @@ macro_rules! write_suite {
 mod memory {
     read_suite!(super::Backend::memory);
     write_suite!(super::Backend::memory);
+}
+
+mod cached_memory {
+    read_suite!(super::Backend::cached_memory);
+    write_suite!(super::Backend::cached_memory);
+}
+
+mod cached_file {
+    read_suite!(super::Backend::cached_file);
+    write_suite!(super::Backend::cached_file);
 }
 
 mod file {
