@@ -411,3 +411,154 @@ impl Engine for CachingEngine {
         self.inner.probe().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::storage::StorageEngine;
+    use crate::engine::EngineExt;
+    use object_store::memory::InMemory;
+
+    fn setup() -> (Arc<StorageEngine>, Arc<CachingEngine>) {
+        let store = Arc::new(StorageEngine::from_store("eu", Arc::new(InMemory::new())));
+        let cached = Arc::new(CachingEngine::new(
+            store.clone(),
+            Generation::default(),
+            Freshness::local(Duration::from_secs(60)),
+        ));
+        (store, cached)
+    }
+
+    async fn put(e: &dyn Engine, data: &[u8]) -> Digest {
+        let d = Digest::sha256_of(data);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("blob");
+        std::fs::write(&f, data).unwrap();
+        e.put_blob_file(&d, &f, data.len() as u64).await.unwrap();
+        d
+    }
+
+    fn repo() -> RepoName {
+        "team/app".parse().unwrap()
+    }
+
+    /// An absence it remembered is forgotten by its own write at once (not after `absent`).
+    #[tokio::test]
+    async fn its_own_writes_are_seen_at_once() {
+        let (_, cached) = setup();
+        let data = b"layer";
+        let d = Digest::sha256_of(data);
+        let g0 = cached.generation().now();
+        assert!(cached.stat_blob(&repo(), &d).await.unwrap().is_none());
+        put(cached.as_ref(), data).await;
+        assert!(
+            cached.generation().now() > g0,
+            "a write moves the generation"
+        );
+        assert_eq!(
+            cached.stat_blob(&repo(), &d).await.unwrap().unwrap().size,
+            5
+        );
+
+        // Links and tags: remembered, and changed by its own writes exactly.
+        assert!(!cached.links(&repo(), &d, false).await.unwrap());
+        cached.link_blob(&repo(), &d).await.unwrap();
+        assert!(cached.links(&repo(), &d, false).await.unwrap());
+        assert!(cached.delete_blob(&repo(), &d).await.unwrap());
+        assert!(!cached.links(&repo(), &d, false).await.unwrap());
+        let tag: Tag = "v1".parse().unwrap();
+        cached.put_tag(&repo(), &tag, &d).await.unwrap();
+        assert_eq!(
+            cached
+                .tag_link(&repo(), &tag)
+                .await
+                .unwrap()
+                .unwrap()
+                .digest,
+            d
+        );
+        assert!(cached.delete_tag(&repo(), &tag).await.unwrap());
+        assert!(cached.tag_link(&repo(), &tag).await.unwrap().is_none());
+    }
+
+    /// Writes made around it (another process sharing the store) are seen within the bounds its
+    /// doc states: an absence within `absent`, a link and a tag within `answers`.
+    #[tokio::test]
+    async fn writes_around_it_are_seen_within_the_stated_bound() {
+        let store = Arc::new(StorageEngine::from_store("eu", Arc::new(InMemory::new())));
+        let f = Freshness {
+            present: Duration::from_millis(200),
+            absent: Duration::from_millis(200),
+            answers: Duration::from_millis(200),
+            manifest_bytes: 0,
+        };
+        let cached = CachingEngine::new(store.clone(), Generation::default(), f);
+        let data = b"other";
+        let d = Digest::sha256_of(data);
+        let tag: Tag = "v1".parse().unwrap();
+        assert!(cached.stat_blob(&repo(), &d).await.unwrap().is_none());
+        put(store.as_ref(), data).await;
+        store.link_blob(&repo(), &d).await.unwrap();
+        store.put_tag(&repo(), &tag, &d).await.unwrap();
+        // Remembered: still absent right after (this is what a memo is for)...
+        assert!(cached.stat_blob(&repo(), &d).await.unwrap().is_none());
+        assert!(cached.links(&repo(), &d, false).await.unwrap());
+        assert!(cached.tag_link(&repo(), &tag).await.unwrap().is_some());
+        store.delete_blob(&repo(), &d).await.unwrap();
+        store.delete_tag(&repo(), &tag).await.unwrap();
+        // ...and seen once the bound has passed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            cached.stat_blob(&repo(), &d).await.unwrap().unwrap().size,
+            5
+        );
+        assert!(!cached.links(&repo(), &d, false).await.unwrap());
+        assert!(cached.tag_link(&repo(), &tag).await.unwrap().is_none());
+    }
+
+    /// A read that began before a write and ends after it is not remembered: the next read asks
+    /// the store (a memo never outlives the write it missed).
+    #[tokio::test]
+    async fn a_read_overtaken_by_a_write_is_not_kept() {
+        let (store, cached) = setup();
+        let data = b"raced";
+        let d = Digest::sha256_of(data);
+        let seen = cached.generation().now();
+        // The store answered "absent" under `seen`; a write lands before the answer is kept.
+        put(cached.as_ref(), b"anything else").await;
+        put(store.as_ref(), data).await;
+        cached.keep(&cached.absent, (None, d.clone()), seen, seen);
+        assert_eq!(
+            cached.stat_blob(&repo(), &d).await.unwrap().unwrap().size,
+            5
+        );
+    }
+
+    /// A manifest by digest is answered from memory; its bytes never change.
+    #[tokio::test]
+    async fn manifests_by_digest_are_remembered() {
+        let (store, cached) = setup();
+        let bytes = Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#);
+        let m = Manifest {
+            digest: Digest::sha256_of(&bytes),
+            media_type: crate::oci::media::OCI_MANIFEST.into(),
+            bytes,
+        };
+        cached.put_manifest(&repo(), &m).await.unwrap();
+        let by = Reference::Digest(m.digest.clone());
+        // Gone from the store (an eviction): still answered, as the same bytes.
+        store.delete_manifest(&repo(), &m.digest).await.unwrap();
+        use object_store::ObjectStoreExt;
+        let _ = store
+            .store()
+            .delete(&crate::engine::layout::blob_data(&m.digest))
+            .await;
+        let got = cached
+            .get_manifest(&repo(), &by, &[])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.bytes, m.bytes);
+        assert!(cached.remembered_manifest(&m.digest).is_some());
+    }
+}

@@ -420,6 +420,23 @@ fn unsupported(engine: &str, what: &str) -> Error {
 mod tests {
     use super::*;
 
+    /// The contract stays one a reader takes in on one screen: what callers need beyond it is
+    /// `EngineExt`'s, written once in terms of it.
+    #[test]
+    fn the_engine_contract_stays_small() {
+        let src = include_str!("mod.rs");
+        let start = src.find("pub trait Engine:").expect("the trait");
+        let end = start + src[start..].find("\n}\n").expect("its end");
+        let methods = src[start..end]
+            .lines()
+            .filter(|l| {
+                let l = l.trim_start();
+                l.starts_with("fn ") || l.starts_with("async fn ")
+            })
+            .count();
+        assert!(methods < 14, "Engine has {methods} methods");
+    }
+
     #[test]
     fn ranges_resolve() {
         let f = |s, l| RangeSpec::From { start: s, last: l };
