@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -124,7 +124,7 @@ impl Window {
 }
 
 /// The single-flight table. `join_or_start` either joins the fill running for a digest or
-/// starts one.
+/// makes the caller the fill's [`FillLeader`].
 #[derive(Clone)]
 pub struct Fills {
     inner: Arc<FillsInner>,
@@ -176,55 +176,106 @@ impl Fills {
         self.inner.min_rate.get().copied().unwrap_or_default()
     }
 
+    /// The table, also after a panic elsewhere poisoned its lock: every operation on it leaves
+    /// the map whole, so its data is good.
+    fn running(&self) -> MutexGuard<'_, HashMap<Digest, Arc<FillState>>> {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Number of fills in flight.
     pub fn in_flight(&self) -> usize {
-        self.inner.running.lock().map(|m| m.len()).unwrap_or(0)
+        self.running().len()
     }
 
     /// Snapshot of the fills in flight: (digest, progress).
     pub fn snapshot(&self) -> Vec<(Digest, Progress)> {
-        let Ok(m) = self.inner.running.lock() else {
-            return Vec::new();
-        };
-        m.values()
+        self.running()
+            .values()
             .map(|s| (s.digest.clone(), s.progress.borrow().clone()))
             .collect()
     }
 
-    /// Joins the fill of `digest`, or starts one with `plan()` (called only by the leader).
-    /// The boolean says whether this call started it.
-    pub fn join_or_start(
-        &self,
-        digest: &Digest,
-        plan: impl FnOnce() -> FillPlan,
-    ) -> (Arc<FillState>, bool) {
-        let state = {
-            let Ok(mut map) = self.inner.running.lock() else {
-                // A poisoned lock means a panic elsewhere; run an unshared fill rather than fail.
-                return (self.spawn(digest, plan()), true);
-            };
-            if let Some(s) = map.get(digest) {
-                self.inner.metrics.fill_joined();
-                return (s.clone(), false);
-            }
-            let state = Arc::new(FillState {
-                digest: digest.clone(),
-                progress: watch::Sender::new(Progress::default()),
-                spool: OnceLock::new(),
-                window: Mutex::new(Window::default()),
-            });
-            map.insert(digest.clone(), state.clone());
-            state
-        };
-        let fills = self.clone();
-        let plan = plan();
-        let span = tracing::info_span!("fill", digest = %digest);
-        let task_state = state.clone();
+    /// Joins the fill of `digest`, or makes the caller its leader: the one that starts it
+    /// ([`FillLeader::start`]). A leader dropped before the fill's outcome is set (never started,
+    /// or its task panicked or was aborted) fails the fill for every follower at once.
+    pub fn join_or_start(&self, digest: &Digest) -> Joined {
+        let mut map = self.running();
+        if let Some(s) = map.get(digest) {
+            self.inner.metrics.fill_joined();
+            return Joined::Follower(FillFollower { state: s.clone() });
+        }
+        let state = Arc::new(FillState {
+            digest: digest.clone(),
+            progress: watch::Sender::new(Progress::default()),
+            spool: OnceLock::new(),
+            window: Mutex::new(Window::default()),
+        });
+        map.insert(digest.clone(), state.clone());
+        Joined::Leader(FillLeader {
+            fills: self.clone(),
+            state,
+            started: false,
+        })
+    }
+}
+
+/// A caller's role in the fill of a digest.
+pub enum Joined {
+    /// The caller must start the fill (or drop the leader, which fails it).
+    Leader(FillLeader),
+    /// A fill was already running; the caller reads it.
+    Follower(FillFollower),
+}
+
+impl Joined {
+    /// The fill, whatever the role.
+    pub fn state(&self) -> &Arc<FillState> {
+        match self {
+            Joined::Leader(l) => &l.state,
+            Joined::Follower(f) => &f.state,
+        }
+    }
+
+    /// Starts the fill with `plan()` when the caller leads it (`plan` is called only then);
+    /// the fill either way.
+    pub fn start_with(self, plan: impl FnOnce() -> FillPlan) -> Arc<FillState> {
+        match self {
+            Joined::Leader(l) => l.start(plan()),
+            Joined::Follower(f) => f.state,
+        }
+    }
+}
+
+/// The fill's owner: it alone sets the outcome and removes the fill from the table. Dropped
+/// before the outcome was set, it fails the fill (as a `CacheLock` write permit does), so
+/// followers never wait on a fill nobody runs.
+pub struct FillLeader {
+    fills: Fills,
+    state: Arc<FillState>,
+    /// The fill task ran (the in-flight gauge counts it).
+    started: bool,
+}
+
+/// A reader of a fill another caller leads.
+pub struct FillFollower {
+    state: Arc<FillState>,
+}
+
+impl FillLeader {
+    /// Runs the fill in a detached task that owns this leader: no client can cancel it.
+    pub fn start(mut self, plan: FillPlan) -> Arc<FillState> {
+        let state = self.state.clone();
+        let span = tracing::info_span!("fill", digest = %state.digest);
         tokio::spawn(
             async move {
+                let fills = self.fills.clone();
                 fills.inner.metrics.fill_started();
+                self.started = true;
                 let outcome = run_fill(
-                    &task_state,
+                    &self.state,
                     plan,
                     &fills.inner.spool_dir,
                     &fills.inner.metrics,
@@ -232,33 +283,39 @@ impl Fills {
                     fills.min_rate(),
                 )
                 .await;
-                fills.inner.metrics.fill_finished(&outcome);
-                if let Ok(mut map) = fills.inner.running.lock() {
-                    map.remove(&task_state.digest);
-                }
-                task_state.end(outcome);
+                self.finish(outcome);
             }
             .instrument(span),
         );
-        (state, true)
+        state
     }
 
-    fn spawn(&self, digest: &Digest, plan: FillPlan) -> Arc<FillState> {
-        let state = Arc::new(FillState {
-            digest: digest.clone(),
-            progress: watch::Sender::new(Progress::default()),
-            spool: OnceLock::new(),
-            window: Mutex::new(Window::default()),
-        });
-        let s = state.clone();
-        let dir = self.inner.spool_dir.clone();
-        let metrics = self.inner.metrics.clone();
-        let rate = self.min_rate();
-        tokio::spawn(async move {
-            let outcome = run_fill(&s, plan, &dir, &metrics, None, rate).await;
-            s.end(outcome);
-        });
-        state
+    /// Sets the outcome: the fill leaves the table first, so a request arriving after the
+    /// outcome starts a new fill rather than joining a finished one.
+    fn finish(&mut self, outcome: Outcome) {
+        if std::mem::take(&mut self.started) {
+            self.fills.inner.metrics.fill_finished(&outcome);
+        }
+        {
+            let mut map = self.fills.running();
+            if map
+                .get(&self.state.digest)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.state))
+            {
+                map.remove(&self.state.digest);
+            }
+        }
+        self.state.end(outcome);
+    }
+}
+
+impl Drop for FillLeader {
+    fn drop(&mut self) {
+        if self.state.progress.borrow().outcome.is_none() {
+            self.finish(Outcome::Failed(
+                "the fill's task ended without an outcome".into(),
+            ));
+        }
     }
 }
 
@@ -993,7 +1050,7 @@ mod tests {
             window: std::time::Duration::from_millis(500),
         });
         let repo: RepoName = "a/b".parse().unwrap();
-        let (state, _) = fills.join_or_start(&digest, || FillPlan {
+        let state = fills.join_or_start(&digest).start_with(|| FillPlan {
             sources: vec![
                 (slow.clone() as Arc<dyn Engine>, repo.clone()),
                 (fast.clone() as Arc<dyn Engine>, repo.clone()),
@@ -1019,6 +1076,143 @@ mod tests {
         let resumed = fast.asked.lock().unwrap().clone();
         assert_eq!(resumed.len(), 1);
         assert!(resumed[0] > 0 && resumed[0] < 20_000, "{resumed:?}");
+    }
+
+    /// A source whose `get_blob` never answers, or panics.
+    #[derive(Debug)]
+    struct Stuck {
+        panic: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Stuck {
+        fn id(&self) -> &str {
+            "stuck"
+        }
+        fn kind(&self) -> crate::engine::EngineKind {
+            crate::engine::EngineKind::Registry
+        }
+        async fn stat_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+        ) -> Result<Option<crate::engine::BlobMeta>> {
+            Ok(None)
+        }
+        async fn get_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+            _: GetBlob,
+        ) -> Result<Option<crate::engine::BlobRead>> {
+            if self.panic {
+                panic!("a bug in an engine");
+            }
+            std::future::pending().await
+        }
+        async fn get_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::Manifest>> {
+            Ok(None)
+        }
+        async fn head_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::ManifestMeta>> {
+            Ok(None)
+        }
+        async fn list_tags(&self, _: &RepoName) -> Result<Option<Vec<String>>> {
+            Ok(None)
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A follower of the fill of `digest` sees it fail within a few seconds, and the table
+    /// forgets the dead fill: the next request leads a new one.
+    async fn follower_fails(fills: &Fills, digest: &Digest, follower: Arc<FillState>) {
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), follower.started());
+        let res = waited.await.expect("the follower waits forever");
+        assert!(res.is_err(), "the follower was not told the fill failed");
+        assert!(matches!(fills.join_or_start(digest), Joined::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn dropping_a_leader_fails_the_fill_for_its_followers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+        let digest = Digest::sha256_of(b"x");
+        let repo: RepoName = "a/b".parse().unwrap();
+
+        // A leader that never starts.
+        let leader = fills.join_or_start(&digest);
+        assert!(matches!(leader, Joined::Leader(_)));
+        let follower = fills.join_or_start(&digest);
+        assert!(Arc::ptr_eq(leader.state(), follower.state()));
+        let waiting = tokio::spawn({
+            let state = follower.state().clone();
+            async move { state.started().await.map(|_| ()) }
+        });
+        drop(leader);
+        let res = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the follower waits forever")
+            .unwrap();
+        assert!(res.is_err());
+        assert_eq!(fills.in_flight(), 0);
+
+        // A leader whose task panics.
+        let plan = || FillPlan {
+            sources: vec![(
+                Arc::new(Stuck { panic: true }) as Arc<dyn Engine>,
+                repo.clone(),
+            )],
+            target: None,
+        };
+        let _fill = fills.join_or_start(&digest).start_with(plan);
+        let Joined::Follower(f) = fills.join_or_start(&digest) else {
+            panic!("the fill is not running");
+        };
+        follower_fails(&fills, &digest, f.state.clone()).await;
+    }
+
+    #[tokio::test]
+    async fn a_leaders_task_dropped_with_its_runtime_fails_the_fill_for_its_followers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+        let digest = Digest::sha256_of(b"y");
+        // The fill task runs on a runtime that shuts down with it stuck in its source: the
+        // task is dropped, its leader with it.
+        let follower = std::thread::spawn({
+            let fills = fills.clone();
+            let digest = digest.clone();
+            move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let _fill = fills.join_or_start(&digest).start_with(|| FillPlan {
+                        sources: vec![(
+                            Arc::new(Stuck { panic: false }) as Arc<dyn Engine>,
+                            "a/b".parse().unwrap(),
+                        )],
+                        target: None,
+                    });
+                    tokio::task::yield_now().await;
+                    fills.join_or_start(&digest).state().clone()
+                })
+            }
+        })
+        .join()
+        .unwrap();
+        follower_fails(&fills, &digest, follower).await;
     }
 
     #[tokio::test]

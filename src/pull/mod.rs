@@ -315,7 +315,7 @@ impl Puller {
         if head {
             return self.head_remote(r, digest, range).await;
         }
-        let (fill, _leader) = self.fills.join_or_start(digest, || FillPlan {
+        let fill = self.fills.join_or_start(digest).start_with(|| FillPlan {
             sources: self.engines.remotes_for(r),
             // With the local engine down, clients are still served; nothing is filled.
             target: local_ok.then(|| (local.clone(), r.storage_repo.clone())),
