@@ -3,7 +3,8 @@
 //! [`registry::RegistryEngine`] (an upstream registry over `/v2/`).
 //!
 //! Contract shared by every method: **absent is `Ok(None)`**, never an error, so the miss path can
-//! tell "ask the next engine, it costs nothing" from "this engine is broken" (`Err(Error::Engine)`).
+//! tell "ask the next engine, it costs nothing" from "this engine is broken" (`Err(Error::Engine)`,
+//! whose [`EngineError`] kind the engine decides where it sees the failure: callers decide by it).
 //! A stream that ends early or fails yields an `Err` item; callers never treat a short stream as
 //! complete. Writes commit whole objects only: a reader sees an object entirely or not at all.
 
@@ -26,8 +27,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::error::{Error, Result};
-use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
+use crate::error::{EngineError, Error, Result};
+use crate::oci::{Digest, Reference, RepoName, Tag};
 
 /// A stream of body bytes from an engine.
 pub type ByteStream = BoxStream<'static, Result<Bytes>>;
@@ -55,7 +56,7 @@ pub struct ByteRange {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GetBlob {
     /// Only these bytes. The engine may not know the total size beforehand, so it is resolved
-    /// against the real size: a start past the end is `Error::Client(RANGE_INVALID)`.
+    /// against the real size: a start past the end is [`EngineError::RangeInvalid`].
     pub range: Option<ByteRange>,
 }
 
@@ -229,9 +230,6 @@ pub trait Engine: Send + Sync + Debug {
     async fn probe(&self) -> Result<()>;
 }
 
-fn unsupported(engine: &str, what: &str) -> Error {
-    Error::client(
-        ErrorCode::Unsupported,
-        format!("engine {engine} does not support {what}"),
-    )
+fn unsupported(engine: &str, what: &'static str) -> Error {
+    Error::engine(engine, EngineError::Unsupported(what))
 }

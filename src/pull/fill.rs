@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::rate::{self, MinRate};
 use crate::engine::{ByteRange, ByteStream, Engine, GetBlob};
-use crate::error::{Error, Result};
+use crate::error::{EngineError, Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, ErrorCode, RepoName, Verifier};
 
@@ -40,8 +40,9 @@ pub enum Outcome {
     Done,
     /// No engine had the blob.
     NotFound,
-    /// The transfer failed or the digest did not match.
-    Failed(Arc<str>),
+    /// The transfer failed or the digest did not match: the error that ended it, with its kind
+    /// (what every reader of the fill is answered).
+    Failed(Error),
 }
 
 /// The state readers watch.
@@ -312,9 +313,10 @@ impl FillLeader {
 impl Drop for FillLeader {
     fn drop(&mut self) {
         if self.state.progress.borrow().outcome.is_none() {
-            self.finish(Outcome::Failed(
-                "the fill's task ended without an outcome".into(),
-            ));
+            self.finish(Outcome::Failed(Error::transient(
+                "fill",
+                "the fill's task ended without an outcome",
+            )));
         }
     }
 }
@@ -359,12 +361,12 @@ impl FillState {
                             format!("blob {} is unknown to every engine", self.digest),
                         ))
                     }
-                    Some(Outcome::Failed(m)) => return Err(Error::engine("fill", m)),
+                    Some(Outcome::Failed(e)) => return Err(e.clone()),
                     _ => {}
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(Error::engine("fill", "fill ended without an outcome"));
+                return Err(Error::transient("fill", "fill ended without an outcome"));
             }
         }
     }
@@ -436,7 +438,10 @@ impl FillReader {
                             let want = len.min(size as u64) as usize;
                             let chunk = budget.read(file, offset, want).await?;
                             if chunk.is_empty() {
-                                return Err(Error::engine("fill", "spool shorter than reported"));
+                                return Err(Error::transient(
+                                    "fill",
+                                    "spool shorter than reported",
+                                ));
                             }
                             r.rewind_to(offset + chunk.len() as u64);
                             let next = (size * 2).min(crate::fileio::CHUNK);
@@ -463,8 +468,10 @@ impl FillReader {
                     // Verified bytes stay good even if the sync or commit fails after.
                     _ if p.verified => (end, None),
                     Some(Outcome::Done) => (end, None),
-                    Some(Outcome::NotFound) => (0, Some("blob vanished".into())),
-                    Some(Outcome::Failed(m)) => (0, Some(m.clone())),
+                    Some(Outcome::NotFound) => {
+                        (0, Some(Error::engine("fill", EngineError::NotFound)))
+                    }
+                    Some(Outcome::Failed(e)) => (0, Some(e.clone())),
                     // Hold the final byte back until the verdict.
                     None => (p.received.min(end.saturating_sub(1)), None),
                 };
@@ -475,8 +482,8 @@ impl FillReader {
                 };
                 (allowed, on_disk, failed)
             };
-            if let Some(m) = failed {
-                return Err(Error::engine("fill", m));
+            if let Some(e) = failed {
+                return Err(e);
             }
             let pos = self.pos;
             if pos < allowed {
@@ -497,12 +504,12 @@ impl FillReader {
                     self.pos = pos + chunk.len() as u64;
                     return Ok(Some(Piece::Bytes(chunk)));
                 }
-                let file = file.ok_or_else(|| Error::engine("fill", "spool missing"))?;
+                let file = file.ok_or_else(|| Error::transient("fill", "spool missing"))?;
                 // Past the window, the bytes are in the spool file (the window may have moved
                 // on since `on_disk` was read: read it again).
                 let on_disk = on_disk.max(self.rx.borrow().written.min(allowed));
                 if pos >= on_disk {
-                    return Err(Error::engine("fill", "spool behind the window"));
+                    return Err(Error::transient("fill", "spool behind the window"));
                 }
                 self.pos = on_disk;
                 return Ok(Some(Piece::File {
@@ -512,7 +519,7 @@ impl FillReader {
                 }));
             }
             if self.rx.changed().await.is_err() {
-                return Err(Error::engine("fill", "fill task went away"));
+                return Err(Error::transient("fill", "fill task went away"));
             }
         }
     }
@@ -544,13 +551,15 @@ async fn run_fill(
 ) -> Outcome {
     let digest = &state.digest;
     let mut sources = plan.sources.into_iter();
-    let mut last_err: Option<String> = None;
+    // The last engine failure: what the fill reports when no engine could serve.
+    let mut last_err: Option<Error> = None;
 
-    // 1. The first engine that has the blob.
+    // 1. The first engine that has the blob. Any failure moves on to the next engine: one
+    // engine's failure, transient or not, says nothing of another's.
     let (mut stream, size, mut engine, mut current_src) = loop {
         let Some((engine, repo)) = sources.next() else {
             return match last_err {
-                Some(e) => Outcome::Failed(e.into()),
+                Some(e) => Outcome::Failed(e),
                 None => Outcome::NotFound,
             };
         };
@@ -562,9 +571,9 @@ async fn run_fill(
             }
             Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(engine = engine.id(), error = %e, "fill source failed");
+                tracing::warn!(engine = engine.id(), error = %e, transient = e.is_transient(), "fill source failed");
                 metrics.upstream_error(engine.id());
-                last_err = Some(e.to_string());
+                last_err = Some(e);
             }
         }
     };
@@ -574,9 +583,10 @@ async fn run_fill(
     let (writer, reader) = match open_spool(&spool_path) {
         Ok((w, r)) => (Arc::new(w), r),
         Err(e) => {
-            return Outcome::Failed(
-                format!("cannot create spool {}: {e}", spool_path.display()).into(),
-            )
+            return Outcome::Failed(Error::transient(
+                "fill",
+                format!("cannot create spool {}: {e}", spool_path.display()),
+            ))
         }
     };
     let _ = state.spool.set(Arc::new(reader));
@@ -593,8 +603,8 @@ async fn run_fill(
     let mut received: u64 = 0;
     // What the stream said after a batch was cut short (its error or its end), for the next turn.
     let mut held: Option<Option<Result<Bytes>>> = None;
-    // The last stream failed for want of rate (then its engine is not retried).
-    let mut too_slow = false;
+    // The last stream's failure rules out asking its engine again (too slow, or not transient).
+    let mut skip_same = false;
     loop {
         let item = match held.take() {
             Some(item) => item,
@@ -626,9 +636,10 @@ async fn run_fill(
             Some(Err(e)) => {
                 tracing::warn!(engine = engine.id(), offset = received, error = %e, "fill source failed mid-stream");
                 metrics.upstream_error(engine.id());
-                // A source too slow is not asked again: the next engine takes over.
-                too_slow = e.to_string().contains(rate::TOO_SLOW);
-                last_err = Some(e.to_string());
+                // Only a transient failure is worth asking the same source again, and not when
+                // the source was too slow: the next engine takes over.
+                skip_same = !e.is_transient() || rate::TooSlow::is(&e);
+                last_err = Some(e);
                 end_of_stream = true;
             }
             None => end_of_stream = true,
@@ -636,9 +647,10 @@ async fn run_fill(
         batch.retain(|c| !c.is_empty());
         if !batch.is_empty() {
             if received + batch_len as u64 > size {
-                return Outcome::Failed(
-                    format!("{} sent more bytes than the blob's size", engine.id()).into(),
-                );
+                return Outcome::Failed(Error::permanent(
+                    engine.id(),
+                    "sent more bytes than the blob's size",
+                ));
             }
             metrics.engine_bytes(engine.id(), batch_len as u64);
             // Readers may take the batch from memory at once, before it is hashed or written.
@@ -653,7 +665,10 @@ async fn run_fill(
             received += batch_len as u64;
             // Hashed and written in the background while the next chunks are read.
             if let Err(e) = sink.push(batch).await {
-                return Outcome::Failed(format!("spool write failed: {e}").into());
+                return Outcome::Failed(Error::transient(
+                    "fill",
+                    format!("spool write failed: {e}"),
+                ));
             }
         }
         if !end_of_stream {
@@ -666,7 +681,7 @@ async fn run_fill(
         // fill fails) on the next engine that has the blob
         // (the same upstream is retried once first, as most failures are a dropped connection).
         let mut resumed = None;
-        let skip_same = std::mem::take(&mut too_slow);
+        let skip_same = std::mem::take(&mut skip_same);
         let retry_same =
             std::iter::once((engine.clone(), current_src.clone())).filter(move |_| !skip_same);
         for (e, repo) in retry_same.chain(sources.by_ref()) {
@@ -687,7 +702,7 @@ async fn run_fill(
                 Ok(_) => continue,
                 Err(err) => {
                     metrics.upstream_error(e.id());
-                    last_err = Some(err.to_string());
+                    last_err = Some(err);
                 }
             }
         }
@@ -698,10 +713,10 @@ async fn run_fill(
                 current_src = r;
             }
             None => {
-                let why = last_err.unwrap_or_else(|| "stream ended early".into());
-                return Outcome::Failed(
-                    format!("transfer of {digest} stopped at {received}/{size}: {why}").into(),
-                );
+                let why = last_err
+                    .unwrap_or_else(|| Error::transient(engine.id(), "the stream ended early"));
+                tracing::warn!(error = %why, received, size, "transfer stopped: no engine could resume it");
+                return Outcome::Failed(why);
             }
         }
     }
@@ -710,20 +725,28 @@ async fn run_fill(
     let verifier = match sink.finish().await {
         Ok((v, written)) if written == size => v,
         Ok((_, written)) => {
-            return Outcome::Failed(format!("spool holds {written} of {size} bytes").into())
+            return Outcome::Failed(Error::transient(
+                "fill",
+                format!("spool holds {written} of {size} bytes"),
+            ))
         }
-        Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
+        Err(e) => {
+            return Outcome::Failed(Error::transient("fill", format!("spool write failed: {e}")))
+        }
     };
     let actual = verifier.finish();
     if &actual != digest {
         tracing::error!(source = %source_id, %actual, "digest mismatch: nothing stored");
         metrics.digest_mismatch(&source_id);
-        return Outcome::Failed(format!("digest mismatch from {source_id}: got {actual}").into());
+        return Outcome::Failed(Error::DigestMismatch {
+            expected: digest.to_string(),
+            actual: actual.to_string(),
+        });
     }
     // The bytes are right: readers may have their last byte now, before the sync and commit.
     state.progress.send_modify(|p| p.verified = true);
     if let Err(e) = sync_spool(writer).await {
-        return Outcome::Failed(format!("spool sync failed: {e}").into());
+        return Outcome::Failed(Error::transient("fill", format!("spool sync failed: {e}")));
     }
     if let Some((local, repo)) = plan.target {
         let committed = async {
@@ -1246,8 +1269,12 @@ mod tests {
         let mut r = fill.follow(50, 50);
         let p = r.next_piece(false).await.unwrap().unwrap();
         assert_eq!(range(&p), (50, 30, false));
-        fill.progress
-            .send_modify(|p| p.outcome = Some(Outcome::Failed("bad digest".into())));
+        fill.progress.send_modify(|p| {
+            p.outcome = Some(Outcome::Failed(Error::DigestMismatch {
+                expected: "a".into(),
+                actual: "b".into(),
+            }))
+        });
         assert!(r.next_piece(false).await.is_err());
     }
 }

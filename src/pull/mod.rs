@@ -449,7 +449,7 @@ impl Puller {
         {
             Ok(Some(read)) => Ok(hit(read.size, range, Some(BlobBody::Stream(read.stream)))),
             Ok(None) => Ok(None),
-            Err(e @ Error::Client(_)) => Err(e),
+            Err(e) if e.is_answer() => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "local engine read failed; serving from remotes");
                 Ok(None)
@@ -495,7 +495,7 @@ impl Puller {
                     });
                 }
                 Ok(None) => {}
-                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) if e.is_answer() => return Err(e),
                 Err(e) => {
                     self.metrics.upstream_error(engine.id());
                     last_err = Some(e);
@@ -590,7 +590,7 @@ impl Puller {
                     return Ok((m, engine.id().into()));
                 }
                 Ok(None) => {}
-                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) if e.is_answer() => return Err(e),
                 Err(e) => {
                     self.metrics.upstream_error(engine.id());
                     last_err = Some(e);
@@ -675,7 +675,7 @@ impl Puller {
                     format!("{}:{tag} is unknown upstream", r.upstream_repo),
                 ))
             }
-            Err(e @ Error::Client(_)) => Err(e),
+            Err(e) if e.is_answer() => Err(e),
             Err(e) if fresh.is_some() => self.serve_as_is(r, tag, fresh, accept, e).await,
             Err(e) => {
                 self.metrics.upstream_error(upstream.engine.id());
@@ -873,7 +873,8 @@ impl Puller {
             if let Some(u) = self.engines.upstream(r) {
                 match u.engine.list_tags(&r.upstream_repo).await {
                     Ok(Some(t)) => tags.extend(t),
-                    Ok(None) | Err(Error::Client(_)) => {}
+                    Ok(None) => {}
+                    Err(e) if e.is_answer() => {}
                     Err(e) => {
                         self.metrics.upstream_error(u.engine.id());
                         tracing::warn!(error = %e, "tags list: upstream unreachable; pushed tags only");
@@ -893,7 +894,7 @@ impl Puller {
                         format!("repository {} is unknown upstream", r.upstream_repo),
                     ))
                 }
-                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) if e.is_answer() => return Err(e),
                 Err(e) => {
                     self.metrics.upstream_error(u.engine.id());
                     tracing::warn!(error = %e, "tags list from the local engine: authority unreachable");

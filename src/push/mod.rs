@@ -16,7 +16,7 @@ use object_store::path::Path;
 use crate::engine::pushed::PushedRepos;
 use crate::engine::storage::StorageEngine;
 use crate::engine::{ByteStream, Engine, Manifest};
-use crate::error::{Error, Result};
+use crate::error::{idempotent, EngineError, Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
 use crate::pull::tags::TagCache;
@@ -209,7 +209,7 @@ impl Pusher {
             return Ok(false);
         };
         self.pushed.mark(repo).await?;
-        self.engine.link_blob(repo, digest).await?;
+        idempotent(self.engine.link_blob(repo, digest).await)?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, meta.size, Some(false));
         }
@@ -240,8 +240,8 @@ impl Pusher {
             ));
         }
         self.pushed.mark(repo).await?;
-        self.engine.put_blob_file(digest, &spool.path, size).await?;
-        self.engine.link_blob(repo, digest).await?;
+        idempotent(self.engine.put_blob_file(digest, &spool.path, size).await)?;
+        idempotent(self.engine.link_blob(repo, digest).await)?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, size, Some(false));
         }
@@ -306,7 +306,7 @@ impl Pusher {
             bytes: bytes.clone(),
         };
         self.pushed.mark(repo).await?;
-        self.engine.put_manifest(repo, &m).await?;
+        idempotent(self.engine.put_manifest(repo, &m).await)?;
         if let Some(ev) = &self.evictor {
             ev.manifest_seen(repo, &m, Some(false));
         }
@@ -319,10 +319,24 @@ impl Pusher {
                 // Storage, the in-process answer and the job in one order: the last writer of
                 // the tag is the last everywhere (and the job copies the value current then).
                 let _one = self.tag_lock(repo, tag).lock().await;
-                self.engine.put_tag(repo, tag, &digest).await?;
-                self.tags
-                    .insert(repo, tag, digest.clone(), parsed.media_type.clone())
-                    .await;
+                match self.engine.put_tag(repo, tag, &digest).await {
+                    Ok(()) => {
+                        self.tags
+                            .insert(repo, tag, digest.clone(), parsed.media_type.clone())
+                            .await;
+                    }
+                    // The conditional write lost: a concurrent push moved the tag after this
+                    // one was decided. Its value stands (as if this push came first); the
+                    // in-process answer is dropped so the next read asks storage.
+                    Err(Error::Engine {
+                        error: EngineError::Precondition,
+                        ..
+                    }) => {
+                        tracing::info!(%repo, %tag, %digest, "tag push lost a race to a concurrent push");
+                        self.tags.forget(repo, tag).await;
+                    }
+                    Err(e) => return Err(e),
+                }
                 self.replicator
                     .enqueue(Job::Tag {
                         repo: repo.to_string(),

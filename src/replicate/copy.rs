@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use crate::engine::{Engine, GetBlob};
-use crate::error::{Error, Result};
+use crate::error::{idempotent, Error, Result};
 use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
 use crate::push::manifest;
 
@@ -65,8 +65,8 @@ impl Copier {
                 actual: spool.actual.to_string(),
             });
         }
-        dst.put_blob_file(digest, &spool.path, spool.size).await?;
-        dst.link_blob(repo, digest).await?;
+        idempotent(dst.put_blob_file(digest, &spool.path, spool.size).await)?;
+        idempotent(dst.link_blob(repo, digest).await)?;
         Ok(Copied {
             blobs: 1,
             manifests: 0,
@@ -106,7 +106,7 @@ impl Copier {
             for child in &parsed.manifests {
                 copied += self.manifest(src, dst, repo, child).await?;
             }
-            dst.put_manifest(repo, &m).await?;
+            idempotent(dst.put_manifest(repo, &m).await)?;
             copied.manifests += 1;
             copied.bytes += m.bytes.len() as u64;
             Ok(copied)
