@@ -1044,6 +1044,231 @@ mod tests {
         }
     }
 
+    /// A loopback upstream answering every request with `status`; counts the requests.
+    async fn hostile_upstream(status: u16) -> (Arc<dyn Engine>, Arc<std::sync::atomic::AtomicU32>) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicU32::new(0));
+        let count = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let answer = format!(
+                        "HTTP/1.1 {status} Hostile\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let client = crate::engine::registry::client::RegistryClient::new(
+            "hostile",
+            format!("http://127.0.0.1:{port}").parse().unwrap(),
+            reqwest::Client::new(),
+            None,
+        );
+        let engine = crate::engine::registry::RegistryEngine::new(client);
+        (Arc::new(engine), asked)
+    }
+
+    async fn outcome(state: &Arc<FillState>) -> Option<Outcome> {
+        let mut rx = state.progress.subscribe();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            rx.wait_for(|p| p.outcome.is_some()),
+        )
+        .await
+        .expect("the fill ended")
+        .unwrap()
+        .outcome
+        .clone();
+        ended
+    }
+
+    /// An upstream answering 503 is a transient failure: the fill moves on to the next engine,
+    /// which has the blob.
+    #[tokio::test]
+    async fn a_transient_failure_moves_the_fill_to_the_next_engine() {
+        let data = Bytes::from(vec![7u8; 10_000]);
+        let digest = Digest::sha256_of(&data);
+        let (hostile, asked) = hostile_upstream(503).await;
+        let second = Arc::new(Source {
+            id: "second",
+            data: data.clone(),
+            every: std::time::Duration::ZERO,
+            asked: Mutex::default(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+        let repo: RepoName = "a/b".parse().unwrap();
+        let state = fills.join_or_start(&digest).start_with(|| FillPlan {
+            sources: vec![
+                (hostile, repo.clone()),
+                (second.clone() as Arc<dyn Engine>, repo.clone()),
+            ],
+            target: None,
+        });
+        let (size, source) = state.started().await.unwrap();
+        assert_eq!((size, &*source), (10_000, "second"));
+        let outcome = outcome(&state).await;
+        assert!(matches!(outcome, Some(Outcome::Done)), "{outcome:?}");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(*second.asked.lock().unwrap(), vec![0]);
+    }
+
+    /// When no engine can serve, the fill reports the error with its kind, not a string: an
+    /// upstream's refusal reaches the client as `DENIED`, a 5xx as `UNAVAILABLE`.
+    #[tokio::test]
+    async fn a_failed_fill_reports_the_kind_of_its_failure() {
+        for (status, code) in [(403, ErrorCode::Denied), (503, ErrorCode::Unavailable)] {
+            let digest = Digest::sha256_of(format!("{status}").as_bytes());
+            let (hostile, _) = hostile_upstream(status).await;
+            let dir = tempfile::tempdir().unwrap();
+            let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+            let state = fills.join_or_start(&digest).start_with(|| FillPlan {
+                sources: vec![(hostile, "a/b".parse().unwrap())],
+                target: None,
+            });
+            let err = state.started().await.expect_err("the fill failed");
+            assert_eq!(err.to_oci().code, code, "{status}: {err}");
+            let transient = status == 503;
+            assert_eq!(err.is_transient(), transient, "{status}: {err}");
+        }
+    }
+
+    /// A source whose stream breaks at `at` with `kind`, and serves ranged reads whole.
+    #[derive(Debug)]
+    struct Breaks {
+        data: Bytes,
+        at: usize,
+        kind: fn() -> EngineError,
+        asked: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Breaks {
+        fn id(&self) -> &str {
+            "breaks"
+        }
+        fn kind(&self) -> crate::engine::EngineKind {
+            crate::engine::EngineKind::Registry
+        }
+        async fn stat_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+        ) -> Result<Option<crate::engine::BlobMeta>> {
+            Ok(None)
+        }
+        async fn get_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+            opts: GetBlob,
+        ) -> Result<Option<crate::engine::BlobRead>> {
+            let start = opts.range.map_or(0, |r| r.start);
+            self.asked.lock().unwrap().push(start);
+            let rest = self.data.slice(start as usize..);
+            let items: Vec<Result<Bytes>> = if start == 0 {
+                vec![
+                    Ok(self.data.slice(..self.at)),
+                    Err(Error::engine("breaks", (self.kind)())),
+                ]
+            } else {
+                vec![Ok(rest.clone())]
+            };
+            Ok(Some(crate::engine::BlobRead {
+                size: self.data.len() as u64,
+                offset: start,
+                len: rest.len() as u64,
+                stream: Box::pin(futures::stream::iter(items)),
+            }))
+        }
+        async fn get_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::Manifest>> {
+            Ok(None)
+        }
+        async fn head_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::ManifestMeta>> {
+            Ok(None)
+        }
+        async fn list_tags(&self, _: &RepoName) -> Result<Option<Vec<String>>> {
+            Ok(None)
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A stream broken by a transient failure is resumed on the same engine first; one broken
+    /// by a permanent failure is not asked again: the next engine resumes it.
+    #[tokio::test]
+    async fn only_a_transient_break_is_resumed_on_the_same_engine() {
+        let data = Bytes::from((0..50_000u32).map(|i| (i % 249) as u8).collect::<Vec<u8>>());
+        let digest = Digest::sha256_of(&data);
+        // (the break, offsets asked of the breaking engine, offsets asked of the next one)
+        type Case = (fn() -> EngineError, Vec<u64>, Vec<u64>);
+        let cases: [Case; 2] = [
+            (
+                || EngineError::transient("connection reset"),
+                vec![0, 20_000],
+                vec![],
+            ),
+            (
+                || EngineError::permanent("protocol violation"),
+                vec![0],
+                vec![20_000],
+            ),
+        ];
+        for (kind, same, next) in cases {
+            let breaks = Arc::new(Breaks {
+                data: data.clone(),
+                at: 20_000,
+                kind,
+                asked: Mutex::default(),
+            });
+            let other = Arc::new(Source {
+                id: "other",
+                data: data.clone(),
+                every: std::time::Duration::ZERO,
+                asked: Mutex::default(),
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+            let repo: RepoName = "a/b".parse().unwrap();
+            let state = fills.join_or_start(&digest).start_with(|| FillPlan {
+                sources: vec![
+                    (breaks.clone() as Arc<dyn Engine>, repo.clone()),
+                    (other.clone() as Arc<dyn Engine>, repo.clone()),
+                ],
+                target: None,
+            });
+            let outcome = outcome(&state).await;
+            assert!(matches!(outcome, Some(Outcome::Done)), "{outcome:?}");
+            assert_eq!(*breaks.asked.lock().unwrap(), same);
+            assert_eq!(*other.asked.lock().unwrap(), next);
+        }
+    }
+
     /// A source that trickles is left for the next engine, which resumes at the byte reached
     /// (the trickler is not asked again).
     #[tokio::test]

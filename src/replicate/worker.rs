@@ -386,7 +386,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_transient_failure_is_retried_and_a_permanent_one_dead_lettered() {
+    async fn transient_failures_are_retried_permanent_ones_dead_lettered_existing_objects_done() {
         let dir = tempfile::tempdir().unwrap();
         let source = memory("src");
         let repo: RepoName = "team/app".parse().unwrap();
@@ -414,17 +414,27 @@ mod tests {
             failures: u32::MAX,
             tries: AtomicU32::new(0),
         });
+        // A blob write that finds the blob there (written by another process since the check):
+        // an idempotent write, done.
+        let there = Arc::new(Failing {
+            id: "there",
+            inner: memory("there"),
+            fail: || EngineError::AlreadyExists,
+            failures: u32::MAX,
+            tries: AtomicU32::new(0),
+        });
         let metrics = Metrics::new();
         let queue = Queue::new(source.clone()).with_metrics(metrics.clone());
         let targets: Vec<(String, Arc<dyn Engine>)> = vec![
             ("flaky".into(), flaky.clone()),
             ("broken".into(), broken.clone()),
+            ("there".into(), there.clone()),
         ];
         let replicator = Arc::new(Replicator::new(
             queue,
             source.clone(),
             targets,
-            vec!["flaky".into(), "broken".into()],
+            vec!["flaky".into(), "broken".into(), "there".into()],
             Vec::new(),
             Copier {
                 spool_dir: dir.path().join("spool"),
@@ -464,6 +474,17 @@ mod tests {
         .await;
         assert!(dead, "the permanent failure was not dead-lettered");
         assert_eq!(broken.tries.load(Ordering::SeqCst), 1);
+
+        let done = until(Duration::from_secs(20), || async {
+            replicator.queue.pending("there").await.unwrap().is_empty()
+        })
+        .await;
+        assert!(
+            done,
+            "an idempotent write that found its object was not success"
+        );
+        assert_eq!(there.tries.load(Ordering::SeqCst), 1);
+        assert_eq!(replicator.queue.dead_letters("there").await.unwrap(), 0);
         worker.abort();
     }
 }
