@@ -136,13 +136,14 @@ impl EngineError {
         }
     }
 
-    /// The kind of an HTTP client error: the request never got an answer (connect, timeout,
-    /// a body cut short) is transient; an answer we cannot use (decode, redirect loop) is not.
+    /// The kind of an HTTP client error: the request never got a whole answer (connect,
+    /// timeout, a body cut short: reqwest reports a reset body as a decode error) is transient; a
+    /// request that cannot be made or a redirect loop is not.
     pub fn from_reqwest(e: reqwest::Error) -> EngineError {
         if let Some(s) = e.status() {
             return EngineError::from_status(s, e.to_string());
         }
-        if e.is_decode() || e.is_redirect() || e.is_builder() {
+        if e.is_redirect() || e.is_builder() {
             EngineError::permanent(e)
         } else {
             EngineError::transient(e)
@@ -168,12 +169,10 @@ impl EngineError {
             e => {
                 let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
                 while let Some(c) = cause {
-                    if let Some(h) = c.downcast_ref::<object_store::client::HttpError>() {
-                        use object_store::client::HttpErrorKind as H;
-                        return match h.kind() {
-                            H::Decode => EngineError::permanent(e),
-                            _ => EngineError::transient(e),
-                        };
+                    // Connect, request, timeout, interrupted, and decode (how a body cut short
+                    // is reported): no whole answer came; another try may get one.
+                    if c.is::<object_store::client::HttpError>() {
+                        return EngineError::transient(e);
                     }
                     if let Some(io) = c.downcast_ref::<std::io::Error>() {
                         return match EngineError::from_io(std::io::Error::new(io.kind(), "")) {
