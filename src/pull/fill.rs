@@ -1,7 +1,7 @@
 //! Fills: one background copy per digest from the nearest remote engine into the local engine,
 //! which every concurrent request for that digest reads from as it grows.
 //!
-//! A fill is a detached task ([`run_fill`]) that owns the transfer: no client can slow it (readers
+//! A fill is a detached task (`run_fill`) that owns the transfer: no client can slow it (readers
 //! read at their own pace, never through a channel the fill waits on) or cancel it (dropping a
 //! response drops only that reader). Readers keeping up with the fill take its chunks from a small
 //! window of the most recent ones in memory; a reader that fell behind reads the spool file. Bytes land in a spool file first and are hashed on the way;
@@ -395,9 +395,9 @@ impl FillState {
     }
 }
 
-/// A reader of one fill: the same bytes as [`FillState::reader`], as pieces a sender can take
-/// without copying: chunks of the in-memory window, or ranges of the spool file already written
-/// (which the plain front sends with `sendfile`). The last byte comes only after the digest has
+/// A reader of one fill: its bytes as pieces a sender can take without copying (or as a stream,
+/// [`FillReader::into_stream`]): chunks of the in-memory window, or ranges of the spool file
+/// already written (which the plain front sends with `sendfile`). The last byte comes only after the digest has
 /// been verified; a failed fill is an error.
 pub struct FillReader {
     fill: Arc<FillState>,
