@@ -9,8 +9,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use crate::engine::{Engine, GetBlob};
-use crate::error::{idempotent, Error, Result};
-use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
+use crate::error::{idempotent, EngineError, Error, Result};
+use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::push::manifest;
 
 /// What one copy did.
@@ -50,13 +50,8 @@ impl Copier {
         let read = src
             .get_blob(repo, digest, GetBlob::default())
             .await?
-            .ok_or_else(|| {
-                // Absent, not broken: no retry will find it (a client error, by variant).
-                Error::client(
-                    ErrorCode::BlobUnknown,
-                    format!("blob {digest} missing in the source {}", src.id()),
-                )
-            })?;
+            // Absent, not broken: no retry will find it (the worker dead-letters the kind).
+            .ok_or_else(|| Error::engine(src.id(), EngineError::NotFound))?;
         let spool =
             crate::fileio::spool_hashed(&self.spool_dir, "copy", digest, read.stream).await?;
         if &spool.actual != digest || spool.size != read.size {
@@ -92,12 +87,7 @@ impl Copier {
             let m = src
                 .get_manifest(repo, &by_digest, &[])
                 .await?
-                .ok_or_else(|| {
-                    Error::client(
-                        ErrorCode::ManifestUnknown,
-                        format!("manifest {digest} missing in the source {}", src.id()),
-                    )
-                })?;
+                .ok_or_else(|| Error::engine(src.id(), EngineError::NotFound))?;
             let parsed = manifest::parse(&m.bytes, Some(&m.media_type))?;
             let mut copied = Copied::default();
             for b in &parsed.blobs {
