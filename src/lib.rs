@@ -18,7 +18,9 @@
 //! - `pull/`: the pull path. `mod.rs` (`Puller`): which engine is the authority of a name;
 //!   `blob.rs`: hits as the engine serves them, misses through fills; `manifest.rs`: manifests,
 //!   tags by their authority, stale answers; `fill.rs`: the single-flight fill of the local
-//!   engine; `tags.rs`: upstream tag answers; `rate.rs`: the minimum rate a fill's source keeps.
+//!   engine (who leads it is a type, `Joined::Leader`/`Follower`: a dropped leader fails the
+//!   fill for its followers); `tags.rs`: upstream tag answers; `rate.rs`: the minimum rate a
+//!   fill's source keeps.
 //! - `engine/`: the `Engine` trait (13 methods, each with its contract; `EngineExt` the
 //!   conveniences), `caching.rs` the `CachingEngine` that wraps every engine once and owns every
 //!   memo of the read path (it sees this process's writes, moves the `Generation` the front's
@@ -34,6 +36,10 @@
 //!   (it hands back a plain `ByteStream` body: only `http/` speaks HTTP bodies).
 //! - `replicate/`: the durable queue and workers that copy pushed content to the other storage
 //!   engines; `evict/`: keeps the local engine under `cache.max_size`.
+//! - `error.rs`: the crate's error; engine failures by kind (`EngineError`: not found, already
+//!   exists, precondition, denied, rate limited, transient, permanent, …, with their source),
+//!   which failover, replication retries and the push path decide on; OCI codes are chosen from
+//!   them in one place, `Error::to_oci`, which `http/` calls.
 //! - `oci/`: validated names, digests, media types, wire errors, and manifest parsing
 //!   (`manifest.rs`: what a manifest references). `config/`: the config tree (`urls.rs` checks
 //!   storage URLs and token realms without connecting).

@@ -132,7 +132,7 @@ impl Passthrough {
         }
         let ok = tokio::time::timeout(CHECK_TIMEOUT, self.ask(gate, path, scope, creds))
             .await
-            .map_err(|_| Error::engine(&gate.name, "access check timed out"))??;
+            .map_err(|_| Error::transient(&gate.name, "access check timed out"))??;
         if ok {
             self.opened.insert(key, ()).await;
         }
@@ -150,7 +150,7 @@ impl Passthrough {
         creds: Option<&Creds>,
     ) -> Result<bool> {
         let url = format!("{}{path}", gate.base.as_str().trim_end_matches('/'));
-        let fail = |e: reqwest::Error| Error::engine(&gate.name, e);
+        let fail = |e: reqwest::Error| Error::reqwest(&gate.name, e);
         let basic = creds.and_then(Creds::basic);
         let mut rb = self.http.get(&url);
         if let Some(b) = &basic {
@@ -162,7 +162,7 @@ impl Passthrough {
             return Ok(true);
         }
         if status.is_server_error() {
-            return Err(Error::engine(
+            return Err(Error::transient(
                 &gate.name,
                 format!("access check answered {status}"),
             ));
@@ -202,7 +202,7 @@ impl Passthrough {
         }
         let tr = rb.send().await.map_err(fail)?;
         if tr.status().is_server_error() {
-            return Err(Error::engine(
+            return Err(Error::transient(
                 &gate.name,
                 format!("token endpoint answered {}", tr.status()),
             ));
@@ -231,7 +231,7 @@ impl Passthrough {
             .await
             .map_err(fail)?;
         if second.status().is_server_error() {
-            return Err(Error::engine(
+            return Err(Error::transient(
                 &gate.name,
                 format!("access check answered {}", second.status()),
             ));

@@ -3,7 +3,8 @@
 //! [`registry::RegistryEngine`] (an upstream registry over `/v2/`).
 //!
 //! Contract shared by every method: **absent is `Ok(None)`**, never an error, so the miss path can
-//! tell "ask the next engine, it costs nothing" from "this engine is broken" (`Err(Error::Engine)`).
+//! tell "ask the next engine, it costs nothing" from "this engine is broken" (`Err(Error::Engine)`,
+//! whose [`EngineError`] kind the engine decides where it sees the failure: callers decide by it).
 //! A stream that ends early or fails yields an `Err` item; callers never treat a short stream as
 //! complete. Writes commit whole objects only: a reader sees an object entirely or not at all.
 
@@ -26,9 +27,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::{Error, Result};
+use crate::error::{EngineError, Error, Result};
 use crate::fileio::FileSlice;
-use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
+use crate::oci::{Digest, Reference, RepoName, Tag};
 
 pub use crate::fileio::ByteStream;
 
@@ -64,9 +65,11 @@ impl RangeSpec {
     /// The concrete range for a blob of `size` bytes, or `RANGE_INVALID` when unsatisfiable.
     pub fn resolve(self, size: u64) -> Result<ByteRange> {
         let bad = || {
-            Error::client(
-                ErrorCode::RangeInvalid,
-                format!("range not satisfiable for a blob of {size} bytes"),
+            Error::engine(
+                "range",
+                EngineError::RangeInvalid(format!(
+                    "range not satisfiable for a blob of {size} bytes"
+                )),
             )
         };
         match self {
@@ -114,6 +117,14 @@ pub struct Lookup {
 }
 
 impl Lookup {
+    /// The first byte asked for, when it is known without the size (a read resumed there).
+    pub fn start(&self) -> u64 {
+        match self.range {
+            Some(RangeSpec::From { start, .. }) => start,
+            _ => 0,
+        }
+    }
+
     /// The size only.
     pub fn head() -> Lookup {
         Lookup::default()
@@ -151,6 +162,19 @@ pub enum Hit {
 }
 
 impl BlobHit {
+    /// The hit of a stream read (what an engine that reads through a stream answers).
+    pub fn streamed(read: BlobRead) -> BlobHit {
+        let whole = read.offset == 0 && read.len == read.size;
+        BlobHit {
+            size: read.size,
+            range: (!whole).then_some(ByteRange {
+                start: read.offset,
+                end: Some(read.offset + read.len),
+            }),
+            body: Some(Hit::Stream(read.stream)),
+        }
+    }
+
     /// `(offset, len)` of the bytes the hit covers.
     pub fn span(&self) -> (u64, u64) {
         match self.range {
@@ -167,7 +191,7 @@ impl BlobHit {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GetBlob {
     /// Only these bytes. The engine may not know the total size beforehand, so it is resolved
-    /// against the real size: a start past the end is `Error::Client(RANGE_INVALID)`.
+    /// against the real size: a start past the end is [`EngineError::RangeInvalid`].
     pub range: Option<ByteRange>,
 }
 
@@ -353,7 +377,7 @@ pub trait EngineExt: Engine {
             Some(Hit::Stream(s)) => s,
             Some(Hit::File(f)) => f.stream(),
             Some(Hit::Redirect(_)) | None => {
-                return Err(Error::engine(self.id(), "no bytes for a blob read"))
+                return Err(Error::permanent(self.id(), "no bytes for a blob read"))
             }
         };
         Ok(Some(BlobRead {
@@ -409,11 +433,8 @@ pub trait EngineExt: Engine {
 
 impl<E: Engine + ?Sized> EngineExt for E {}
 
-fn unsupported(engine: &str, what: &str) -> Error {
-    Error::client(
-        ErrorCode::Unsupported,
-        format!("engine {engine} does not support {what}"),
-    )
+fn unsupported(engine: &str, what: &'static str) -> Error {
+    Error::engine(engine, EngineError::Unsupported(what))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ const PART: usize = 8 << 20;
 
 impl StorageEngine {
     fn obj_err(&self, e: object_store::Error) -> Error {
-        Error::engine(self.id(), e)
+        Error::object_store(self.id(), e)
     }
 
     /// Writes a small object whole (overwriting).
@@ -59,7 +59,8 @@ impl StorageEngine {
             Ok(r) => {
                 let id = self.id().to_string();
                 Ok(Some(Box::pin(
-                    r.into_stream().map_err(move |e| Error::engine(&id, e)),
+                    r.into_stream()
+                        .map_err(move |e| Error::object_store(&id, e)),
                 )))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),

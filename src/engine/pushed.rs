@@ -53,7 +53,7 @@ impl PushedRepos {
         self.store
             .put(&layout::pushed_marker(repo), PutPayload::from_static(b"1"))
             .await
-            .map_err(|e| Error::engine(&self.id, e))?;
+            .map_err(|e| Error::object_store(&self.id, e))?;
         self.known.insert(repo.clone(), true);
         Ok(())
     }
@@ -66,7 +66,7 @@ impl PushedRepos {
         let there = match self.store.head(&layout::pushed_marker(repo)).await {
             Ok(_) => true,
             Err(object_store::Error::NotFound { .. }) => false,
-            Err(e) => return Err(Error::engine(&self.id, e)),
+            Err(e) => return Err(Error::object_store(&self.id, e)),
         };
         self.known.insert(repo.clone(), there);
         Ok(there)

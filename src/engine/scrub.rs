@@ -117,7 +117,7 @@ pub async fn list(engine: &StorageEngine) -> Result<Vec<Found>> {
         .list(Some(&prefix))
         .try_collect()
         .await
-        .map_err(|e| Error::engine(engine.id(), e))?;
+        .map_err(|e| Error::object_store(engine.id(), e))?;
     Ok(metas
         .into_iter()
         .filter(|m| m.location.as_ref().ends_with("/data"))
@@ -167,11 +167,11 @@ async fn check(engine: &StorageEngine, f: &Found, read: &dyn Fn(u64)) -> Result<
         let res = match engine.store().get(&path).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(Error::engine(engine.id(), e)),
+            Err(e) => return Err(Error::object_store(engine.id(), e)),
         };
         let mut s = res.into_stream();
         while let Some(chunk) = s.next().await {
-            let chunk = chunk.map_err(|e| Error::engine(engine.id(), e))?;
+            let chunk = chunk.map_err(|e| Error::object_store(engine.id(), e))?;
             verifier.update(&chunk);
             size += chunk.len() as u64;
             read(chunk.len() as u64);
@@ -200,7 +200,7 @@ async fn remove(engine: &StorageEngine, key: &str) -> Result<()> {
         .await
     {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(Error::engine(engine.id(), e)),
+        Err(e) => Err(Error::object_store(engine.id(), e)),
     }
 }
 

@@ -27,9 +27,9 @@ use super::{
     Manifest, ManifestMeta, TagLink,
 };
 use crate::config::urls::check_storage_url as check_url;
-use crate::error::{Error, Result};
+use crate::error::{EngineError, Error, Result};
 use crate::oci::manifest::MAX_MANIFEST;
-use crate::oci::{media, Digest, ErrorCode, Reference, RepoName, Tag};
+use crate::oci::{media, Digest, Reference, RepoName, Tag};
 
 /// Blobs smaller than this are committed with one conditional `put`; larger ones stream through a
 /// multipart upload.
@@ -173,7 +173,7 @@ impl StorageEngine {
                 Ok(true) => return Ok(()),
                 // Another filesystem: the store's own (staged, renamed) upload below.
                 Ok(false) => {}
-                Err(e) => return Err(Error::engine(&self.id, e)),
+                Err(e) => return Err(Error::engine(&self.id, EngineError::from_io(e))),
             }
         }
         let replace = match self.store.head(&dest).await {
@@ -327,7 +327,7 @@ impl StorageEngine {
         let size = res.meta.size;
         let (offset, len) = (res.range.start, res.range.end - res.range.start);
         if opts.range.is_some_and(|r| r.start != offset) {
-            return Err(Error::engine(
+            return Err(Error::permanent(
                 &self.id,
                 format!("asked for offset {:?}, got {offset}", opts.range),
             ));
@@ -339,7 +339,7 @@ impl StorageEngine {
             }
             object_store::GetResultPayload::Stream(s) => {
                 let id = self.id.clone();
-                Box::pin(s.map_err(move |e| Error::engine(&id, e)))
+                Box::pin(s.map_err(move |e| Error::object_store(&id, e)))
             }
         };
         Ok(Some(BlobRead {
@@ -375,7 +375,7 @@ impl StorageEngine {
                 tracing::warn!(engine = %self.id, %digest, error = %e, "local blob file not served");
                 Ok(None)
             }
-            Err(e) => Err(Error::engine(&self.id, e)),
+            Err(e) => Err(Error::engine(&self.id, EngineError::from_io(e))),
         }
     }
 
@@ -438,8 +438,9 @@ impl StorageEngine {
         self.local_root.as_deref()
     }
 
+    /// An object store failure of this engine, by kind.
     fn fail(&self, e: object_store::Error) -> Error {
-        Error::engine(&self.id, e)
+        Error::object_store(&self.id, e)
     }
 
     /// Reads a small object whole, never more than `max` bytes into memory (the size the store
@@ -472,7 +473,7 @@ impl StorageEngine {
         match self.read_bounded(path, MAX_LINK).await? {
             Small::Absent => Ok(None),
             Small::Read(bytes, meta) => Ok(Some((bytes, meta))),
-            Small::TooLarge => Err(Error::engine(
+            Small::TooLarge => Err(Error::permanent(
                 &self.id,
                 format!("{path}: larger than {MAX_LINK} bytes, not a link"),
             )),
@@ -767,8 +768,9 @@ impl Engine for StorageEngine {
         let Some((bytes, meta)) = self.read_small(&layout::tag_current(repo, tag)).await? else {
             return Ok(None);
         };
-        let digest = layout::parse_link(&bytes)
-            .ok_or_else(|| Error::engine(&self.id, format!("corrupt tag link for {repo}:{tag}")))?;
+        let digest = layout::parse_link(&bytes).ok_or_else(|| {
+            Error::permanent(&self.id, format!("corrupt tag link for {repo}:{tag}"))
+        })?;
         Ok(Some(TagLink {
             digest,
             modified: Some(meta.last_modified.into()),
@@ -900,9 +902,12 @@ pub fn resolve_range(opts: GetBlob, size: u64) -> Result<(u64, u64)> {
         Some(r) => {
             let end = r.end.unwrap_or(size).min(size);
             if r.start >= size || r.start >= end {
-                return Err(Error::client(
-                    ErrorCode::RangeInvalid,
-                    format!("range starts at {} but the blob has {size} bytes", r.start),
+                return Err(Error::engine(
+                    "range",
+                    EngineError::RangeInvalid(format!(
+                        "range starts at {} but the blob has {size} bytes",
+                        r.start
+                    )),
                 ));
             }
             Ok((r.start, end - r.start))

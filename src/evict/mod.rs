@@ -155,7 +155,7 @@ impl Evictor {
             .list(Some(&Path::from("docker/registry/v2/blobs")))
             .try_collect()
             .await
-            .map_err(|e| crate::error::Error::engine(self.local.id(), e))?;
+            .map_err(|e| crate::error::Error::object_store(self.local.id(), e))?;
         for m in listing {
             let parts: Vec<&str> = m.location.as_ref().split('/').collect();
             // docker/registry/v2/blobs/<alg>/<xx>/<hex>/data

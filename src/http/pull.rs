@@ -25,7 +25,7 @@ fn builder(status: StatusCode) -> http::response::Builder {
 }
 
 fn finish(b: http::response::Builder, body: Body) -> Result<Response<Body>> {
-    b.body(body).map_err(|e| Error::engine("http", e))
+    b.body(body).map_err(|e| Error::permanent("http", e))
 }
 
 fn immutable(b: http::response::Builder, d: &Digest) -> http::response::Builder {

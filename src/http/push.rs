@@ -56,7 +56,8 @@ fn respond(status: StatusCode, headers: &[(HeaderName, String)]) -> Result<Respo
     for (k, v) in headers {
         b = b.header(k, value(v));
     }
-    b.body(body::empty()).map_err(|e| Error::engine("http", e))
+    b.body(body::empty())
+        .map_err(|e| Error::permanent("http", e))
 }
 
 fn storage_name(app: &App, name: &RepoName, ns: Option<&str>) -> Result<RepoName> {

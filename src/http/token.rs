@@ -30,7 +30,7 @@ fn json(status: StatusCode, v: serde_json::Value) -> Result<Response<Body>> {
         // A token is a credential: no cache may keep it.
         .header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))
         .body(body::full(v.to_string()))
-        .map_err(|e| Error::engine("http", e))
+        .map_err(|e| Error::permanent("http", e))
 }
 
 /// OAuth2's error body (RFC 6749 §5.2).

@@ -7,7 +7,7 @@ use super::fill::FillPlan;
 use super::{Puller, RangeSpec};
 use crate::engine::set::Routed;
 use crate::engine::{BlobHit, ByteRange, Content, Engine, Hit, Lookup};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::oci::Digest;
 
 /// A blob answer: what to send and where it came from.
@@ -51,12 +51,11 @@ impl Puller {
         if head {
             return self.head_remote(r, digest, range).await;
         }
-        let joined = self.fills.join_or_start(digest, || FillPlan {
+        let fill = self.fills.join_or_start(digest).start_with(|| FillPlan {
             sources: self.engines.remotes_for(r),
             // With the local engine down, clients are still served; nothing is filled.
             target: local_ok.then(|| (self.engines.local().clone(), r.storage_repo.clone())),
         });
-        let fill = joined.0;
         let (size, source) = fill.started().await?;
         let range = range.map(|s| s.resolve(size)).transpose()?;
         let (offset, len) = BlobHit {
@@ -99,7 +98,7 @@ impl Puller {
         let hit = match self.local.open_blob(&r.storage_repo, digest, want).await {
             Ok(Some(hit)) => hit,
             Ok(None) => return Ok(None),
-            Err(e @ Error::Client(_)) => return Err(e),
+            Err(e) if e.is_answer() => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "local engine read failed; serving from remotes");
                 return Ok(None);
@@ -158,7 +157,7 @@ impl Puller {
                     });
                 }
                 Ok(None) => {}
-                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) if e.is_answer() => return Err(e),
                 Err(e) => {
                     self.metrics.upstream_error(engine.id());
                     last_err = Some(e);

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -22,7 +22,7 @@ use tracing::Instrument;
 use super::rate::{self, MinRate};
 use crate::engine::EngineExt;
 use crate::engine::{ByteRange, ByteStream, Engine, GetBlob};
-use crate::error::{Error, Result};
+use crate::error::{EngineError, Error, Result};
 use crate::metrics::{FillResult, Metrics};
 use crate::oci::{Digest, ErrorCode, RepoName, Verifier};
 
@@ -41,8 +41,9 @@ pub enum Outcome {
     Done,
     /// No engine had the blob.
     NotFound,
-    /// The transfer failed or the digest did not match.
-    Failed(Arc<str>),
+    /// The transfer failed or the digest did not match: the error that ended it, with its kind
+    /// (what every reader of the fill is answered).
+    Failed(Error),
 }
 
 /// The state readers watch.
@@ -125,7 +126,7 @@ impl Window {
 }
 
 /// The single-flight table. `join_or_start` either joins the fill running for a digest or
-/// starts one.
+/// makes the caller the fill's [`FillLeader`].
 #[derive(Clone)]
 pub struct Fills {
     inner: Arc<FillsInner>,
@@ -177,55 +178,106 @@ impl Fills {
         self.inner.min_rate.get().copied().unwrap_or_default()
     }
 
+    /// The table, also after a panic elsewhere poisoned its lock: every operation on it leaves
+    /// the map whole, so its data is good.
+    fn running(&self) -> MutexGuard<'_, HashMap<Digest, Arc<FillState>>> {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Number of fills in flight.
     pub fn in_flight(&self) -> usize {
-        self.inner.running.lock().map(|m| m.len()).unwrap_or(0)
+        self.running().len()
     }
 
     /// Snapshot of the fills in flight: (digest, progress).
     pub fn snapshot(&self) -> Vec<(Digest, Progress)> {
-        let Ok(m) = self.inner.running.lock() else {
-            return Vec::new();
-        };
-        m.values()
+        self.running()
+            .values()
             .map(|s| (s.digest.clone(), s.progress.borrow().clone()))
             .collect()
     }
 
-    /// Joins the fill of `digest`, or starts one with `plan()` (called only by the leader).
-    /// The boolean says whether this call started it.
-    pub fn join_or_start(
-        &self,
-        digest: &Digest,
-        plan: impl FnOnce() -> FillPlan,
-    ) -> (Arc<FillState>, bool) {
-        let state = {
-            let Ok(mut map) = self.inner.running.lock() else {
-                // A poisoned lock means a panic elsewhere; run an unshared fill rather than fail.
-                return (self.spawn(digest, plan()), true);
-            };
-            if let Some(s) = map.get(digest) {
-                self.inner.metrics.fill_joined();
-                return (s.clone(), false);
-            }
-            let state = Arc::new(FillState {
-                digest: digest.clone(),
-                progress: watch::Sender::new(Progress::default()),
-                spool: OnceLock::new(),
-                window: Mutex::new(Window::default()),
-            });
-            map.insert(digest.clone(), state.clone());
-            state
-        };
-        let fills = self.clone();
-        let plan = plan();
-        let span = tracing::info_span!("fill", digest = %digest);
-        let task_state = state.clone();
+    /// Joins the fill of `digest`, or makes the caller its leader: the one that starts it
+    /// ([`FillLeader::start`]). A leader dropped before the fill's outcome is set (never started,
+    /// or its task panicked or was aborted) fails the fill for every follower at once.
+    pub fn join_or_start(&self, digest: &Digest) -> Joined {
+        let mut map = self.running();
+        if let Some(s) = map.get(digest) {
+            self.inner.metrics.fill_joined();
+            return Joined::Follower(FillFollower { state: s.clone() });
+        }
+        let state = Arc::new(FillState {
+            digest: digest.clone(),
+            progress: watch::Sender::new(Progress::default()),
+            spool: OnceLock::new(),
+            window: Mutex::new(Window::default()),
+        });
+        map.insert(digest.clone(), state.clone());
+        Joined::Leader(FillLeader {
+            fills: self.clone(),
+            state,
+            started: false,
+        })
+    }
+}
+
+/// A caller's role in the fill of a digest.
+pub enum Joined {
+    /// The caller must start the fill (or drop the leader, which fails it).
+    Leader(FillLeader),
+    /// A fill was already running; the caller reads it.
+    Follower(FillFollower),
+}
+
+impl Joined {
+    /// The fill, whatever the role.
+    pub fn state(&self) -> &Arc<FillState> {
+        match self {
+            Joined::Leader(l) => &l.state,
+            Joined::Follower(f) => &f.state,
+        }
+    }
+
+    /// Starts the fill with `plan()` when the caller leads it (`plan` is called only then);
+    /// the fill either way.
+    pub fn start_with(self, plan: impl FnOnce() -> FillPlan) -> Arc<FillState> {
+        match self {
+            Joined::Leader(l) => l.start(plan()),
+            Joined::Follower(f) => f.state,
+        }
+    }
+}
+
+/// The fill's owner: it alone sets the outcome and removes the fill from the table. Dropped
+/// before the outcome was set, it fails the fill (as a `CacheLock` write permit does), so
+/// followers never wait on a fill nobody runs.
+pub struct FillLeader {
+    fills: Fills,
+    state: Arc<FillState>,
+    /// The fill task ran (the in-flight gauge counts it).
+    started: bool,
+}
+
+/// A reader of a fill another caller leads.
+pub struct FillFollower {
+    state: Arc<FillState>,
+}
+
+impl FillLeader {
+    /// Runs the fill in a detached task that owns this leader: no client can cancel it.
+    pub fn start(mut self, plan: FillPlan) -> Arc<FillState> {
+        let state = self.state.clone();
+        let span = tracing::info_span!("fill", digest = %state.digest);
         tokio::spawn(
             async move {
+                let fills = self.fills.clone();
                 fills.inner.metrics.fill_started();
+                self.started = true;
                 let outcome = run_fill(
-                    &task_state,
+                    &self.state,
                     plan,
                     &fills.inner.spool_dir,
                     &fills.inner.metrics,
@@ -233,37 +285,44 @@ impl Fills {
                     fills.min_rate(),
                 )
                 .await;
-                fills.inner.metrics.fill_finished(match outcome {
-                    Outcome::Done => FillResult::Done,
-                    Outcome::NotFound => FillResult::NotFound,
-                    Outcome::Failed(_) => FillResult::Failed,
-                });
-                if let Ok(mut map) = fills.inner.running.lock() {
-                    map.remove(&task_state.digest);
-                }
-                task_state.end(outcome);
+                self.finish(outcome);
             }
             .instrument(span),
         );
-        (state, true)
+        state
     }
 
-    fn spawn(&self, digest: &Digest, plan: FillPlan) -> Arc<FillState> {
-        let state = Arc::new(FillState {
-            digest: digest.clone(),
-            progress: watch::Sender::new(Progress::default()),
-            spool: OnceLock::new(),
-            window: Mutex::new(Window::default()),
-        });
-        let s = state.clone();
-        let dir = self.inner.spool_dir.clone();
-        let metrics = self.inner.metrics.clone();
-        let rate = self.min_rate();
-        tokio::spawn(async move {
-            let outcome = run_fill(&s, plan, &dir, &metrics, None, rate).await;
-            s.end(outcome);
-        });
-        state
+    /// Sets the outcome: the fill leaves the table first, so a request arriving after the
+    /// outcome starts a new fill rather than joining a finished one.
+    fn finish(&mut self, outcome: Outcome) {
+        if std::mem::take(&mut self.started) {
+            self.fills.inner.metrics.fill_finished(match outcome {
+                Outcome::Done => FillResult::Done,
+                Outcome::NotFound => FillResult::NotFound,
+                Outcome::Failed(_) => FillResult::Failed,
+            });
+        }
+        {
+            let mut map = self.fills.running();
+            if map
+                .get(&self.state.digest)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.state))
+            {
+                map.remove(&self.state.digest);
+            }
+        }
+        self.state.end(outcome);
+    }
+}
+
+impl Drop for FillLeader {
+    fn drop(&mut self) {
+        if self.state.progress.borrow().outcome.is_none() {
+            self.finish(Outcome::Failed(Error::transient(
+                "fill",
+                "the fill's task ended without an outcome",
+            )));
+        }
     }
 }
 
@@ -307,12 +366,12 @@ impl FillState {
                             format!("blob {} is unknown to every engine", self.digest),
                         ))
                     }
-                    Some(Outcome::Failed(m)) => return Err(Error::engine("fill", m)),
+                    Some(Outcome::Failed(e)) => return Err(e.clone()),
                     _ => {}
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(Error::engine("fill", "fill ended without an outcome"));
+                return Err(Error::transient("fill", "fill ended without an outcome"));
             }
         }
     }
@@ -384,7 +443,10 @@ impl FillReader {
                             let want = len.min(size as u64) as usize;
                             let chunk = budget.read(file, offset, want).await?;
                             if chunk.is_empty() {
-                                return Err(Error::engine("fill", "spool shorter than reported"));
+                                return Err(Error::transient(
+                                    "fill",
+                                    "spool shorter than reported",
+                                ));
                             }
                             r.rewind_to(offset + chunk.len() as u64);
                             let next = (size * 2).min(crate::fileio::CHUNK);
@@ -411,8 +473,10 @@ impl FillReader {
                     // Verified bytes stay good even if the sync or commit fails after.
                     _ if p.verified => (end, None),
                     Some(Outcome::Done) => (end, None),
-                    Some(Outcome::NotFound) => (0, Some("blob vanished".into())),
-                    Some(Outcome::Failed(m)) => (0, Some(m.clone())),
+                    Some(Outcome::NotFound) => {
+                        (0, Some(Error::engine("fill", EngineError::NotFound)))
+                    }
+                    Some(Outcome::Failed(e)) => (0, Some(e.clone())),
                     // Hold the final byte back until the verdict.
                     None => (p.received.min(end.saturating_sub(1)), None),
                 };
@@ -423,8 +487,8 @@ impl FillReader {
                 };
                 (allowed, on_disk, failed)
             };
-            if let Some(m) = failed {
-                return Err(Error::engine("fill", m));
+            if let Some(e) = failed {
+                return Err(e);
             }
             let pos = self.pos;
             if pos < allowed {
@@ -445,12 +509,12 @@ impl FillReader {
                     self.pos = pos + chunk.len() as u64;
                     return Ok(Some(Piece::Bytes(chunk)));
                 }
-                let file = file.ok_or_else(|| Error::engine("fill", "spool missing"))?;
+                let file = file.ok_or_else(|| Error::transient("fill", "spool missing"))?;
                 // Past the window, the bytes are in the spool file (the window may have moved
                 // on since `on_disk` was read: read it again).
                 let on_disk = on_disk.max(self.rx.borrow().written.min(allowed));
                 if pos >= on_disk {
-                    return Err(Error::engine("fill", "spool behind the window"));
+                    return Err(Error::transient("fill", "spool behind the window"));
                 }
                 self.pos = on_disk;
                 return Ok(Some(Piece::File {
@@ -460,7 +524,7 @@ impl FillReader {
                 }));
             }
             if self.rx.changed().await.is_err() {
-                return Err(Error::engine("fill", "fill task went away"));
+                return Err(Error::transient("fill", "fill task went away"));
             }
         }
     }
@@ -492,13 +556,15 @@ async fn run_fill(
 ) -> Outcome {
     let digest = &state.digest;
     let mut sources = plan.sources.into_iter();
-    let mut last_err: Option<String> = None;
+    // The last engine failure: what the fill reports when no engine could serve.
+    let mut last_err: Option<Error> = None;
 
-    // 1. The first engine that has the blob.
+    // 1. The first engine that has the blob. Any failure moves on to the next engine: one
+    // engine's failure, transient or not, says nothing of another's.
     let (mut stream, size, mut engine, mut current_src) = loop {
         let Some((engine, repo)) = sources.next() else {
             return match last_err {
-                Some(e) => Outcome::Failed(e.into()),
+                Some(e) => Outcome::Failed(e),
                 None => Outcome::NotFound,
             };
         };
@@ -510,9 +576,9 @@ async fn run_fill(
             }
             Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(engine = engine.id(), error = %e, "fill source failed");
+                tracing::warn!(engine = engine.id(), error = %e, transient = e.is_transient(), "fill source failed");
                 metrics.upstream_error(engine.id());
-                last_err = Some(e.to_string());
+                last_err = Some(e);
             }
         }
     };
@@ -522,9 +588,10 @@ async fn run_fill(
     let (writer, reader) = match open_spool(&spool_path) {
         Ok((w, r)) => (Arc::new(w), r),
         Err(e) => {
-            return Outcome::Failed(
-                format!("cannot create spool {}: {e}", spool_path.display()).into(),
-            )
+            return Outcome::Failed(Error::transient(
+                "fill",
+                format!("cannot create spool {}: {e}", spool_path.display()),
+            ))
         }
     };
     let _ = state.spool.set(Arc::new(reader));
@@ -541,8 +608,8 @@ async fn run_fill(
     let mut received: u64 = 0;
     // What the stream said after a batch was cut short (its error or its end), for the next turn.
     let mut held: Option<Option<Result<Bytes>>> = None;
-    // The last stream failed for want of rate (then its engine is not retried).
-    let mut too_slow = false;
+    // The last stream's failure rules out asking its engine again (too slow, or not transient).
+    let mut skip_same = false;
     loop {
         let item = match held.take() {
             Some(item) => item,
@@ -574,9 +641,10 @@ async fn run_fill(
             Some(Err(e)) => {
                 tracing::warn!(engine = engine.id(), offset = received, error = %e, "fill source failed mid-stream");
                 metrics.upstream_error(engine.id());
-                // A source too slow is not asked again: the next engine takes over.
-                too_slow = e.to_string().contains(rate::TOO_SLOW);
-                last_err = Some(e.to_string());
+                // Only a transient failure is worth asking the same source again, and not when
+                // the source was too slow: the next engine takes over.
+                skip_same = !e.is_transient() || rate::TooSlow::is(&e);
+                last_err = Some(e);
                 end_of_stream = true;
             }
             None => end_of_stream = true,
@@ -584,9 +652,10 @@ async fn run_fill(
         batch.retain(|c| !c.is_empty());
         if !batch.is_empty() {
             if received + batch_len as u64 > size {
-                return Outcome::Failed(
-                    format!("{} sent more bytes than the blob's size", engine.id()).into(),
-                );
+                return Outcome::Failed(Error::permanent(
+                    engine.id(),
+                    "sent more bytes than the blob's size",
+                ));
             }
             metrics.engine_bytes(engine.id(), batch_len as u64);
             // Readers may take the batch from memory at once, before it is hashed or written.
@@ -601,7 +670,10 @@ async fn run_fill(
             received += batch_len as u64;
             // Hashed and written in the background while the next chunks are read.
             if let Err(e) = sink.push(batch).await {
-                return Outcome::Failed(format!("spool write failed: {e}").into());
+                return Outcome::Failed(Error::transient(
+                    "fill",
+                    format!("spool write failed: {e}"),
+                ));
             }
         }
         if !end_of_stream {
@@ -614,7 +686,7 @@ async fn run_fill(
         // fill fails) on the next engine that has the blob
         // (the same upstream is retried once first, as most failures are a dropped connection).
         let mut resumed = None;
-        let skip_same = std::mem::take(&mut too_slow);
+        let skip_same = std::mem::take(&mut skip_same);
         let retry_same =
             std::iter::once((engine.clone(), current_src.clone())).filter(move |_| !skip_same);
         for (e, repo) in retry_same.chain(sources.by_ref()) {
@@ -635,7 +707,7 @@ async fn run_fill(
                 Ok(_) => continue,
                 Err(err) => {
                     metrics.upstream_error(e.id());
-                    last_err = Some(err.to_string());
+                    last_err = Some(err);
                 }
             }
         }
@@ -646,10 +718,10 @@ async fn run_fill(
                 current_src = r;
             }
             None => {
-                let why = last_err.unwrap_or_else(|| "stream ended early".into());
-                return Outcome::Failed(
-                    format!("transfer of {digest} stopped at {received}/{size}: {why}").into(),
-                );
+                let why = last_err
+                    .unwrap_or_else(|| Error::transient(engine.id(), "the stream ended early"));
+                tracing::warn!(error = %why, received, size, "transfer stopped: no engine could resume it");
+                return Outcome::Failed(why);
             }
         }
     }
@@ -658,20 +730,28 @@ async fn run_fill(
     let verifier = match sink.finish().await {
         Ok((v, written)) if written == size => v,
         Ok((_, written)) => {
-            return Outcome::Failed(format!("spool holds {written} of {size} bytes").into())
+            return Outcome::Failed(Error::transient(
+                "fill",
+                format!("spool holds {written} of {size} bytes"),
+            ))
         }
-        Err(e) => return Outcome::Failed(format!("spool write failed: {e}").into()),
+        Err(e) => {
+            return Outcome::Failed(Error::transient("fill", format!("spool write failed: {e}")))
+        }
     };
     let actual = verifier.finish();
     if &actual != digest {
         tracing::error!(source = %source_id, %actual, "digest mismatch: nothing stored");
         metrics.digest_mismatch(&source_id);
-        return Outcome::Failed(format!("digest mismatch from {source_id}: got {actual}").into());
+        return Outcome::Failed(Error::DigestMismatch {
+            expected: digest.to_string(),
+            actual: actual.to_string(),
+        });
     }
     // The bytes are right: readers may have their last byte now, before the sync and commit.
     state.progress.send_modify(|p| p.verified = true);
     if let Err(e) = sync_spool(writer).await {
-        return Outcome::Failed(format!("spool sync failed: {e}").into());
+        return Outcome::Failed(Error::transient("fill", format!("spool sync failed: {e}")));
     }
     if let Some((local, repo)) = plan.target {
         let committed = async {
@@ -967,6 +1047,229 @@ mod tests {
         }
     }
 
+    /// A loopback upstream answering every request with `status`; counts the requests.
+    async fn hostile_upstream(status: u16) -> (Arc<dyn Engine>, Arc<std::sync::atomic::AtomicU32>) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicU32::new(0));
+        let count = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let answer = format!(
+                        "HTTP/1.1 {status} Hostile\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let client = crate::engine::registry::client::RegistryClient::new(
+            "hostile",
+            format!("http://127.0.0.1:{port}").parse().unwrap(),
+            reqwest::Client::new(),
+            None,
+        );
+        let engine = crate::engine::registry::RegistryEngine::new(client);
+        (Arc::new(engine), asked)
+    }
+
+    async fn outcome(state: &Arc<FillState>) -> Option<Outcome> {
+        let mut rx = state.progress.subscribe();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            rx.wait_for(|p| p.outcome.is_some()),
+        )
+        .await
+        .expect("the fill ended")
+        .unwrap()
+        .outcome
+        .clone();
+        ended
+    }
+
+    /// An upstream answering 503 is a transient failure: the fill moves on to the next engine,
+    /// which has the blob.
+    #[tokio::test]
+    async fn a_transient_failure_moves_the_fill_to_the_next_engine() {
+        let data = Bytes::from(vec![7u8; 10_000]);
+        let digest = Digest::sha256_of(&data);
+        let (hostile, asked) = hostile_upstream(503).await;
+        let second = Arc::new(Source {
+            id: "second",
+            data: data.clone(),
+            every: std::time::Duration::ZERO,
+            asked: Mutex::default(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+        let repo: RepoName = "a/b".parse().unwrap();
+        let state = fills.join_or_start(&digest).start_with(|| FillPlan {
+            sources: vec![
+                (hostile, repo.clone()),
+                (second.clone() as Arc<dyn Engine>, repo.clone()),
+            ],
+            target: None,
+        });
+        let (size, source) = state.started().await.unwrap();
+        assert_eq!((size, &*source), (10_000, "second"));
+        let outcome = outcome(&state).await;
+        assert!(matches!(outcome, Some(Outcome::Done)), "{outcome:?}");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(*second.asked.lock().unwrap(), vec![0]);
+    }
+
+    /// When no engine can serve, the fill reports the error with its kind, not a string: an
+    /// upstream's refusal reaches the client as `DENIED`, a 5xx as `UNAVAILABLE`.
+    #[tokio::test]
+    async fn a_failed_fill_reports_the_kind_of_its_failure() {
+        for (status, code) in [(403, ErrorCode::Denied), (503, ErrorCode::Unavailable)] {
+            let digest = Digest::sha256_of(format!("{status}").as_bytes());
+            let (hostile, _) = hostile_upstream(status).await;
+            let dir = tempfile::tempdir().unwrap();
+            let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+            let state = fills.join_or_start(&digest).start_with(|| FillPlan {
+                sources: vec![(hostile, "a/b".parse().unwrap())],
+                target: None,
+            });
+            let err = state.started().await.expect_err("the fill failed");
+            assert_eq!(err.to_oci().code, code, "{status}: {err}");
+            let transient = status == 503;
+            assert_eq!(err.is_transient(), transient, "{status}: {err}");
+        }
+    }
+
+    /// A source whose stream breaks at `at` with `kind`, and serves ranged reads whole.
+    #[derive(Debug)]
+    struct Breaks {
+        data: Bytes,
+        at: usize,
+        kind: fn() -> EngineError,
+        asked: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Breaks {
+        fn id(&self) -> &str {
+            "breaks"
+        }
+        fn kind(&self) -> crate::engine::EngineKind {
+            crate::engine::EngineKind::Registry
+        }
+        async fn open_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+            want: crate::engine::Lookup,
+        ) -> Result<Option<crate::engine::BlobHit>> {
+            if !want.body {
+                return Ok(None);
+            }
+            let start = want.start();
+            self.asked.lock().unwrap().push(start);
+            let rest = self.data.slice(start as usize..);
+            let items: Vec<Result<Bytes>> = if start == 0 {
+                vec![
+                    Ok(self.data.slice(..self.at)),
+                    Err(Error::engine("breaks", (self.kind)())),
+                ]
+            } else {
+                vec![Ok(rest.clone())]
+            };
+            Ok(Some(crate::engine::BlobHit::streamed(
+                crate::engine::BlobRead {
+                    size: self.data.len() as u64,
+                    offset: start,
+                    len: rest.len() as u64,
+                    stream: Box::pin(futures::stream::iter(items)),
+                },
+            )))
+        }
+        async fn get_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::Manifest>> {
+            Ok(None)
+        }
+        async fn head_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::ManifestMeta>> {
+            Ok(None)
+        }
+        async fn list_tags(&self, _: &RepoName) -> Result<Option<Vec<String>>> {
+            Ok(None)
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A stream broken by a transient failure is resumed on the same engine first; one broken
+    /// by a permanent failure is not asked again: the next engine resumes it.
+    #[tokio::test]
+    async fn only_a_transient_break_is_resumed_on_the_same_engine() {
+        let data = Bytes::from((0..50_000u32).map(|i| (i % 249) as u8).collect::<Vec<u8>>());
+        let digest = Digest::sha256_of(&data);
+        // (the break, offsets asked of the breaking engine, offsets asked of the next one)
+        type Case = (fn() -> EngineError, Vec<u64>, Vec<u64>);
+        let cases: [Case; 2] = [
+            (
+                || EngineError::transient("connection reset"),
+                vec![0, 20_000],
+                vec![],
+            ),
+            (
+                || EngineError::permanent("protocol violation"),
+                vec![0],
+                vec![20_000],
+            ),
+        ];
+        for (kind, same, next) in cases {
+            let breaks = Arc::new(Breaks {
+                data: data.clone(),
+                at: 20_000,
+                kind,
+                asked: Mutex::default(),
+            });
+            let other = Arc::new(Source {
+                id: "other",
+                data: data.clone(),
+                every: std::time::Duration::ZERO,
+                asked: Mutex::default(),
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+            let repo: RepoName = "a/b".parse().unwrap();
+            let state = fills.join_or_start(&digest).start_with(|| FillPlan {
+                sources: vec![
+                    (breaks.clone() as Arc<dyn Engine>, repo.clone()),
+                    (other.clone() as Arc<dyn Engine>, repo.clone()),
+                ],
+                target: None,
+            });
+            let outcome = outcome(&state).await;
+            assert!(matches!(outcome, Some(Outcome::Done)), "{outcome:?}");
+            assert_eq!(*breaks.asked.lock().unwrap(), same);
+            assert_eq!(*other.asked.lock().unwrap(), next);
+        }
+    }
+
     /// A source that trickles is left for the next engine, which resumes at the byte reached
     /// (the trickler is not asked again).
     #[tokio::test]
@@ -996,7 +1299,7 @@ mod tests {
             window: std::time::Duration::from_millis(500),
         });
         let repo: RepoName = "a/b".parse().unwrap();
-        let (state, _) = fills.join_or_start(&digest, || FillPlan {
+        let state = fills.join_or_start(&digest).start_with(|| FillPlan {
             sources: vec![
                 (slow.clone() as Arc<dyn Engine>, repo.clone()),
                 (fast.clone() as Arc<dyn Engine>, repo.clone()),
@@ -1022,6 +1325,139 @@ mod tests {
         let resumed = fast.asked.lock().unwrap().clone();
         assert_eq!(resumed.len(), 1);
         assert!(resumed[0] > 0 && resumed[0] < 20_000, "{resumed:?}");
+    }
+
+    /// A source whose `get_blob` never answers, or panics.
+    #[derive(Debug)]
+    struct Stuck {
+        panic: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Stuck {
+        fn id(&self) -> &str {
+            "stuck"
+        }
+        fn kind(&self) -> crate::engine::EngineKind {
+            crate::engine::EngineKind::Registry
+        }
+        async fn open_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+            want: crate::engine::Lookup,
+        ) -> Result<Option<crate::engine::BlobHit>> {
+            if !want.body {
+                return Ok(None);
+            }
+            if self.panic {
+                panic!("a bug in an engine");
+            }
+            std::future::pending().await
+        }
+        async fn get_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::Manifest>> {
+            Ok(None)
+        }
+        async fn head_manifest(
+            &self,
+            _: &RepoName,
+            _: &crate::oci::Reference,
+            _: &[String],
+        ) -> Result<Option<crate::engine::ManifestMeta>> {
+            Ok(None)
+        }
+        async fn list_tags(&self, _: &RepoName) -> Result<Option<Vec<String>>> {
+            Ok(None)
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A follower of the fill of `digest` sees it fail within a few seconds, and the table
+    /// forgets the dead fill: the next request leads a new one.
+    async fn follower_fails(fills: &Fills, digest: &Digest, follower: Arc<FillState>) {
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), follower.started());
+        let res = waited.await.expect("the follower waits forever");
+        assert!(res.is_err(), "the follower was not told the fill failed");
+        assert!(matches!(fills.join_or_start(digest), Joined::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn dropping_a_leader_fails_the_fill_for_its_followers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+        let digest = Digest::sha256_of(b"x");
+        let repo: RepoName = "a/b".parse().unwrap();
+
+        // A leader that never starts.
+        let leader = fills.join_or_start(&digest);
+        assert!(matches!(leader, Joined::Leader(_)));
+        let follower = fills.join_or_start(&digest);
+        assert!(Arc::ptr_eq(leader.state(), follower.state()));
+        let waiting = tokio::spawn({
+            let state = follower.state().clone();
+            async move { state.started().await.map(|_| ()) }
+        });
+        drop(leader);
+        let res = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the follower waits forever")
+            .unwrap();
+        assert!(res.is_err());
+        assert_eq!(fills.in_flight(), 0);
+
+        // A leader whose task panics.
+        let plan = || FillPlan {
+            sources: vec![(
+                Arc::new(Stuck { panic: true }) as Arc<dyn Engine>,
+                repo.clone(),
+            )],
+            target: None,
+        };
+        let _fill = fills.join_or_start(&digest).start_with(plan);
+        let Joined::Follower(f) = fills.join_or_start(&digest) else {
+            panic!("the fill is not running");
+        };
+        follower_fails(&fills, &digest, f.state.clone()).await;
+    }
+
+    #[tokio::test]
+    async fn a_leaders_task_dropped_with_its_runtime_fails_the_fill_for_its_followers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(dir.path().to_path_buf(), Metrics::new());
+        let digest = Digest::sha256_of(b"y");
+        // The fill task runs on a runtime that shuts down with it stuck in its source: the
+        // task is dropped, its leader with it.
+        let follower = std::thread::spawn({
+            let fills = fills.clone();
+            let digest = digest.clone();
+            move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let _fill = fills.join_or_start(&digest).start_with(|| FillPlan {
+                        sources: vec![(
+                            Arc::new(Stuck { panic: false }) as Arc<dyn Engine>,
+                            "a/b".parse().unwrap(),
+                        )],
+                        target: None,
+                    });
+                    tokio::task::yield_now().await;
+                    fills.join_or_start(&digest).state().clone()
+                })
+            }
+        })
+        .join()
+        .unwrap();
+        follower_fails(&fills, &digest, follower).await;
     }
 
     #[tokio::test]
@@ -1055,8 +1491,12 @@ mod tests {
         let mut r = fill.follow(50, 50);
         let p = r.next_piece(false).await.unwrap().unwrap();
         assert_eq!(range(&p), (50, 30, false));
-        fill.progress
-            .send_modify(|p| p.outcome = Some(Outcome::Failed("bad digest".into())));
+        fill.progress.send_modify(|p| {
+            p.outcome = Some(Outcome::Failed(Error::DigestMismatch {
+                expected: "a".into(),
+                actual: "b".into(),
+            }))
+        });
         assert!(r.next_piece(false).await.is_err());
     }
 }

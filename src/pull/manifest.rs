@@ -87,7 +87,7 @@ impl Puller {
                     return Ok((m, engine.id().into()));
                 }
                 Ok(None) => {}
-                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) if e.is_answer() => return Err(e),
                 Err(e) => {
                     self.metrics.upstream_error(engine.id());
                     last_err = Some(e);
@@ -170,7 +170,7 @@ impl Puller {
                     format!("{}:{tag} is unknown upstream", r.upstream_repo),
                 ))
             }
-            Err(e @ Error::Client(_)) => Err(e),
+            Err(e) if e.is_answer() => Err(e),
             Err(e) if fresh.is_some() => self.serve_as_is(r, tag, fresh, accept, e).await,
             Err(e) => {
                 self.metrics.upstream_error(upstream.engine.id());
@@ -354,7 +354,8 @@ impl Puller {
             if let Some(u) = self.engines.upstream(r) {
                 match u.engine.list_tags(&r.upstream_repo).await {
                     Ok(Some(t)) => tags.extend(t),
-                    Ok(None) | Err(Error::Client(_)) => {}
+                    Ok(None) => {}
+                    Err(e) if e.is_answer() => {}
                     Err(e) => {
                         self.metrics.upstream_error(u.engine.id());
                         tracing::warn!(error = %e, "tags list: upstream unreachable; pushed tags only");
@@ -374,7 +375,7 @@ impl Puller {
                         format!("repository {} is unknown upstream", r.upstream_repo),
                     ))
                 }
-                Err(e @ Error::Client(_)) => return Err(e),
+                Err(e) if e.is_answer() => return Err(e),
                 Err(e) => {
                     self.metrics.upstream_error(u.engine.id());
                     tracing::warn!(error = %e, "tags list from the local engine: authority unreachable");

@@ -13,7 +13,7 @@ use futures::Stream;
 use tokio::time::{Instant, Sleep};
 
 use crate::engine::ByteStream;
-use crate::error::{Error, Result};
+use crate::error::{EngineError, Error, Result};
 
 /// The rate a blob stream must keep: at least `bytes` in each `window` of waiting on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,14 +32,29 @@ impl Default for MinRate {
     }
 }
 
-/// The message of the error a too-slow stream ends with (the fill recognises it).
+/// The message of the error a too-slow stream ends with.
 pub const TOO_SLOW: &str = "slower than the minimum rate";
 
-/// `inner`, failing with an engine error of `engine` once a window of waiting brought fewer
-/// bytes than the rate asks.
+/// Why a guarded engine stream failed: the source's own fault, transient (a later request may be
+/// fast), but the fill does not ask the same source again at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TooSlow(String);
+
+impl TooSlow {
+    /// Whether `e` is the failure of a stream [`guard`] found too slow.
+    pub fn is(e: &Error) -> bool {
+        matches!(e.engine_error(), Some(EngineError::Transient(s)) if s.is::<TooSlow>())
+    }
+}
+
+/// `inner`, failing with a transient [`TooSlow`] error of `engine` once a window of waiting
+/// brought fewer bytes than the rate asks.
 pub fn guard(inner: ByteStream, rate: MinRate, engine: &str) -> ByteStream {
     let engine = engine.to_string();
-    guard_with(inner, rate, move |m| Error::engine(&engine, m))
+    guard_with(inner, rate, move |m| {
+        Error::engine(&engine, EngineError::transient(TooSlow(m)))
+    })
 }
 
 /// [`guard`] failing with the error `fail` makes of the message (a client's request body: a

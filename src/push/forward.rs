@@ -76,7 +76,7 @@ impl Forwarder {
         if has_body {
             rb = rb.body(reqwest::Body::wrap_stream(body));
         }
-        let up = rb.send().await.map_err(|e| Error::engine(&self.name, e))?;
+        let up = rb.send().await.map_err(|e| Error::reqwest(&self.name, e))?;
         let status = StatusCode::from_u16(up.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let mut b = Response::builder().status(status);
         for (k, v) in up.headers() {
@@ -102,10 +102,10 @@ impl Forwarder {
         }
         let stream = up.bytes_stream().map_err({
             let name = self.name.clone();
-            move |e| Error::engine(&name, e)
+            move |e| Error::reqwest(&name, e)
         });
         let body: ByteStream = Box::pin(stream);
-        b.body(body).map_err(|e| Error::engine("http", e))
+        b.body(body).map_err(|e| Error::permanent("http", e))
     }
 
     /// `http://upstream/v2/<upstream name>/blobs/uploads/x?_state=…` → `/v2/<client name>/…`.

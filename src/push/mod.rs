@@ -15,7 +15,7 @@ use crate::engine::pushed::PushedRepos;
 use crate::engine::storage::StorageEngine;
 use crate::engine::EngineExt;
 use crate::engine::{ByteStream, Engine, Manifest};
-use crate::error::{Error, Result};
+use crate::error::{idempotent, EngineError, Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::{manifest, media, Digest, ErrorCode, Reference, RepoName};
 use crate::replicate::{Job, Replicator};
@@ -203,7 +203,7 @@ impl Pusher {
             return Ok(false);
         };
         self.pushed.mark(repo).await?;
-        self.content.link_blob(repo, digest).await?;
+        idempotent(self.content.link_blob(repo, digest).await)?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, meta.size, Some(false));
         }
@@ -234,10 +234,8 @@ impl Pusher {
             ));
         }
         self.pushed.mark(repo).await?;
-        self.content
-            .put_blob_file(digest, &spool.path, size)
-            .await?;
-        self.content.link_blob(repo, digest).await?;
+        idempotent(self.content.put_blob_file(digest, &spool.path, size).await)?;
+        idempotent(self.content.link_blob(repo, digest).await)?;
         if let Some(ev) = &self.evictor {
             ev.touch(digest, size, Some(false));
         }
@@ -302,7 +300,7 @@ impl Pusher {
             bytes: bytes.clone(),
         };
         self.pushed.mark(repo).await?;
-        self.content.put_manifest(repo, &m).await?;
+        idempotent(self.content.put_manifest(repo, &m).await)?;
         if let Some(ev) = &self.evictor {
             ev.manifest_seen(repo, &m, Some(false));
         }
@@ -315,7 +313,19 @@ impl Pusher {
                 // Storage, the in-process answer and the job in one order: the last writer of
                 // the tag is the last everywhere (and the job copies the value current then).
                 let _one = self.tag_lock(repo, tag).lock().await;
-                self.content.put_tag(repo, tag, &digest).await?;
+                match self.content.put_tag(repo, tag, &digest).await {
+                    Ok(()) => {}
+                    // The conditional write lost: a concurrent push moved the tag after this
+                    // one was decided. Its value stands (as if this push came first); the
+                    // caching engine forgot its answer, so the next read asks storage.
+                    Err(Error::Engine {
+                        error: EngineError::Precondition,
+                        ..
+                    }) => {
+                        tracing::info!(%repo, %tag, %digest, "tag push lost a race to a concurrent push");
+                    }
+                    Err(e) => return Err(e),
+                }
                 self.replicator
                     .enqueue(Job::Tag {
                         repo: repo.to_string(),

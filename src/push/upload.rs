@@ -356,7 +356,7 @@ impl Uploads {
             .list(Some(&Path::from(ROOT)))
             .try_collect()
             .await
-            .map_err(|e| Error::engine(self.engine.id(), e))?;
+            .map_err(|e| Error::object_store(self.engine.id(), e))?;
         for m in listing {
             if let Some(id) = m.location.as_ref().split('/').nth(2) {
                 let t = m.last_modified.timestamp();

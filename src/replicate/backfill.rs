@@ -141,13 +141,17 @@ where
     for attempt in 0..3u32 {
         match f().await {
             Ok(c) => return Ok(c),
+            // Only what may pass is tried again.
+            Err(e) if !(e.is_transient() || matches!(e, Error::DigestMismatch { .. })) => {
+                return Err(e)
+            }
             Err(e) => {
                 last = Some(e);
                 tokio::time::sleep(Duration::from_millis(200 * (1 << attempt))).await;
             }
         }
     }
-    Err(last.unwrap_or_else(|| Error::engine("backfill", "retries exhausted")))
+    Err(last.unwrap_or_else(|| Error::transient("backfill", "retries exhausted")))
 }
 
 #[cfg(test)]

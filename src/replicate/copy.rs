@@ -10,9 +10,9 @@ use futures::FutureExt;
 
 use crate::engine::EngineExt;
 use crate::engine::{Engine, GetBlob};
-use crate::error::{Error, Result};
+use crate::error::{idempotent, EngineError, Error, Result};
 use crate::oci::manifest;
-use crate::oci::{Digest, ErrorCode, Reference, RepoName, Tag};
+use crate::oci::{Digest, Reference, RepoName, Tag};
 
 /// What one copy did.
 #[derive(Default, Debug, Clone, Copy)]
@@ -51,13 +51,8 @@ impl Copier {
         let read = src
             .get_blob(repo, digest, GetBlob::default())
             .await?
-            .ok_or_else(|| {
-                // Absent, not broken: no retry will find it (a client error, by variant).
-                Error::client(
-                    ErrorCode::BlobUnknown,
-                    format!("blob {digest} missing in the source {}", src.id()),
-                )
-            })?;
+            // Absent, not broken: no retry will find it (the worker dead-letters the kind).
+            .ok_or_else(|| Error::engine(src.id(), EngineError::NotFound))?;
         let spool =
             crate::fileio::spool_hashed(&self.spool_dir, "copy", digest, read.stream).await?;
         if &spool.actual != digest || spool.size != read.size {
@@ -66,8 +61,8 @@ impl Copier {
                 actual: spool.actual.to_string(),
             });
         }
-        dst.put_blob_file(digest, &spool.path, spool.size).await?;
-        dst.link_blob(repo, digest).await?;
+        idempotent(dst.put_blob_file(digest, &spool.path, spool.size).await)?;
+        idempotent(dst.link_blob(repo, digest).await)?;
         Ok(Copied {
             blobs: 1,
             manifests: 0,
@@ -93,12 +88,7 @@ impl Copier {
             let m = src
                 .get_manifest(repo, &by_digest, &[])
                 .await?
-                .ok_or_else(|| {
-                    Error::client(
-                        ErrorCode::ManifestUnknown,
-                        format!("manifest {digest} missing in the source {}", src.id()),
-                    )
-                })?;
+                .ok_or_else(|| Error::engine(src.id(), EngineError::NotFound))?;
             let parsed = manifest::parse(&m.bytes, Some(&m.media_type)).map_err(Error::Client)?;
             let mut copied = Copied::default();
             for b in &parsed.blobs {
@@ -107,7 +97,7 @@ impl Copier {
             for child in &parsed.manifests {
                 copied += self.manifest(src, dst, repo, child).await?;
             }
-            dst.put_manifest(repo, &m).await?;
+            idempotent(dst.put_manifest(repo, &m).await)?;
             copied.manifests += 1;
             copied.bytes += m.bytes.len() as u64;
             Ok(copied)

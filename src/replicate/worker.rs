@@ -16,7 +16,7 @@ use super::queue::{Queue, Queued};
 use super::task::{Job, Parsed};
 use crate::engine::Engine;
 use crate::engine::EngineExt;
-use crate::error::{Error, Result};
+use crate::error::{EngineError, Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 
@@ -259,11 +259,14 @@ impl Replicator {
 }
 
 /// Why a job did not finish.
+#[derive(Debug)]
 enum Failure {
-    /// An engine failed: the job may succeed later, and is retried with backoff.
+    /// A failure that may pass (a transient engine failure, local I/O, bytes that did not match:
+    /// a read cut short looks the same): the job is retried with backoff.
     Retry(Error),
     /// The job can never succeed (names that do not validate, content the source does not
-    /// have, a manifest that does not parse): it is moved to the dead-letter prefix.
+    /// have, a manifest that does not parse, an engine's permanent failure or refusal, a
+    /// conditional write that lost): it is moved to the dead-letter prefix.
     Dead(String),
 }
 
@@ -273,8 +276,213 @@ impl From<Error> for Failure {
             // Decided, not broken: content absent from the source, a manifest (verified against
             // its digest) that does not parse. No retry changes them.
             Error::Client(e) => Failure::Dead(e.message),
-            // Engines failing, and bytes that did not match (a read cut short looks the same).
-            e => Failure::Retry(e),
+            Error::Engine { ref error, .. } => match error {
+                EngineError::Transient(_) | EngineError::RateLimited(_) => Failure::Retry(e),
+                // A create that found the object there: the next run's check sees it done.
+                EngineError::AlreadyExists => Failure::Retry(e),
+                EngineError::NotFound
+                | EngineError::Precondition
+                | EngineError::Unsupported(_)
+                | EngineError::RangeInvalid(_)
+                | EngineError::Denied(_)
+                | EngineError::Permanent(_) => Failure::Dead(e.to_string()),
+            },
+            Error::Config(m) => Failure::Dead(m),
+            e @ (Error::Io(_) | Error::DigestMismatch { .. }) => Failure::Retry(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::storage::StorageEngine;
+    use crate::engine::{BlobHit, Change, EngineKind, Lookup, Manifest, ManifestMeta};
+    use crate::oci::Reference;
+
+    /// A target whose blob writes fail with `fail` the first `failures` times, then go to
+    /// `inner`.
+    #[derive(Debug)]
+    struct Failing {
+        id: &'static str,
+        inner: Arc<StorageEngine>,
+        fail: fn() -> EngineError,
+        failures: u32,
+        tries: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Failing {
+        fn id(&self) -> &str {
+            self.id
+        }
+        fn kind(&self) -> EngineKind {
+            EngineKind::Storage
+        }
+        async fn open_blob(
+            &self,
+            repo: &RepoName,
+            d: &Digest,
+            want: Lookup,
+        ) -> Result<Option<BlobHit>> {
+            self.inner.open_blob(repo, d, want).await
+        }
+        async fn get_manifest(
+            &self,
+            repo: &RepoName,
+            r: &Reference,
+            a: &[String],
+        ) -> Result<Option<Manifest>> {
+            self.inner.get_manifest(repo, r, a).await
+        }
+        async fn head_manifest(
+            &self,
+            repo: &RepoName,
+            r: &Reference,
+            a: &[String],
+        ) -> Result<Option<ManifestMeta>> {
+            self.inner.head_manifest(repo, r, a).await
+        }
+        async fn list_tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>> {
+            self.inner.list_tags(repo).await
+        }
+        async fn put_blob_file(&self, d: &Digest, file: &std::path::Path, size: u64) -> Result<()> {
+            if self.tries.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(Error::engine(self.id, (self.fail)()));
+            }
+            self.inner.put_blob_file(d, file, size).await
+        }
+        async fn update(&self, repo: &RepoName, change: &Change) -> Result<bool> {
+            self.inner.update(repo, change).await
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn memory(id: &str) -> Arc<StorageEngine> {
+        Arc::new(StorageEngine::open(id, "memory://", &Default::default()).unwrap())
+    }
+
+    /// Polls `cond` until it holds or `deadline` passes.
+    async fn until<F, Fut>(deadline: Duration, mut cond: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if cond().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_permanent_ones_dead_lettered_existing_objects_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = memory("src");
+        let repo: RepoName = "team/app".parse().unwrap();
+        let data = b"layer bytes".to_vec();
+        let digest = Digest::sha256_of(&data);
+        let file = dir.path().join("blob");
+        std::fs::write(&file, &data).unwrap();
+        source
+            .put_blob_file(&digest, &file, data.len() as u64)
+            .await
+            .unwrap();
+        source.link_blob(&repo, &digest).await.unwrap();
+
+        let flaky = Arc::new(Failing {
+            id: "flaky",
+            inner: memory("flaky"),
+            fail: || EngineError::transient("503 from the bucket"),
+            failures: 2,
+            tries: AtomicU32::new(0),
+        });
+        let broken = Arc::new(Failing {
+            id: "broken",
+            inner: memory("broken"),
+            fail: || EngineError::permanent("the bucket refuses this object"),
+            failures: u32::MAX,
+            tries: AtomicU32::new(0),
+        });
+        // A blob write that finds the blob there (written by another process since the check):
+        // an idempotent write, done.
+        let there = Arc::new(Failing {
+            id: "there",
+            inner: memory("there"),
+            fail: || EngineError::AlreadyExists,
+            failures: u32::MAX,
+            tries: AtomicU32::new(0),
+        });
+        let metrics = Metrics::new();
+        let queue = Queue::new(source.clone()).with_metrics(metrics.clone());
+        let targets: Vec<(String, Arc<dyn Engine>)> = vec![
+            ("flaky".into(), flaky.clone()),
+            ("broken".into(), broken.clone()),
+            ("there".into(), there.clone()),
+        ];
+        let replicator = Arc::new(Replicator::new(
+            queue,
+            source.clone(),
+            targets,
+            vec!["flaky".into(), "broken".into(), "there".into()],
+            Vec::new(),
+            Copier {
+                spool_dir: dir.path().join("spool"),
+            },
+            metrics,
+        ));
+        replicator
+            .enqueue(Job::Blob {
+                repo: repo.to_string(),
+                digest: digest.to_string(),
+            })
+            .await
+            .unwrap();
+        let worker = tokio::spawn(replicator.clone().run());
+
+        // The transient failure: tried again (with backoff) until the blob is there.
+        let copied = until(Duration::from_secs(20), || async {
+            flaky
+                .inner
+                .stat_blob(&repo, &digest)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+                && replicator.queue.pending("flaky").await.unwrap().is_empty()
+        })
+        .await;
+        assert!(copied, "the transient failure was not retried to success");
+        assert_eq!(flaky.tries.load(Ordering::SeqCst), 3);
+        assert_eq!(replicator.queue.dead_letters("flaky").await.unwrap(), 0);
+
+        // The permanent failure: moved to the dead letters after one try, never retried.
+        let dead = until(Duration::from_secs(20), || async {
+            replicator.queue.dead_letters("broken").await.unwrap() == 1
+                && replicator.queue.pending("broken").await.unwrap().is_empty()
+        })
+        .await;
+        assert!(dead, "the permanent failure was not dead-lettered");
+        assert_eq!(broken.tries.load(Ordering::SeqCst), 1);
+
+        let done = until(Duration::from_secs(20), || async {
+            replicator.queue.pending("there").await.unwrap().is_empty()
+        })
+        .await;
+        assert!(
+            done,
+            "an idempotent write that found its object was not success"
+        );
+        assert_eq!(there.tries.load(Ordering::SeqCst), 1);
+        assert_eq!(replicator.queue.dead_letters("there").await.unwrap(), 0);
+        worker.abort();
     }
 }

@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::{Client, RequestBuilder, Response};
 
 use super::auth::{parse_challenge, Challenge, RealmPolicy, TokenCache, TokenResponse};
-use crate::error::{Error, Result};
+use crate::error::{BoxError, EngineError, Error, Result};
 
 pub const USER_AGENT: &str = concat!("ociedge/", env!("CARGO_PKG_VERSION"));
 
@@ -110,12 +110,28 @@ impl RegistryClient {
         format!("{base}{path_and_query}")
     }
 
-    pub fn fail(&self, e: impl std::fmt::Display) -> Error {
+    /// A failure of this upstream, of the kind `e`.
+    pub fn err(&self, e: EngineError) -> Error {
         Error::engine(&self.id, e)
     }
 
+    /// A protocol violation or an answer we cannot use: asking again will not help.
+    pub fn permanent(&self, e: impl Into<BoxError>) -> Error {
+        Error::permanent(&self.id, e)
+    }
+
+    /// A failure that may pass: a timeout, a dropped connection, a 5xx.
+    pub fn transient(&self, e: impl Into<BoxError>) -> Error {
+        Error::transient(&self.id, e)
+    }
+
+    /// A transport failure, classified.
+    pub fn reqwest(&self, e: reqwest::Error) -> Error {
+        Error::reqwest(&self.id, e)
+    }
+
     /// Sends `method url` for `scope` (e.g. `repository:library/alpine:pull`), with `headers`,
-    /// authenticating as the upstream asks. Network errors are `Error::Engine`.
+    /// authenticating as the upstream asks. Network errors are `Error::Engine`, by kind.
     pub async fn send(
         &self,
         method: Method,
@@ -143,7 +159,10 @@ impl RegistryClient {
             Some(c) => self.authorization(c, scope, false).await?,
             None => None,
         };
-        let resp = build(first_auth).send().await.map_err(|e| self.fail(e))?;
+        let resp = build(first_auth)
+            .send()
+            .await
+            .map_err(|e| self.reqwest(e))?;
         if resp.status() != StatusCode::UNAUTHORIZED || scope.is_none() {
             return Ok(resp);
         }
@@ -162,7 +181,7 @@ impl RegistryClient {
         if auth.is_none() {
             return Ok(resp);
         }
-        build(auth).send().await.map_err(|e| self.fail(e))
+        build(auth).send().await.map_err(|e| self.reqwest(e))
     }
 
     /// The `Authorization` value for a challenge: a cached or fresh Bearer token, or Basic.
@@ -225,10 +244,7 @@ impl RegistryClient {
                 );
             }
         }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| self.fail(format!("token endpoint: {e}")))?;
+        let resp = rb.send().await.map_err(|e| self.reqwest(e))?;
         if !resp.status().is_success() {
             // Wrong credentials or a denied scope: the request goes on without a token and the
             // upstream's own 401/403 reaches the caller.
@@ -237,9 +253,9 @@ impl RegistryClient {
         }
         let body = super::limit::read_body(resp, super::limit::MAX_TOKEN, "token response")
             .await
-            .map_err(|e| self.fail(format!("token endpoint: {e}")))?;
+            .map_err(|e| self.err(e))?;
         let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| self.fail(format!("token endpoint answered garbage: {e}")))?;
+            .map_err(|e| self.permanent(format!("token endpoint answered garbage: {e}")))?;
         let Some((token, ttl)) = parsed.into_token() else {
             return Ok(None);
         };

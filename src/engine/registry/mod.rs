@@ -14,8 +14,8 @@ use super::{
     BlobHit, BlobMeta, BlobRead, ByteRange, ByteStream, Engine, EngineKind, GetBlob, Hit, Lookup,
     Manifest, ManifestMeta, RangeSpec,
 };
-use crate::error::{Error, Result};
-use crate::oci::{media, Digest, ErrorCode, Reference, RepoName};
+use crate::error::{EngineError, Error, Result};
+use crate::oci::{media, Digest, Reference, RepoName};
 pub use client::RegistryClient;
 
 /// Manifests larger than this are refused (the spec's bound, and Distribution's; the push side's).
@@ -59,37 +59,36 @@ impl RegistryEngine {
             StatusCode::OK => {
                 let len = resp
                     .content_length()
-                    .ok_or_else(|| self.client.fail("blob GET without Content-Length"))?;
+                    .ok_or_else(|| self.client.permanent("blob GET without Content-Length"))?;
                 if opts.range.is_some_and(|r| r.start > 0) {
                     // The upstream ignored our Range; a resume from the wrong offset would corrupt
                     // the fill, so treat this engine as unable to resume.
-                    return Err(self.client.fail("upstream ignored a Range request"));
+                    return Err(self.client.permanent("upstream ignored a Range request"));
                 }
                 (len, 0, len)
             }
             StatusCode::PARTIAL_CONTENT => {
                 let (a, b, total) = header_str(&resp, http::header::CONTENT_RANGE)
                     .and_then(parse_content_range)
-                    .ok_or_else(|| self.client.fail("206 without a valid Content-Range"))?;
+                    .ok_or_else(|| self.client.permanent("206 without a valid Content-Range"))?;
                 if Some(a) != opts.range.map(|r| r.start) {
                     return Err(self
                         .client
-                        .fail("upstream answered another range than asked"));
+                        .permanent("upstream answered another range than asked"));
                 }
                 (total, a, b - a)
             }
             StatusCode::NOT_FOUND => return Ok(None),
             StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(Error::client(
-                    ErrorCode::RangeInvalid,
-                    "range not satisfiable",
-                ))
+                return Err(self
+                    .client
+                    .err(EngineError::RangeInvalid("range not satisfiable".into())))
             }
             s => return Err(self.status_error("blob", s)),
         };
         let id = self.client.id().to_string();
         let stream: ByteStream =
-            Box::pin(resp.bytes_stream().map_err(move |e| Error::engine(&id, e)));
+            Box::pin(resp.bytes_stream().map_err(move |e| Error::reqwest(&id, e)));
         Ok(Some(BlobRead {
             size,
             offset,
@@ -167,7 +166,7 @@ impl RegistryEngine {
     ) -> Result<T> {
         match tokio::time::timeout(SMALL_DEADLINE, fut).await {
             Ok(r) => r,
-            Err(_) => Err(self.client.fail(format!(
+            Err(_) => Err(self.client.transient(format!(
                 "{what}: no whole answer within {}s",
                 SMALL_DEADLINE.as_secs()
             ))),
@@ -189,7 +188,7 @@ impl RegistryEngine {
                     header_str(&resp, http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
                 // (the header, not reqwest's body size hint, which is 0 for a HEAD)
                 let size =
-                    size.ok_or_else(|| self.client.fail("blob HEAD without Content-Length"))?;
+                    size.ok_or_else(|| self.client.permanent("blob HEAD without Content-Length"))?;
                 Ok(Some(BlobMeta { size }))
             }
             StatusCode::NOT_FOUND => Ok(None),
@@ -218,7 +217,7 @@ impl RegistryEngine {
             .and_then(|s| s.parse().ok());
         let bytes = limit::read_body(resp, MAX_MANIFEST, "manifest")
             .await
-            .map_err(|e| self.client.fail(e))?;
+            .map_err(|e| self.client.err(e))?;
         // The name we will store and serve it under must be what the bytes hash to.
         let expected = match reference {
             Reference::Digest(d) => Some(d.clone()),
@@ -241,7 +240,7 @@ impl RegistryEngine {
         if !media::is_manifest(&bytes) {
             return Err(self
                 .client
-                .fail("upstream answered a manifest request with a non-manifest"));
+                .permanent("upstream answered a manifest request with a non-manifest"));
         }
         // An upstream's word for the type is taken only when it is a manifest type; otherwise
         // the bytes must declare one (a "manifest" served as `text/html` is refused, never
@@ -249,7 +248,7 @@ impl RegistryEngine {
         let media_type = match media_type {
             Some(m) if media::is_manifest_type(&m) => m,
             _ => media::sniff_manifest(&bytes).ok_or_else(|| {
-                self.client.fail(format!(
+                self.client.permanent(format!(
                     "{repo}:{reference} is not a manifest (no manifest media type)"
                 ))
             })?,
@@ -322,20 +321,20 @@ impl RegistryEngine {
                     header_str(&resp, http::header::LINK).and_then(|l| self.next_page(repo, l));
                 let body = limit::read_body(resp, limit::MAX_TAGS_PAGE, "tags list page")
                     .await
-                    .map_err(|e| self.client.fail(e))?;
+                    .map_err(|e| self.client.err(e))?;
                 Ok(Some((body, next)))
             });
             let Some((body, next)) = page.await? else {
                 return Ok(None);
             };
             let list: TagList = serde_json::from_slice(&body)
-                .map_err(|e| self.client.fail(format!("tags list: {e}")))?;
+                .map_err(|e| self.client.permanent(format!("tags list: {e}")))?;
             drop(body);
             all.extend(list.tags.unwrap_or_default());
             if all.len() > limit::MAX_TAGS {
                 return Err(self
                     .client
-                    .fail(format!("tags list longer than {} tags", limit::MAX_TAGS)));
+                    .permanent(format!("tags list longer than {} tags", limit::MAX_TAGS)));
             }
             match next {
                 Some(n) => path = n,
@@ -367,14 +366,15 @@ impl RegistryEngine {
         let filtered = resp.headers().contains_key("oci-filters-applied");
         let body = limit::read_body(resp, MAX_MANIFEST, "referrers index")
             .await
-            .map_err(|e| self.client.fail(e))?;
+            .map_err(|e| self.client.err(e))?;
         Ok(Some((body, filtered)))
     }
 
+    /// An answer with an unexpected status, by its kind (refused, rate limited, transient,
+    /// permanent).
     fn status_error(&self, what: &str, status: StatusCode) -> Error {
-        match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::client(
-                ErrorCode::Denied,
+        let message = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 if self.client.credentials_withheld() {
                     format!(
                         "upstream {} refused access to {what}: its token realm is not an origin its credentials may go to (upstreams[].auth.realms), so none were sent",
@@ -382,14 +382,14 @@ impl RegistryEngine {
                     )
                 } else {
                     format!("upstream {} refused access to {what}", self.client.id())
-                },
-            ),
-            StatusCode::TOO_MANY_REQUESTS => Error::client(
-                ErrorCode::TooManyRequests,
-                format!("upstream {} is rate limiting", self.client.id()),
-            ),
-            s => self.client.fail(format!("{what}: upstream answered {s}")),
-        }
+                }
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                format!("upstream {} is rate limiting", self.client.id())
+            }
+            s => format!("{what}: upstream answered {s}"),
+        };
+        self.client.err(EngineError::from_status(status, message))
     }
 }
 
@@ -519,7 +519,9 @@ impl Engine for RegistryEngine {
             .send(Method::GET, "/v2/", None, HeaderMap::new())
             .await?;
         if resp.status().is_server_error() {
-            return Err(self.client.fail(format!("/v2/ answered {}", resp.status())));
+            return Err(self
+                .client
+                .transient(format!("/v2/ answered {}", resp.status())));
         }
         Ok(())
     }
