@@ -77,12 +77,10 @@ mod adapter {
         e.kind() == EngineKind::Storage
     }
 
-    /// The OCI error code an engine error carries, if it is a client error.
+    /// The OCI error code a client is answered with for `e` (engine failures are mapped by
+    /// kind, in `Error::to_oci`).
     pub fn error_code(e: &Error) -> Option<&'static str> {
-        match e {
-            Error::Client(o) => Some(o.code.as_str()),
-            _ => None,
-        }
+        Some(e.to_oci().code.as_str())
     }
 
     pub async fn stat_blob(e: &dyn Engine, repo: &RepoName, d: &Digest) -> Result<Option<u64>> {
