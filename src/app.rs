@@ -116,9 +116,14 @@ impl App {
             if let Some(realms) = RealmPolicy::of(u) {
                 client = client.with_realms(realms);
             }
-            let engine: Arc<dyn Engine> = cached(
-                Arc::new(RegistryEngine::new(client)),
-                Freshness::remote(tag_ttl),
+            let freshness = Freshness::upstream(tag_ttl, config.cache.negative_ttl.0);
+            let engine: Arc<dyn Engine> = Arc::new(
+                CachingEngine::new(
+                    Arc::new(RegistryEngine::new(client)),
+                    generation.clone(),
+                    freshness,
+                )
+                .with_metrics(metrics.clone()),
             );
             probed.push((engine.clone(), 0));
             upstreams.push((u.name.clone(), engine));
@@ -192,7 +197,10 @@ impl App {
                 Some(u) => {
                     let base = url::Url::parse(&u.url)
                         .map_err(|e| Error::Config(format!("upstreams: {}: {e}", u.name)))?;
-                    Some(Forwarder::new(&u.name, base, http.clone()))
+                    Some(
+                        Forwarder::new(&u.name, base, http.clone())
+                            .with_generation(generation.clone()),
+                    )
                 }
                 None => None,
             },

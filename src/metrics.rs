@@ -180,7 +180,7 @@ impl Metrics {
             bytes_served.clone(),
         );
         let cache = Family::<CacheLabels, Counter>::default();
-        registry.register("cache_requests", "Lookups in the local engine by kind (blob, manifest, tag) and result (hit, miss, stale)", cache.clone());
+        registry.register("cache_requests", "Lookups in the local engine by kind (blob, manifest, tag) and result (hit, miss, stale, negative: an upstream said moments ago it has no such manifest)", cache.clone());
         let fills_in_flight = Gauge::default();
         registry.register(
             "fills_in_flight",
@@ -559,6 +559,10 @@ impl Metrics {
                 result,
             });
         }
+        let _ = i.cache.get_or_create(&CacheLabels {
+            kind: "manifest",
+            result: "negative",
+        });
         for result in ["done", "not_found", "failed"] {
             let _ = i.fills.get_or_create(&ResultLabels { result });
         }

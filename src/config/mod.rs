@@ -290,6 +290,9 @@ pub struct CacheConfig {
     /// How long a stale tag is served while its authority is down. Default 24h.
     #[serde(default = "default_max_stale")]
     pub max_stale: HumanDuration,
+    /// How long an upstream's "no such manifest or tag" is remembered. Default 30s; 0s: never.
+    #[serde(default = "default_negative_ttl")]
+    pub negative_ttl: HumanDuration,
     /// Local engine cap: least recently used cached content is evicted above it. Unset: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<ByteSize>,
@@ -308,6 +311,9 @@ pub struct CacheConfig {
 /// The smallest `cache.max_size` accepted: below it a cache thrashes on one image.
 pub const MIN_MAX_SIZE: u64 = 16 << 20;
 
+fn default_negative_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
+}
 fn default_low_water() -> f64 {
     0.9
 }
@@ -323,6 +329,7 @@ impl Default for CacheConfig {
         CacheConfig {
             tag_ttl: default_tag_ttl(),
             max_stale: default_max_stale(),
+            negative_ttl: default_negative_ttl(),
             max_size: None,
             low_water: default_low_water(),
             min_idle: default_min_idle(),

@@ -15,8 +15,10 @@
 //! Writes through another process sharing the storage (another ociedge, Distribution, an
 //! eviction of the local engine, `ociedge verify`) are not seen by the generation. They are
 //! seen within the memo's bound, stated by its [`Freshness`]: a blob size within `present`, an
-//! absence within `absent`, a link or tag within `answers` (the `tag_ttl`). Manifests are kept
-//! by digest: their bytes never change, and whether a repository holds one is a link.
+//! absence within `absent`, a link or tag within `answers` (the `tag_ttl`), a manifest or tag an
+//! upstream said it does not have within `negative` (`cache.negative_ttl`; any write of this
+//! process forgets every such answer). Manifests are kept by digest: their bytes never change,
+//! and whether a repository holds one is a link.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,7 +44,9 @@ impl Generation {
         self.0.load(Ordering::Acquire)
     }
 
-    fn bump(&self) {
+    /// Moves the count: for a write this process makes around its caching engines (a push
+    /// forwarded to an upstream registry), so that nothing remembered before it is used after.
+    pub fn bump(&self) {
         self.0.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -58,6 +62,9 @@ pub struct Freshness {
     pub answers: Duration,
     /// Bytes of manifests kept by digest (0: none).
     pub manifest_bytes: u64,
+    /// A manifest or tag the engine said it does not have (0: not remembered). Forgotten at the
+    /// next write of this process, whatever it wrote.
+    pub negative: Duration,
 }
 
 impl Freshness {
@@ -68,6 +75,7 @@ impl Freshness {
             absent: Duration::from_secs(1),
             answers: tag_ttl,
             manifest_bytes: 64 << 20,
+            negative: Duration::ZERO,
         }
     }
 
@@ -79,6 +87,17 @@ impl Freshness {
             absent: Duration::from_secs(1),
             answers: tag_ttl,
             manifest_bytes: 0,
+            negative: Duration::ZERO,
+        }
+    }
+
+    /// An upstream registry: as a remote engine, and its "no such manifest or tag" is
+    /// remembered for `negative` (`cache.negative_ttl`), so clients probing names that do not
+    /// exist (containerd's `_default` host, a CI loop on a missing tag) do not reach it each time.
+    pub fn upstream(tag_ttl: Duration, negative: Duration) -> Freshness {
+        Freshness {
+            negative,
+            ..Freshness::remote(tag_ttl)
         }
     }
 }
@@ -102,7 +121,14 @@ pub struct CachingEngine {
     written: Cache<(RepoName, Content), ()>,
     tags: Option<Cache<(RepoName, Tag), TagLink>>,
     manifests: Option<Cache<Digest, Manifest>>,
+    /// Manifests and tags found absent, by (repository, reference, `Accept`), with the generation
+    /// they were seen under.
+    negative: Option<Cache<NegativeKey, u64>>,
+    /// Counts the answers `negative` gives (`cache{kind="manifest",result="negative"}`).
+    metrics: Option<crate::metrics::Metrics>,
 }
+
+type NegativeKey = (RepoName, String, String);
 
 impl CachingEngine {
     pub fn new(inner: Arc<dyn Engine>, generation: Generation, f: Freshness) -> CachingEngine {
@@ -134,6 +160,13 @@ impl CachingEngine {
                     .support_invalidation_closures()
                     .build()
             }),
+            negative: (!f.negative.is_zero()).then(|| {
+                Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(f.negative)
+                    .build()
+            }),
+            metrics: None,
             manifests: (f.manifest_bytes > 0).then(|| {
                 Cache::builder()
                     .max_capacity(f.manifest_bytes)
@@ -143,6 +176,33 @@ impl CachingEngine {
                     .build()
             }),
         }
+    }
+
+    /// Counts the answers given from the negative memo.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> CachingEngine {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Whether the engine said moments ago, with no write of this process since, that it has
+    /// no such manifest; `Some(key)` to remember a new absence under, otherwise.
+    fn known_absent(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<(), Option<NegativeKey>> {
+        let Some(memo) = &self.negative else {
+            return Err(None);
+        };
+        let key = (repo.clone(), reference.to_string(), accept.join(","));
+        if memo.get(&key) == Some(self.generation.now()) {
+            if let Some(m) = &self.metrics {
+                m.cache("manifest", "negative");
+            }
+            return Ok(());
+        }
+        Err(Some(key))
     }
 
     /// The engine this one wraps.
@@ -237,9 +297,12 @@ impl Engine for CachingEngine {
             }
         }
         let found = self.inner.open_blob(repo, digest, want).await?;
+        // Only sizes are remembered (what a `HEAD` asks): a read opens the blob anyway, and
+        // keeping nothing for it keeps the hot path of hits free of memo writes.
         match &found {
-            Some(hit) => self.keep(&self.present, key, hit.size, seen),
+            Some(hit) if !want.body => self.keep(&self.present, key, hit.size, seen),
             None => self.keep(&self.absent, key, seen, seen),
+            Some(_) => {}
         }
         Ok(found)
     }
@@ -266,8 +329,17 @@ impl Engine for CachingEngine {
         reference: &Reference,
         accept: &[String],
     ) -> Result<Option<Manifest>> {
+        let absent_key = match self.known_absent(repo, reference, accept) {
+            Ok(()) => return Ok(None),
+            Err(key) => key,
+        };
         let (Some(memo), Reference::Digest(d)) = (&self.manifests, reference) else {
-            return self.inner.get_manifest(repo, reference, accept).await;
+            let seen = self.generation.now();
+            let found = self.inner.get_manifest(repo, reference, accept).await?;
+            if let (None, Some(key), Some(negative)) = (&found, absent_key, &self.negative) {
+                self.keep(negative, key, seen, seen);
+            }
+            return Ok(found);
         };
         if let Some(m) = memo.get(d) {
             return Ok(Some(m));
@@ -295,7 +367,16 @@ impl Engine for CachingEngine {
                 }));
             }
         }
-        self.inner.head_manifest(repo, reference, accept).await
+        let absent_key = match self.known_absent(repo, reference, accept) {
+            Ok(()) => return Ok(None),
+            Err(key) => key,
+        };
+        let seen = self.generation.now();
+        let found = self.inner.head_manifest(repo, reference, accept).await?;
+        if let (None, Some(key), Some(negative)) = (&found, absent_key, &self.negative) {
+            self.keep(negative, key, seen, seen);
+        }
+        Ok(found)
     }
 
     async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
@@ -491,6 +572,7 @@ mod tests {
             absent: Duration::from_millis(200),
             answers: Duration::from_millis(200),
             manifest_bytes: 0,
+            negative: Duration::ZERO,
         };
         let cached = CachingEngine::new(store.clone(), Generation::default(), f);
         let data = b"other";
@@ -532,6 +614,44 @@ mod tests {
             cached.stat_blob(&repo(), &d).await.unwrap().unwrap().size,
             5
         );
+    }
+
+    /// "No such manifest" is remembered for `negative`, and forgotten by any write of the
+    /// process (a push forwarded to the upstream moves the generation too).
+    #[tokio::test]
+    async fn a_missing_manifest_is_remembered_until_a_write() {
+        let store = Arc::new(StorageEngine::from_store("up", Arc::new(InMemory::new())));
+        let generation = Generation::default();
+        let f = Freshness {
+            negative: Duration::from_secs(60),
+            ..Freshness::remote(Duration::from_secs(60))
+        };
+        let cached = CachingEngine::new(store.clone(), generation.clone(), f);
+        let bytes = Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#);
+        let m = Manifest {
+            digest: Digest::sha256_of(&bytes),
+            media_type: crate::oci::media::OCI_MANIFEST.into(),
+            bytes,
+        };
+        let tag: Tag = "v1".parse().unwrap();
+        let by_tag = Reference::Tag(tag.clone());
+        assert!(cached
+            .head_manifest(&repo(), &by_tag, &[])
+            .await
+            .unwrap()
+            .is_none());
+        // Written around it: still "absent" from memory...
+        store.put_manifest(&repo(), &m).await.unwrap();
+        store.put_tag(&repo(), &tag, &m.digest).await.unwrap();
+        assert!(cached
+            .head_manifest(&repo(), &by_tag, &[])
+            .await
+            .unwrap()
+            .is_none());
+        // ...until any write of the process.
+        generation.bump();
+        let found = cached.head_manifest(&repo(), &by_tag, &[]).await.unwrap();
+        assert_eq!(found.map(|f| f.digest), Some(m.digest));
     }
 
     /// A manifest by digest is answered from memory; its bytes never change.

@@ -27,6 +27,9 @@ pub struct Forwarder {
     name: String,
     base: url::Url,
     http: reqwest::Client,
+    /// Moved once the upstream answered a write: what the caching engines remember of the
+    /// upstream (a tag found absent, say) is not used after it.
+    generation: Option<crate::engine::caching::Generation>,
 }
 
 impl Forwarder {
@@ -35,7 +38,14 @@ impl Forwarder {
             name: name.into(),
             base,
             http,
+            generation: None,
         }
+    }
+
+    /// Moves `generation` after each forwarded write.
+    pub fn with_generation(mut self, generation: crate::engine::caching::Generation) -> Forwarder {
+        self.generation = Some(generation);
+        self
     }
 
     /// Forwards a write request. `client_name` is the repository as the client named it,
@@ -76,7 +86,11 @@ impl Forwarder {
         if has_body {
             rb = rb.body(reqwest::Body::wrap_stream(body));
         }
-        let up = rb.send().await.map_err(|e| Error::reqwest(&self.name, e))?;
+        let up = rb.send().await.map_err(|e| Error::reqwest(&self.name, e));
+        if let Some(g) = &self.generation {
+            g.bump();
+        }
+        let up = up?;
         let status = StatusCode::from_u16(up.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let mut b = Response::builder().status(status);
         for (k, v) in up.headers() {

@@ -227,29 +227,37 @@ impl TokenGate {
             return r;
         }
         // Forward to the real registry.
-        let client = reqwest::Client::new();
-        let url = format!(
-            "{}{}",
-            self.backend,
-            req.uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-        );
-        let mut rb = client.request(req.method().clone(), url);
-        for (k, v) in req.headers() {
-            if k != "authorization" && k != "host" {
-                rb = rb.header(k, v);
-            }
-        }
-        let Ok(up) = rb.send().await else {
-            return resp(StatusCode::BAD_GATEWAY, "");
-        };
-        let mut r = Response::builder().status(up.status());
-        for (k, v) in up.headers() {
-            r = r.header(k, v);
-        }
-        let body = up.bytes().await.unwrap_or_default();
-        r.body(full(body)).expect("response")
+        forward(&self.backend, req).await
     }
+}
+
+/// Forwards `req` (its method, path, query, headers but `Authorization` and `Host`, and body) to
+/// `backend` and answers with what it answered.
+pub async fn forward(backend: &str, req: Request<Incoming>) -> Response<Body> {
+    let client = reqwest::Client::new();
+    let url = format!(
+        "{backend}{}",
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    let mut rb = client.request(req.method().clone(), url);
+    for (k, v) in req.headers() {
+        if k != "authorization" && k != "host" {
+            rb = rb.header(k, v);
+        }
+    }
+    let Ok(body) = req.into_body().collect().await else {
+        return resp(StatusCode::BAD_REQUEST, "");
+    };
+    let Ok(up) = rb.body(body.to_bytes()).send().await else {
+        return resp(StatusCode::BAD_GATEWAY, "");
+    };
+    let mut r = Response::builder().status(up.status());
+    for (k, v) in up.headers() {
+        r = r.header(k, v);
+    }
+    let body = up.bytes().await.unwrap_or_default();
+    r.body(full(body)).expect("response")
 }
