@@ -112,7 +112,8 @@ impl App {
                     .map_err(|e| Error::Config(format!("upstreams: {}: ca_file: {e}", u.name)))?,
                 None => http.clone(),
             };
-            let mut client = RegistryClient::new(&u.name, base, http, basic);
+            let mut client =
+                RegistryClient::new(&u.name, base, http, basic).with_metrics(metrics.clone());
             if let Some(realms) = RealmPolicy::of(u) {
                 client = client.with_realms(realms);
             }
@@ -157,6 +158,13 @@ impl App {
             .filter(|id| *id != pref)
             .collect();
         metrics.preset(&remote_ids);
+        metrics.preset_upstreams(
+            &config
+                .upstreams
+                .iter()
+                .map(|u| u.name.clone())
+                .collect::<Vec<_>>(),
+        );
         // Every label bytes can be counted under: `local` for hits, an engine id otherwise.
         let history_engines: Vec<String> = probed
             .iter()

@@ -51,6 +51,18 @@ struct EngineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamRequestLabels {
+    upstream: Arc<str>,
+    /// `pull` (a manifest `GET`: what Docker Hub counts against the quota), `head`, `other`.
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
     kind: &'static str,
     result: &'static str,
@@ -116,6 +128,9 @@ struct Inner {
     fills: Family<ResultLabels, Counter>,
     fills_joined: Counter,
     upstream_errors: Family<EngineLabels, Counter>,
+    upstream_requests: Family<UpstreamRequestLabels, Counter>,
+    ratelimit_limit: Family<UpstreamLabels, Gauge>,
+    ratelimit_remaining: Family<UpstreamLabels, Gauge>,
     engine_bytes: Family<EngineLabels, Counter>,
     digest_mismatches: Family<EngineLabels, Counter>,
     stale_tags: Counter,
@@ -133,6 +148,8 @@ struct Inner {
     cache_entries: Gauge,
     evicted_bytes: Counter,
     evictions: Counter,
+    /// The last quota each upstream announced (limit, remaining), for the status page.
+    quotas: std::sync::Mutex<std::collections::BTreeMap<Arc<str>, (u64, u64)>>,
     local_engine_up: Family<EngineLabels, Gauge>,
     /// The local engine's id, once known: its probes also set `local_engine_up`.
     local_engine: OnceLock<Arc<str>>,
@@ -204,6 +221,24 @@ impl Metrics {
             "upstream_errors",
             "Failed requests to remote engines, by engine",
             upstream_errors.clone(),
+        );
+        let upstream_requests = Family::<UpstreamRequestLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Requests to upstream registries, by upstream and kind (pull: a manifest GET, which rate-limited registries count; head; other)",
+            upstream_requests.clone(),
+        );
+        let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_ratelimit_limit",
+            "Pulls an upstream allows per window, as its last answer announced (ratelimit-limit)",
+            ratelimit_limit.clone(),
+        );
+        let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "Pulls left in an upstream's window, as its last answer announced (ratelimit-remaining)",
+            ratelimit_remaining.clone(),
         );
         let engine_bytes = Family::<EngineLabels, Counter>::default();
         registry.register(
@@ -322,6 +357,7 @@ impl Metrics {
                 cache_entries,
                 evicted_bytes,
                 evictions,
+                quotas: Default::default(),
                 local_engine_up,
                 local_engine: OnceLock::new(),
                 repl_jobs,
@@ -343,6 +379,9 @@ impl Metrics {
                 fills,
                 fills_joined,
                 upstream_errors,
+                upstream_requests,
+                ratelimit_limit,
+                ratelimit_remaining,
                 engine_bytes,
                 digest_mismatches,
                 stale_tags,
@@ -423,6 +462,63 @@ impl Metrics {
             .fills
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// A request to `upstream`; `kind` is `pull`, `head` or `other`.
+    pub fn upstream_request(&self, upstream: &str, kind: &'static str) {
+        self.inner
+            .upstream_requests
+            .get_or_create(&UpstreamRequestLabels {
+                upstream: upstream.into(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// The quota `upstream` announced on its last answer.
+    pub fn upstream_quota(&self, upstream: &str, limit: u64, remaining: u64) {
+        let l = UpstreamLabels {
+            upstream: upstream.into(),
+        };
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Ok(mut q) = self.inner.quotas.lock() {
+            q.insert(l.upstream.clone(), (limit, remaining));
+        }
+        self.inner.ratelimit_limit.get_or_create(&l).set(g(limit));
+        self.inner
+            .ratelimit_remaining
+            .get_or_create(&l)
+            .set(g(remaining));
+    }
+
+    /// The last quota each upstream announced: (upstream, limit, remaining).
+    pub fn upstream_quotas(&self) -> Vec<(Arc<str>, u64, u64)> {
+        self.inner
+            .quotas
+            .lock()
+            .map(|q| q.iter().map(|(u, (l, r))| (u.clone(), *l, *r)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The series of each upstream known at start, at 0. A quota of 0 of 0 reads "none
+    /// announced" (the alert on it divides 0 by 0, which never fires).
+    pub fn preset_upstreams(&self, upstreams: &[String]) {
+        for u in upstreams {
+            let l = UpstreamLabels {
+                upstream: u.as_str().into(),
+            };
+            let _ = self.inner.ratelimit_limit.get_or_create(&l);
+            let _ = self.inner.ratelimit_remaining.get_or_create(&l);
+            for kind in ["pull", "head", "other"] {
+                let _ = self
+                    .inner
+                    .upstream_requests
+                    .get_or_create(&UpstreamRequestLabels {
+                        upstream: u.as_str().into(),
+                        kind,
+                    });
+            }
+        }
     }
 
     pub fn upstream_error(&self, engine: &str) {

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::Config;
-use common::{
-    assert_oci_error, client, eventually, metric, push_blob, random_bytes, Origin, Proxy,
-};
+use common::{assert_oci_error, client, eventually, metric, Origin, Proxy};
 
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -47,31 +45,6 @@ async fn upstream() -> Upstream {
         url: format!("http://127.0.0.1:{port}"),
         manifests,
     }
-}
-
-/// Pushes a one-layer image as `repo:tag` to the registry at `base`; returns its digest.
-async fn push_image(base: &str, repo: &str, tag: &str) -> String {
-    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
-    let layer = random_bytes(4096, 11);
-    let (config_len, layer_len) = (config.len(), layer.len());
-    let config_digest = push_blob(base, repo, config).await;
-    let layer_digest = push_blob(base, repo, layer).await;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": ACCEPT,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_len},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_len}],
-    })
-    .to_string();
-    let r = client()
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", ACCEPT)
-        .body(manifest.clone())
-        .send()
-        .await
-        .expect("PUT manifest");
-    assert_eq!(r.status(), 201, "manifest push to {base}");
-    format!("sha256:{}", common::sha256_hex(manifest.as_bytes()))
 }
 
 async fn get_tag(proxy: &Proxy, repo: &str, tag: &str) -> reqwest::Response {
@@ -120,7 +93,7 @@ async fn a_missing_tag_is_answered_from_memory_until_negative_ttl() {
     );
 
     // Pushed straight to the upstream (around ociedge): seen once `negative_ttl` has passed.
-    let digest = push_image(&up.origin_url, "library/ghost", "v1").await;
+    let digest = common::push_image(&up.origin_url, "library/ghost", "v1").await;
     let served = eventually(Duration::from_secs(15), async || {
         let r = get_tag(&proxy, "library/ghost", "v1").await;
         r.status() == 200
@@ -153,7 +126,7 @@ async fn a_push_through_ociedge_forgets_it_at_once() {
         "MANIFEST_UNKNOWN",
     )
     .await;
-    let digest = push_image(&proxy.url(""), "library/later", "v1").await;
+    let digest = common::push_image(&proxy.url(""), "library/later", "v1").await;
     let r = get_tag(&proxy, "library/later", "v1").await;
     assert_eq!(r.status(), 200, "the tag just pushed through ociedge");
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());

@@ -498,6 +498,34 @@ pub async fn push_blob(registry_url: &str, repo: &str, data: Vec<u8>) -> String 
     digest
 }
 
+/// The OCI image manifest media type.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Pushes a one-layer image as `repo:tag` to the registry at `base`; returns its digest.
+pub async fn push_image(base: &str, repo: &str, tag: &str) -> String {
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let layer = random_bytes(4096, 11);
+    let (config_len, layer_len) = (config.len(), layer.len());
+    let config_digest = push_blob(base, repo, config).await;
+    let layer_digest = push_blob(base, repo, layer).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_len},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_len}],
+    })
+    .to_string();
+    let r = client()
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(manifest.clone())
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(r.status(), 201, "manifest push to {base}");
+    format!("sha256:{}", sha256_hex(manifest.as_bytes()))
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -32,6 +32,8 @@ pub struct RegistryClient {
     /// paying a `401` round trip first.
     challenge: RwLock<Option<Challenge>>,
     tokens: TokenCache,
+    /// Requests by kind and the quota the upstream announces (see `ratelimit.rs`).
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// Builds the shared HTTP client: rustls with the system roots, hickory DNS, pooled keep-alive.
@@ -84,6 +86,7 @@ impl RegistryClient {
             basic,
             challenge: RwLock::new(None),
             tokens: TokenCache::default(),
+            metrics: None,
         }
     }
 
@@ -163,6 +166,7 @@ impl RegistryClient {
             .send()
             .await
             .map_err(|e| self.reqwest(e))?;
+        self.account(&method, path, &resp);
         if resp.status() != StatusCode::UNAUTHORIZED || scope.is_none() {
             return Ok(resp);
         }
@@ -181,7 +185,32 @@ impl RegistryClient {
         if auth.is_none() {
             return Ok(resp);
         }
-        build(auth).send().await.map_err(|e| self.reqwest(e))
+        let resp = build(auth).send().await.map_err(|e| self.reqwest(e))?;
+        self.account(&method, path, &resp);
+        Ok(resp)
+    }
+
+    /// Counts a request by what it costs (a manifest `GET` is a pull to a rate-limited
+    /// registry; a `HEAD` is not) and records the quota its answer announces.
+    fn account(&self, method: &Method, path: &str, resp: &Response) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        let kind = match *method {
+            Method::GET if path.contains("/manifests/") => "pull",
+            Method::HEAD => "head",
+            _ => "other",
+        };
+        m.upstream_request(&self.id, kind);
+        if let Some(q) = super::ratelimit::quota(resp.headers()) {
+            m.upstream_quota(&self.id, q.limit, q.remaining);
+        }
+    }
+
+    /// Counts requests and records announced quotas in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> RegistryClient {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The `Authorization` value for a challenge: a cached or fresh Bearer token, or Basic.

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod client;
 pub mod limit;
+pub mod ratelimit;
 
 use async_trait::async_trait;
 use bytes::Bytes;
