@@ -128,6 +128,7 @@ pub struct CachingEngine {
     metrics: Option<crate::metrics::Metrics>,
 }
 
+/// (repository, reference, `Accept`).
 type NegativeKey = (RepoName, String, String);
 
 impl CachingEngine {
@@ -184,25 +185,31 @@ impl CachingEngine {
         self
     }
 
-    /// Whether the engine said moments ago, with no write of this process since, that it has
-    /// no such manifest; `Some(key)` to remember a new absence under, otherwise.
-    fn known_absent(
+    /// `ask`'s answer for the manifest `reference`, unless the engine said moments ago (no
+    /// write of this process since) that it has none; a new "none" is remembered.
+    async fn unless_absent<T>(
         &self,
         repo: &RepoName,
         reference: &Reference,
         accept: &[String],
-    ) -> Result<(), Option<NegativeKey>> {
+        ask: impl std::future::Future<Output = Result<Option<T>>>,
+    ) -> Result<Option<T>> {
         let Some(memo) = &self.negative else {
-            return Err(None);
+            return ask.await;
         };
         let key = (repo.clone(), reference.to_string(), accept.join(","));
-        if memo.get(&key) == Some(self.generation.now()) {
+        let seen = self.generation.now();
+        if memo.get(&key) == Some(seen) {
             if let Some(m) = &self.metrics {
                 m.cache("manifest", "negative");
             }
-            return Ok(());
+            return Ok(None);
         }
-        Err(Some(key))
+        let found = ask.await?;
+        if found.is_none() {
+            self.keep(memo, key, seen, seen);
+        }
+        Ok(found)
     }
 
     /// The engine this one wraps.
@@ -329,22 +336,14 @@ impl Engine for CachingEngine {
         reference: &Reference,
         accept: &[String],
     ) -> Result<Option<Manifest>> {
-        let absent_key = match self.known_absent(repo, reference, accept) {
-            Ok(()) => return Ok(None),
-            Err(key) => key,
-        };
+        let ask = self.inner.get_manifest(repo, reference, accept);
         let (Some(memo), Reference::Digest(d)) = (&self.manifests, reference) else {
-            let seen = self.generation.now();
-            let found = self.inner.get_manifest(repo, reference, accept).await?;
-            if let (None, Some(key), Some(negative)) = (&found, absent_key, &self.negative) {
-                self.keep(negative, key, seen, seen);
-            }
-            return Ok(found);
+            return self.unless_absent(repo, reference, accept, ask).await;
         };
         if let Some(m) = memo.get(d) {
             return Ok(Some(m));
         }
-        let found = self.inner.get_manifest(repo, reference, accept).await?;
+        let found = self.unless_absent(repo, reference, accept, ask).await?;
         if let Some(m) = &found {
             // Content by digest never changes: no generation check.
             memo.insert(d.clone(), m.clone());
@@ -367,16 +366,8 @@ impl Engine for CachingEngine {
                 }));
             }
         }
-        let absent_key = match self.known_absent(repo, reference, accept) {
-            Ok(()) => return Ok(None),
-            Err(key) => key,
-        };
-        let seen = self.generation.now();
-        let found = self.inner.head_manifest(repo, reference, accept).await?;
-        if let (None, Some(key), Some(negative)) = (&found, absent_key, &self.negative) {
-            self.keep(negative, key, seen, seen);
-        }
-        Ok(found)
+        let ask = self.inner.head_manifest(repo, reference, accept);
+        self.unless_absent(repo, reference, accept, ask).await
     }
 
     async fn put_manifest(&self, repo: &RepoName, manifest: &Manifest) -> Result<()> {
