@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::Config;
-use common::{assert_oci_error, client, eventually, metric, Origin, Proxy};
-
-const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
+use common::{assert_oci_error, eventually, get_manifest, metric, Origin, Proxy};
 
 /// A docker-registry behind a forwarder; `manifests` counts the manifest requests it sees.
 struct Upstream {
@@ -28,14 +26,10 @@ async fn upstream() -> Upstream {
         .expect("docker-registry");
     let origin_url = origin.url();
     let manifests = Arc::new(AtomicUsize::new(0));
-    let (count, backend) = (manifests.clone(), origin_url.clone());
-    let port = common::fake::serve(move |req| {
-        let (count, backend) = (count.clone(), backend.clone());
-        async move {
-            if req.uri().path().contains("/manifests/") {
-                count.fetch_add(1, Ordering::SeqCst);
-            }
-            common::fake::forward(&backend, req).await
+    let count = manifests.clone();
+    let port = common::fake::forwarding(&origin_url, move |_, path, _| {
+        if path.contains("/manifests/") {
+            count.fetch_add(1, Ordering::SeqCst);
         }
     })
     .await;
@@ -47,22 +41,13 @@ async fn upstream() -> Upstream {
     }
 }
 
-async fn get_tag(proxy: &Proxy, repo: &str, tag: &str) -> reqwest::Response {
-    client()
-        .get(proxy.url(&format!("/v2/{repo}/manifests/{tag}")))
-        .header("accept", ACCEPT)
-        .send()
-        .await
-        .expect("GET manifest")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs docker-registry"]
 async fn a_missing_tag_is_answered_from_memory_until_negative_ttl() {
     let up = upstream().await;
     let proxy = Proxy::start(&Config::mirror(&up.url).cache("negative_ttl", "3s").render());
     assert_oci_error(
-        get_tag(&proxy, "library/ghost", "v1").await,
+        get_manifest(&proxy, "library/ghost", "v1").await,
         404,
         "MANIFEST_UNKNOWN",
     )
@@ -71,7 +56,7 @@ async fn a_missing_tag_is_answered_from_memory_until_negative_ttl() {
     assert!(asked >= 1, "the first probe reached the upstream");
     for _ in 0..10 {
         assert_oci_error(
-            get_tag(&proxy, "library/ghost", "v1").await,
+            get_manifest(&proxy, "library/ghost", "v1").await,
             404,
             "MANIFEST_UNKNOWN",
         )
@@ -95,7 +80,7 @@ async fn a_missing_tag_is_answered_from_memory_until_negative_ttl() {
     // Pushed straight to the upstream (around ociedge): seen once `negative_ttl` has passed.
     let digest = common::push_image(&up.origin_url, "library/ghost", "v1").await;
     let served = eventually(Duration::from_secs(15), async || {
-        let r = get_tag(&proxy, "library/ghost", "v1").await;
+        let r = get_manifest(&proxy, "library/ghost", "v1").await;
         r.status() == 200
             && r.headers()
                 .get("docker-content-digest")
@@ -115,19 +100,19 @@ async fn a_push_through_ociedge_forgets_it_at_once() {
         .push("docker.io");
     let proxy = Proxy::start(&cfg.render());
     assert_oci_error(
-        get_tag(&proxy, "library/later", "v1").await,
+        get_manifest(&proxy, "library/later", "v1").await,
         404,
         "MANIFEST_UNKNOWN",
     )
     .await;
     assert_oci_error(
-        get_tag(&proxy, "library/later", "v1").await,
+        get_manifest(&proxy, "library/later", "v1").await,
         404,
         "MANIFEST_UNKNOWN",
     )
     .await;
     let digest = common::push_image(&proxy.url(""), "library/later", "v1").await;
-    let r = get_tag(&proxy, "library/later", "v1").await;
+    let r = get_manifest(&proxy, "library/later", "v1").await;
     assert_eq!(r.status(), 200, "the tag just pushed through ociedge");
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
 }
@@ -138,7 +123,7 @@ async fn negative_ttl_0s_asks_the_upstream_each_time() {
     let up = upstream().await;
     let proxy = Proxy::start(&Config::mirror(&up.url).cache("negative_ttl", "0s").render());
     assert_oci_error(
-        get_tag(&proxy, "library/ghost", "v1").await,
+        get_manifest(&proxy, "library/ghost", "v1").await,
         404,
         "MANIFEST_UNKNOWN",
     )
@@ -146,7 +131,7 @@ async fn negative_ttl_0s_asks_the_upstream_each_time() {
     let asked = up.manifests.load(Ordering::SeqCst);
     for _ in 0..3 {
         assert_oci_error(
-            get_tag(&proxy, "library/ghost", "v1").await,
+            get_manifest(&proxy, "library/ghost", "v1").await,
             404,
             "MANIFEST_UNKNOWN",
         )

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::Config;
-use common::{client, eventually, metric, Origin, Proxy, OCI_MANIFEST};
+use common::{client, eventually, get_manifest, metric, Origin, Proxy};
 
 const LIMIT: u64 = 100;
 
@@ -30,31 +30,24 @@ async fn hub() -> Hub {
         .expect("docker-registry");
     let origin_url = origin.url();
     let pulls = Arc::new(AtomicU64::new(0));
-    let (count, backend) = (pulls.clone(), origin_url.clone());
-    let port = common::fake::serve(move |req| {
-        let (count, backend) = (count.clone(), backend.clone());
-        async move {
-            let pull =
-                req.method() == http::Method::GET && req.uri().path().contains("/manifests/");
-            let used = if pull {
-                count.fetch_add(1, Ordering::SeqCst) + 1
-            } else {
-                count.load(Ordering::SeqCst)
-            };
-            let mut resp = common::fake::forward(&backend, req).await;
-            let h = resp.headers_mut();
-            h.insert(
-                "ratelimit-limit",
-                format!("{LIMIT};w=21600").parse().expect("hv"),
-            );
-            h.insert(
-                "ratelimit-remaining",
-                format!("{};w=21600", LIMIT.saturating_sub(used))
-                    .parse()
-                    .expect("hv"),
-            );
-            resp
-        }
+    let count = pulls.clone();
+    let port = common::fake::forwarding(&origin_url, move |method, path, resp| {
+        let used = if method == http::Method::GET && path.contains("/manifests/") {
+            count.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            count.load(Ordering::SeqCst)
+        };
+        let h = resp.headers_mut();
+        h.insert(
+            "ratelimit-limit",
+            format!("{LIMIT};w=21600").parse().expect("hv"),
+        );
+        h.insert(
+            "ratelimit-remaining",
+            format!("{};w=21600", LIMIT.saturating_sub(used))
+                .parse()
+                .expect("hv"),
+        );
     })
     .await;
     Hub {
@@ -63,15 +56,6 @@ async fn hub() -> Hub {
         url: format!("http://127.0.0.1:{port}"),
         pulls,
     }
-}
-
-async fn get_tag(proxy: &Proxy, repo: &str, tag: &str) -> reqwest::Response {
-    client()
-        .get(proxy.url(&format!("/v2/{repo}/manifests/{tag}")))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .expect("GET manifest")
 }
 
 async fn series(proxy: &Proxy, name: &str, labels: &str) -> Option<f64> {
@@ -95,7 +79,7 @@ async fn the_quota_is_exported_and_a_warm_cache_costs_no_pulls() {
     .await;
     assert_eq!(pulls_at_start, Some(0.0), "preset pull counter");
 
-    let r = get_tag(&proxy, "library/app", "1.0").await;
+    let r = get_manifest(&proxy, "library/app", "1.0").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
     let pulled = hub.pulls.load(Ordering::SeqCst);
@@ -143,7 +127,7 @@ async fn the_quota_is_exported_and_a_warm_cache_costs_no_pulls() {
     .await
     .unwrap_or(0.0);
     let revalidated = eventually(Duration::from_secs(15), async || {
-        let r = get_tag(&proxy, "library/app", "1.0").await;
+        let r = get_manifest(&proxy, "library/app", "1.0").await;
         assert_eq!(r.status(), 200);
         series(
             &proxy,
@@ -157,7 +141,10 @@ async fn the_quota_is_exported_and_a_warm_cache_costs_no_pulls() {
     .await;
     assert!(revalidated, "the tag was never revalidated");
     for _ in 0..5 {
-        assert_eq!(get_tag(&proxy, "library/app", "1.0").await.status(), 200);
+        assert_eq!(
+            get_manifest(&proxy, "library/app", "1.0").await.status(),
+            200
+        );
     }
     assert_eq!(
         hub.pulls.load(Ordering::SeqCst),

@@ -231,6 +231,26 @@ impl TokenGate {
     }
 }
 
+/// Serves a loopback forwarder to `backend` (see [`forward`]); `on_answer` sees each request's
+/// method and path with the answer, before it is sent, and may change the answer (count
+/// requests, add headers). Returns the port.
+pub async fn forwarding<F>(backend: &str, on_answer: F) -> u16
+where
+    F: Fn(&http::Method, &str, &mut Response<Body>) + Clone + Send + Sync + 'static,
+{
+    let backend = backend.to_string();
+    serve(move |req| {
+        let (backend, on_answer) = (backend.clone(), on_answer.clone());
+        async move {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let mut resp = forward(&backend, req).await;
+            on_answer(&method, &path, &mut resp);
+            resp
+        }
+    })
+    .await
+}
+
 /// Forwards `req` (its method, path, query, headers but `Authorization` and `Host`, and body) to
 /// `backend` and answers with what it answered.
 pub async fn forward(backend: &str, req: Request<Incoming>) -> Response<Body> {

@@ -526,6 +526,16 @@ pub async fn push_image(base: &str, repo: &str, tag: &str) -> String {
     format!("sha256:{}", sha256_hex(manifest.as_bytes()))
 }
 
+/// `GET` of a manifest through `proxy`, accepting an OCI image manifest.
+pub async fn get_manifest(proxy: &Proxy, repo: &str, reference: &str) -> reqwest::Response {
+    client()
+        .get(proxy.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET manifest")
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
