@@ -9,7 +9,9 @@
 #
 # Steps: cargo build --release --locked; peers.sh start (installs docker-registry, nginx, wrk,
 # apache2-utils via apt if missing); seed-upstream.sh; ociedge on 127.0.0.1:16010 (bench/ociedge.sh);
-# compare.sh upstream A B static ociedge; bench/results/<date>-<label>.md = compare.sh's table +
+# compare.sh upstream A B static ociedge; when b is run, compare.sh --only b --pin again (servers on
+# CPU 0, wrk/ab on CPU 1); when c is run, bench/cold_cpu.sh (server CPU per cold GiB);
+# bench/results/<date>-<label>.md = compare.sh's tables +
 # ociedge-vs-peers ratios (bench/ratios.py) + raw TSV next to it. Everything it started (ociedge,
 # and the peers unless they were already running) is stopped on exit, by PID file only.
 # Env: BASE (default /tmp/perfbase), SHARED_BENCH (default /work/shared/bench).
@@ -22,11 +24,13 @@ export BASE=${BASE:-/tmp/perfbase}
 export PEERS=$SHARED_BENCH/peers.sh
 LABEL=ociedge
 PASS=()
+ONLY=a,b,c,d,e,f
 
 usage() { sed -n '2,17p' "$0"; exit 2; }
 while (($#)); do
   case $1 in
-    --runs|--wrk-duration|--only) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); shift 2 ;;
+    --runs|--wrk-duration) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); shift 2 ;;
+    --only) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); ONLY=$2; shift 2 ;;
     --label) [[ $# -ge 2 ]] || usage; LABEL=$2; shift 2 ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument: $1" >&2; usage ;;
@@ -87,6 +91,24 @@ log "compare.sh (raw results in $OUT)"
   upstream=http://127.0.0.1:16000 A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
   static=http://127.0.0.1:16003 ociedge=http://127.0.0.1:16010 >/dev/null
 
+# 4b. section b again with the servers pinned to CPU 0 and wrk/ab to CPU 1 (issue 22: both
+# figures recorded), and section c's server CPU per cold GiB, which compare.sh does not measure
+has() { [[ ",$ONLY," == *",$1,"* ]]; }
+RUNS_ARG=(); for ((k = 0; k < ${#PASS[@]}; k++)); do [[ ${PASS[$k]} == --runs ]] && RUNS_ARG=(--runs "${PASS[$((k + 1))]}"); done
+if has b; then
+  log "compare.sh --only b --pin"
+  PASS_B=(); for ((k = 0; k < ${#PASS[@]}; k += 2)); do [[ ${PASS[$k]} == --only ]] || PASS_B+=("${PASS[$k]}" "${PASS[$((k + 1))]}"); done
+  "$SHARED_BENCH/compare.sh" "${PASS_B[@]}" --only b --pin --out "$OUT-pinned" \
+    --reset-cmd "$HERE/ociedge.sh reset" --pids-cmd "$HERE/ociedge.sh pids" \
+    upstream=http://127.0.0.1:16000 A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
+    static=http://127.0.0.1:16003 ociedge=http://127.0.0.1:16010 >/dev/null
+fi
+if has c; then
+  log "cold_cpu.sh (server CPU per cold GiB)"
+  "$HERE/cold_cpu.sh" "${RUNS_ARG[@]}" A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
+    ociedge=http://127.0.0.1:16010 >"$OUT-cold-cpu.md"
+fi
+
 # 5. results
 mkdir -p "$HERE/results"
 DEST=$HERE/results/$(date +%F)-$LABEL
@@ -106,6 +128,22 @@ cp "$OUT/raw.tsv" "$DEST-raw.tsv"
   echo "Medians of the per-run values. Throughput and req/s: ratio > 1 = ociedge better; times, CPU and RSS: ratio < 1 = ociedge better."
   echo
   python3 "$HERE/ratios.py" "$OUT/raw.tsv" ociedge
+  echo
+  if [[ -f $OUT-pinned/table.md ]]; then
+    echo
+    echo "## Section b pinned (\`compare.sh --only b --pin\`: servers on CPU 0, wrk/ab on CPU 1)"
+    echo
+    cat "$OUT-pinned/table.md"
+    echo
+    python3 "$HERE/ratios.py" "$OUT-pinned/raw.tsv" ociedge
+    cp "$OUT-pinned/raw.tsv" "$DEST-pinned-raw.tsv"
+  fi
+  if [[ -f $OUT-cold-cpu.md ]]; then
+    echo
+    echo "## Cold 1 GiB: server CPU per GiB (\`bench/cold_cpu.sh\`: reset, one cold GET, CPU of the server's processes until it settles)"
+    echo
+    cat "$OUT-cold-cpu.md"
+  fi
   echo
   echo "Raw data: \`$(basename "$DEST")-raw.tsv\` (compare.sh's raw.tsv)."
 } >"$DEST.md"
