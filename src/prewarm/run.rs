@@ -94,13 +94,7 @@ impl Prewarmer {
     /// upstream last announced is under the reserve (10% of its limit); true when it announced
     /// none.
     pub fn may_fetch_from(&self, upstream: &str) -> bool {
-        self.metrics
-            .upstream_quotas()
-            .iter()
-            .find(|(u, ..)| &**u == upstream)
-            .is_none_or(|(_, limit, remaining)| {
-                *limit == 0 || remaining.saturating_mul(10) >= *limit
-            })
+        quota_allows(&self.metrics, upstream)
     }
 
     /// Stores a new job and starts it; its id.
@@ -497,6 +491,16 @@ impl Prewarmer {
     }
 }
 
+/// Whether `upstream`'s last announced quota (the rate-limit gauges) leaves at least 10% of its
+/// limit; true when it announced none.
+fn quota_allows(metrics: &Metrics, upstream: &str) -> bool {
+    metrics
+        .upstream_quotas()
+        .iter()
+        .find(|(u, ..)| &**u == upstream)
+        .is_none_or(|(_, limit, remaining)| *limit == 0 || remaining.saturating_mul(10) >= *limit)
+}
+
 /// The children of an index the spec wants (by their descriptors' `platform`); none for an
 /// image manifest.
 fn wanted_children(top: &Manifest, parsed: &manifest::Parsed, spec: &Spec) -> Vec<Digest> {
@@ -548,5 +552,26 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prewarm_pauses_under_the_quota_reserve() {
+        let m = Metrics::new();
+        assert!(quota_allows(&m, "docker.io"), "no quota announced");
+        m.upstream_quota("docker.io", 100, 10);
+        assert!(quota_allows(&m, "docker.io"));
+        m.upstream_quota("docker.io", 100, 9);
+        assert!(!quota_allows(&m, "docker.io"));
+        assert!(
+            quota_allows(&m, "ghcr.io"),
+            "another upstream's quota is its own"
+        );
+        m.upstream_quota("docker.io", 0, 0);
+        assert!(quota_allows(&m, "docker.io"));
     }
 }
