@@ -45,6 +45,25 @@ pub async fn save(
     engine.put_object(&path(name), Bytes::from(body)).await
 }
 
+/// The digests of the set `name` while it holds (empty when it does not exist, has expired or
+/// does not read): a job run again adds to what its first run pinned.
+pub async fn load(engine: &StorageEngine, name: &str, now: u64) -> Result<Vec<Digest>> {
+    let Some(bytes) = engine.get_object(&path(name)).await? else {
+        return Ok(Vec::new());
+    };
+    if bytes.len() as u64 > MAX_RECORD {
+        return Ok(Vec::new());
+    }
+    Ok(match serde_json::from_slice::<PinSet>(&bytes) {
+        Ok(set) if set.until > now => set
+            .digests
+            .iter()
+            .filter_map(|d| d.parse::<Digest>().ok())
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
 /// Every digest pinned now (sets whose time has passed are deleted). A set that cannot be read
 /// pins nothing and is logged; a listing that fails is an error (the pass then keeps
 /// everything: nothing is evicted on an unknown pin state).
@@ -94,6 +113,9 @@ mod tests {
         save(&e, "job-2", 50, std::slice::from_ref(&b))
             .await
             .unwrap();
+        assert_eq!(load(&e, "job-1", 60).await.unwrap(), vec![a.clone()]);
+        assert!(load(&e, "job-2", 60).await.unwrap().is_empty(), "expired");
+        assert!(load(&e, "job-3", 60).await.unwrap().is_empty(), "absent");
         let now = active(&e, 60).await.unwrap();
         assert!(now.contains(&a) && !now.contains(&b));
         // The expired set is gone for good.

@@ -17,6 +17,10 @@ use crate::oci::{manifest, media, Digest, Reference};
 use crate::pull::Puller;
 use crate::replicate::copy::Copier;
 
+/// Jobs that transfer at the same time in one process.
+const CONCURRENT_JOBS: usize = 2;
+/// Unfinished jobs one process takes; beyond, a new one is refused (`429`) until some finish.
+const MAX_UNFINISHED: usize = 256;
 /// Finished jobs kept in memory for the status page (the store keeps them all).
 const KEEP_FINISHED: usize = 20;
 /// A running job's record is written at most this often between images.
@@ -52,6 +56,8 @@ pub struct Prewarmer {
     metrics: Metrics,
     jobs: Mutex<BTreeMap<String, Shared>>,
     running: Mutex<HashSet<String>>,
+    /// Jobs that transfer at the same time; the others wait their turn.
+    slots: tokio::sync::Semaphore,
 }
 
 /// Takes a job off the running set (and the gauge) however its task ends.
@@ -87,6 +93,7 @@ impl Prewarmer {
             metrics,
             jobs: Mutex::new(BTreeMap::new()),
             running: Mutex::new(HashSet::new()),
+            slots: tokio::sync::Semaphore::new(CONCURRENT_JOBS),
         }
     }
 
@@ -99,6 +106,16 @@ impl Prewarmer {
 
     /// Stores a new job and starts it; its id.
     pub async fn submit(self: &Arc<Self>, spec: Spec) -> Result<String> {
+        let unfinished = lock(&self.jobs)
+            .values()
+            .filter(|j| !lock(j).finished)
+            .count();
+        if unfinished >= MAX_UNFINISHED {
+            return Err(Error::client(
+                crate::oci::ErrorCode::TooManyRequests,
+                format!("{unfinished} prewarm jobs are unfinished; retry when some are done"),
+            ));
+        }
         let id = format!("{:032x}", rand::random::<u128>());
         let rec = Record::new(id.clone(), spec, now_secs());
         self.store.save(&rec).await?;
@@ -252,7 +269,19 @@ impl Prewarmer {
             (r.spec.clone(), r.clone())
         };
         self.store.save(&snapshot).await?;
-        let mut pins: Vec<Digest> = Vec::new();
+        // What an earlier run pinned stays pinned while this one goes through the images again.
+        let mut pins: Vec<Digest> = match spec.pin_until {
+            Some(_) => crate::evict::pins::load(&self.local, id, now_secs())
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        // A few jobs at a time: each already runs its transfers one after another.
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Error::transient("prewarm", "shutting down"))?;
         let mut last_save = Instant::now();
         for i in 0..spec.images.len() {
             self.image(&job, &spec, i, &mut pins, &mut last_save).await;
