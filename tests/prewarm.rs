@@ -260,7 +260,14 @@ async fn a_replicated_multi_platform_prewarm_fills_every_engine_and_survives_kil
         let c = engine_counts(&v, engine);
         assert_eq!(c["blobs_done"], json!(blobs.len()), "{engine}: {v:#}");
         assert_eq!(c["bytes_transferred"], json!(0), "{engine}: {v:#}");
+        // Present content counts its bytes as done.
+        assert_eq!(
+            c["bytes_done"],
+            engine_counts(&v, "eu")["bytes_done"],
+            "{v:#}"
+        );
     }
+    assert!(engine_counts(&v, "eu")["bytes_done"].as_u64().unwrap_or(0) > 3 << 20);
     // The status shows the jobs; the metrics count what was prewarmed.
     let status = get_text(proxy.url("/_ociedge/status")).await;
     assert!(status.contains(&id2), "{status}");

@@ -449,9 +449,11 @@ impl Prewarmer {
                 f(im.engines.entry(engine.to_string()).or_default());
             }
         };
+        let mut sizes: std::collections::HashMap<&Digest, u64> = Default::default();
         for d in &blobs {
             match retry(|| self.puller.warm_blob(&routed, d)).await {
                 Ok((size, fetched)) => {
+                    sizes.insert(d, size);
                     let moved = if fetched { size } else { 0 };
                     self.metrics.prewarmed(&local_id, fetched, moved);
                     update(&local_id, &|c| {
@@ -478,13 +480,9 @@ impl Prewarmer {
             for d in &blobs {
                 match retry(|| self.copier.blob(&src, dst, &repo, d)).await {
                     Ok(copied) => {
-                        // The size of a blob already there costs a stat of the local copy.
+                        // A blob already there was not read: its size is the local copy's.
                         let size = match copied.blobs {
-                            0 => crate::engine::EngineExt::stat_blob(&*src, &repo, d)
-                                .await
-                                .ok()
-                                .flatten()
-                                .map_or(0, |m| m.size),
+                            0 => sizes.get(d).copied().unwrap_or(0),
                             _ => copied.bytes,
                         };
                         self.metrics.prewarmed(&eid, copied.blobs > 0, copied.bytes);
