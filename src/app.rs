@@ -39,7 +39,9 @@ pub struct App {
     /// Access control, when the config has an `auth:` section.
     pub auth: Option<Arc<crate::auth::Auth>>,
     pub region: HeaderValue,
-    pub puller: Puller,
+    pub puller: Arc<Puller>,
+    /// Prewarm jobs (`POST /_ociedge/prewarm`, `ociedge prewarm`).
+    pub prewarmer: Arc<crate::prewarm::Prewarmer>,
     pub metrics: Metrics,
     /// The last hour of hits, misses and bytes by source, for the status page.
     pub history: Arc<History>,
@@ -294,6 +296,24 @@ impl App {
             }
             _ => None,
         };
+        // Prewarm jobs are kept where replication jobs are: the preferred engine when it is a
+        // storage engine, else the local one.
+        let jobs_engine = config
+            .push
+            .engine
+            .as_ref()
+            .and_then(|id| by_id.get(id).cloned())
+            .unwrap_or_else(|| local_storage.clone());
+        let puller = Arc::new(puller);
+        let prewarmer = Arc::new(crate::prewarm::Prewarmer::new(
+            puller.clone(),
+            Copier {
+                spool_dir: spool_dir.clone(),
+            },
+            crate::prewarm::store::Store::new(jobs_engine),
+            local_storage.clone(),
+            metrics.clone(),
+        ));
         let history = Arc::new(History::default());
         tokio::spawn(crate::history::run(
             history.clone(),
@@ -333,6 +353,7 @@ impl App {
             config,
             region,
             puller,
+            prewarmer,
             metrics,
             history,
             history_sources,

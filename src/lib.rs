@@ -35,7 +35,11 @@
 //!   queued); `forward.rs` streams writes to an upstream registry when pushes are forwarded
 //!   (it hands back a plain `ByteStream` body: only `http/` speaks HTTP bodies).
 //! - `replicate/`: the durable queue and workers that copy pushed content to the other storage
-//!   engines; `evict/`: keeps the local engine under `cache.max_size`.
+//!   engines; `evict/`: keeps the local engine under `cache.max_size` (`pins.rs`: what it
+//!   keeps until a time, whatever its last access).
+//! - `prewarm/`: jobs that pull named images through the pull path ahead of a rollout (and with
+//!   `replicate` copy them into every storage engine), durable in the preferred engine and
+//!   resumed at start; `job.rs` the job as data, `store.rs` its records, `run.rs` the runner.
 //! - `error.rs`: the crate's error; engine failures by kind (`EngineError`: not found, already
 //!   exists, precondition, denied, rate limited, transient, permanent, …, with their source),
 //!   which failover, replication retries and the push path decide on; OCI codes are chosen from
@@ -53,7 +57,8 @@
 //! # Layers
 //! A module imports only modules below it; `tests/module_graph.rs` fails on any circle between
 //! top-level modules. Low to high: `oci` → `error` → `config` → `metrics` (→ `history`) →
-//! `fileio` → `engine` → `replicate` → `evict` → `pull` → `push` → `auth` → `app` → `http`.
+//! `fileio` → `engine` → `replicate` → `evict` → `pull` → `push` → `prewarm` → `auth` → `app` →
+//! `http`.
 //! `main.rs` may use anything; `fuzzing.rs` (for the fuzz targets) may use anything and nothing
 //! uses it.
 //!
@@ -83,6 +88,7 @@ pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod oci;
+pub mod prewarm;
 pub mod pull;
 pub mod push;
 pub mod replicate;

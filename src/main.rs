@@ -1,4 +1,4 @@
-//! `ociedge serve | check-config | backfill | verify`: command-line dispatch into the library.
+//! `ociedge serve | check-config | backfill | prewarm | verify`: command-line dispatch into the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +54,25 @@ enum Cmd {
         /// Only repositories matching this glob (`team/**`).
         #[arg(long)]
         repo: Option<String>,
+    },
+    /// Pull IMAGEs (as clients write them) through the pull path into the local engine, and with
+    /// --replicate into every storage engine: the job `POST /_ociedge/prewarm` starts, run here
+    /// with a progress bar. Running the same command again resumes it; what is present is not
+    /// fetched again. Exit 1 if anything failed.
+    Prewarm {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+        /// Also copy every manifest and blob into every other storage engine.
+        #[arg(long)]
+        replicate: bool,
+        /// Eviction keeps what the job fetched this long (`48h`).
+        #[arg(long, value_name = "DURATION")]
+        pin_until: Option<String>,
+        /// Only these platforms of a multi-platform image (repeatable); default: all.
+        #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+        platforms: Vec<String>,
     },
     /// Re-hash every blob of the local engine and remove those that do not match their digest
     /// (and anything in its blob tree that is not a regular file). Exit 0 when all were good,
@@ -128,6 +147,29 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Prewarm {
+            config,
+            images,
+            replicate,
+            pin_until,
+            platforms,
+        } => {
+            init_logs(LogFormat::Text);
+            let (cfg, rt) = match config_and_runtime(config.as_deref()) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            let done = rt.block_on(prewarm(cfg, images, replicate, pin_until, platforms));
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            match done {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("ociedge: prewarm: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Verify { config } => {
             init_logs(LogFormat::Text);
             let (cfg, rt) = match config_and_runtime(config.as_deref()) {
@@ -167,6 +209,8 @@ fn main() -> ExitCode {
 async fn serve(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let region = cfg.region.clone();
     let app = ociedge::app::App::build(cfg).await?;
+    // Prewarm jobs a previous process left unfinished go on.
+    tokio::spawn(app.prewarmer.clone().resume());
     let front = ociedge::http::server::Front::bind(&app.config).await?;
     tracing::info!(listen = %front.describe(), %region, "ociedge serving");
     ociedge::http::server::serve(app, front, shutdown_signal()).await?;
@@ -266,6 +310,114 @@ async fn backfill(
         eprintln!("failed: {f}");
     }
     Ok(s.failures.is_empty())
+}
+
+/// Runs a prewarm job in this process with a progress bar on a terminal (log lines otherwise).
+/// The job's id is made from the images and platforms asked, so the same command resumes it.
+/// `Ok(false)` when something failed.
+async fn prewarm(
+    cfg: Config,
+    images: Vec<String>,
+    replicate: bool,
+    pin_until: Option<String>,
+    platforms: Vec<String>,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    use ociedge::prewarm::{parse_image, Spec};
+    use std::io::IsTerminal;
+    let pin_for = pin_until
+        .map(|s| humantime::parse_duration(&s).map_err(|e| format!("--pin-until {s:?}: {e}")))
+        .transpose()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let platforms = (!platforms.is_empty()).then_some(platforms);
+    let spec = Spec::new(images, platforms, replicate, pin_for, now).map_err(|e| e.to_string())?;
+    let app = ociedge::app::App::build(cfg).await?;
+    for im in &spec.images {
+        let (name, _) = parse_image(im)?;
+        app.puller
+            .engines()
+            .route(&name, None)
+            .map_err(|e| format!("{im}: {e}"))?;
+    }
+    let key = serde_json::json!({ "images": spec.images, "platforms": spec.platforms });
+    let id = format!(
+        "cli-{}",
+        &ociedge::oci::Digest::sha256_of(key.to_string().as_bytes()).hex()[..32]
+    );
+    app.prewarmer.prepare(&id, spec).await?;
+    let runner = {
+        let p = app.prewarmer.clone();
+        let id = id.clone();
+        tokio::spawn(async move { p.run(&id).await })
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} blobs {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut last_line = std::time::Instant::now();
+    while !runner.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let Ok(Some(r)) = app.prewarmer.get(&id).await else {
+            continue;
+        };
+        let totals = r.totals();
+        let done: u64 = totals.values().map(|c| c.blobs_done).sum();
+        let total: u64 = totals.values().map(|c| c.blobs_total).sum();
+        let bytes: u64 = totals.values().map(|c| c.bytes_transferred).sum();
+        let images = r.images.iter().filter(|i| i.finished).count();
+        let msg = format!(
+            "{images}/{} images, {:.1} MiB transferred",
+            r.images.len(),
+            bytes as f64 / 1048576.0
+        );
+        match &bar {
+            Some(b) => {
+                b.set_length(total);
+                b.set_position(done);
+                b.set_message(msg);
+            }
+            None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
+                last_line = std::time::Instant::now();
+                eprintln!("prewarm {id}: {done}/{total} blobs, {msg}");
+            }
+            None => {}
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let r = runner
+        .await
+        .map_err(|e| format!("the job's task failed: {e}"))??;
+    for (engine, c) in r.totals() {
+        println!(
+            "prewarm {id} {engine}: {}/{} blobs ({} bytes, {} transferred), {} manifests, {} errors",
+            c.blobs_done,
+            c.blobs_total,
+            c.bytes_done,
+            c.bytes_transferred,
+            c.manifests_done,
+            c.errors.len()
+        );
+    }
+    for im in &r.images {
+        for e in &im.errors {
+            eprintln!("failed: {}: {e}", im.image);
+        }
+        for (engine, c) in &im.engines {
+            for e in &c.errors {
+                eprintln!("failed: {} in {engine}: {e}", im.image);
+            }
+        }
+    }
+    println!("prewarm {id}: {}", r.state());
+    Ok(r.state() == "done")
 }
 
 /// Scrubs the local engine with a progress bar (bytes) on a terminal and a line per bad blob.

@@ -148,6 +148,9 @@ struct Inner {
     cache_entries: Gauge,
     evicted_bytes: Counter,
     evictions: Counter,
+    prewarm_running: Gauge,
+    prewarm_blobs: Family<EngineLabels, Counter>,
+    prewarm_bytes: Family<EngineLabels, Counter>,
     /// The last quota each upstream announced (limit, remaining), for the status page.
     quotas: std::sync::Mutex<std::collections::BTreeMap<Arc<str>, (u64, u64)>>,
     local_engine_up: Family<EngineLabels, Gauge>,
@@ -239,6 +242,24 @@ impl Metrics {
             "upstream_ratelimit_remaining",
             "Pulls left in an upstream's window, as its last answer announced (ratelimit-remaining)",
             ratelimit_remaining.clone(),
+        );
+        let prewarm_running = Gauge::default();
+        registry.register(
+            "prewarm_jobs_running",
+            "Prewarm jobs running in this process",
+            prewarm_running.clone(),
+        );
+        let prewarm_blobs = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "prewarm_blobs",
+            "Blobs prewarm jobs brought into an engine (fetched or copied; already present not counted), by engine",
+            prewarm_blobs.clone(),
+        );
+        let prewarm_bytes = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "prewarm_bytes",
+            "Bytes prewarm jobs brought into an engine, by engine",
+            prewarm_bytes.clone(),
         );
         let engine_bytes = Family::<EngineLabels, Counter>::default();
         registry.register(
@@ -357,6 +378,9 @@ impl Metrics {
                 cache_entries,
                 evicted_bytes,
                 evictions,
+                prewarm_running,
+                prewarm_blobs,
+                prewarm_bytes,
                 quotas: Default::default(),
                 local_engine_up,
                 local_engine: OnceLock::new(),
@@ -719,6 +743,25 @@ impl Metrics {
     pub fn evicted(&self, bytes: u64) {
         self.inner.evicted_bytes.inc_by(bytes);
         self.inner.evictions.inc();
+    }
+
+    /// Prewarm jobs running now.
+    pub fn prewarm_running(&self, n: usize) {
+        self.inner
+            .prewarm_running
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A blob a prewarm job made present in `engine`: `moved` when it was transferred (`bytes`).
+    pub fn prewarmed(&self, engine: &str, moved: bool, bytes: u64) {
+        if !moved {
+            return;
+        }
+        let l = EngineLabels {
+            engine: engine.into(),
+        };
+        self.inner.prewarm_blobs.get_or_create(&l).inc();
+        self.inner.prewarm_bytes.get_or_create(&l).inc_by(bytes);
     }
 
     pub fn stale_tag(&self) {

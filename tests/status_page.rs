@@ -343,6 +343,20 @@ async fn chromium_renders_engines_fills_and_the_backlog_of_a_running_ociedge() {
         at = pos;
     }
     let jobs = s["replication_backlog"]["ap"]["jobs"].as_u64().unwrap();
+    let job = row(&dom, "data-job=\"0123456789abcdef");
+    assert!(job.contains(">running<") && job.contains(">1/2<"), "{job}");
+    assert!(
+        job.contains(">eu 3/4<") && job.contains("aria-valuenow=\"75\""),
+        "{job}"
+    );
+    assert!(
+        job.contains(">4.0 MiB<"),
+        "transferred, every engine: {job}"
+    );
+    assert!(
+        job.contains("us: &lt;b&gt;slow&lt;/b&gt; timed out"),
+        "{job}"
+    );
     let backlog = row(&dom, "data-target=\"ap\"");
     assert_eq!(text_after(backlog, "class=\"num jobs\">"), jobs.to_string());
     assert!(
@@ -431,6 +445,13 @@ fn canned_status() -> serde_json::Value {
         ],
         "replication_backlog": { "ap": { "jobs": 12, "oldest_age_seconds": 754.2, "failing": 3, "last_error": "connection refused" } },
         "local_engine_usage": { "bytes": 120u64 << 30, "entries": 5000, "max_size": 500u64 << 30 },
+        "prewarm": [
+            { "id": "0123456789abcdef0123456789abcdef", "state": "running", "finished": false, "images": 2, "images_done": 1,
+              "engines": {
+                  "eu": { "blobs_total": 4, "blobs_done": 3, "bytes_done": 4 * mib, "bytes_transferred": 3 * mib, "manifests_done": 2, "errors": [] },
+                  "us": { "blobs_total": 4, "blobs_done": 1, "bytes_done": mib, "bytes_transferred": mib, "manifests_done": 0, "errors": ["<b>slow</b> timed out"] }
+              } }
+        ],
         "history": { "now": now, "interval_seconds": 10, "window_seconds": 3600, "samples": samples }
     })
 }

@@ -9,6 +9,7 @@
 //! also publishes its access times in a sidecar object that the others merge).
 
 pub mod index;
+pub mod pins;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -314,15 +315,16 @@ impl Evictor {
         }
     }
 
-    /// Whether `d` and every manifest that needs it are cached copies.
-    fn evictable(&self, i: &Index, d: &Digest) -> bool {
+    /// Whether `d` and every manifest that needs it are cached copies, none of them protected
+    /// (evicting `d` takes the manifests that need it).
+    fn evictable(&self, i: &Index, d: &Digest, protected: &HashSet<Digest>) -> bool {
         let mut stack = vec![d.clone()];
         let mut seen = HashSet::new();
         while let Some(x) = stack.pop() {
             if !seen.insert(x.clone()) {
                 continue;
             }
-            if !i.entries.get(&x).is_none_or(|e| e.cached) {
+            if !i.entries.get(&x).is_none_or(|e| e.cached) || protected.contains(&x) {
                 return false;
             }
             if let Some(ps) = i.parents.get(&x) {
@@ -354,9 +356,18 @@ impl Evictor {
             *cur = i;
         }
         let low = (max as f64 * self.limits.low_water) as u64;
-        let protected = self.protected().await;
-        let candidates = lock(&self.index).lru_order();
+        let mut protected = self.protected().await;
         let now = now_secs();
+        // Pinned content (a prewarm's `pin_until`) stays whatever its last access; when the pins
+        // cannot be read, nothing is evicted this pass.
+        match pins::active(&self.local, now).await {
+            Ok(p) => protected.extend(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pins; no eviction this pass");
+                return Ok(());
+            }
+        }
+        let candidates = lock(&self.index).lru_order();
         for (d, seen) in candidates {
             if lock(&self.index).total <= low {
                 break;
@@ -368,7 +379,7 @@ impl Evictor {
                     && now.saturating_sub(seen.last_access) >= self.limits.min_idle.as_secs()
                     && !protected.contains(&d)
                     && !lock(&self.pins).contains_key(&d)
-                    && self.evictable(&i, &d)
+                    && self.evictable(&i, &d, &protected)
             };
             if !ok {
                 continue;

@@ -75,18 +75,9 @@ pub async fn check(
     if matches!(route, Route::Status | Route::StatusPage) {
         // The operator's view: open to whoever a rule gives `pull` on `_ociedge` (an admin rule
         // on `**` included), never to everyone by default.
-        let status = RepoName::status_pseudo();
-        let t = Target {
-            repo: &status,
-            upstream: None,
-            upstream_repo: &status,
-        };
-        return Ok(auth
-            .authorize(&presented, &t, Action::Pull)
-            .await
-            .err()
-            .map(|r| refusal(app, parts, r)));
+        return Ok(check_operator(app, auth, parts).await);
     }
+    // Prewarm jobs name their repositories in the body: `http/prewarm.rs` checks them there.
     let Some((name, action)) = action(route, &parts.method) else {
         return Ok(None);
     };
@@ -141,6 +132,45 @@ pub async fn check(
         }
     }
     Ok(None)
+}
+
+/// The operator's view (status, the page, prewarm jobs): `pull` on the pseudo-repository
+/// `_ociedge`. `None` to go on, else the refusal.
+pub async fn check_operator(app: &App, auth: &Auth, parts: &Parts) -> Option<Response<Body>> {
+    let status = RepoName::status_pseudo();
+    let t = Target {
+        repo: &status,
+        upstream: None,
+        upstream_repo: &status,
+    };
+    auth.authorize(&presented(parts), &t, Action::Pull)
+        .await
+        .err()
+        .map(|r| refusal(app, parts, r))
+}
+
+/// `action` on every repository of `routed` (decided on their storage names, as for every
+/// route): `None` to go on, else the refusal of the first one refused.
+pub async fn check_all(
+    app: &App,
+    auth: &Auth,
+    parts: &Parts,
+    routed: &[Routed],
+    action: Action,
+) -> Option<Response<Body>> {
+    let presented = presented(parts);
+    for r in routed {
+        let t = Target {
+            repo: &r.storage_repo,
+            upstream: r.upstream,
+            upstream_repo: &r.upstream_repo,
+        };
+        if let Err(refused) = auth.authorize(&presented, &t, action).await {
+            tracing::debug!(repo = %r.storage_repo, action = action.as_str(), ?refused, "access refused");
+            return Some(refusal(app, parts, refused));
+        }
+    }
+    None
 }
 
 /// Content by digest is served only under a repository that holds it. Storage keeps one copy of

@@ -9,6 +9,7 @@ pub mod fast;
 pub mod headers;
 pub mod ops;
 pub mod page;
+pub mod prewarm;
 pub mod pull;
 pub mod push;
 pub mod rewind;

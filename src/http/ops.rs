@@ -106,6 +106,7 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
             serde_json::json!({ "bytes": bytes, "entries": entries, "max_size": app.config.cache.max_size.map(|m| m.0) })
         }),
         "upstream_quota": app.metrics.upstream_quotas().into_iter().map(|(u, limit, remaining)| (u.to_string(), serde_json::json!({ "limit": limit, "remaining": remaining }))).collect::<serde_json::Map<_, _>>(),
+        "prewarm": app.prewarmer.snapshot().iter().map(|r| r.summary()).collect::<Vec<_>>(),
         "replication_backlog": app.pusher.as_ref().map(|p| serde_json::to_value(p.replicator().backlog()).unwrap_or_default()).unwrap_or_else(|| serde_json::json!({})),
     });
     text(StatusCode::OK, "application/json", body.to_string())

@@ -40,6 +40,10 @@ pub enum Route {
     Status,
     /// `/_ociedge/`: the HTML status page drawn from `Status`.
     StatusPage,
+    /// `POST /_ociedge/prewarm` (`id` None) or `GET /_ociedge/prewarm/<id>`.
+    Prewarm {
+        id: Option<String>,
+    },
 }
 
 impl Route {
@@ -66,6 +70,7 @@ impl Route {
             Route::Metrics => "metrics",
             Route::Status => "status",
             Route::StatusPage => "status_page",
+            Route::Prewarm { .. } => "prewarm",
         }
     }
 }
@@ -115,7 +120,17 @@ fn parse_as(names_only: bool, path: &str) -> Result<Route> {
         "/_ociedge/" | "/_ociedge" => return Ok(Route::StatusPage),
         "/v2/_catalog" => return Ok(Route::Catalog),
         "/token" => return Ok(Route::Token),
+        "/_ociedge/prewarm" | "/_ociedge/prewarm/" => return Ok(Route::Prewarm { id: None }),
         _ => {}
+    }
+    if let Some(id) = path.strip_prefix("/_ociedge/prewarm/") {
+        // Job ids are ours: lower-case letters, digits and `-`; anything else is no job.
+        if crate::prewarm::store::valid_id(id) {
+            return Ok(Route::Prewarm {
+                id: Some(id.to_string()),
+            });
+        }
+        return Err(not_found());
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(not_found());
@@ -263,6 +278,18 @@ mod tests {
         assert_eq!(parse("/_ociedge/").unwrap(), Route::StatusPage);
         assert_eq!(parse("/_ociedge").unwrap(), Route::StatusPage);
         assert_eq!(parse("/_ociedge/status").unwrap(), Route::Status);
+        assert_eq!(
+            parse("/_ociedge/prewarm").unwrap(),
+            Route::Prewarm { id: None }
+        );
+        assert_eq!(
+            parse("/_ociedge/prewarm/0af3").unwrap(),
+            Route::Prewarm {
+                id: Some("0af3".into())
+            }
+        );
+        assert!(parse("/_ociedge/prewarm/../status").is_err());
+        assert!(parse("/_ociedge/prewarm/A").is_err());
         assert!(parse("/v2/x/blobs/uploads/a%2fb").is_err());
         // A repository may be called "manifests" or "blobs".
         assert!(

@@ -23,7 +23,7 @@ use super::conn::{self, ConnSettings};
 use super::headers as h;
 use super::route::{self, Route};
 use super::tls::Tls;
-use super::{access, ops, page, pull, push, token};
+use super::{access, ops, page, prewarm, pull, push, token};
 use crate::app::App;
 use crate::config::{Config, LimitsConfig};
 use crate::error::{Error, Result};
@@ -446,6 +446,7 @@ async fn dispatch(
         Route::Status => Ok(ops::status(app)),
         Route::StatusPage if read => Ok(page::status_page()),
         Route::Token => token::token(app, parts, body).await,
+        Route::Prewarm { id } => prewarm::handle(app, parts, body, id.as_deref()).await,
         Route::Base if read => {
             let mut r = Response::new(body::full("{}"));
             r.headers_mut().insert(

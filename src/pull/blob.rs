@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::fill::FillPlan;
 use super::{Puller, RangeSpec};
 use crate::engine::set::Routed;
-use crate::engine::{BlobHit, ByteRange, Content, Engine, Hit, Lookup};
+use crate::engine::{BlobHit, ByteRange, Content, Engine, EngineExt, Hit, Lookup};
 use crate::error::Result;
 use crate::oci::Digest;
 
@@ -80,6 +80,35 @@ impl Puller {
             body: Some(body),
             redirect: None,
         })
+    }
+
+    /// Makes the local engine hold `digest` (linked into `r`'s repository) the way a client's
+    /// pull would: a local copy is only recorded as used; otherwise the caller joins the fill
+    /// running for the digest, or starts it, and waits for its verdict (the digest is checked
+    /// before anything is committed). `(size, fetched)`: `fetched` is false when the blob was
+    /// already there and nothing was transferred.
+    pub async fn warm_blob(&self, r: &Routed, digest: &Digest) -> Result<(u64, bool)> {
+        self.check_pushed(r, Content::Blob(digest.clone())).await?;
+        if !self.engines.local_usable() {
+            return Err(crate::error::Error::transient(
+                self.engines.local().id(),
+                "the local engine is down: nothing can be filled",
+            ));
+        }
+        match self.local.stat_blob(&r.storage_repo, digest).await {
+            Ok(Some(meta)) => {
+                self.local_hit(r, Content::Blob(digest.clone()), meta.size, None);
+                return Ok((meta.size, false));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "local engine stat failed; filling"),
+        }
+        let fill = self.fills.join_or_start(digest).start_with(|| FillPlan {
+            sources: self.engines.remotes_for(r),
+            target: Some((self.engines.local().clone(), r.storage_repo.clone())),
+        });
+        let size = fill.finished().await?;
+        Ok((size, true))
     }
 
     /// A blob from the local engine, or `None` on a miss (or a local engine that fails).

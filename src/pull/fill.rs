@@ -376,6 +376,32 @@ impl FillState {
         }
     }
 
+    /// Waits for the fill's outcome: the blob's size once it is verified (and committed, unless
+    /// the commit failed), or the failure every reader is answered. A fill always ends: its
+    /// sources keep a minimum rate, and a leader that goes away fails it.
+    pub async fn finished(&self) -> Result<u64> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                match &p.outcome {
+                    Some(Outcome::Done) => return Ok(p.size.unwrap_or(p.written)),
+                    Some(Outcome::NotFound) => {
+                        return Err(Error::client(
+                            ErrorCode::BlobUnknown,
+                            format!("blob {} is unknown to every engine", self.digest),
+                        ))
+                    }
+                    Some(Outcome::Failed(e)) => return Err(e.clone()),
+                    None => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::transient("fill", "fill ended without an outcome"));
+            }
+        }
+    }
+
     /// Records that the spool file holds `written` bytes, so the window may let go of them.
     fn published(&self, written: u64) {
         // Published before the trim: a reader that misses the window then finds `written` past
