@@ -160,6 +160,7 @@ impl App {
             .filter(|id| *id != pref)
             .collect();
         metrics.preset(&remote_ids);
+        metrics.preset_prewarm(&config.storage.engines.keys().cloned().collect::<Vec<_>>());
         metrics.preset_upstreams(
             &config
                 .upstreams

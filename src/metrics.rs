@@ -752,6 +752,18 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// The prewarm series of each storage engine, at 0 (see [`Metrics::preset`]): a job can
+    /// bring blobs into any of them.
+    pub fn preset_prewarm(&self, engines: &[String]) {
+        for e in engines {
+            let l = EngineLabels {
+                engine: e.as_str().into(),
+            };
+            let _ = self.inner.prewarm_blobs.get_or_create(&l);
+            let _ = self.inner.prewarm_bytes.get_or_create(&l);
+        }
+    }
+
     /// A blob a prewarm job made present in `engine`: `moved` when it was transferred (`bytes`).
     pub fn prewarmed(&self, engine: &str, moved: bool, bytes: u64) {
         if !moved {

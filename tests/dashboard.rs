@@ -437,6 +437,8 @@ async fn a_fresh_process_exports_every_family_from_the_first_scrape() {
         "ociedge_replication_failures_total",
         "ociedge_replication_jobs_done_total",
         "ociedge_replication_dead_letters_total",
+        "ociedge_prewarm_blobs_total",
+        "ociedge_prewarm_bytes_total",
     ] {
         let series = format!("{family}{{engine=\"us\"}}");
         assert_eq!(metric_in(&text, &series), Some(0.0), "{series}\n{text}");
