@@ -179,3 +179,251 @@ async fn a_rate_limited_or_failing_upstream_gets_the_stale_tag_served() {
         assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
     }
 }
+
+/// `GET` of a blob through `proxy`.
+async fn get_blob(proxy: &Proxy, repo: &str, digest: &str) -> reqwest::Response {
+    client()
+        .get(proxy.url(&format!("/v2/{repo}/blobs/{digest}")))
+        .send()
+        .await
+        .expect("GET blob")
+}
+
+/// The `Retry-After` of an answer, in seconds.
+fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()
+        .get("retry-after")
+        .unwrap_or_else(|| panic!("no Retry-After on a {} answer", r.status()))
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds")
+}
+
+async fn series(proxy: &Proxy, name: &str) -> Option<f64> {
+    metric(proxy, &format!("ociedge_{name}")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry"]
+async fn retry_after_keeps_every_request_from_the_upstream_until_then() {
+    let hub = Hub::start().await;
+    let digest = common::push_image(&hub.origin_url, "library/app", "1.0").await;
+    let proxy = proxy(&hub, &[]);
+    assert_eq!(
+        digest_of(get_manifest(&proxy, "library/app", "1.0").await).await,
+        digest
+    );
+
+    for (status, code) in [(429, "TOOMANYREQUESTS"), (503, "UNAVAILABLE")] {
+        hub.set(Mode::Fail(status, Some(4)));
+        past_ttl().await;
+        // The revalidation's HEAD meets the refusal: the stale tag is served.
+        let before = hub.requests();
+        let r = get_manifest(&proxy, "library/app", "1.0").await;
+        assert_eq!(digest_of(r).await, digest, "{status}: the stale tag");
+        assert_eq!(hub.requests(), before + 1, "{status}: one HEAD");
+
+        // Until Retry-After: nothing reaches the upstream; tags are served stale and misses are
+        // refused at once, saying when to come back.
+        let before = hub.requests();
+        let t = Instant::now();
+        let r = get_manifest(&proxy, "library/app", "1.0").await;
+        assert_eq!(digest_of(r).await, digest, "{status}: still stale");
+        let r = get_manifest(&proxy, "library/app", MISSING).await;
+        assert!((1..=4).contains(&retry_after(&r)), "{status}: Retry-After");
+        assert_oci_error(r, status, code).await;
+        let r = get_blob(&proxy, "library/app", MISSING).await;
+        assert!(
+            (1..=4).contains(&retry_after(&r)),
+            "{status}: blob Retry-After"
+        );
+        assert_oci_error(r, status, code).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{status}: answered at once, not {:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            hub.requests(),
+            before,
+            "{status}: a request reached the upstream while it said to wait"
+        );
+
+        // After it: the upstream is asked again.
+        hub.set(Mode::Pass);
+        let asked = eventually(Duration::from_secs(10), async || {
+            let r = get_manifest(&proxy, "library/app", "1.0").await;
+            assert_eq!(r.status(), 200);
+            hub.requests() > before
+        })
+        .await;
+        assert!(asked, "{status}: the upstream was never asked again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry"]
+async fn under_the_quota_reserve_tags_are_served_stale_without_asking() {
+    let hub = Hub::start().await;
+    let d1 = common::push_image(&hub.origin_url, "library/app", "1.0").await;
+    let proxy = proxy(&hub, &[("ratelimit_reserve", "\"20%\"")]);
+    hub.remaining.store(50, Ordering::SeqCst);
+    assert_eq!(
+        digest_of(get_manifest(&proxy, "library/app", "1.0").await).await,
+        d1
+    );
+    // The quota falls under the reserve; a tag nobody has is still fetched.
+    hub.remaining.store(10, Ordering::SeqCst);
+    let d2 = common::push_image(&hub.origin_url, "library/other", "2.0").await;
+    assert_eq!(
+        digest_of(get_manifest(&proxy, "library/other", "2.0").await).await,
+        d2
+    );
+    assert_eq!(
+        series(
+            &proxy,
+            r#"upstream_ratelimit_remaining{upstream="docker.io",credential="anonymous"}"#
+        )
+        .await,
+        Some(10.0)
+    );
+
+    // Stale tags are served without a HEAD or a GET.
+    past_ttl().await;
+    let before = hub.requests();
+    for _ in 0..3 {
+        let r = get_manifest(&proxy, "library/app", "1.0").await;
+        assert_eq!(digest_of(r).await, d1);
+        let r = get_manifest(&proxy, "library/other", "2.0").await;
+        assert_eq!(digest_of(r).await, d2);
+    }
+    assert_eq!(
+        hub.requests(),
+        before,
+        "a tag was revalidated under the reserve"
+    );
+    let status: serde_json::Value = client()
+        .get(proxy.url("/_ociedge/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(status["upstreams"][0]["quota_low"], true, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry"]
+async fn the_breaker_opens_answers_misses_at_once_and_closes_when_the_upstream_is_back() {
+    let hub = Hub::start().await;
+    let digest = common::push_image(&hub.origin_url, "library/app", "1.0").await;
+    // Another storage engine holds a blob the upstream never had.
+    let other = tokio::task::spawn_blocking(Origin::start)
+        .await
+        .expect("docker-registry");
+    let elsewhere = common::random_bytes(5000, 77);
+    let elsewhere_digest = common::push_blob(&other.url(), "library/app", elsewhere.clone()).await;
+    let up = Upstream::new("docker.io", &hub.url)
+        .option("down_after", "3")
+        .option("backoff_max", "2s");
+    let cfg = Config::mirror_of(up)
+        .engine(Engine::new(
+            "us",
+            &format!("file://{}", other.data_dir().display()),
+        ))
+        .cache("tag_ttl", "1s")
+        .cache("max_stale", "1h")
+        .render();
+    let proxy = Proxy::start(&cfg);
+    assert_eq!(
+        digest_of(get_manifest(&proxy, "library/app", "1.0").await).await,
+        digest
+    );
+    let state = r#"upstream_breaker_state{upstream="docker.io"}"#;
+    assert_eq!(series(&proxy, state).await, Some(0.0));
+
+    // The upstream fails: misses reach it until down_after failures open the breaker.
+    hub.set(Mode::Fail(500, None));
+    let mut n = 0u64;
+    let opened = eventually(Duration::from_secs(10), async || {
+        n += 1;
+        let missing = format!("sha256:{}", common::sha256_hex(&n.to_le_bytes()));
+        let _ = get_manifest(&proxy, "library/app", &missing).await;
+        series(&proxy, state).await == Some(1.0)
+    })
+    .await;
+    assert!(opened, "the breaker never opened");
+    assert!(n <= 4, "opened after {n} failed misses, not down_after (3)");
+    assert!(
+        series(
+            &proxy,
+            r#"upstream_breaker_openings_total{upstream="docker.io"}"#
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // Open: no request reaches the upstream; misses answer 503 at once; stale tags are
+    // served; content another engine has is served from it.
+    past_ttl().await;
+    let before = hub.requests();
+    for i in 0..3u64 {
+        let missing = format!("sha256:{}", common::sha256_hex(&(1000 + i).to_le_bytes()));
+        let t = Instant::now();
+        let r = get_manifest(&proxy, "library/app", &missing).await;
+        let took = t.elapsed();
+        assert!(retry_after(&r) >= 1);
+        assert_oci_error(r, 503, "UNAVAILABLE").await;
+        assert!(
+            took < Duration::from_millis(100),
+            "manifest miss took {took:?}"
+        );
+        let t = Instant::now();
+        let r = get_blob(&proxy, "library/app", &missing).await;
+        let took = t.elapsed();
+        assert!(retry_after(&r) >= 1);
+        assert_oci_error(r, 503, "UNAVAILABLE").await;
+        assert!(took < Duration::from_millis(100), "blob miss took {took:?}");
+        let r = get_manifest(&proxy, "library/app", "1.0").await;
+        assert_eq!(digest_of(r).await, digest, "the stale tag");
+    }
+    let r = get_blob(&proxy, "library/app", &elsewhere_digest).await;
+    assert_eq!(r.status(), 200, "a blob another engine has");
+    assert_eq!(r.headers()["x-ociedge-source"], "us");
+    assert_eq!(r.bytes().await.expect("body").as_ref(), &elsewhere[..]);
+    assert_eq!(
+        hub.requests(),
+        before,
+        "requests reached an upstream whose breaker is open"
+    );
+    let status: serde_json::Value = client()
+        .get(proxy.url("/_ociedge/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("JSON");
+    let b = &status["upstreams"][0];
+    assert_eq!(b["name"], "docker.io");
+    assert!(
+        b["breaker"] == "open" || b["breaker"] == "half-open",
+        "{status}"
+    );
+
+    // The upstream is back: a probe closes the breaker and requests flow again.
+    hub.set(Mode::Pass);
+    let closed = eventually(Duration::from_secs(15), async || {
+        series(&proxy, state).await == Some(0.0)
+    })
+    .await;
+    assert!(closed, "the breaker never closed: {}", proxy.log());
+    assert!(hub.probes.load(Ordering::SeqCst) >= 1, "no probe");
+    past_ttl().await;
+    let r = get_manifest(&proxy, "library/app", "1.0").await;
+    assert_eq!(digest_of(r).await, digest);
+    assert!(hub.requests() > before, "not revalidated after closing");
+}

@@ -124,6 +124,14 @@ impl Puller {
                 return self.tag_hit(r, &e.digest, accept).await;
             }
         }
+        // Under the quota reserve, a tag with a stale copy is not revalidated at all: the pulls
+        // left are kept for content nobody has yet.
+        if fresh.is_none() && upstream.quota_low() {
+            if let Some(ans) = self.stale_tag(r, tag, accept).await? {
+                tracing::debug!(upstream = %upstream.name, %tag, "quota under the reserve: served stale");
+                return Ok(ans);
+            }
+        }
         // Revalidate with the authority: a HEAD, which Docker Hub does not count as a pull.
         let by_tag = Reference::Tag(tag.clone());
         match upstream
