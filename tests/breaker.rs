@@ -427,3 +427,33 @@ async fn the_breaker_opens_answers_misses_at_once_and_closes_when_the_upstream_i
     assert_eq!(digest_of(r).await, digest);
     assert!(hub.requests() > before, "not revalidated after closing");
 }
+
+/// Refused connections are failures too: an upstream that is not there opens the breaker after
+/// `down_after` tries, and misses then answer at once instead of trying to connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_open_the_breaker() {
+    let dead = common::free_port();
+    let up = Upstream::new("docker.io", &format!("http://127.0.0.1:{dead}"))
+        .option("down_after", "2")
+        .option("backoff_max", "30s");
+    let proxy = Proxy::start(&Config::mirror_of(up).render());
+    let state = r#"upstream_breaker_state{upstream="docker.io"}"#;
+    let mut n = 0u64;
+    let opened = eventually(Duration::from_secs(10), async || {
+        n += 1;
+        let missing = format!("sha256:{}", common::sha256_hex(&n.to_le_bytes()));
+        let _ = get_manifest(&proxy, "library/app", &missing).await;
+        series(&proxy, state).await == Some(1.0)
+    })
+    .await;
+    assert!(opened, "the breaker never opened: {}", proxy.log());
+    for i in 0..3u64 {
+        let missing = format!("sha256:{}", common::sha256_hex(&(100 + i).to_le_bytes()));
+        let t = Instant::now();
+        let r = get_blob(&proxy, "library/app", &missing).await;
+        let took = t.elapsed();
+        assert!(retry_after(&r) >= 1);
+        assert_oci_error(r, 503, "UNAVAILABLE").await;
+        assert!(took < Duration::from_millis(100), "blob miss took {took:?}");
+    }
+}
