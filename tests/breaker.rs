@@ -370,25 +370,30 @@ async fn the_breaker_opens_answers_misses_at_once_and_closes_when_the_upstream_i
     // served; content another engine has is served from it.
     past_ttl().await;
     let before = hub.requests();
-    for i in 0..3u64 {
+    let (mut manifests, mut blobs) = (Vec::new(), Vec::new());
+    for i in 0..5u64 {
         let missing = format!("sha256:{}", common::sha256_hex(&(1000 + i).to_le_bytes()));
         let t = Instant::now();
         let r = get_manifest(&proxy, "library/app", &missing).await;
-        let took = t.elapsed();
+        manifests.push(t.elapsed());
         assert!(retry_after(&r) >= 1);
         assert_oci_error(r, 503, "UNAVAILABLE").await;
-        assert!(
-            took < Duration::from_millis(100),
-            "manifest miss took {took:?}"
-        );
         let t = Instant::now();
         let r = get_blob(&proxy, "library/app", &missing).await;
-        let took = t.elapsed();
+        blobs.push(t.elapsed());
         assert!(retry_after(&r) >= 1);
         assert_oci_error(r, 503, "UNAVAILABLE").await;
-        assert!(took < Duration::from_millis(100), "blob miss took {took:?}");
         let r = get_manifest(&proxy, "library/app", "1.0").await;
         assert_eq!(digest_of(r).await, digest, "the stale tag");
+    }
+    // Within 100 ms (the median: this machine is shared, and one answer may wait for a CPU),
+    // and none waits for anything (the upstream's timeouts are 10 s and more).
+    for (what, mut took) in [("manifest", manifests), ("blob", blobs)] {
+        took.sort();
+        assert!(
+            took[2] < Duration::from_millis(100) && took[4] < Duration::from_secs(1),
+            "{what} misses took {took:?}"
+        );
     }
     let r = get_blob(&proxy, "library/app", &elsewhere_digest).await;
     assert_eq!(r.status(), 200, "a blob another engine has");
@@ -447,13 +452,19 @@ async fn refused_connections_open_the_breaker() {
     })
     .await;
     assert!(opened, "the breaker never opened: {}", proxy.log());
-    for i in 0..3u64 {
+    let mut took = Vec::new();
+    for i in 0..5u64 {
         let missing = format!("sha256:{}", common::sha256_hex(&(100 + i).to_le_bytes()));
         let t = Instant::now();
         let r = get_blob(&proxy, "library/app", &missing).await;
-        let took = t.elapsed();
+        took.push(t.elapsed());
         assert!(retry_after(&r) >= 1);
         assert_oci_error(r, 503, "UNAVAILABLE").await;
-        assert!(took < Duration::from_millis(100), "blob miss took {took:?}");
     }
+    // The median within 100 ms (a shared machine may delay one answer), none waiting.
+    took.sort();
+    assert!(
+        took[2] < Duration::from_millis(100) && took[4] < Duration::from_secs(1),
+        "blob misses took {took:?}"
+    );
 }
