@@ -468,3 +468,50 @@ async fn refused_connections_open_the_breaker() {
         "blob misses took {took:?}"
     );
 }
+
+/// Timeouts are failures too: an upstream that accepts requests and never answers opens the
+/// breaker after `down_after` of them time out (the 20 s deadline of a small request), and the
+/// next misses answer at once instead of waiting out the deadline again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_answers_opens_the_breaker() {
+    let asked = Arc::new(AtomicU64::new(0));
+    let count = asked.clone();
+    let port = fake::serve(move |req: http::Request<hyper::body::Incoming>| {
+        // (Probes, `GET /v2/`, apart: the breaker's own probe may go while it is open.)
+        if req.uri().path() != "/v2/" {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+        async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            http::Response::new(fake::full(""))
+        }
+    })
+    .await;
+    let up = Upstream::new("docker.io", &format!("http://127.0.0.1:{port}"))
+        .option("down_after", "2")
+        .option("backoff_max", "30s");
+    let proxy = Proxy::start(&Config::mirror_of(up).render());
+    // Two misses at once: both wait out the deadline, and then the breaker is open.
+    let t = Instant::now();
+    let misses = (0..2u64).map(|i| {
+        let proxy = &proxy;
+        async move {
+            let missing = format!("sha256:{}", common::sha256_hex(&(200 + i).to_le_bytes()));
+            get_manifest(proxy, "library/app", &missing).await.status()
+        }
+    });
+    let statuses = futures::future::join_all(misses).await;
+    assert!(statuses.iter().all(|s| s.is_server_error()), "{statuses:?}");
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+    let opened = eventually(Duration::from_secs(5), async || {
+        series(&proxy, r#"upstream_breaker_state{upstream="docker.io"}"#).await == Some(1.0)
+    })
+    .await;
+    assert!(opened, "the breaker did not open: {}", proxy.log());
+    let before = asked.load(Ordering::SeqCst);
+    let t = Instant::now();
+    let r = get_manifest(&proxy, "library/app", MISSING).await;
+    assert_oci_error(r, 503, "UNAVAILABLE").await;
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(asked.load(Ordering::SeqCst), before, "asked while open");
+}
