@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::engine::caching::{CachingEngine, Freshness, Generation};
 use crate::engine::nearness::{Nearness, ProbeSettings};
 use crate::engine::registry::auth::RealmPolicy;
+use crate::engine::registry::health::Health;
 use crate::engine::registry::{client, RegistryClient, RegistryEngine};
 use crate::engine::set::Engines;
 use crate::engine::storage::StorageEngine;
@@ -102,6 +103,7 @@ impl App {
         })?;
         let http = client::http_client()?;
         let mut upstreams: Vec<(String, Arc<dyn Engine>)> = Vec::new();
+        let mut health = Vec::new();
         for u in &config.upstreams {
             let base = url::Url::parse(&u.url)
                 .map_err(|e| Error::Config(format!("upstreams: {}: {e}", u.name)))?;
@@ -114,8 +116,11 @@ impl App {
                     .map_err(|e| Error::Config(format!("upstreams: {}: ca_file: {e}", u.name)))?,
                 None => http.clone(),
             };
-            let mut client =
-                RegistryClient::new(&u.name, base, http, basic).with_metrics(metrics.clone());
+            let h = Arc::new(Health::new(&u.name, u.health()).with_metrics(metrics.clone()));
+            health.push((u.name.clone(), h.clone()));
+            let mut client = RegistryClient::new(&u.name, base, http, basic)
+                .with_metrics(metrics.clone())
+                .with_health(h);
             if let Some(realms) = RealmPolicy::of(u) {
                 client = client.with_realms(realms);
             }
@@ -165,7 +170,13 @@ impl App {
             &config
                 .upstreams
                 .iter()
-                .map(|u| u.name.clone())
+                .map(|u| {
+                    let credential = match &u.auth {
+                        Some(a) => a.username.clone(),
+                        None => crate::engine::registry::health::ANONYMOUS.to_string(),
+                    };
+                    (u.name.clone(), credential)
+                })
                 .collect::<Vec<_>>(),
         );
         // Every label bytes can be counted under: `local` for hits, an engine id otherwise.
@@ -180,7 +191,8 @@ impl App {
         let nearness = Arc::new(Nearness::new(probed, settings, metrics.clone()));
         nearness.probe_all().await;
         tokio::spawn(nearness.clone().run());
-        let engines = Arc::new(Engines::new(local_dyn, remotes, upstreams, nearness));
+        let engines =
+            Arc::new(Engines::new(local_dyn, remotes, upstreams, nearness).with_health(&health));
         let fills = Fills::new(spool_dir.clone(), metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
         let mut puller = Puller::new(engines, local_cached, fills, tags, metrics.clone());

@@ -60,6 +60,10 @@ pub enum EngineError {
     /// The engine asks us to slow down (HTTP 429): transient.
     #[error("{0}")]
     RateLimited(Source),
+    /// Not asked: the engine told us to come back later (`Retry-After` on a `429` or `503`), or
+    /// its circuit breaker is open after failing again and again. Answered at once; transient.
+    #[error("{0}")]
+    Backoff(Backoff),
     /// May succeed if tried again: a timeout, a dropped or refused connection, a 5xx, a stream
     /// too slow.
     #[error("{0}")]
@@ -68,6 +72,32 @@ pub enum EngineError {
     /// a 4xx that is not about access.
     #[error("{0}")]
     Permanent(Source),
+}
+
+/// Why and until when an engine is not asked (see [`EngineError::Backoff`]).
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    /// When it may be asked again.
+    pub until: std::time::Instant,
+    /// A rate limit (`429`: answered `TOOMANYREQUESTS`), else the engine is unavailable (`503`).
+    pub rate_limited: bool,
+    pub why: Arc<str>,
+}
+
+impl Backoff {
+    /// Whole seconds until [`Backoff::until`], at least 1 (a `Retry-After` value).
+    pub fn retry_after(&self) -> u64 {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        left.as_secs_f64().ceil().max(1.0) as u64
+    }
+}
+
+impl std::fmt::Display for Backoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; retry in {}s", self.why, self.retry_after())
+    }
 }
 
 /// A plain message as a [`Source`].
@@ -101,7 +131,7 @@ impl EngineError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            EngineError::Transient(_) | EngineError::RateLimited(_)
+            EngineError::Transient(_) | EngineError::RateLimited(_) | EngineError::Backoff(_)
         )
     }
 
@@ -244,17 +274,35 @@ impl Error {
         }
     }
 
+    /// The seconds a client should wait before asking again, when an engine said so or is
+    /// backing off ([`EngineError::Backoff`]).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self.engine_error() {
+            Some(EngineError::Backoff(b)) => Some(b.retry_after()),
+            _ => None,
+        }
+    }
+
+    /// Whether an engine refused for its rate limit (a `429`, or backing off after one).
+    pub fn is_rate_limited(&self) -> bool {
+        match self.engine_error() {
+            Some(EngineError::RateLimited(_)) => true,
+            Some(EngineError::Backoff(b)) => b.rate_limited,
+            _ => false,
+        }
+    }
+
     /// Whether this is the answer to give the client rather than an engine's fault that another
     /// engine may not have: a decided client error, or an engine's refusal of the request
-    /// itself (access denied, rate limited, a range the content does not have). The miss path
-    /// stops asking engines on it.
+    /// itself (access denied, a range the content does not have). The miss path stops asking
+    /// engines on it. A rate limit is not: it is the engine's state, not an answer about the
+    /// content (another engine may have it; a stale tag may be served).
     pub fn is_answer(&self) -> bool {
         matches!(
             self,
             Error::Client(_)
                 | Error::Engine {
                     error: EngineError::Denied(_)
-                        | EngineError::RateLimited(_)
                         | EngineError::RangeInvalid(_)
                         | EngineError::Unsupported(_),
                     ..
@@ -277,6 +325,14 @@ impl Error {
                 EngineError::Denied(m) => OciError::new(ErrorCode::Denied, m.to_string()),
                 EngineError::RateLimited(m) => {
                     OciError::new(ErrorCode::TooManyRequests, m.to_string())
+                }
+                EngineError::Backoff(b) => {
+                    let code = if b.rate_limited {
+                        ErrorCode::TooManyRequests
+                    } else {
+                        ErrorCode::Unavailable
+                    };
+                    OciError::new(code, b.to_string()).with_retry_after(b.retry_after())
                 }
                 EngineError::RangeInvalid(m) => OciError::new(ErrorCode::RangeInvalid, m.clone()),
                 EngineError::Unsupported(what) => OciError::new(

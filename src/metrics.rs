@@ -55,6 +55,16 @@ struct UpstreamLabels {
     upstream: Arc<str>,
 }
 
+/// (upstream, credential).
+type QuotaKey = (Arc<str>, Arc<str>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    upstream: Arc<str>,
+    /// `anonymous`, or the configured user name (never a secret): the quota is per credential.
+    credential: Arc<str>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamRequestLabels {
     upstream: Arc<str>,
@@ -129,8 +139,10 @@ struct Inner {
     fills_joined: Counter,
     upstream_errors: Family<EngineLabels, Counter>,
     upstream_requests: Family<UpstreamRequestLabels, Counter>,
-    ratelimit_limit: Family<UpstreamLabels, Gauge>,
-    ratelimit_remaining: Family<UpstreamLabels, Gauge>,
+    ratelimit_limit: Family<QuotaLabels, Gauge>,
+    ratelimit_remaining: Family<QuotaLabels, Gauge>,
+    breaker_state: Family<UpstreamLabels, Gauge>,
+    breaker_openings: Family<UpstreamLabels, Counter>,
     engine_bytes: Family<EngineLabels, Counter>,
     digest_mismatches: Family<EngineLabels, Counter>,
     stale_tags: Counter,
@@ -151,8 +163,9 @@ struct Inner {
     prewarm_running: Gauge,
     prewarm_blobs: Family<EngineLabels, Counter>,
     prewarm_bytes: Family<EngineLabels, Counter>,
-    /// The last quota each upstream announced (limit, remaining), for the status page.
-    quotas: std::sync::Mutex<std::collections::BTreeMap<Arc<str>, (u64, u64)>>,
+    /// The last quota each upstream announced per credential (limit, remaining), for the
+    /// status page.
+    quotas: std::sync::Mutex<std::collections::BTreeMap<QuotaKey, (u64, u64)>>,
     local_engine_up: Family<EngineLabels, Gauge>,
     /// The local engine's id, once known: its probes also set `local_engine_up`.
     local_engine: OnceLock<Arc<str>>,
@@ -231,16 +244,16 @@ impl Metrics {
             "Requests to upstream registries, by upstream and kind (pull: a manifest GET, which rate-limited registries count; head; other)",
             upstream_requests.clone(),
         );
-        let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
+        let ratelimit_limit = Family::<QuotaLabels, Gauge>::default();
         registry.register(
             "upstream_ratelimit_limit",
-            "Pulls an upstream allows per window, as its last answer announced (ratelimit-limit)",
+            "Pulls an upstream allows per window and credential (anonymous or the configured user), as its last answer announced (ratelimit-limit)",
             ratelimit_limit.clone(),
         );
-        let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
+        let ratelimit_remaining = Family::<QuotaLabels, Gauge>::default();
         registry.register(
             "upstream_ratelimit_remaining",
-            "Pulls left in an upstream's window, as its last answer announced (ratelimit-remaining)",
+            "Pulls left in an upstream's window per credential (anonymous or the configured user), as its last answer announced (ratelimit-remaining)",
             ratelimit_remaining.clone(),
         );
         let prewarm_running = Gauge::default();
@@ -260,6 +273,18 @@ impl Metrics {
             "prewarm_bytes",
             "Bytes prewarm jobs brought into an engine, by engine",
             prewarm_bytes.clone(),
+        );
+        let breaker_state = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_breaker_state",
+            "An upstream's circuit breaker: 0 closed, 1 open (not called; misses answer 503 at once, tags are served stale), 2 half-open (a probe is asking)",
+            breaker_state.clone(),
+        );
+        let breaker_openings = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_breaker_openings",
+            "Times an upstream's circuit breaker opened (after down_after consecutive failures, or a failed probe)",
+            breaker_openings.clone(),
         );
         let engine_bytes = Family::<EngineLabels, Counter>::default();
         registry.register(
@@ -406,6 +431,8 @@ impl Metrics {
                 upstream_requests,
                 ratelimit_limit,
                 ratelimit_remaining,
+                breaker_state,
+                breaker_openings,
                 engine_bytes,
                 digest_mismatches,
                 stale_tags,
@@ -499,14 +526,18 @@ impl Metrics {
             .inc();
     }
 
-    /// The quota `upstream` announced on its last answer.
-    pub fn upstream_quota(&self, upstream: &str, limit: u64, remaining: u64) {
-        let l = UpstreamLabels {
+    /// The quota `upstream` announced on its last answer to a request made as `credential`.
+    pub fn upstream_quota(&self, upstream: &str, credential: &str, limit: u64, remaining: u64) {
+        let l = QuotaLabels {
             upstream: upstream.into(),
+            credential: credential.into(),
         };
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         if let Ok(mut q) = self.inner.quotas.lock() {
-            q.insert(l.upstream.clone(), (limit, remaining));
+            q.insert(
+                (l.upstream.clone(), l.credential.clone()),
+                (limit, remaining),
+            );
         }
         self.inner.ratelimit_limit.get_or_create(&l).set(g(limit));
         self.inner
@@ -515,24 +546,55 @@ impl Metrics {
             .set(g(remaining));
     }
 
-    /// The last quota each upstream announced: (upstream, limit, remaining).
-    pub fn upstream_quotas(&self) -> Vec<(Arc<str>, u64, u64)> {
+    /// The last quota each upstream announced: (upstream, credential, limit, remaining).
+    pub fn upstream_quotas(&self) -> Vec<(Arc<str>, Arc<str>, u64, u64)> {
         self.inner
             .quotas
             .lock()
-            .map(|q| q.iter().map(|(u, (l, r))| (u.clone(), *l, *r)).collect())
+            .map(|q| {
+                q.iter()
+                    .map(|((u, c), (l, r))| (u.clone(), c.clone(), *l, *r))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    /// The series of each upstream known at start, at 0. A quota of 0 of 0 reads "none
-    /// announced" (the alert on it divides 0 by 0, which never fires).
-    pub fn preset_upstreams(&self, upstreams: &[String]) {
-        for u in upstreams {
+    /// An upstream's circuit breaker is now `state` (0 closed, 1 open, 2 half-open).
+    pub fn breaker_state(&self, upstream: &str, state: i64) {
+        self.inner
+            .breaker_state
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.into(),
+            })
+            .set(state);
+    }
+
+    /// An upstream's circuit breaker opened.
+    pub fn breaker_opened(&self, upstream: &str) {
+        self.inner
+            .breaker_openings
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.into(),
+            })
+            .inc();
+    }
+
+    /// The series of each upstream known at start, at 0, with the credential its requests use
+    /// (`anonymous` or the configured user). A quota of 0 of 0 reads "none announced" (the
+    /// alert on it divides 0 by 0, which never fires).
+    pub fn preset_upstreams(&self, upstreams: &[(String, String)]) {
+        for (u, credential) in upstreams {
+            let q = QuotaLabels {
+                upstream: u.as_str().into(),
+                credential: credential.as_str().into(),
+            };
+            let _ = self.inner.ratelimit_limit.get_or_create(&q);
+            let _ = self.inner.ratelimit_remaining.get_or_create(&q);
             let l = UpstreamLabels {
                 upstream: u.as_str().into(),
             };
-            let _ = self.inner.ratelimit_limit.get_or_create(&l);
-            let _ = self.inner.ratelimit_remaining.get_or_create(&l);
+            let _ = self.inner.breaker_state.get_or_create(&l);
+            let _ = self.inner.breaker_openings.get_or_create(&l);
             for kind in ["pull", "head", "other"] {
                 let _ = self
                     .inner

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::config::Config;
+use common::config::{Config, Upstream};
 use common::{client, eventually, get_manifest, metric, Origin, Proxy};
 
 const LIMIT: u64 = 100;
@@ -69,6 +69,7 @@ async fn the_quota_is_exported_and_a_warm_cache_costs_no_pulls() {
     let digest = common::push_image(&hub.origin_url, "library/app", "1.0").await;
     let proxy = Proxy::start(&Config::mirror(&hub.url).cache("tag_ttl", "1s").render());
     let up = r#"upstream="docker.io""#;
+    let quota = r#"upstream="docker.io",credential="anonymous""#;
 
     // From the first scrape: the request counters of the configured upstream, at 0.
     let pulls_at_start = series(
@@ -95,11 +96,11 @@ async fn the_quota_is_exported_and_a_warm_cache_costs_no_pulls() {
         "pulls counted as the upstream saw them"
     );
     assert_eq!(
-        series(&proxy, "upstream_ratelimit_limit", up).await,
+        series(&proxy, "upstream_ratelimit_limit", quota).await,
         Some(LIMIT as f64)
     );
     assert_eq!(
-        series(&proxy, "upstream_ratelimit_remaining", up).await,
+        series(&proxy, "upstream_ratelimit_remaining", quota).await,
         Some((LIMIT - pulled) as f64),
         "the quota the upstream announced last"
     );
@@ -114,7 +115,12 @@ async fn the_quota_is_exported_and_a_warm_cache_costs_no_pulls() {
         .expect("status JSON");
     assert_eq!(
         status["upstream_quota"]["docker.io"],
-        serde_json::json!({ "limit": LIMIT, "remaining": LIMIT - pulled }),
+        serde_json::json!({
+            "limit": LIMIT,
+            "remaining": LIMIT - pulled,
+            "credential": "anonymous",
+            "credentials": { "anonymous": { "limit": LIMIT, "remaining": LIMIT - pulled } },
+        }),
         "the status page's quota: {status}"
     );
 
@@ -150,5 +156,63 @@ async fn the_quota_is_exported_and_a_warm_cache_costs_no_pulls() {
         hub.pulls.load(Ordering::SeqCst),
         pulled,
         "revalidating a warm tag spent pulls"
+    );
+}
+
+/// The quota is per credential: requests made with the configured credential are accounted
+/// under its user name (never its password), apart from anonymous ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry"]
+async fn the_quota_is_accounted_per_credential() {
+    let hub = hub().await;
+    common::push_image(&hub.origin_url, "library/app", "1.0").await;
+    // A token gate that wants bot's credentials in front of the quota-announcing forwarder.
+    let gate = common::fake::TokenGate::new(hub.url.clone(), Some("bot:s3cret"));
+    let port = gate.start().await;
+    let up = Upstream::new("docker.io", &format!("http://127.0.0.1:{port}"))
+        .credentials("bot", "s3cret")
+        .access("public");
+    let proxy = Proxy::start(&Config::mirror_of(up).render());
+    assert_eq!(
+        series(
+            &proxy,
+            "upstream_ratelimit_remaining",
+            r#"upstream="docker.io",credential="bot""#
+        )
+        .await,
+        Some(0.0),
+        "preset under the configured user"
+    );
+    let r = get_manifest(&proxy, "library/app", "1.0").await;
+    assert_eq!(r.status(), 200);
+    let pulled = hub.pulls.load(Ordering::SeqCst);
+    assert_eq!(
+        series(
+            &proxy,
+            "upstream_ratelimit_remaining",
+            r#"upstream="docker.io",credential="bot""#
+        )
+        .await,
+        Some((LIMIT - pulled) as f64)
+    );
+    let text = common::get_text(proxy.url("/metrics")).await;
+    assert!(!text.contains("s3cret"), "a secret in /metrics");
+    assert!(
+        !text.contains(r#"credential="anonymous""#),
+        "no anonymous request was made: {text}"
+    );
+    let status: serde_json::Value = client()
+        .get(proxy.url("/_ociedge/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("status JSON");
+    assert_eq!(status["upstream_quota"]["docker.io"]["credential"], "bot");
+    assert_eq!(
+        status["upstreams"][0]["quota"]["bot"]["remaining"],
+        LIMIT - pulled,
+        "{status}"
     );
 }

@@ -438,7 +438,16 @@ fn canned_status() -> serde_json::Value {
         "engines": [
             { "id": "us", "kind": "storage", "rank": 1, "rtt_ms": 81.3, "up": true, "consecutive_failures": 0, "priority": 0, "last_error": null },
             { "id": "ap", "kind": "storage", "rank": 2, "rtt_ms": 190.0, "up": false, "consecutive_failures": 4, "priority": 0,
-              "last_error": "<img src=x onerror=alert(1)> refused" }
+              "last_error": "<img src=x onerror=alert(1)> refused" },
+            { "id": "docker.io", "kind": "registry", "rank": 3, "rtt_ms": null, "up": false, "consecutive_failures": 5, "priority": 0,
+              "last_error": "upstream docker.io is down (circuit breaker open after 5 consecutive failures)" }
+        ],
+        "upstream_quota": { "docker.io": { "limit": 100, "remaining": 5, "credential": "bot",
+            "credentials": { "bot": { "limit": 100, "remaining": 5 } } } },
+        "upstreams": [
+            { "name": "docker.io", "breaker": "open", "consecutive_failures": 5, "openings": 2, "down_after": 5,
+              "retry_in_s": 42, "backoff": null, "last_error": "answered 502 Bad Gateway",
+              "quota": { "bot": { "limit": 100, "remaining": 5 } }, "credential": "bot", "quota_low": true }
         ],
         "fills_in_flight": [
             { "digest": format!("sha256:{}", "ab".repeat(32)), "size": 8 * mib, "written": 3 * mib, "source": "us" }
@@ -504,6 +513,16 @@ async fn chromium_draws_an_hour_of_history_on_a_laptop_and_a_phone() {
         .filter(|(i, _)| !dom[..*i].ends_with("title=\""))
         .count();
     assert_eq!(elements, 0, "markup from the JSON was not rendered");
+    // An upstream: its breaker state and its quota, in words.
+    let hub = row(&dom, "data-engine=\"docker.io\"");
+    assert!(
+        hub.contains(">breaker open, retry in 42 s<"),
+        "breaker state shown: {hub}"
+    );
+    assert!(
+        hub.contains(">pull quota 5 of 100 as bot, under the reserve: tags served stale<"),
+        "quota shown: {hub}"
+    );
     let fill = row(&dom, "data-digest=\"sha256:abab");
     assert!(fill.contains("aria-valuenow=\"38\""), "{fill}");
     assert!(fill.contains("3.0 MiB of 8.0 MiB (37.5%)"), "{fill}");

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use units::{ByteSize, HumanDuration};
+pub use units::{ByteSize, HumanDuration, Percent};
 
 /// The embedded default: a Docker Hub mirror on `0.0.0.0:5000` filling `./ociedge-data`.
 pub const DEFAULT_YAML: &str = include_str!("../../config/ociedge.yaml");
@@ -222,6 +222,39 @@ pub struct UpstreamConfig {
     /// roots (a private registry with its own CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Consecutive failures (5xx, timeouts, resets, refused connections) that open the circuit
+    /// breaker. Default 5.
+    #[serde(default = "default_upstream_down_after")]
+    pub down_after: u32,
+    /// The longest back-off of an open breaker (it starts at 1s and doubles, with jitter).
+    /// Default 60s.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max: HumanDuration,
+    /// Below this share of its announced pull quota left, tags are served stale (within
+    /// `max_stale`) instead of revalidated, and prewarming pauses. Default 10%.
+    #[serde(default = "default_ratelimit_reserve")]
+    pub ratelimit_reserve: Percent,
+}
+
+fn default_upstream_down_after() -> u32 {
+    5
+}
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
+fn default_ratelimit_reserve() -> Percent {
+    Percent(10.0)
+}
+
+impl UpstreamConfig {
+    /// The settings of its back-off, circuit breaker and quota reserve.
+    pub fn health(&self) -> crate::engine::registry::health::Settings {
+        crate::engine::registry::health::Settings {
+            down_after: self.down_after,
+            backoff_max: self.backoff_max.0,
+            reserve: self.ratelimit_reserve.0 / 100.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -630,6 +663,12 @@ impl Config {
                 && (u.access == Some(Access::Gated) || (u.access.is_none() && u.auth.is_some()))
             {
                 return Err(err(&format!("{path}.access"), "gated access needs an auth: section (our rules decide who may pull what ociedge fetches with this upstream's credentials); add one, or set access: public to serve this upstream's content to every client"));
+            }
+            if u.down_after == 0 {
+                return Err(err(&format!("{path}.down_after"), "must be at least 1"));
+            }
+            if u.backoff_max.0 < std::time::Duration::from_secs(1) {
+                return Err(err(&format!("{path}.backoff_max"), "must be at least 1s"));
             }
             if let Some(ca) = &u.ca_file {
                 if ca.as_os_str().is_empty() {

@@ -198,3 +198,57 @@ fn deep_nesting_is_refused_quickly() {
     let e = Config::parse(&plain).err().map(|e| e.0).unwrap_or_default();
     assert!(!e.contains("nested deeper"), "{e}");
 }
+
+#[test]
+fn upstream_breaker_and_reserve_keys_are_validated() {
+    let up = |keys: &str| {
+        format!("storage:\n  preference: a\n  engines:\n    a: {{ url: 'memory://' }}\nupstreams:\n  - {{ name: docker.io, url: 'https://r'{keys} }}\n")
+    };
+    let c = Config::parse(&up("")).unwrap();
+    c.validate().unwrap();
+    let h = c.upstreams[0].health();
+    assert_eq!(
+        (h.down_after, h.backoff_max.as_secs(), h.reserve),
+        (5, 60, 0.1)
+    );
+    let c = Config::parse(&up(
+        ", down_after: 2, backoff_max: 5m, ratelimit_reserve: 25%",
+    ))
+    .unwrap();
+    c.validate().unwrap();
+    let h = c.upstreams[0].health();
+    assert_eq!(
+        (h.down_after, h.backoff_max.as_secs(), h.reserve),
+        (2, 300, 0.25)
+    );
+    assert_eq!(
+        Config::parse(&up(", ratelimit_reserve: 0"))
+            .unwrap()
+            .upstreams[0]
+            .health()
+            .reserve,
+        0.0
+    );
+    for bad in ["150%", "-1%", "lots"] {
+        let e = Config::parse(&up(&format!(", ratelimit_reserve: '{bad}'")))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("upstreams[0].ratelimit_reserve"), "{bad}: {e}");
+    }
+    let e = Config::parse(&up(", down_after: 0"))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .0;
+    assert!(e.starts_with("upstreams[0].down_after"), "{e}");
+    let e = Config::parse(&up(", backoff_max: 10ms"))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .0;
+    assert!(e.starts_with("upstreams[0].backoff_max"), "{e}");
+    // The effective config prints them back, and that parses again.
+    let c = Config::parse(&up(", ratelimit_reserve: 25%")).unwrap();
+    let again = Config::parse(&c.to_masked_yaml()).unwrap();
+    assert_eq!(again.upstreams[0].health().reserve, 0.25);
+}

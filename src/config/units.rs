@@ -146,3 +146,45 @@ mod tests {
         assert!(serde_yaml_ng::from_str::<HumanDuration>("soon").is_err());
     }
 }
+
+/// A percentage, written `10%` (or a bare number of percent); 0–100.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Percent(pub f64);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let (v, shown) = match Raw::deserialize(d)? {
+            Raw::Number(n) => (n, n.to_string()),
+            Raw::Text(s) => {
+                let n = s
+                    .trim()
+                    .strip_suffix('%')
+                    .unwrap_or(s.trim())
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| {
+                        de::Error::custom(format!("invalid percentage {s:?}; write e.g. 10%"))
+                    })?;
+                (n, s)
+            }
+        };
+        if !(0.0..=100.0).contains(&v) {
+            return Err(de::Error::custom(format!(
+                "percentage {shown} is not between 0% and 100%"
+            )));
+        }
+        Ok(Percent(v))
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}%", self.0))
+    }
+}

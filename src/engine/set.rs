@@ -16,6 +16,16 @@ pub struct Upstream {
     pub engine: Arc<dyn Engine>,
     /// Docker Hub: one-component names mean `library/<name>`.
     pub docker_hub: bool,
+    /// Its back-off, circuit breaker and quota, when it is a registry engine.
+    pub health: Option<Arc<super::registry::health::Health>>,
+}
+
+impl Upstream {
+    /// Whether its remaining pull quota is under `ratelimit_reserve`
+    /// ([`super::registry::health::Health::quota_low`]).
+    pub fn quota_low(&self) -> bool {
+        self.health.as_ref().is_some_and(|h| h.quota_low())
+    }
 }
 
 /// Where a requested name goes.
@@ -58,6 +68,7 @@ impl Engines {
                 docker_hub: is_docker_hub(&name),
                 name,
                 engine,
+                health: None,
             })
             .collect();
         Engines {
@@ -113,6 +124,28 @@ impl Engines {
 
     pub fn local(&self) -> &Arc<dyn Engine> {
         &self.local
+    }
+
+    /// Gives each upstream named in `health` its health (see [`Upstream::health`]).
+    pub fn with_health(
+        mut self,
+        health: &[(String, Arc<super::registry::health::Health>)],
+    ) -> Engines {
+        for u in &mut self.upstreams {
+            u.health = health
+                .iter()
+                .find(|(n, _)| *n == u.name)
+                .map(|(_, h)| h.clone());
+        }
+        self
+    }
+
+    /// Whether upstream `name`'s remaining pull quota is under its `ratelimit_reserve` (what
+    /// background work such as prewarming pauses on). `false` for an unknown name.
+    pub fn quota_low(&self, name: &str) -> bool {
+        self.upstreams
+            .iter()
+            .any(|u| u.name == name && u.quota_low())
     }
 
     pub fn upstreams(&self) -> &[Upstream] {

@@ -105,11 +105,45 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
             let (bytes, entries) = e.usage();
             serde_json::json!({ "bytes": bytes, "entries": entries, "max_size": app.config.cache.max_size.map(|m| m.0) })
         }),
-        "upstream_quota": app.metrics.upstream_quotas().into_iter().map(|(u, limit, remaining)| (u.to_string(), serde_json::json!({ "limit": limit, "remaining": remaining }))).collect::<serde_json::Map<_, _>>(),
         "prewarm": app.prewarmer.snapshot().iter().map(|r| r.summary()).collect::<Vec<_>>(),
+        "upstream_quota": upstream_quota(app),
+        "upstreams": engines.upstreams().iter().map(|u| {
+            let mut v = u.health.as_ref().map(|h| h.snapshot()).unwrap_or_else(|| serde_json::json!({}));
+            v["name"] = serde_json::json!(u.name);
+            v
+        }).collect::<Vec<_>>(),
         "replication_backlog": app.pusher.as_ref().map(|p| serde_json::to_value(p.replicator().backlog()).unwrap_or_default()).unwrap_or_else(|| serde_json::json!({})),
     });
     text(StatusCode::OK, "application/json", body.to_string())
+}
+
+/// Per upstream, the quota its last answer announced for the credential in use (the
+/// configured user, else anonymous), with that credential; and every credential's under
+/// `credentials`.
+fn upstream_quota(app: &Arc<App>) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    let in_use = |u: &str| {
+        app.puller
+            .engines()
+            .upstreams()
+            .iter()
+            .find(|x| x.name == u)
+            .and_then(|x| x.health.as_ref())
+            .and_then(|h| h.snapshot()["credential"].as_str().map(str::to_string))
+    };
+    for (u, credential, limit, remaining) in app.metrics.upstream_quotas() {
+        let q = serde_json::json!({ "limit": limit, "remaining": remaining });
+        let entry = out
+            .entry(u.to_string())
+            .or_insert_with(|| serde_json::json!({ "credentials": {} }));
+        entry["credentials"][credential.as_ref()] = q.clone();
+        if in_use(&u).as_deref() == Some(credential.as_ref()) || entry.get("limit").is_none() {
+            entry["limit"] = q["limit"].clone();
+            entry["remaining"] = q["remaining"].clone();
+            entry["credential"] = serde_json::json!(credential.as_ref());
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 /// The in-memory last hour, with the live interval read from the counters now.

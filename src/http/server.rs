@@ -505,7 +505,10 @@ pub fn error_response(e: &Error) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if oci.status == StatusCode::SERVICE_UNAVAILABLE {
+    if let Some(secs) = oci.retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    } else if oci.status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }

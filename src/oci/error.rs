@@ -80,6 +80,8 @@ pub struct OciError {
     pub status: StatusCode,
     pub message: String,
     pub detail: Option<serde_json::Value>,
+    /// Seconds for the `Retry-After` header (`429`, `503`), when known.
+    pub retry_after: Option<u64>,
 }
 
 impl OciError {
@@ -89,7 +91,14 @@ impl OciError {
             status: code.status(),
             message: message.into(),
             detail: None,
+            retry_after: None,
         }
+    }
+
+    /// Says when to ask again (`Retry-After`).
+    pub fn with_retry_after(mut self, secs: u64) -> OciError {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// Overrides the spec's status (e.g. `502` for an upstream that answered garbage).

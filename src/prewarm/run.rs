@@ -98,10 +98,11 @@ impl Prewarmer {
     }
 
     /// The pause point: whether the job may fetch from `upstream` now. False while the quota the
-    /// upstream last announced is under the reserve (10% of its limit); true when it announced
-    /// none.
+    /// upstream last announced for the credential in use is under its
+    /// `upstreams[].ratelimit_reserve` (the same test that makes tag revalidation serve stale:
+    /// [`crate::engine::set::Engines::quota_low`]); true when it announced none.
     pub fn may_fetch_from(&self, upstream: &str) -> bool {
-        quota_allows(&self.metrics, upstream)
+        !self.puller.engines().quota_low(upstream)
     }
 
     /// Stores a new job and starts it; its id.
@@ -518,16 +519,6 @@ impl Prewarmer {
     }
 }
 
-/// Whether `upstream`'s last announced quota (the rate-limit gauges) leaves at least 10% of its
-/// limit; true when it announced none.
-fn quota_allows(metrics: &Metrics, upstream: &str) -> bool {
-    metrics
-        .upstream_quotas()
-        .iter()
-        .find(|(u, ..)| &**u == upstream)
-        .is_none_or(|(_, limit, remaining)| *limit == 0 || remaining.saturating_mul(10) >= *limit)
-}
-
 /// The children of an index the spec wants (by their descriptors' `platform`); none for an
 /// image manifest.
 fn wanted_children(top: &Manifest, parsed: &manifest::Parsed, spec: &Spec) -> Vec<Digest> {
@@ -579,26 +570,5 @@ where
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prewarm_pauses_under_the_quota_reserve() {
-        let m = Metrics::new();
-        assert!(quota_allows(&m, "docker.io"), "no quota announced");
-        m.upstream_quota("docker.io", 100, 10);
-        assert!(quota_allows(&m, "docker.io"));
-        m.upstream_quota("docker.io", 100, 9);
-        assert!(!quota_allows(&m, "docker.io"));
-        assert!(
-            quota_allows(&m, "ghcr.io"),
-            "another upstream's quota is its own"
-        );
-        m.upstream_quota("docker.io", 0, 0);
-        assert!(quota_allows(&m, "docker.io"));
     }
 }

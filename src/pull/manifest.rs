@@ -124,6 +124,14 @@ impl Puller {
                 return self.tag_hit(r, &e.digest, accept).await;
             }
         }
+        // Under the quota reserve, a tag with a stale copy is not revalidated at all: the pulls
+        // left are kept for content nobody has yet.
+        if fresh.is_none() && upstream.quota_low() {
+            if let Some(ans) = self.stale_tag(r, tag, accept).await? {
+                tracing::debug!(upstream = %upstream.name, %tag, "quota under the reserve: served stale");
+                return Ok(ans);
+            }
+        }
         // Revalidate with the authority: a HEAD, which Docker Hub does not count as a pull.
         let by_tag = Reference::Tag(tag.clone());
         match upstream
@@ -138,7 +146,12 @@ impl Puller {
                 let (manifest, source) =
                     match self.manifest_by_digest(r, &meta.digest, accept).await {
                         Ok(found) => found,
-                        Err(e) => return self.serve_as_is(r, tag, fresh, accept, e).await,
+                        Err(e) if fresh.is_some() || e.is_answer() => {
+                            return self.serve_as_is(r, tag, fresh, accept, e).await
+                        }
+                        // The new manifest cannot be had (a 429 on its GET, the upstream gone
+                        // since the HEAD): the last known answer, within `max_stale`.
+                        Err(e) => return self.stale_or(r, tag, accept, e).await,
                     };
                 let old = self
                     .tags
@@ -174,12 +187,40 @@ impl Puller {
             Err(e) if fresh.is_some() => self.serve_as_is(r, tag, fresh, accept, e).await,
             Err(e) => {
                 self.metrics.upstream_error(upstream.engine.id());
-                tracing::warn!(error = %e, "tag authority unreachable; trying a stale answer");
-                self.stale_tag(r, tag, accept).await?.ok_or_else(|| {
-                    Error::client(ErrorCode::Unavailable, format!("upstream {} is unreachable and no cached answer for {repo}:{tag} is younger than max_stale", upstream.name))
-                })
+                self.stale_or(r, tag, accept, e).await
             }
         }
+    }
+
+    /// The upstream failed to answer for `tag` (`why`: down, rate limiting, backing off): the
+    /// last known answer if younger than `max_stale`, else `why` for a refusal that says when to
+    /// come back (`429`/`503` with `Retry-After`), else `UNAVAILABLE`.
+    async fn stale_or(
+        &self,
+        r: &Routed,
+        tag: &Tag,
+        accept: &[String],
+        why: Error,
+    ) -> Result<ManifestAnswer> {
+        tracing::warn!(error = %why, "tag authority unreachable; trying a stale answer");
+        if let Some(ans) = self.stale_tag(r, tag, accept).await? {
+            return Ok(ans);
+        }
+        if why.retry_after().is_some() || why.is_rate_limited() {
+            return Err(why);
+        }
+        let name = self
+            .engines
+            .upstream(r)
+            .map(|u| u.name.as_str())
+            .unwrap_or("upstream");
+        Err(Error::client(
+            ErrorCode::Unavailable,
+            format!(
+                "upstream {name} is unreachable and no cached answer for {}:{tag} is younger than max_stale",
+                r.storage_repo
+            ),
+        ))
     }
 
     /// The authority answered this tag moments ago (`fresh`) with a type this client does not

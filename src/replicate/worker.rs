@@ -277,7 +277,9 @@ impl From<Error> for Failure {
             // its digest) that does not parse. No retry changes them.
             Error::Client(e) => Failure::Dead(e.message),
             Error::Engine { ref error, .. } => match error {
-                EngineError::Transient(_) | EngineError::RateLimited(_) => Failure::Retry(e),
+                EngineError::Transient(_)
+                | EngineError::RateLimited(_)
+                | EngineError::Backoff(_) => Failure::Retry(e),
                 // A create that found the object there: the next run's check sees it done.
                 EngineError::AlreadyExists => Failure::Retry(e),
                 EngineError::NotFound

@@ -46,6 +46,8 @@ pub struct Upstream {
     realms: Vec<String>,
     access: Option<String>,
     ca_file: Option<String>,
+    /// More keys, as written in YAML (`down_after`, `ratelimit_reserve`).
+    more: Vec<(String, String)>,
 }
 
 /// The `auth:` section.
@@ -303,7 +305,14 @@ impl Upstream {
             realms: Vec::new(),
             access: None,
             ca_file: None,
+            more: Vec::new(),
         }
+    }
+
+    /// Another key of the entry, as written in YAML (`down_after`, `ratelimit_reserve`).
+    pub fn option(mut self, key: &str, value: &str) -> Upstream {
+        self.more.push((key.into(), value.into()));
+        self
     }
 
     /// `auth: { username, password }`.
@@ -351,6 +360,7 @@ impl Upstream {
         if let Some(c) = &self.ca_file {
             pairs.push(("ca_file".into(), quote(c)));
         }
+        pairs.extend(self.more.iter().cloned());
         flow(&pairs)
     }
 }

@@ -6,13 +6,14 @@
 //! redirected to a CDN) are followed by reqwest, which drops `Authorization` when the next URL
 //! has another scheme, host or port (`reqwest::redirect::remove_sensitive_headers`).
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::{Client, RequestBuilder, Response};
 
 use super::auth::{parse_challenge, Challenge, RealmPolicy, TokenCache, TokenResponse};
+use super::health::{Health, Settings, ANONYMOUS};
 use crate::error::{BoxError, EngineError, Error, Result};
 
 pub const USER_AGENT: &str = concat!("ociedge/", env!("CARGO_PKG_VERSION"));
@@ -32,8 +33,15 @@ pub struct RegistryClient {
     /// paying a `401` round trip first.
     challenge: RwLock<Option<Challenge>>,
     tokens: TokenCache,
-    /// Requests by kind and the quota the upstream announces (see `ratelimit.rs`).
+    /// Requests by kind (see `ratelimit.rs`).
     metrics: Option<crate::metrics::Metrics>,
+    /// Back-off, circuit breaker and quota (see `health.rs`): asked before every request.
+    health: Arc<Health>,
+}
+
+/// The URL the breaker's background probe asks: the upstream's `/v2/`.
+fn probe_url(base: &url::Url) -> String {
+    format!("{}/v2/", base.as_str().trim_end_matches('/'))
 }
 
 /// Builds the shared HTTP client: rustls with the system roots, hickory DNS, pooled keep-alive.
@@ -77,7 +85,10 @@ impl RegistryClient {
         http: Client,
         basic: Option<(String, String)>,
     ) -> RegistryClient {
+        let health = Arc::new(Health::new(id, Settings::default()));
+        health.set_probe(http.clone(), probe_url(&base));
         RegistryClient {
+            health,
             id: id.into(),
             realms: RealmPolicy::new(id, &base, None),
             withheld: Default::default(),
@@ -99,6 +110,34 @@ impl RegistryClient {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Replaces the default health (breaker settings, metrics) with `health`.
+    pub fn with_health(mut self, health: Arc<Health>) -> RegistryClient {
+        health.set_probe(self.http.clone(), probe_url(&self.base));
+        self.health = health;
+        self
+    }
+
+    /// The upstream's back-off, breaker and quota.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The credential scoped requests are made with, as a label: the configured user name, or
+    /// `anonymous` (none configured, or withheld from the token realm).
+    pub fn credential(&self) -> &str {
+        match &self.basic {
+            Some((user, _)) if !self.credentials_withheld() => user,
+            _ => ANONYMOUS,
+        }
+    }
+
+    /// A request got no answer (or none in time): counts towards opening the breaker.
+    pub fn failed(&self, e: &Error) {
+        if e.is_transient() && !matches!(e.engine_error(), Some(EngineError::Backoff(_))) {
+            self.health.failed(&e.to_string());
+        }
     }
 
     /// Whether the upstream's credentials were last kept from its token realm (not an allowed
@@ -142,6 +181,8 @@ impl RegistryClient {
         scope: Option<&str>,
         headers: HeaderMap,
     ) -> Result<Response> {
+        // Backing off (Retry-After) or breaker open: not asked at all.
+        self.health.admit().map_err(|e| self.err(e))?;
         let url = self.url(path);
         let build = |auth: Option<HeaderValue>| -> RequestBuilder {
             let mut rb = self
@@ -162,11 +203,8 @@ impl RegistryClient {
             Some(c) => self.authorization(c, scope, false).await?,
             None => None,
         };
-        let resp = build(first_auth)
-            .send()
-            .await
-            .map_err(|e| self.reqwest(e))?;
-        self.account(&method, path, &resp);
+        let resp = self.sent(build(first_auth).send().await)?;
+        self.account(&method, path, scope, &resp);
         if resp.status() != StatusCode::UNAUTHORIZED || scope.is_none() {
             return Ok(resp);
         }
@@ -185,14 +223,31 @@ impl RegistryClient {
         if auth.is_none() {
             return Ok(resp);
         }
-        let resp = build(auth).send().await.map_err(|e| self.reqwest(e))?;
-        self.account(&method, path, &resp);
+        let resp = self.sent(build(auth).send().await)?;
+        self.account(&method, path, scope, &resp);
         Ok(resp)
     }
 
+    /// A request's outcome, a transport failure told to the breaker.
+    fn sent(&self, r: reqwest::Result<Response>) -> Result<Response> {
+        r.map_err(|e| {
+            let e = self.reqwest(e);
+            self.failed(&e);
+            e
+        })
+    }
+
     /// Counts a request by what it costs (a manifest `GET` is a pull to a rate-limited
-    /// registry; a `HEAD` is not) and records the quota its answer announces.
-    fn account(&self, method: &Method, path: &str, resp: &Response) {
+    /// registry; a `HEAD` is not) and tells the upstream's health its answer (quota per
+    /// credential, `Retry-After`, a 5xx).
+    fn account(&self, method: &Method, path: &str, scope: Option<&str>, resp: &Response) {
+        // Unscoped requests (probes) go without credentials.
+        let credential = match scope {
+            Some(_) => self.credential(),
+            None => ANONYMOUS,
+        };
+        self.health
+            .answered(resp.status(), resp.headers(), credential);
         let Some(m) = &self.metrics else {
             return;
         };
@@ -202,9 +257,6 @@ impl RegistryClient {
             _ => "other",
         };
         m.upstream_request(&self.id, kind);
-        if let Some(q) = super::ratelimit::quota(resp.headers()) {
-            m.upstream_quota(&self.id, q.limit, q.remaining);
-        }
     }
 
     /// Counts requests and records announced quotas in `metrics`.

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod health;
 pub mod limit;
 pub mod ratelimit;
 
@@ -167,10 +168,14 @@ impl RegistryEngine {
     ) -> Result<T> {
         match tokio::time::timeout(SMALL_DEADLINE, fut).await {
             Ok(r) => r,
-            Err(_) => Err(self.client.transient(format!(
-                "{what}: no whole answer within {}s",
-                SMALL_DEADLINE.as_secs()
-            ))),
+            Err(_) => {
+                let e = self.client.transient(format!(
+                    "{what}: no whole answer within {}s",
+                    SMALL_DEADLINE.as_secs()
+                ));
+                self.client.failed(&e);
+                Err(e)
+            }
         }
     }
 
@@ -374,6 +379,13 @@ impl RegistryEngine {
     /// An answer with an unexpected status, by its kind (refused, rate limited, transient,
     /// permanent).
     fn status_error(&self, what: &str, status: StatusCode) -> Error {
+        // A 429 or 503 that said when to come back (or opened the breaker): that refusal, with
+        // its `Retry-After`.
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            if let Err(e) = self.client.health().admit() {
+                return self.client.err(e);
+            }
+        }
         let message = match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 if self.client.credentials_withheld() {
