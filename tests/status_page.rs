@@ -343,20 +343,6 @@ async fn chromium_renders_engines_fills_and_the_backlog_of_a_running_ociedge() {
         at = pos;
     }
     let jobs = s["replication_backlog"]["ap"]["jobs"].as_u64().unwrap();
-    let job = row(&dom, "data-job=\"0123456789abcdef");
-    assert!(job.contains(">running<") && job.contains(">1/2<"), "{job}");
-    assert!(
-        job.contains(">eu 3/4<") && job.contains("aria-valuenow=\"75\""),
-        "{job}"
-    );
-    assert!(
-        job.contains(">4.0 MiB<"),
-        "transferred, every engine: {job}"
-    );
-    assert!(
-        job.contains("us: &lt;b&gt;slow&lt;/b&gt; timed out"),
-        "{job}"
-    );
     let backlog = row(&dom, "data-target=\"ap\"");
     assert_eq!(text_after(backlog, "class=\"num jobs\">"), jobs.to_string());
     assert!(
@@ -526,6 +512,21 @@ async fn chromium_draws_an_hour_of_history_on_a_laptop_and_a_phone() {
     let fill = row(&dom, "data-digest=\"sha256:abab");
     assert!(fill.contains("aria-valuenow=\"38\""), "{fill}");
     assert!(fill.contains("3.0 MiB of 8.0 MiB (37.5%)"), "{fill}");
+    // A prewarm job: its progress per engine, its errors as text.
+    let job = row(&dom, "data-job=\"0123456789abcdef");
+    assert!(job.contains(">running<") && job.contains(">1/2<"), "{job}");
+    assert!(
+        job.contains(">eu 3/4<") && job.contains("aria-valuenow=\"75\""),
+        "{job}"
+    );
+    assert!(
+        job.contains(">4.0 MiB<"),
+        "transferred, every engine: {job}"
+    );
+    assert!(
+        job.contains("us: &lt;b&gt;slow&lt;/b&gt; timed out"),
+        "{job}"
+    );
     let backlog = row(&dom, "data-target=\"ap\"");
     assert_eq!(text_after(backlog, "class=\"num age\">"), "12 min 34 s");
     assert_eq!(dom.matches("<polygon").count(), 2, "one band per source");
