@@ -32,6 +32,10 @@ pub const ANONYMOUS: &str = "anonymous";
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest `Retry-After` honoured (Docker Hub's pull window).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
+/// The back-off after a `429` that says no `Retry-After` (RFC 6585 makes it optional; Docker
+/// Hub's pull-limit answers often omit it): asking again at once only spends more of a quota
+/// that is already gone, so the upstream is left alone for this long.
+const DEFAULT_429_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a quota reading under the reserve is trusted: then one request may go (and read
 /// the quota anew), so a window that reset is seen even when every tag is served stale.
 const QUOTA_TRUSTED: Duration = Duration::from_secs(60);
@@ -219,7 +223,12 @@ impl Health {
             s.credential = Some(credential.to_string());
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            if let Some(wait) = retry_after(headers) {
+            let wait = match retry_after(headers) {
+                Some(w) => Some(w),
+                None if status == StatusCode::TOO_MANY_REQUESTS => Some(DEFAULT_429_BACKOFF),
+                None => None,
+            };
+            if let Some(wait) = wait {
                 let until = Instant::now() + wait.min(MAX_RETRY_AFTER);
                 let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
                 tracing::warn!(upstream = %self.id, %status, secs = wait.as_secs(), "upstream asked to back off");
@@ -437,10 +446,24 @@ mod tests {
             ANONYMOUS,
         );
         assert!(matches!(h.admit(), Err(EngineError::Backoff(b)) if !b.rate_limited));
-        // A 429 without Retry-After, a 404: no back-off.
+        // A 429 without Retry-After: the default back-off.
         let h = health(5);
         h.answered(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), ANONYMOUS);
+        match h.admit() {
+            Err(EngineError::Backoff(b)) => {
+                assert!(b.rate_limited);
+                assert!((59..=60).contains(&b.retry_after()), "{}", b.retry_after());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A 404, a 503 without Retry-After (a failure, for the breaker): no back-off.
+        let h = health(5);
         h.answered(StatusCode::NOT_FOUND, &HeaderMap::new(), ANONYMOUS);
+        h.answered(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &HeaderMap::new(),
+            ANONYMOUS,
+        );
         assert!(h.admit().is_ok());
     }
 
