@@ -198,3 +198,16 @@ fn deep_nesting_is_refused_quickly() {
     let e = Config::parse(&plain).err().map(|e| e.0).unwrap_or_default();
     assert!(!e.contains("nested deeper"), "{e}");
 }
+
+#[test]
+fn fill_on_range_is_a_boolean_on_by_default() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert!(c.cache.fill_on_range);
+    let c = Config::parse(&format!("{MINIMAL}cache: {{ fill_on_range: false }}\n")).unwrap();
+    c.validate().unwrap();
+    assert!(!c.cache.fill_on_range);
+    let e = Config::parse(&format!("{MINIMAL}cache: {{ fill_on_range: sometimes }}\n"))
+        .unwrap_err()
+        .0;
+    assert!(e.starts_with("cache.fill_on_range"), "{e}");
+}

@@ -9,6 +9,7 @@
 pub mod blob;
 pub mod fill;
 pub mod manifest;
+mod range;
 pub mod rate;
 pub mod tags;
 
@@ -48,6 +49,8 @@ pub struct Puller {
     /// Which repositories were pushed (beside upstreams, what makes the preferred engine their
     /// authority rather than the upstream).
     pushed: Option<Arc<PushedRepos>>,
+    /// A range of a cold blob also starts the whole-blob fill (`cache.fill_on_range`).
+    fill_on_range: bool,
 }
 
 impl Puller {
@@ -70,7 +73,13 @@ impl Puller {
             pushed: None,
             evictor: None,
             redirect: None,
+            fill_on_range: true,
         }
+    }
+
+    /// Whether a range of a cold blob starts the whole-blob fill (`cache.fill_on_range`).
+    pub fn set_fill_on_range(&mut self, on: bool) {
+        self.fill_on_range = on;
     }
 
     /// Redirects blob GET hits of a cloud local engine to presigned URLs valid for `d`.

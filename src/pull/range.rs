@@ -1,0 +1,502 @@
+//! Ranges of cold blobs, answered at once rather than after the whole blob.
+//!
+//! A `Range` the local engine cannot serve joins (or starts, with `cache.fill_on_range`) the one
+//! whole-blob fill of the digest, then is served by whichever is sooner:
+//!
+//! * the fill: bytes it has already received are read from its window or spool, and a range a
+//!   little ahead of it (what the fill brings, at its rate so far, in about the time a ranged
+//!   read takes to start) waits for it;
+//! * a ranged `GET` of just those bytes from the nearest engine that has the blob (the fill's
+//!   sources, in the fill's order), streamed to the client. When the fill reaches the range first
+//!   (before the ranged read answered, or by overtaking it mid-way), the response continues
+//!   from the fill and the ranged read is dropped; when the ranged read fails, from the fill too.
+//!
+//! A range cannot be verified on its own (no registry does), so a ranged response does not wait
+//! for the fill's verdict; but a verdict that is a digest mismatch breaks every ranged response
+//! of the digest still in flight (its body ends with an error, never cleanly), counted in
+//! `ociedge_range_responses_broken_total`. Nothing unverified is committed: only the fill commits,
+//! as before. Bytes of ranged reads are counted in `ociedge_range_fetch_bytes_total`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::blob::{BlobAnswer, BlobBody};
+use super::fill::{FillPlan, FillState, Outcome, Progress};
+use super::rate::{self, MinRate};
+use super::{Puller, RangeSpec};
+use crate::engine::set::Routed;
+use crate::engine::{ByteRange, ByteStream, Engine, Hit, Lookup};
+use crate::error::{EngineError, Error, Result};
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
+
+/// A range starting at most this far past what the fill has received waits for the fill when
+/// the fill's rate is not known yet.
+const AHEAD: u64 = 4 << 20;
+
+/// About the time a ranged read takes to bring its first byte: a range the fill reaches sooner
+/// (at its rate so far) waits for the fill.
+const FETCH_LATENCY: Duration = Duration::from_millis(20);
+
+/// Bounds of the distance ahead of the fill that is waited for, whatever its rate.
+const AHEAD_MIN: u64 = 1 << 20;
+const AHEAD_MAX: u64 = 8 << 20;
+
+/// A ranged read in flight is dropped for the fill once the fill holds this much past it.
+const OVERTAKE: u64 = 1 << 20;
+
+/// The engines a ranged read asks, in the fill's order.
+type Sources = Vec<(Arc<dyn Engine>, RepoName)>;
+
+impl Puller {
+    /// A range of a blob the local engine does not have (a `GET`: `HEAD`s never come here).
+    pub(super) async fn cold_range(
+        &self,
+        r: &Routed,
+        digest: &Digest,
+        spec: RangeSpec,
+        local_ok: bool,
+    ) -> Result<BlobAnswer> {
+        let sources = self.engines.remotes_for(r);
+        let fill = if self.fill_on_range {
+            Some(self.fills.join_or_start(digest).start_with(|| FillPlan {
+                sources: sources.clone(),
+                target: local_ok.then(|| (self.engines.local().clone(), r.storage_repo.clone())),
+            }))
+        } else {
+            // Only the ranges are fetched; a fill another request started is still used.
+            self.fills.running_fill(digest)
+        };
+        let fetch = RangeFetch {
+            sources: Arc::new(sources),
+            digest: digest.clone(),
+            metrics: self.metrics.clone(),
+            min_rate: self.fills.min_rate(),
+        };
+        let Some(fill) = fill.filter(|f| usable(&f.watch().borrow())) else {
+            let read = fetch.open(spec, None).await?;
+            let range = read.range;
+            return Ok(fetch.answer(read, None, range));
+        };
+        let p = fill.watch().borrow().clone();
+        match (p.size, spec) {
+            (Some(size), _) => {
+                let range = spec.resolve(size)?;
+                if let Some(file) = fill.verified_spool() {
+                    let (offset, len) = span(range, size);
+                    return Ok(BlobAnswer {
+                        size,
+                        range: Some(range),
+                        source: p.source.clone().unwrap_or_else(|| self.local_name.clone()),
+                        body: Some(BlobBody::File(crate::fileio::FileSlice {
+                            file,
+                            offset,
+                            len,
+                            keep: None,
+                        })),
+                        redirect: None,
+                    });
+                }
+                if range.start <= p.received.saturating_add(ahead(&p)) {
+                    return self.follow(&fetch, &fill, range, size).await;
+                }
+            }
+            (None, RangeSpec::From { start, .. }) if start <= AHEAD => {
+                let (size, _) = fill.started().await?;
+                let range = spec.resolve(size)?;
+                return self.follow(&fetch, &fill, range, size).await;
+            }
+            (None, _) => {}
+        }
+        // Far ahead of the fill: a ranged read, unless the fill reaches the range first.
+        let reach = match (p.size, spec) {
+            (Some(size), _) => Some(spec.resolve(size)?.start),
+            (None, RangeSpec::From { start, .. }) => Some(start),
+            (None, RangeSpec::Suffix(_)) => None,
+        };
+        let opened = {
+            let open = fetch.open(spec, p.size);
+            tokio::pin!(open);
+            match reach {
+                Some(start) => {
+                    let mut rx = fill.watch();
+                    tokio::select! {
+                        read = &mut open => Some(read),
+                        // (an error here: the fill failed; then the ranged read decides)
+                        reached = reaches(&mut rx, start) => {
+                            if reached {
+                                None
+                            } else {
+                                Some(open.await)
+                            }
+                        }
+                    }
+                }
+                None => Some(open.await),
+            }
+        };
+        match opened {
+            Some(Ok(read)) => {
+                let range = read.range;
+                Ok(fetch.answer(read, Some(fill), range))
+            }
+            Some(Err(e)) if is_range_invalid(&e) => Err(e),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "ranged read failed; the range follows the fill");
+                let (size, _) = fill.started().await?;
+                self.follow(&fetch, &fill, spec.resolve(size)?, size).await
+            }
+            None => {
+                let (size, _) = fill.started().await?;
+                self.follow(&fetch, &fill, spec.resolve(size)?, size).await
+            }
+        }
+    }
+
+    /// The range from the fill (its last byte not held back for the verdict).
+    async fn follow(
+        &self,
+        fetch: &RangeFetch,
+        fill: &Arc<FillState>,
+        range: ByteRange,
+        size: u64,
+    ) -> Result<BlobAnswer> {
+        let (_, source) = fill.started().await?;
+        let (offset, len) = span(range, size);
+        let body = RangeBody {
+            pos: offset,
+            end: offset + len,
+            rx: Some(fill.watch()),
+            src: Src::Fill(fill.follow_range(offset, len).into_stream()),
+            fill: Some(fill.clone()),
+            fetch: fetch.clone(),
+            fell_back: false,
+            done: false,
+        };
+        Ok(BlobAnswer {
+            size,
+            range: Some(range),
+            source,
+            body: Some(BlobBody::Stream(body.into_stream())),
+            redirect: None,
+        })
+    }
+}
+
+/// `(offset, len)` of `range` in a blob of `size` bytes.
+fn span(range: ByteRange, size: u64) -> (u64, u64) {
+    let end = range.end.unwrap_or(size).min(size);
+    (range.start, end.saturating_sub(range.start))
+}
+
+/// How far ahead of what the fill received a range waits for the fill rather than fetching it.
+fn ahead(p: &Progress) -> u64 {
+    let Some(since) = p.since else {
+        return AHEAD;
+    };
+    let secs = since.elapsed().as_secs_f64();
+    if secs < 0.05 || p.received == 0 {
+        return AHEAD;
+    }
+    let rate = p.received as f64 / secs;
+    ((rate * FETCH_LATENCY.as_secs_f64()) as u64).clamp(AHEAD_MIN, AHEAD_MAX)
+}
+
+/// Waits until the fill received byte `start`: `false` when it failed first.
+async fn reaches(rx: &mut watch::Receiver<Progress>, start: u64) -> bool {
+    match rx.wait_for(|p| p.received > start || !usable(p)).await {
+        Ok(p) => usable(&p),
+        Err(_) => false,
+    }
+}
+
+/// The fill may still serve (it has not failed).
+fn usable(p: &Progress) -> bool {
+    !matches!(p.outcome, Some(Outcome::Failed(_) | Outcome::NotFound))
+}
+
+fn mismatch(p: &Progress) -> Option<Error> {
+    match &p.outcome {
+        Some(Outcome::Failed(e @ Error::DigestMismatch { .. })) => Some(e.clone()),
+        _ => None,
+    }
+}
+
+fn is_range_invalid(e: &Error) -> bool {
+    matches!(e.engine_error(), Some(EngineError::RangeInvalid(_)))
+        || e.to_oci().code == crate::oci::ErrorCode::RangeInvalid
+}
+
+/// What ranged reads of one request need.
+#[derive(Clone)]
+struct RangeFetch {
+    sources: Arc<Sources>,
+    digest: Digest,
+    metrics: Metrics,
+    min_rate: MinRate,
+}
+
+/// An open ranged read.
+struct Opened {
+    size: u64,
+    range: ByteRange,
+    engine: Arc<str>,
+    stream: ByteStream,
+}
+
+impl RangeFetch {
+    /// A ranged read of `spec` from the first engine that has the blob (of `size` bytes when
+    /// the fill knows it), answering exactly that range. A range outside the blob is an answer;
+    /// any other failure moves on to the next engine.
+    async fn open(&self, spec: RangeSpec, size: Option<u64>) -> Result<Opened> {
+        let mut last_err = None;
+        for (engine, repo) in self.sources.iter() {
+            self.metrics.engine_request(engine.id());
+            let hit = match engine
+                .open_blob(repo, &self.digest, Lookup::body(Some(spec)))
+                .await
+            {
+                Ok(Some(hit)) => hit,
+                Ok(None) => continue,
+                Err(e) if is_range_invalid(&e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(engine = engine.id(), error = %e, "ranged read failed");
+                    self.metrics.upstream_error(engine.id());
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            let want = spec.resolve(hit.size)?;
+            let (offset, len) = hit.span();
+            let got = (offset, offset + len);
+            let asked = span(want, hit.size);
+            let stream = match hit.body {
+                Some(Hit::Stream(s)) => Some(s),
+                Some(Hit::File(f)) => Some(f.stream()),
+                Some(Hit::Redirect(_)) | None => None,
+            };
+            let fits = size.is_none_or(|s| s == hit.size) && got == (asked.0, asked.0 + asked.1);
+            let Some(stream) = stream.filter(|_| fits) else {
+                tracing::warn!(
+                    engine = engine.id(),
+                    size = hit.size,
+                    ?got,
+                    "ranged read answered other bytes than asked"
+                );
+                self.metrics.upstream_error(engine.id());
+                last_err = Some(Error::permanent(
+                    engine.id(),
+                    "ranged read answered other bytes than asked",
+                ));
+                continue;
+            };
+            return Ok(Opened {
+                size: hit.size,
+                range: want,
+                engine: engine.id().into(),
+                stream: rate::guard(stream, self.min_rate, engine.id()),
+            });
+        }
+        Err(last_err.unwrap_or_else(|| {
+            Error::client(
+                crate::oci::ErrorCode::BlobUnknown,
+                format!("blob {} is unknown to every engine", self.digest),
+            )
+        }))
+    }
+
+    /// The answer streaming `read`, watching `fill` (when there is one) to break on a mismatch
+    /// or to continue from it once it overtakes the read.
+    fn answer(&self, read: Opened, fill: Option<Arc<FillState>>, range: ByteRange) -> BlobAnswer {
+        let (offset, len) = span(range, read.size);
+        let body = RangeBody {
+            pos: offset,
+            end: offset + len,
+            rx: fill.as_ref().map(|f| f.watch()),
+            fill,
+            src: Src::Fetch {
+                stream: read.stream,
+                engine: read.engine.clone(),
+            },
+            fetch: self.clone(),
+            fell_back: false,
+            done: false,
+        };
+        BlobAnswer {
+            size: read.size,
+            range: Some(range),
+            source: read.engine,
+            body: Some(BlobBody::Stream(body.into_stream())),
+            redirect: None,
+        }
+    }
+}
+
+/// Where a ranged response's bytes come from now.
+enum Src {
+    Fill(ByteStream),
+    Fetch {
+        stream: ByteStream,
+        engine: Arc<str>,
+    },
+}
+
+/// The bytes `pos..end` of a ranged response, from the fill or a ranged read, switching as
+/// either gets ahead or fails.
+struct RangeBody {
+    pos: u64,
+    end: u64,
+    fill: Option<Arc<FillState>>,
+    rx: Option<watch::Receiver<Progress>>,
+    src: Src,
+    fetch: RangeFetch,
+    /// A failed fill was replaced by a ranged read once already.
+    fell_back: bool,
+    done: bool,
+}
+
+impl RangeBody {
+    fn into_stream(self) -> ByteStream {
+        Box::pin(futures::stream::unfold(self, |mut b| async move {
+            let item = b.next().await?;
+            Some((item, b))
+        }))
+    }
+
+    /// The mismatch verdict of the fill, if it came.
+    fn mismatch(&self) -> Option<Error> {
+        self.rx.as_ref().and_then(|rx| mismatch(&rx.borrow()))
+    }
+
+    /// Ends the response with `e` (an error: the client sees a broken body, not an end).
+    fn fail(&mut self, e: Error) -> Option<Result<Bytes>> {
+        self.done = true;
+        if matches!(e, Error::DigestMismatch { .. }) {
+            self.fetch.metrics.range_broken();
+        }
+        Some(Err(e))
+    }
+
+    async fn next(&mut self) -> Option<Result<Bytes>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if let Some(e) = self.mismatch() {
+                return self.fail(e);
+            }
+            if self.pos >= self.end {
+                self.done = true;
+                return None;
+            }
+            let left = self.end - self.pos;
+            match &mut self.src {
+                Src::Fill(s) => match s.next().await {
+                    Some(Ok(b)) => {
+                        if b.len() as u64 > left {
+                            return self
+                                .fail(Error::transient("range", "fill read past the range"));
+                        }
+                        self.pos += b.len() as u64;
+                        return Some(Ok(b));
+                    }
+                    Some(Err(e)) => {
+                        if let Some(m) = self.mismatch() {
+                            return self.fail(m);
+                        }
+                        // The fill failed otherwise: the rest from a ranged read, once.
+                        if self.fell_back {
+                            return self.fail(e);
+                        }
+                        self.fell_back = true;
+                        tracing::warn!(error = %e, "fill failed under a range; fetching the rest");
+                        let spec = RangeSpec::From {
+                            start: self.pos,
+                            last: Some(self.end - 1),
+                        };
+                        match self.fetch.open(spec, None).await {
+                            Ok(read) if read.range.start == self.pos => {
+                                self.rx = None;
+                                self.fill = None;
+                                self.src = Src::Fetch {
+                                    stream: read.stream,
+                                    engine: read.engine,
+                                };
+                            }
+                            Ok(_) => return self.fail(e),
+                            Err(_) => return self.fail(e),
+                        }
+                    }
+                    None => {
+                        return self.fail(Error::transient("range", "the fill ended early"));
+                    }
+                },
+                Src::Fetch { stream, engine } => {
+                    let engine = engine.clone();
+                    // The fill overtook the read: the rest from the fill.
+                    let overtaken = self.rx.as_ref().is_some_and(|rx| {
+                        let p = rx.borrow();
+                        usable(&p)
+                            && (p.verified
+                                || matches!(p.outcome, Some(Outcome::Done))
+                                || p.received >= self.pos.saturating_add(OVERTAKE.min(left)))
+                    });
+                    if let (true, Some(fill)) = (overtaken, &self.fill) {
+                        self.src = Src::Fill(fill.follow_range(self.pos, left).into_stream());
+                        continue;
+                    }
+                    let rx = &mut self.rx;
+                    let changed = async {
+                        match rx.as_mut() {
+                            Some(rx) => rx.changed().await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        item = stream.next() => match item {
+                            Some(Ok(b)) => {
+                                if b.len() as u64 > left {
+                                    return self.fail(Error::permanent(
+                                        &engine,
+                                        "ranged read sent more bytes than asked",
+                                    ));
+                                }
+                                self.fetch.metrics.range_fetch_bytes(&engine, b.len() as u64);
+                                self.pos += b.len() as u64;
+                                return Some(Ok(b));
+                            }
+                            other => {
+                                let e = match other {
+                                    Some(Err(e)) => e,
+                                    _ => Error::transient(&engine, "ranged read ended early"),
+                                };
+                                tracing::warn!(error = %e, pos = self.pos, "ranged read failed mid-way");
+                                // The rest from the fill, when there is one that may serve.
+                                let fill = self
+                                    .fill
+                                    .as_ref()
+                                    .filter(|f| usable(&f.watch().borrow()))
+                                    .cloned();
+                                match fill {
+                                    Some(f) => {
+                                        self.src = Src::Fill(f.follow_range(self.pos, left).into_stream());
+                                    }
+                                    None => return self.fail(e),
+                                }
+                            }
+                        },
+                        alive = changed => {
+                            if !alive {
+                                self.rx = None;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
