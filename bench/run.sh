@@ -5,7 +5,8 @@
 #   --runs N          repetitions per measurement, median reported (compare.sh default 3)
 #   --wrk-duration D  wrk/ab duration per run, e.g. 10s (compare.sh default 10s)
 #   --label L         result file bench/results/YYYY-MM-DD-L.md (default: ociedge)
-#   --only LIST       compare.sh sections, e.g. "a,b,e" (default a,b,c,d,e,f)
+#   --only LIST       sections, e.g. "a,b,e" (default a,b,c,d,e,f,r); a-f are compare.sh's,
+#                     r is bench/ranges.sh's (ranges of a cold 1 GiB blob, with an nginx `slice` peer)
 #
 # Steps: cargo build --release --locked; peers.sh start (installs docker-registry, nginx, wrk,
 # apache2-utils via apt if missing); seed-upstream.sh; ociedge on 127.0.0.1:16010 (bench/ociedge.sh);
@@ -22,17 +23,21 @@ export BASE=${BASE:-/tmp/perfbase}
 export PEERS=$SHARED_BENCH/peers.sh
 LABEL=ociedge
 PASS=()
+ONLY=a,b,c,d,e,f,r
+RUNS=3
 
 usage() { sed -n '2,17p' "$0"; exit 2; }
 while (($#)); do
   case $1 in
-    --runs|--wrk-duration|--only) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); shift 2 ;;
+    --runs|--wrk-duration) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); [[ $1 == --runs ]] && RUNS=$2; shift 2 ;;
+    --only) [[ $# -ge 2 ]] || usage; ONLY=$2; shift 2 ;;
     --label) [[ $# -ge 2 ]] || usage; LABEL=$2; shift 2 ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument: $1" >&2; usage ;;
   esac
 done
 [[ $LABEL =~ ^[A-Za-z0-9._-]+$ ]] || { echo "run.sh: --label must be [A-Za-z0-9._-]+" >&2; exit 2; }
+[[ $ONLY =~ ^[a-fr](,[a-fr])*$ ]] || { echo "run.sh: --only takes sections a-f and r, comma-separated" >&2; exit 2; }
 
 log() { echo "[$(date +%T)] run.sh: $*" >&2; }
 
@@ -75,17 +80,25 @@ rm -rf "$BASE/ociedge/data"
 STARTED_OCIEDGE=1
 "$HERE/ociedge.sh" start
 
-# 4. compare
+# 4. compare (compare.sh's sections, then section r: bench/ranges.sh)
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=$BASE/results/$STAMP-$LABEL
+COMPARE_ONLY=$(tr ',' '\n' <<<"$ONLY" | grep -v '^r$' | paste -sd, -)
+mkdir -p "$OUT"; : >"$OUT/table.md"; : >"$OUT/raw.tsv"
+[[ -z $COMPARE_ONLY ]] || {
 log "compare.sh (raw results in $OUT)"
-"$SHARED_BENCH/compare.sh" "${PASS[@]}" --out "$OUT" \
+"$SHARED_BENCH/compare.sh" "${PASS[@]}" --only "$COMPARE_ONLY" --out "$OUT" \
   --reset-cmd "$HERE/ociedge.sh reset" --pids-cmd "$HERE/ociedge.sh pids" \
   --upstream-log "$BASE/logs/upstream.access.log" \
   --retag-cmd "$SHARED_BENCH/seed-upstream.sh retag-small" \
   --ref-file "$BASE/seed/big.layer" \
   upstream=http://127.0.0.1:16000 A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
   static=http://127.0.0.1:16003 ociedge=http://127.0.0.1:16010 >/dev/null
+}
+if [[ ,$ONLY, == *,r,* ]]; then
+  log "ranges.sh (section r)"
+  "$HERE/ranges.sh" "$OUT" "$RUNS" >/dev/null
+fi
 
 # 5. results
 mkdir -p "$HERE/results"
@@ -101,6 +114,12 @@ cp "$OUT/raw.tsv" "$DEST-raw.tsv"
   echo
   cat "$OUT/table.md"
   echo
+  if [[ -f $OUT/ranges.md ]]; then
+    echo "## Ranges of a cold blob (section r)"
+    echo
+    cat "$OUT/ranges.md"
+    echo
+  fi
   echo "## ociedge relative to the peers of the same run"
   echo
   echo "Medians of the per-run values. Throughput and req/s: ratio > 1 = ociedge better; times, CPU and RSS: ratio < 1 = ociedge better."
