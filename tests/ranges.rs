@@ -418,3 +418,99 @@ async fn a_multi_range_request_gets_the_whole_blob() {
     assert_eq!(status, 206);
     assert!(body == data.slice(100..150));
 }
+
+/// An upstream that answers ranges wrongly: a `206` of fewer bytes than asked (`short`), or a
+/// `200` with the whole blob (a registry ignoring `Range`); whole-blob GETs paced to ~6 MiB/s.
+async fn lying_upstream(data: Bytes, short: bool) -> u16 {
+    let digest = format!("sha256:{}", common::sha256_hex(&data));
+    fake::serve(move |req: Request<Incoming>| {
+        let (data, digest) = (data.clone(), digest.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            if path == "/v2/" {
+                return Response::new(fake::full("{}"));
+            }
+            if !path.ends_with(&format!("/blobs/{digest}")) {
+                return Response::builder()
+                    .status(404)
+                    .body(fake::full(""))
+                    .expect("response");
+            }
+            let len = data.len() as u64;
+            let range = req
+                .headers()
+                .get("range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes="))
+                .and_then(|v| v.split_once('-'))
+                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok())));
+            let head = Response::builder()
+                .header("docker-content-digest", &digest)
+                .header("content-type", "application/octet-stream");
+            if req.method() == http::Method::HEAD {
+                return head
+                    .header("content-length", len)
+                    .body(fake::full(""))
+                    .expect("response");
+            }
+            match range {
+                Some((a, b)) if short => {
+                    let end = b.map_or(len, |b| (b + 1).min(len));
+                    let lie = a + (end - a) / 2;
+                    head.status(206)
+                        .header("content-range", format!("bytes {a}-{}/{len}", lie - 1))
+                        .header("content-length", lie - a)
+                        .body(fake::full(data.slice(a as usize..lie as usize)))
+                        .expect("response")
+                }
+                _ => {
+                    let chunks: Vec<Bytes> = (0..data.len())
+                        .step_by(64 << 10)
+                        .map(|i| data.slice(i..(i + (64 << 10)).min(data.len())))
+                        .collect();
+                    let paced = futures::stream::iter(chunks).then(|c| async move {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(c))
+                    });
+                    head.status(200)
+                        .header("content-length", len)
+                        .body(BodyExt::boxed(StreamBody::new(paced)))
+                        .expect("response")
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Ranged reads must bring exactly the bytes asked: a `206` of other bytes is refused (the range
+/// is served from the fill instead), a `200` to a range from byte 0 is cut at the range's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_answering_other_bytes_than_asked_is_not_believed() {
+    let data = Bytes::from(common::random_bytes(8 << 20, 6));
+    let digest = format!("sha256:{}", common::sha256_hex(&data));
+    // A short 206: the ranged read is refused, the fill serves the range.
+    let port = lying_upstream(data.clone(), true).await;
+    let proxy = mirror(&format!("http://127.0.0.1:{port}"), "");
+    let base = proxy.url("");
+    let (status, body, _) = get_range(&base, &digest, 6 * MIB, MIB).await;
+    assert_eq!(status, 206);
+    assert!(
+        body == data.slice(6 << 20..7 << 20),
+        "short 206: wrong bytes"
+    );
+    assert!(common::fills_settled(&proxy).await);
+    // A 200 to a range from byte 0, with only ranged reads (no fill to fall back on).
+    let port = lying_upstream(data.clone(), false).await;
+    let proxy = mirror(
+        &format!("http://127.0.0.1:{port}"),
+        "cache:\n  fill_on_range: false\n",
+    );
+    let base = proxy.url("");
+    let (status, body, _) = get_range(&base, &digest, 0, MIB).await;
+    assert_eq!(status, 206);
+    assert!(
+        body == data.slice(..1 << 20),
+        "200 for a range: wrong bytes"
+    );
+}

@@ -170,6 +170,7 @@ impl Puller {
         let body = RangeBody {
             pos: offset,
             end: offset + len,
+            size,
             rx: Some(fill.watch()),
             src: Src::Fill(fill.follow_range(offset, len).into_stream()),
             fill: Some(fill.clone()),
@@ -316,6 +317,7 @@ impl RangeFetch {
         let body = RangeBody {
             pos: offset,
             end: offset + len,
+            size: read.size,
             rx: fill.as_ref().map(|f| f.watch()),
             fill,
             src: Src::Fetch {
@@ -350,11 +352,13 @@ enum Src {
 struct RangeBody {
     pos: u64,
     end: u64,
+    /// The whole blob's size.
+    size: u64,
     fill: Option<Arc<FillState>>,
     rx: Option<watch::Receiver<Progress>>,
     src: Src,
     fetch: RangeFetch,
-    /// A failed fill was replaced by a ranged read once already.
+    /// A failed source was replaced by a ranged read once already.
     fell_back: bool,
     done: bool,
 }
@@ -381,6 +385,48 @@ impl RangeBody {
         Some(Err(e))
     }
 
+    /// After the source in use failed with `e` at `pos`: the rest from the fill when it may
+    /// still serve (and is not the source that failed), else from one more ranged read. `Err`
+    /// when neither can take over.
+    async fn take_over(&mut self, e: Error) -> std::result::Result<(), Error> {
+        let left = self.end - self.pos;
+        let fetch_failed = matches!(self.src, Src::Fetch { .. });
+        let fill = self
+            .fill
+            .as_ref()
+            .filter(|f| fetch_failed && usable(&f.watch().borrow()))
+            .cloned();
+        if let Some(f) = fill {
+            tracing::warn!(error = %e, pos = self.pos, "ranged read failed; the rest from the fill");
+            self.src = Src::Fill(f.follow_range(self.pos, left).into_stream());
+            return Ok(());
+        }
+        if std::mem::replace(&mut self.fell_back, true) {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, pos = self.pos, "range source failed; fetching the rest");
+        let spec = RangeSpec::From {
+            start: self.pos,
+            last: Some(self.end - 1),
+        };
+        let size = self.size;
+        match self.fetch.open(spec, Some(size)).await {
+            Ok(read) if read.range.start == self.pos => {
+                // A failed fill has nothing more to say but its verdict, which never comes.
+                if !fetch_failed {
+                    self.rx = None;
+                    self.fill = None;
+                }
+                self.src = Src::Fetch {
+                    stream: read.stream,
+                    engine: read.engine,
+                };
+                Ok(())
+            }
+            _ => Err(e),
+        }
+    }
+
     async fn next(&mut self) -> Option<Result<Bytes>> {
         if self.done {
             return None;
@@ -394,46 +440,15 @@ impl RangeBody {
                 return None;
             }
             let left = self.end - self.pos;
-            match &mut self.src {
+            let failed = match &mut self.src {
                 Src::Fill(s) => match s.next().await {
-                    Some(Ok(b)) => {
-                        if b.len() as u64 > left {
-                            return self
-                                .fail(Error::transient("range", "fill read past the range"));
-                        }
+                    Some(Ok(b)) if b.len() as u64 <= left => {
                         self.pos += b.len() as u64;
                         return Some(Ok(b));
                     }
-                    Some(Err(e)) => {
-                        if let Some(m) = self.mismatch() {
-                            return self.fail(m);
-                        }
-                        // The fill failed otherwise: the rest from a ranged read, once.
-                        if self.fell_back {
-                            return self.fail(e);
-                        }
-                        self.fell_back = true;
-                        tracing::warn!(error = %e, "fill failed under a range; fetching the rest");
-                        let spec = RangeSpec::From {
-                            start: self.pos,
-                            last: Some(self.end - 1),
-                        };
-                        match self.fetch.open(spec, None).await {
-                            Ok(read) if read.range.start == self.pos => {
-                                self.rx = None;
-                                self.fill = None;
-                                self.src = Src::Fetch {
-                                    stream: read.stream,
-                                    engine: read.engine,
-                                };
-                            }
-                            Ok(_) => return self.fail(e),
-                            Err(_) => return self.fail(e),
-                        }
-                    }
-                    None => {
-                        return self.fail(Error::transient("range", "the fill ended early"));
-                    }
+                    Some(Ok(_)) => Error::transient("range", "fill read past the range"),
+                    Some(Err(e)) => e,
+                    None => Error::transient("range", "the fill ended early"),
                 },
                 Src::Fetch { stream, engine } => {
                     let engine = engine.clone();
@@ -456,47 +471,287 @@ impl RangeBody {
                             None => std::future::pending().await,
                         }
                     };
-                    tokio::select! {
-                        item = stream.next() => match item {
-                            Some(Ok(b)) => {
-                                if b.len() as u64 > left {
-                                    return self.fail(Error::permanent(
-                                        &engine,
-                                        "ranged read sent more bytes than asked",
-                                    ));
-                                }
-                                self.fetch.metrics.range_fetch_bytes(&engine, b.len() as u64);
-                                self.pos += b.len() as u64;
-                                return Some(Ok(b));
-                            }
-                            other => {
-                                let e = match other {
-                                    Some(Err(e)) => e,
-                                    _ => Error::transient(&engine, "ranged read ended early"),
-                                };
-                                tracing::warn!(error = %e, pos = self.pos, "ranged read failed mid-way");
-                                // The rest from the fill, when there is one that may serve.
-                                let fill = self
-                                    .fill
-                                    .as_ref()
-                                    .filter(|f| usable(&f.watch().borrow()))
-                                    .cloned();
-                                match fill {
-                                    Some(f) => {
-                                        self.src = Src::Fill(f.follow_range(self.pos, left).into_stream());
-                                    }
-                                    None => return self.fail(e),
-                                }
-                            }
-                        },
+                    let item = tokio::select! {
+                        item = stream.next() => item,
                         alive = changed => {
                             if !alive {
                                 self.rx = None;
                             }
+                            continue;
                         }
+                    };
+                    match item {
+                        Some(Ok(b)) if b.len() as u64 <= left => {
+                            self.fetch
+                                .metrics
+                                .range_fetch_bytes(&engine, b.len() as u64);
+                            self.pos += b.len() as u64;
+                            return Some(Ok(b));
+                        }
+                        Some(Ok(_)) => {
+                            Error::permanent(&engine, "ranged read sent more bytes than asked")
+                        }
+                        Some(Err(e)) => e,
+                        None => Error::transient(&engine, "ranged read ended early"),
                     }
                 }
+            };
+            if let Some(m) = self.mismatch() {
+                return self.fail(m);
             }
+            if let Err(e) = self.take_over(failed).await {
+                return self.fail(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{BlobHit, EngineKind, Manifest, ManifestMeta};
+    use crate::oci::Reference;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const CHUNK: usize = 64 << 10;
+
+    /// An engine holding one blob: whole reads and ranged reads paced apart, the whole read
+    /// optionally wrong, the first ranged read optionally breaking.
+    #[derive(Debug, Default)]
+    struct Blob {
+        data: Bytes,
+        whole_every: Duration,
+        range_every: Duration,
+        corrupt_whole: bool,
+        range_breaks_after: Option<usize>,
+        ranged: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Blob {
+        fn id(&self) -> &str {
+            "up"
+        }
+        fn kind(&self) -> EngineKind {
+            EngineKind::Registry
+        }
+        async fn open_blob(
+            &self,
+            _: &RepoName,
+            _: &Digest,
+            want: Lookup,
+        ) -> Result<Option<BlobHit>> {
+            let size = self.data.len() as u64;
+            let range = want.range.map(|s| s.resolve(size)).transpose()?;
+            if !want.body {
+                return Ok(Some(BlobHit {
+                    size,
+                    range,
+                    body: None,
+                }));
+            }
+            let (start, end) = range.map_or((0, size), |r| (r.start, r.end.unwrap_or(size)));
+            let mut bytes = self.data.slice(start as usize..end as usize).to_vec();
+            let mut first_ranged = false;
+            let every = if range.is_some() {
+                first_ranged = self.ranged.fetch_add(1, Ordering::SeqCst) == 0;
+                self.range_every
+            } else {
+                if self.corrupt_whole {
+                    bytes[10] ^= 0x5a;
+                }
+                self.whole_every
+            };
+            let mut items: Vec<Result<Bytes>> = bytes
+                .chunks(CHUNK)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            if let (Some(n), true) = (self.range_breaks_after, first_ranged) {
+                items.truncate(n / CHUNK);
+                items.push(Err(Error::transient("up", "connection reset")));
+            }
+            let stream = futures::stream::iter(items).then(move |c| async move {
+                tokio::time::sleep(every).await;
+                c
+            });
+            Ok(Some(BlobHit {
+                size,
+                range,
+                body: Some(Hit::Stream(Box::pin(stream))),
+            }))
+        }
+        async fn get_manifest(
+            &self,
+            _: &RepoName,
+            _: &Reference,
+            _: &[String],
+        ) -> Result<Option<Manifest>> {
+            Ok(None)
+        }
+        async fn head_manifest(
+            &self,
+            _: &RepoName,
+            _: &Reference,
+            _: &[String],
+        ) -> Result<Option<ManifestMeta>> {
+            Ok(None)
+        }
+        async fn list_tags(&self, _: &RepoName) -> Result<Option<Vec<String>>> {
+            Ok(None)
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn blob(mib: usize) -> Bytes {
+        Bytes::from((0..mib << 20).map(|i| (i % 253) as u8).collect::<Vec<u8>>())
+    }
+
+    struct Setup {
+        engine: Arc<Blob>,
+        fill: Option<Arc<FillState>>,
+        fetch: RangeFetch,
+        metrics: Metrics,
+        _dir: tempfile::TempDir,
+    }
+
+    /// `engine`'s blob, with its fill running when `fill`.
+    fn setup(engine: Blob, fill: bool) -> Setup {
+        let digest = Digest::sha256_of(&engine.data);
+        let engine = Arc::new(engine);
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let fills = super::super::fill::Fills::new(dir.path().to_path_buf(), metrics.clone());
+        let sources: Sources = vec![(engine.clone() as Arc<dyn Engine>, "a/b".parse().unwrap())];
+        let fill = fill.then(|| {
+            fills.join_or_start(&digest).start_with(|| FillPlan {
+                sources: sources.clone(),
+                target: None,
+            })
+        });
+        Setup {
+            engine,
+            fill,
+            fetch: RangeFetch {
+                sources: Arc::new(sources),
+                digest,
+                metrics: metrics.clone(),
+                min_rate: MinRate::default(),
+            },
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    /// The body of a ranged read of `start..end` answered beside `s`'s fill.
+    async fn ranged(s: &Setup, start: u64, end: u64) -> ByteStream {
+        let spec = RangeSpec::From {
+            start,
+            last: Some(end - 1),
+        };
+        let read = s.fetch.open(spec, None).await.unwrap();
+        let range = read.range;
+        match s.fetch.answer(read, s.fill.clone(), range).body {
+            Some(BlobBody::Stream(b)) => b,
+            _ => panic!("not a stream"),
+        }
+    }
+
+    async fn collect(mut b: ByteStream) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(c) = b.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    fn counter(m: &Metrics, series: &str) -> f64 {
+        m.encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// A slow ranged read that the fill overtakes continues from the fill: right bytes, and the
+    /// ranged read is dropped well before its end.
+    #[tokio::test]
+    async fn a_ranged_read_the_fill_overtakes_continues_from_the_fill() {
+        let data = blob(4);
+        let s = setup(
+            Blob {
+                data: data.clone(),
+                whole_every: Duration::from_millis(1),
+                range_every: Duration::from_millis(50),
+                ..Blob::default()
+            },
+            true,
+        );
+        let got = collect(ranged(&s, 2 << 20, 4 << 20).await).await.unwrap();
+        assert!(got == data[2 << 20..], "wrong bytes");
+        let fetched = counter(&s.metrics, "ociedge_range_fetch_bytes_total{engine=\"up\"}");
+        assert!(
+            fetched < (1 << 20) as f64,
+            "the ranged read ran on: {fetched}"
+        );
+    }
+
+    /// A fill whose verdict is a mismatch breaks a ranged response still in flight (whatever
+    /// serves it then), and counts it.
+    #[tokio::test]
+    async fn a_mismatch_breaks_a_ranged_response_in_flight() {
+        for range_every in [Duration::from_millis(5), Duration::from_secs(1)] {
+            let s = setup(
+                Blob {
+                    data: blob(2),
+                    whole_every: Duration::from_millis(1),
+                    range_every,
+                    corrupt_whole: true,
+                    ..Blob::default()
+                },
+                true,
+            );
+            let mut body = ranged(&s, 1 << 20, 2 << 20).await;
+            assert!(body.next().await.unwrap().is_ok());
+            // The client waits; the verdict comes meanwhile.
+            let mut rx = s.fill.as_ref().unwrap().watch();
+            let waited = tokio::time::timeout(
+                Duration::from_secs(20),
+                rx.wait_for(|p| p.outcome.is_some()),
+            );
+            drop(waited.await.expect("no verdict").unwrap());
+            let rest = collect(body).await;
+            assert!(
+                matches!(rest, Err(Error::DigestMismatch { .. })),
+                "{range_every:?}: {rest:?}"
+            );
+            assert_eq!(
+                counter(&s.metrics, "ociedge_range_responses_broken_total"),
+                1.0
+            );
+        }
+    }
+
+    /// A ranged read that breaks mid-way is continued from the fill; without a fill, by one
+    /// more ranged read from the byte reached.
+    #[tokio::test]
+    async fn a_broken_ranged_read_is_continued() {
+        let data = blob(4);
+        for fill in [true, false] {
+            let s = setup(
+                Blob {
+                    data: data.clone(),
+                    whole_every: Duration::from_millis(2),
+                    range_every: Duration::ZERO,
+                    range_breaks_after: Some(256 << 10),
+                    ..Blob::default()
+                },
+                fill,
+            );
+            let got = collect(ranged(&s, 1 << 20, 3 << 20).await).await.unwrap();
+            assert!(got == data[1 << 20..3 << 20], "fill {fill}: wrong bytes");
+            let reads = if fill { 1 } else { 2 };
+            assert_eq!(s.engine.ranged.load(Ordering::SeqCst), reads, "fill {fill}");
         }
     }
 }
