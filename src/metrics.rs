@@ -708,6 +708,7 @@ impl Metrics {
             });
             let _ = i.upstream_errors.get_or_create(&l);
             let _ = i.engine_bytes.get_or_create(&l);
+            let _ = i.range_fetch_bytes.get_or_create(&l);
             let _ = i.digest_mismatches.get_or_create(&l);
             let _ = i.engine_requests.get_or_create(&l);
             let _ = i.engine_up.get_or_create(&l);
