@@ -125,7 +125,7 @@ PART=$((BIG_SIZE / 16))
 
 declare -A CELL
 run_target() { # run_target NAME URL
-  local name=$1 u=$2/v2/$BIG_REPO/blobs/$BIG_BLOB i k m t0 t1 code size tt tot
+  local name=$1 u=$2/v2/$BIG_REPO/blobs/$BIG_BLOB i k m t0 t1 code size tt tot last
   local r1s="" r1t="" r1ok=0 r16s="" r16ok=0 ups="" n b
   for ((i = 0; i < RUNS; i++)); do
     reset "$name"; up_settle
@@ -138,7 +138,8 @@ run_target() { # run_target NAME URL
     reset "$name"; up_settle; m=$(up_mark)
     t0=$(now)
     for k in $(seq 0 15); do
-      curl -s --max-time 600 -o "$TMPD/p.$k" -r "$((k * PART))-$((k * PART + PART - 1))" -w '%{http_code}\n' "$u" >"$TMPD/p.$k.code" &
+      last=$((k * PART + PART - 1)); ((k < 15)) || last=$((BIG_SIZE - 1))
+      curl -s --max-time 600 -o "$TMPD/p.$k" -r "$((k * PART))-$last" -w '%{http_code}\n' "$u" >"$TMPD/p.$k.code" &
     done
     wait
     t1=$(now)

@@ -215,6 +215,12 @@ async fn reaches(rx: &mut watch::Receiver<Progress>, start: u64) -> bool {
     }
 }
 
+/// The fill may serve the rest of a ranged read of a blob of `size` bytes (a source that
+/// answered the read with another size is not believed against the fill's).
+fn serves(p: &Progress, size: u64) -> bool {
+    usable(p) && p.size.is_none_or(|s| s == size)
+}
+
 /// The fill may still serve (it has not failed).
 fn usable(p: &Progress) -> bool {
     !matches!(p.outcome, Some(Outcome::Failed(_) | Outcome::NotFound))
@@ -391,10 +397,11 @@ impl RangeBody {
     async fn take_over(&mut self, e: Error) -> std::result::Result<(), Error> {
         let left = self.end - self.pos;
         let fetch_failed = matches!(self.src, Src::Fetch { .. });
+        let size = self.size;
         let fill = self
             .fill
             .as_ref()
-            .filter(|f| fetch_failed && usable(&f.watch().borrow()))
+            .filter(|f| fetch_failed && serves(&f.watch().borrow(), size))
             .cloned();
         if let Some(f) = fill {
             tracing::warn!(error = %e, pos = self.pos, "ranged read failed; the rest from the fill");
@@ -409,7 +416,6 @@ impl RangeBody {
             start: self.pos,
             last: Some(self.end - 1),
         };
-        let size = self.size;
         match self.fetch.open(spec, Some(size)).await {
             Ok(read) if read.range.start == self.pos => {
                 // A failed fill has nothing more to say but its verdict, which never comes.
@@ -455,7 +461,7 @@ impl RangeBody {
                     // The fill overtook the read: the rest from the fill.
                     let overtaken = self.rx.as_ref().is_some_and(|rx| {
                         let p = rx.borrow();
-                        usable(&p)
+                        serves(&p, self.size)
                             && (p.verified
                                 || matches!(p.outcome, Some(Outcome::Done))
                                 || p.received >= self.pos.saturating_add(OVERTAKE.min(left)))
