@@ -4,6 +4,7 @@
 # Usage: bench/ranges.sh OUT_DIR [RUNS]
 #   Needs what run.sh starts first: the peers of /work/shared/bench (peers.sh), the seeded
 #   upstream ($BASE/seed.env, $BASE/seed/big.layer) and ociedge (bench/ociedge.sh).
+#   RANGES_TARGETS (default "upstream A B Bslice ociedge") picks the targets.
 #   Starts its own nginx with the `slice` module (peer Bslice, 127.0.0.1:16005: proxy_cache keyed
 #   by 1 MiB slices, the nginx way to cache ranges), stopped on exit by its PID file.
 #
@@ -105,6 +106,17 @@ up_mark() { [[ -f $UPSTREAM_LOG ]] && stat -c %s "$UPSTREAM_LOG" || echo 0; }
 up_settle() { # until the origin's log stops growing (fills finish after the client)
   local a b i; for ((i = 0; i < 40; i++)); do a=$(up_mark); sleep 0.5; b=$(up_mark); [[ $a == "$b" ]] && return 0; done
 }
+settle() { # settle NAME: NAME's background fill is over, then the origin's log is still
+  # (a fill's whole-blob GET is logged only when it ends, which the log's growth cannot show)
+  local i
+  if [[ $1 == ociedge ]]; then
+    for ((i = 0; i < 600; i++)); do
+      [[ $(curl -s --max-time 2 "${URL[ociedge]}/metrics" | awk '$1=="ociedge_fills_in_flight"{print $2}') == 0 ]] && break
+      sleep 0.5
+    done
+  fi
+  up_settle
+}
 up_count() {
   tail -c +"$(($1 + 1))" "$UPSTREAM_LOG" | grep -F "/blobs/$BIG_BLOB " | grep -F '"GET ' |
     awk '{ if (match($0, /" [0-9][0-9][0-9] [0-9]+ /)) { split(substr($0, RSTART+2, RLENGTH-3), a, " "); n++; b += a[2] } }
@@ -118,9 +130,12 @@ stats() { # "v1 v2 ..." [decimals] -> "median (min–max)"
       f="%." d "f"; printf(f " (" f "–" f ")\n", m, v[1], v[NR]) }'
 }
 
+read -r -a NAMES <<<"${RANGES_TARGETS:-upstream A B Bslice ociedge}"
+declare -A URL=([upstream]=http://127.0.0.1:16000 [A]=http://127.0.0.1:16001 [B]=http://127.0.0.1:16002
+  [Bslice]=http://127.0.0.1:$SLICE_PORT [ociedge]=http://127.0.0.1:${OCIEDGE_PORT:-16010})
 MIB=1048576
 R1_START=$((900 * MIB))
-R1_SUM=$(tail -c +$((R1_START + 1)) "$REF" | head -c $MIB | sha256sum | cut -d' ' -f1)
+R1_SUM=$(dd if="$REF" bs=$MIB skip=$((R1_START / MIB)) count=1 status=none | sha256sum | cut -d' ' -f1)
 PART=$((BIG_SIZE / 16))
 
 declare -A CELL
@@ -133,7 +148,7 @@ run_target() { # run_target NAME URL
       -w '%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n' "$u")
     [[ $code == 206 && $(sha256sum "$TMPD/r1" | cut -d' ' -f1) == "$R1_SUM" ]] && r1ok=$((r1ok + 1))
     r1s+=" $(awk -v x="$tot" 'BEGIN{printf "%.1f", x*1000}')"; r1t+=" $(awk -v x="$tt" 'BEGIN{printf "%.1f", x*1000}')"
-    up_settle
+    settle "$name"
 
     reset "$name"; up_settle; m=$(up_mark)
     t0=$(now)
@@ -147,7 +162,7 @@ run_target() { # run_target NAME URL
       r16ok=$((r16ok + 1))
     fi
     rm -f "$TMPD"/p.*
-    up_settle; read -r n b < <(up_count "$m")
+    settle "$name"; read -r n b < <(up_count "$m")
     r16s+=" $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')"
     ups+=" ${n}×/$(awk -v b="$b" 'BEGIN{printf "%.2f", b/1073741824}')GiB"
   done
@@ -159,9 +174,6 @@ run_target() { # run_target NAME URL
 }
 
 slice_start
-NAMES=(upstream A B Bslice ociedge)
-declare -A URL=([upstream]=http://127.0.0.1:16000 [A]=http://127.0.0.1:16001 [B]=http://127.0.0.1:16002
-  [Bslice]=http://127.0.0.1:$SLICE_PORT [ociedge]=http://127.0.0.1:${OCIEDGE_PORT:-16010})
 for name in "${NAMES[@]}"; do
   log "$name: (r) ranges of a cold 1 GiB blob"
   run_target "$name" "${URL[$name]}"
