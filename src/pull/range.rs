@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::blob::{BlobAnswer, BlobBody};
-use super::fill::{FillPlan, FillState, Outcome, Progress};
+use super::fill::{FillPlan, FillState, Fills, Outcome, Progress};
 use super::rate::{self, MinRate};
 use super::{Puller, RangeSpec};
 use crate::engine::set::Routed;
@@ -76,6 +76,7 @@ impl Puller {
             digest: digest.clone(),
             metrics: self.metrics.clone(),
             min_rate: self.fills.min_rate(),
+            fills: self.fills.clone(),
         };
         let Some(fill) = fill.filter(|f| usable(&f.watch().borrow())) else {
             let read = fetch.open(spec, None).await?;
@@ -245,6 +246,8 @@ struct RangeFetch {
     digest: Digest,
     metrics: Metrics,
     min_rate: MinRate,
+    /// Where a fill of the digest started after the response is found (its verdict counts too).
+    fills: Fills,
 }
 
 /// An open ranged read.
@@ -377,8 +380,17 @@ impl RangeBody {
         }))
     }
 
-    /// The mismatch verdict of the fill, if it came.
-    fn mismatch(&self) -> Option<Error> {
+    /// The mismatch verdict of the fill, if it came. A response that watches no fill (none ran
+    /// when it began, or the one it watched failed otherwise) adopts one started since, so that
+    /// every fill's verdict reaches every ranged response of the digest still in flight.
+    fn mismatch(&mut self) -> Option<Error> {
+        if self.rx.is_none() {
+            let found = self.fetch.fills.running_fill(&self.fetch.digest);
+            if let Some(f) = found.filter(|f| serves(&f.watch().borrow(), self.size)) {
+                self.rx = Some(f.watch());
+                self.fill = Some(f);
+            }
+        }
         self.rx.as_ref().and_then(|rx| mismatch(&rx.borrow()))
     }
 
@@ -616,6 +628,8 @@ mod tests {
 
     struct Setup {
         engine: Arc<Blob>,
+        fills: Fills,
+        sources: Sources,
         fill: Option<Arc<FillState>>,
         fetch: RangeFetch,
         metrics: Metrics,
@@ -628,7 +642,7 @@ mod tests {
         let engine = Arc::new(engine);
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new();
-        let fills = super::super::fill::Fills::new(dir.path().to_path_buf(), metrics.clone());
+        let fills = Fills::new(dir.path().to_path_buf(), metrics.clone());
         let sources: Sources = vec![(engine.clone() as Arc<dyn Engine>, "a/b".parse().unwrap())];
         let fill = fill.then(|| {
             fills.join_or_start(&digest).start_with(|| FillPlan {
@@ -638,12 +652,15 @@ mod tests {
         });
         Setup {
             engine,
+            fills: fills.clone(),
+            sources: sources.clone(),
             fill,
             fetch: RangeFetch {
                 sources: Arc::new(sources),
                 digest,
                 metrics: metrics.clone(),
                 min_rate: MinRate::default(),
+                fills,
             },
             metrics,
             _dir: dir,
@@ -726,7 +743,7 @@ mod tests {
                 rx.wait_for(|p| p.outcome.is_some()),
             );
             drop(waited.await.expect("no verdict").unwrap());
-            let rest = collect(body).await;
+            let rest = collect(body).await.map(|b| b.len());
             assert!(
                 matches!(rest, Err(Error::DigestMismatch { .. })),
                 "{range_every:?}: {rest:?}"
@@ -736,6 +753,51 @@ mod tests {
                 1.0
             );
         }
+    }
+
+    /// A fill started after a ranged response began (by another request) still breaks it with
+    /// a mismatch verdict.
+    #[tokio::test]
+    async fn a_fill_started_later_breaks_a_ranged_response_too() {
+        let s = setup(
+            Blob {
+                data: blob(2),
+                whole_every: Duration::from_millis(1),
+                range_every: Duration::from_millis(20),
+                corrupt_whole: true,
+                ..Blob::default()
+            },
+            false,
+        );
+        let mut body = ranged(&s, 1 << 20, 2 << 20).await;
+        assert!(body.next().await.unwrap().is_ok());
+        let fill = s
+            .fills
+            .join_or_start(&s.fetch.digest)
+            .start_with(|| FillPlan {
+                sources: s.sources.clone(),
+                target: None,
+            });
+        let mut rx = fill.watch();
+        let waited = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| p.received > 0));
+        drop(waited.await.expect("the fill did not start").unwrap());
+        // The response reads on (and finds the fill), then its client waits for a while, in
+        // which the fill comes to its verdict.
+        assert!(body.next().await.unwrap().is_ok());
+        let waited = tokio::time::timeout(
+            Duration::from_secs(20),
+            rx.wait_for(|p| p.outcome.is_some()),
+        );
+        drop(waited.await.expect("no verdict").unwrap());
+        let rest = collect(body).await.map(|b| b.len());
+        assert!(
+            matches!(rest, Err(Error::DigestMismatch { .. })),
+            "{rest:?}"
+        );
+        assert_eq!(
+            counter(&s.metrics, "ociedge_range_responses_broken_total"),
+            1.0
+        );
     }
 
     /// A ranged read that breaks mid-way is continued from the fill; without a fill, by one
