@@ -180,6 +180,15 @@ async fn get_range(base: &str, digest: &str, start: u64, len: u64) -> (u16, Byte
     (status, body, t.elapsed().as_secs_f64())
 }
 
+/// Waits until no fill runs in `proxy`. The deadline is generous: a debug build hashes a
+/// 256 MiB blob slowly on a loaded machine, and only the end matters here, not its time.
+async fn fills_done(proxy: &Proxy) -> bool {
+    eventually(Duration::from_secs(300), async || {
+        metric(proxy, "ociedge_fills_in_flight").await == Some(0.0)
+    })
+    .await
+}
+
 fn committed(proxy: &Proxy, digest: &str) -> bool {
     Path::new(&proxy.blob_path(digest)).exists()
 }
@@ -214,7 +223,7 @@ async fn a_range_far_into_a_cold_blob_is_answered_at_once() {
     let (status, body, through) = get_range(base.trim_end_matches('/'), &digest, start, MIB).await;
     assert_eq!(status, 206);
     assert!(body == want, "the range's bytes differ");
-    assert!(common::fills_settled(&proxy).await, "the fill did not end");
+    assert!(fills_done(&proxy).await, "the fill did not end");
     let whole = t.elapsed().as_secs_f64();
     eprintln!(
         "direct ranged read {direct:.3}s, through ociedge {through:.3}s, whole blob {whole:.3}s"
@@ -271,7 +280,7 @@ async fn parallel_ranges_of_a_cold_blob_start_one_fill() {
             "range {i} has wrong bytes"
         );
     }
-    assert!(common::fills_settled(&proxy).await, "the fill did not end");
+    assert!(fills_done(&proxy).await, "the fill did not end");
     let whole = t.elapsed().as_secs_f64();
     eprintln!("16 ranges in {ranges:.3}s, whole blob in {whole:.3}s");
     assert!(
@@ -324,7 +333,7 @@ async fn a_mismatch_breaks_the_ranges_still_open() {
         assert_eq!(r.status(), 206);
         open.push(r);
     }
-    let mismatch = eventually(Duration::from_secs(60), async || {
+    let mismatch = eventually(Duration::from_secs(300), async || {
         metric(
             &proxy,
             "ociedge_digest_mismatches_total{engine=\"docker.io\"}",
@@ -346,7 +355,7 @@ async fn a_mismatch_breaks_the_ranges_still_open() {
     }
     let broken = metric(&proxy, "ociedge_range_responses_broken_total").await;
     assert_eq!(broken, Some(2.0), "broken ranged responses counted");
-    assert!(common::fills_settled(&proxy).await);
+    assert!(fills_done(&proxy).await);
     assert!(!committed(&proxy, &digest), "a wrong blob was committed");
 }
 
@@ -411,7 +420,7 @@ async fn a_multi_range_request_gets_the_whole_blob() {
         assert!(r.headers().get("content-range").is_none(), "{round}");
         let body = r.bytes().await.expect("body");
         assert!(body == data, "{round}: not the whole blob");
-        assert!(common::fills_settled(&proxy).await);
+        assert!(fills_done(&proxy).await);
     }
     // A single range of the now warm blob is still a 206 of those bytes.
     let (status, body, _) = get_range(proxy.url("").trim_end_matches('/'), &digest, 100, 50).await;
@@ -499,7 +508,7 @@ async fn an_upstream_answering_other_bytes_than_asked_is_not_believed() {
         body == data.slice(6 << 20..7 << 20),
         "short 206: wrong bytes"
     );
-    assert!(common::fills_settled(&proxy).await);
+    assert!(fills_done(&proxy).await);
     // A 200 to a range from byte 0, with only ranged reads (no fill to fall back on).
     let port = lying_upstream(data.clone(), false).await;
     let proxy = mirror(
