@@ -1,8 +1,9 @@
 //! The pull path: hits from the local engine, misses from the nearest remote engine with a fill
 //! of the local engine, tags from their authority.
 //!
-//! `blob.rs` answers blobs, `manifest.rs` manifests and tag lists, `fill.rs` is the single-flight
-//! fill, `tags.rs` the answers of upstream tag authorities. What the engines answered moments
+//! `blob.rs` answers blobs, `range.rs` ranges of blobs the local engine misses, `manifest.rs`
+//! manifests and tag lists, `fill.rs` is the single-flight fill, `tags.rs` the answers of
+//! upstream tag authorities. What the engines answered moments
 //! ago is remembered by their [`CachingEngine`]s, not here: the pull path asks engines, and
 //! freshness is the caching engine's.
 
