@@ -154,6 +154,22 @@ for key, label in (("e_a", "(a)"), ("e_b", "(b)")):
     rows.append((f"(e) peak RSS during {label}, MiB", fmt(me), f"B {fmt(bb)}",
                  f"{rx(ratio(me, bb))} of B", "–", "–"))
 
+# (r) ranges of a cold blob (bench/ranges.sh): lower is better
+if any(k[1] in ("r1", "r16") for k in raws):
+    me, up = med(field(ME, "r1", "total_ms")), med(field("upstream", "r1", "total_ms"))
+    bb, bs = med(field("B", "r1", "total_ms")), med(field("Bslice", "r1", "total_ms"))
+    rows.append(("(r) first range, 1 MiB at 900 MiB of a cold 1 GiB blob, ms", fmt(me, 1),
+                 f"upstream {fmt(up, 1)}, B {fmt(bb, 1)}, B slice {fmt(bs, 1)}",
+                 f"{rx(ratio(me, up))} of upstream", "≤ upstream + 2 ms",
+                 verdict(None if me is None or up is None else me <= up + 2.0)))
+    me, up = med(field(ME, "r16", "wall")), med(field("upstream", "r16", "wall"))
+    bb, bs = med(field("B", "r16", "wall")), med(field("Bslice", "r16", "wall"))
+    r_up = ratio(me, up)
+    rows.append(("(r) 16 parallel ranges of a cold 1 GiB blob, wall s", fmt(me, 3),
+                 f"upstream {fmt(up, 3)}, B {fmt(bb, 3)}, B slice {fmt(bs, 3)}",
+                 f"{rx(r_up)} of upstream", "≤1.2× upstream",
+                 verdict(None if r_up is None else r_up <= 1.2)))
+
 print(f"| metric | {ME} | peers (same run) | ratio | target | verdict |")
 print("|---|---|---|---|---|---|")
 for r in rows:

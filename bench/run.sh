@@ -5,11 +5,12 @@
 #   --runs N          repetitions per measurement, median reported (compare.sh default 3)
 #   --wrk-duration D  wrk/ab duration per run, e.g. 10s (compare.sh default 10s)
 #   --label L         result file bench/results/YYYY-MM-DD-L.md (default: ociedge)
-#   --only LIST       compare.sh sections, e.g. "a,b,e" (default a,b,c,d,e,f)
+#   --only LIST       sections, e.g. "a,b,e" (default a,b,c,d,e,f,r); a-f are compare.sh's,
+#                     r is bench/ranges.sh's (ranges of a cold 1 GiB blob, with an nginx `slice` peer)
 #
 # Steps: cargo build --release --locked; peers.sh start (installs docker-registry, nginx, wrk,
 # apache2-utils via apt if missing); seed-upstream.sh; ociedge on 127.0.0.1:16010 (bench/ociedge.sh);
-# compare.sh upstream A B static ociedge; when b is run, compare.sh --only b --pin again (servers on
+# compare.sh upstream A B static ociedge; when r is run, bench/ranges.sh; when b is run, compare.sh --only b --pin again (servers on
 # CPU 0, wrk/ab on CPU 1); when c is run, bench/cold_cpu.sh (server CPU per cold GiB);
 # bench/results/<date>-<label>.md = compare.sh's tables +
 # ociedge-vs-peers ratios (bench/ratios.py) + raw TSV next to it. Everything it started (ociedge,
@@ -24,19 +25,21 @@ export BASE=${BASE:-/tmp/perfbase}
 export PEERS=$SHARED_BENCH/peers.sh
 LABEL=ociedge
 PASS=()
-ONLY=a,b,c,d,e,f
+ONLY=a,b,c,d,e,f,r
+RUNS=3
 
 usage() { sed -n '2,17p' "$0"; exit 2; }
 while (($#)); do
   case $1 in
-    --runs|--wrk-duration) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); shift 2 ;;
-    --only) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); ONLY=$2; shift 2 ;;
+    --runs|--wrk-duration) [[ $# -ge 2 ]] || usage; PASS+=("$1" "$2"); [[ $1 == --runs ]] && RUNS=$2; shift 2 ;;
+    --only) [[ $# -ge 2 ]] || usage; ONLY=$2; shift 2 ;;
     --label) [[ $# -ge 2 ]] || usage; LABEL=$2; shift 2 ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument: $1" >&2; usage ;;
   esac
 done
 [[ $LABEL =~ ^[A-Za-z0-9._-]+$ ]] || { echo "run.sh: --label must be [A-Za-z0-9._-]+" >&2; exit 2; }
+[[ $ONLY =~ ^[a-fr](,[a-fr])*$ ]] || { echo "run.sh: --only takes sections a-f and r, comma-separated" >&2; exit 2; }
 
 log() { echo "[$(date +%T)] run.sh: $*" >&2; }
 
@@ -79,33 +82,39 @@ rm -rf "$BASE/ociedge/data"
 STARTED_OCIEDGE=1
 "$HERE/ociedge.sh" start
 
-# 4. compare
+# 4. compare (compare.sh's sections, then section r: bench/ranges.sh)
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=$BASE/results/$STAMP-$LABEL
+COMPARE_ONLY=$(tr ',' '\n' <<<"$ONLY" | grep -v '^r$' | paste -sd, -)
+mkdir -p "$OUT"; : >"$OUT/table.md"; : >"$OUT/raw.tsv"
+[[ -z $COMPARE_ONLY ]] || {
 log "compare.sh (raw results in $OUT)"
-"$SHARED_BENCH/compare.sh" "${PASS[@]}" --out "$OUT" \
+"$SHARED_BENCH/compare.sh" "${PASS[@]}" --only "$COMPARE_ONLY" --out "$OUT" \
   --reset-cmd "$HERE/ociedge.sh reset" --pids-cmd "$HERE/ociedge.sh pids" \
   --upstream-log "$BASE/logs/upstream.access.log" \
   --retag-cmd "$SHARED_BENCH/seed-upstream.sh retag-small" \
   --ref-file "$BASE/seed/big.layer" \
   upstream=http://127.0.0.1:16000 A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
   static=http://127.0.0.1:16003 ociedge=http://127.0.0.1:16010 >/dev/null
+}
+if [[ ,$ONLY, == *,r,* ]]; then
+  log "ranges.sh (section r)"
+  "$HERE/ranges.sh" "$OUT" "$RUNS" >/dev/null
+fi
 
 # 4b. section b again with the servers pinned to CPU 0 and wrk/ab to CPU 1 (issue 22: both
 # figures recorded), and section c's server CPU per cold GiB, which compare.sh does not measure
 has() { [[ ",$ONLY," == *",$1,"* ]]; }
-RUNS_ARG=(); for ((k = 0; k < ${#PASS[@]}; k++)); do [[ ${PASS[$k]} == --runs ]] && RUNS_ARG=(--runs "${PASS[$((k + 1))]}"); done
 if has b; then
   log "compare.sh --only b --pin"
-  PASS_B=(); for ((k = 0; k < ${#PASS[@]}; k += 2)); do [[ ${PASS[$k]} == --only ]] || PASS_B+=("${PASS[$k]}" "${PASS[$((k + 1))]}"); done
-  "$SHARED_BENCH/compare.sh" "${PASS_B[@]}" --only b --pin --out "$OUT-pinned" \
+  "$SHARED_BENCH/compare.sh" "${PASS[@]}" --only b --pin --out "$OUT-pinned" \
     --reset-cmd "$HERE/ociedge.sh reset" --pids-cmd "$HERE/ociedge.sh pids" \
     upstream=http://127.0.0.1:16000 A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
     static=http://127.0.0.1:16003 ociedge=http://127.0.0.1:16010 >/dev/null
 fi
 if has c; then
   log "cold_cpu.sh (server CPU per cold GiB)"
-  "$HERE/cold_cpu.sh" "${RUNS_ARG[@]}" A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
+  "$HERE/cold_cpu.sh" --runs "$RUNS" A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
     ociedge=http://127.0.0.1:16010 >"$OUT-cold-cpu.md"
 fi
 
@@ -123,6 +132,12 @@ cp "$OUT/raw.tsv" "$DEST-raw.tsv"
   echo
   cat "$OUT/table.md"
   echo
+  if [[ -f $OUT/ranges.md ]]; then
+    echo "## Ranges of a cold blob (section r)"
+    echo
+    cat "$OUT/ranges.md"
+    echo
+  fi
   echo "## ociedge relative to the peers of the same run"
   echo
   echo "Medians of the per-run values. Throughput and req/s: ratio > 1 = ociedge better; times, CPU and RSS: ratio < 1 = ociedge better."

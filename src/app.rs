@@ -196,6 +196,7 @@ impl App {
         let fills = Fills::new(spool_dir.clone(), metrics.clone());
         let tags = TagCache::new(config.cache.tag_ttl.0, config.cache.max_stale.0);
         let mut puller = Puller::new(engines, local_cached, fills, tags, metrics.clone());
+        puller.set_fill_on_range(config.cache.fill_on_range);
         let evictor = config.cache.max_size.map(|m| {
             let push_engine = config.push.engine.as_deref();
             let limits = Limits {

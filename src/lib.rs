@@ -19,8 +19,9 @@
 //!   `blob.rs`: hits as the engine serves them, misses through fills; `manifest.rs`: manifests,
 //!   tags by their authority, stale answers; `fill.rs`: the single-flight fill of the local
 //!   engine (who leads it is a type, `Joined::Leader`/`Follower`: a dropped leader fails the
-//!   fill for its followers); `tags.rs`: upstream tag answers; `rate.rs`: the minimum rate a
-//!   fill's source keeps.
+//!   fill for its followers); `range.rs`: ranges of cold blobs (from the fill or a ranged read,
+//!   whichever is sooner; broken by a mismatch verdict); `tags.rs`: upstream tag answers;
+//!   `rate.rs`: the minimum rate a fill's source keeps.
 //! - `engine/`: the `Engine` trait (13 methods, each with its contract; `EngineExt` the
 //!   conveniences), `caching.rs` the `CachingEngine` that wraps every engine once and owns every
 //!   memo of the read path (it sees this process's writes, moves the `Generation` the front's
@@ -71,7 +72,10 @@
 //! while hashing it, resumes from the byte reached on the next engine if a stream breaks, and
 //! commits to the local engine only once the digest matches. Every request for the digest reads
 //! the spool as it grows, at its own pace, and is sent the final byte only after the verdict, so a
-//! bad upstream yields a broken response, never a clean wrong one.
+//! bad upstream yields a broken response, never a clean wrong one. A `Range` on a miss is
+//! answered at once instead (`pull/range.rs`): from the fill where it has (or is about to have)
+//! the bytes, else by a ranged read of the nearest engine while the fill goes on; ranges cannot
+//! be verified alone, so they do not wait for the verdict, but a mismatch breaks those in flight.
 
 #![forbid(unsafe_code)]
 

@@ -145,6 +145,8 @@ struct Inner {
     breaker_openings: Family<UpstreamLabels, Counter>,
     engine_bytes: Family<EngineLabels, Counter>,
     digest_mismatches: Family<EngineLabels, Counter>,
+    range_fetch_bytes: Family<EngineLabels, Counter>,
+    range_broken: Counter,
     stale_tags: Counter,
     engine_rtt: Family<EngineLabels, Gauge<f64, AtomicU64>>,
     engine_up: Family<EngineLabels, Gauge>,
@@ -298,6 +300,18 @@ impl Metrics {
             "Blobs refused because their bytes did not match the digest, by engine",
             digest_mismatches.clone(),
         );
+        let range_fetch_bytes = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "range_fetch_bytes",
+            "Bytes fetched from remote engines by ranged reads for ranges of cold blobs (beside the fills), by engine",
+            range_fetch_bytes.clone(),
+        );
+        let range_broken = Counter::default();
+        registry.register(
+            "range_responses_broken",
+            "Ranged responses broken in flight because the blob's fill found a digest mismatch",
+            range_broken.clone(),
+        );
         let stale_tags = Counter::default();
         registry.register(
             "stale_tags_served",
@@ -435,6 +449,8 @@ impl Metrics {
                 breaker_openings,
                 engine_bytes,
                 digest_mismatches,
+                range_fetch_bytes,
+                range_broken,
                 stale_tags,
             }),
         }
@@ -625,6 +641,21 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Bytes a ranged read of a cold blob fetched from `engine`.
+    pub fn range_fetch_bytes(&self, engine: &str, n: u64) {
+        self.inner
+            .range_fetch_bytes
+            .get_or_create(&EngineLabels {
+                engine: engine.into(),
+            })
+            .inc_by(n);
+    }
+
+    /// A ranged response broken because its blob's fill found a digest mismatch.
+    pub fn range_broken(&self) {
+        self.inner.range_broken.inc();
+    }
+
     pub fn digest_mismatch(&self, engine: &str) {
         self.inner
             .digest_mismatches
@@ -763,6 +794,7 @@ impl Metrics {
             });
             let _ = i.upstream_errors.get_or_create(&l);
             let _ = i.engine_bytes.get_or_create(&l);
+            let _ = i.range_fetch_bytes.get_or_create(&l);
             let _ = i.digest_mismatches.get_or_create(&l);
             let _ = i.engine_requests.get_or_create(&l);
             let _ = i.engine_up.get_or_create(&l);

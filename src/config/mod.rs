@@ -339,6 +339,14 @@ pub struct CacheConfig {
     /// Upload sessions and fill spools older than this are removed. Default 24h.
     #[serde(default = "default_stale_uploads")]
     pub stale_uploads: HumanDuration,
+    /// A `Range` of a cold blob also starts the whole-blob fill (so later reads are local).
+    /// Default true; false: only the ranges are fetched (very large blobs read sparsely).
+    #[serde(default = "default_true")]
+    pub fill_on_range: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The smallest `cache.max_size` accepted: below it a cache thrashes on one image.
@@ -367,6 +375,7 @@ impl Default for CacheConfig {
             low_water: default_low_water(),
             min_idle: default_min_idle(),
             stale_uploads: default_stale_uploads(),
+            fill_on_range: true,
         }
     }
 }

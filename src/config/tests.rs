@@ -252,3 +252,16 @@ fn upstream_breaker_and_reserve_keys_are_validated() {
     let again = Config::parse(&c.to_masked_yaml()).unwrap();
     assert_eq!(again.upstreams[0].health().reserve, 0.25);
 }
+
+#[test]
+fn fill_on_range_is_a_boolean_on_by_default() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert!(c.cache.fill_on_range);
+    let c = Config::parse(&format!("{MINIMAL}cache: {{ fill_on_range: false }}\n")).unwrap();
+    c.validate().unwrap();
+    assert!(!c.cache.fill_on_range);
+    let e = Config::parse(&format!("{MINIMAL}cache: {{ fill_on_range: sometimes }}\n"))
+        .unwrap_err()
+        .0;
+    assert!(e.starts_with("cache.fill_on_range"), "{e}");
+}

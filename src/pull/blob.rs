@@ -51,6 +51,9 @@ impl Puller {
         if head {
             return self.head_remote(r, digest, range).await;
         }
+        if let Some(spec) = range {
+            return self.cold_range(r, digest, spec, local_ok).await;
+        }
         let fill = self.fills.join_or_start(digest).start_with(|| FillPlan {
             sources: self.engines.remotes_for(r),
             // With the local engine down, clients are still served; nothing is filled.

@@ -60,6 +60,9 @@ pub struct Progress {
     /// The whole blob is in the spool and matched its digest.
     pub verified: bool,
     pub outcome: Option<Outcome>,
+    /// When a source answered (with `received`, the fill's rate so far: ranged readers decide by
+    /// it whether to wait for the fill or fetch their range themselves).
+    pub since: Option<tokio::time::Instant>,
 }
 
 /// One fill in flight.
@@ -174,7 +177,7 @@ impl Fills {
         let _ = self.inner.min_rate.set(rate);
     }
 
-    fn min_rate(&self) -> MinRate {
+    pub fn min_rate(&self) -> MinRate {
         self.inner.min_rate.get().copied().unwrap_or_default()
     }
 
@@ -198,6 +201,11 @@ impl Fills {
             .values()
             .map(|s| (s.digest.clone(), s.progress.borrow().clone()))
             .collect()
+    }
+
+    /// The fill of `digest` in flight, if any (without joining or starting one).
+    pub fn running_fill(&self, digest: &Digest) -> Option<Arc<FillState>> {
+        self.running().get(digest).cloned()
     }
 
     /// Joins the fill of `digest`, or makes the caller its leader: the one that starts it
@@ -422,7 +430,22 @@ impl FillState {
             rx: self.progress.subscribe(),
             pos: offset,
             end: offset + len,
+            hold_last: true,
         }
+    }
+
+    /// [`FillState::follow`] for a range: its last byte is not held back until the verdict (a
+    /// range cannot be verified on its own; a failed fill still breaks the reader).
+    pub fn follow_range(self: &Arc<Self>, offset: u64, len: u64) -> FillReader {
+        FillReader {
+            hold_last: false,
+            ..self.follow(offset, len)
+        }
+    }
+
+    /// The progress the fill publishes, to watch.
+    pub fn watch(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
     }
 }
 
@@ -435,6 +458,8 @@ pub struct FillReader {
     rx: watch::Receiver<Progress>,
     pos: u64,
     end: u64,
+    /// The last byte waits for the verdict (every whole-blob reader).
+    hold_last: bool,
 }
 
 /// What a [`FillReader`] has ready.
@@ -504,7 +529,8 @@ impl FillReader {
                     }
                     Some(Outcome::Failed(e)) => (0, Some(e.clone())),
                     // Hold the final byte back until the verdict.
-                    None => (p.received.min(end.saturating_sub(1)), None),
+                    None if self.hold_last => (p.received.min(end.saturating_sub(1)), None),
+                    None => (p.received.min(end), None),
                 };
                 let on_disk = if p.outcome.is_some() || p.verified {
                     allowed
@@ -625,6 +651,7 @@ async fn run_fill(
     state.progress.send_modify(|p| {
         p.size = Some(size);
         p.source = Some(source_id.clone());
+        p.since = Some(tokio::time::Instant::now());
     });
     tracing::info!(source = %source_id, size, "fill started");
 

@@ -1,14 +1,16 @@
 //! The pull path: hits from the local engine, misses from the nearest remote engine with a fill
 //! of the local engine, tags from their authority.
 //!
-//! `blob.rs` answers blobs, `manifest.rs` manifests and tag lists, `fill.rs` is the single-flight
-//! fill, `tags.rs` the answers of upstream tag authorities. What the engines answered moments
+//! `blob.rs` answers blobs, `range.rs` ranges of blobs the local engine misses, `manifest.rs`
+//! manifests and tag lists, `fill.rs` is the single-flight fill, `tags.rs` the answers of
+//! upstream tag authorities. What the engines answered moments
 //! ago is remembered by their [`CachingEngine`]s, not here: the pull path asks engines, and
 //! freshness is the caching engine's.
 
 pub mod blob;
 pub mod fill;
 pub mod manifest;
+mod range;
 pub mod rate;
 pub mod tags;
 
@@ -48,6 +50,8 @@ pub struct Puller {
     /// Which repositories were pushed (beside upstreams, what makes the preferred engine their
     /// authority rather than the upstream).
     pushed: Option<Arc<PushedRepos>>,
+    /// A range of a cold blob also starts the whole-blob fill (`cache.fill_on_range`).
+    fill_on_range: bool,
 }
 
 impl Puller {
@@ -70,7 +74,13 @@ impl Puller {
             pushed: None,
             evictor: None,
             redirect: None,
+            fill_on_range: true,
         }
+    }
+
+    /// Whether a range of a cold blob starts the whole-blob fill (`cache.fill_on_range`).
+    pub fn set_fill_on_range(&mut self, on: bool) {
+        self.fill_on_range = on;
     }
 
     /// Redirects blob GET hits of a cloud local engine to presigned URLs valid for `d`.

@@ -8,7 +8,7 @@ pub mod ratelimit;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::Response;
 
@@ -57,6 +57,8 @@ impl RegistryEngine {
             .within("blob GET", self.get(Method::GET, repo, &path, headers))
             .await?;
         let status = resp.status();
+        // A 200 to a range from byte 0 is the whole blob: only the asked bytes are read of it.
+        let mut cut = None;
         let (size, offset, len) = match status {
             StatusCode::OK => {
                 let len = resp
@@ -67,13 +69,27 @@ impl RegistryEngine {
                     // the fill, so treat this engine as unable to resume.
                     return Err(self.client.permanent("upstream ignored a Range request"));
                 }
-                (len, 0, len)
+                match opts.range.and_then(|r| r.end).filter(|&e| e < len) {
+                    Some(end) => {
+                        cut = Some(end);
+                        (len, 0, end)
+                    }
+                    None => (len, 0, len),
+                }
             }
             StatusCode::PARTIAL_CONTENT => {
                 let (a, b, total) = header_str(&resp, http::header::CONTENT_RANGE)
                     .and_then(parse_content_range)
                     .ok_or_else(|| self.client.permanent("206 without a valid Content-Range"))?;
-                if Some(a) != opts.range.map(|r| r.start) {
+                // Exactly the bytes asked (the end clamped to the blob), or the answer is wrong:
+                // a shorter or longer range would be served as the one asked.
+                let asked_end = opts.range.map(|r| r.end.map_or(total, |e| e.min(total)));
+                if Some(a) != opts.range.map(|r| r.start)
+                    || Some(b) != asked_end
+                    || a >= b
+                    || b > total
+                    || resp.content_length().is_some_and(|n| n != b - a)
+                {
                     return Err(self
                         .client
                         .permanent("upstream answered another range than asked"));
@@ -89,8 +105,11 @@ impl RegistryEngine {
             s => return Err(self.status_error("blob", s)),
         };
         let id = self.client.id().to_string();
-        let stream: ByteStream =
+        let mut stream: ByteStream =
             Box::pin(resp.bytes_stream().map_err(move |e| Error::reqwest(&id, e)));
+        if let Some(end) = cut {
+            stream = first_bytes(stream, end);
+        }
         Ok(Some(BlobRead {
             size,
             offset,
@@ -413,6 +432,28 @@ fn accept_header(accept: &[String]) -> HeaderValue {
         accept.join(", ")
     };
     HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static(media::OCI_MANIFEST))
+}
+
+/// The first `n` bytes of `s` (the rest is not read: dropping the stream drops the response).
+fn first_bytes(s: ByteStream, n: u64) -> ByteStream {
+    Box::pin(futures::stream::unfold(
+        (s, n),
+        |(mut s, left)| async move {
+            if left == 0 {
+                return None;
+            }
+            match s.next().await? {
+                Ok(mut b) => {
+                    if b.len() as u64 > left {
+                        b.truncate(left as usize);
+                    }
+                    let left = left - b.len() as u64;
+                    Some((Ok(b), (s, left)))
+                }
+                Err(e) => Some((Err(e), (s, 0))),
+            }
+        },
+    ))
 }
 
 fn header_str(r: &Response, name: http::header::HeaderName) -> Option<&str> {
