@@ -48,6 +48,8 @@ pub struct Puller {
     /// Which repositories were pushed (beside upstreams, what makes the preferred engine their
     /// authority rather than the upstream).
     pushed: Option<Arc<PushedRepos>>,
+    /// The region this process fills with (`cluster:`).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Puller {
@@ -70,7 +72,17 @@ impl Puller {
             pushed: None,
             evictor: None,
             redirect: None,
+            cluster: None,
         }
+    }
+
+    /// Fills coordinate with the region's other processes through `c`.
+    pub fn set_cluster(&mut self, c: Arc<crate::cluster::Cluster>) {
+        self.cluster = Some(c);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Redirects blob GET hits of a cloud local engine to presigned URLs valid for `d`.
