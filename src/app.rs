@@ -220,6 +220,7 @@ impl App {
                 if let Some(ev) = &evictor {
                     ev.set_cluster(cl.clone());
                 }
+                cl.spawn_presence(evictor.is_none());
                 Some(cl)
             }
             None => None,

@@ -156,6 +156,17 @@ async fn one_upstream_get_for_the_region(engine: impl Fn(&std::path::Path) -> St
         from_peers >= 1.0,
         "the others streamed from the lease holder"
     );
+    // The status page lists the region's processes, seen through their leases and lists.
+    assert!(
+        eventually(Duration::from_secs(15), async || {
+            let v: serde_json::Value =
+                serde_json::from_str(&get_text(proxies[0].url("/_ociedge/status")).await)
+                    .unwrap_or_default();
+            v["cluster"]["processes"].as_array().map(Vec::len) == Some(3)
+        })
+        .await,
+        "the status lists the 3 processes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

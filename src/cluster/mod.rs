@@ -418,6 +418,28 @@ impl Cluster {
         }))
     }
 
+    /// Keeps the list of the region's processes fresh (every few seconds, from their reading
+    /// lists); `heartbeat`: also publish this process's (empty) list, when no evictor does.
+    pub fn spawn_presence(self: &Arc<Self>, heartbeat: bool) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let readers = reading::Readers::default();
+            let mut seq = 0u64;
+            loop {
+                if heartbeat {
+                    seq += 1;
+                    if let Err(e) = me.publish_reading(seq, &[]).await {
+                        tracing::debug!(error = %e, "cluster: heartbeat failed");
+                    }
+                }
+                if let Err(e) = me.region_reading(&readers).await {
+                    tracing::debug!(error = %e, "cluster: cannot list the region's processes");
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
+
     pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }

@@ -20,6 +20,8 @@ use crate::oci::Digest;
 const READING: &str = "_ociedge/reading";
 /// A reading list is small; anything larger than this is skipped.
 const MAX_LIST: u64 = 4 << 20;
+/// A list not written for this long is a dead process's, and is removed.
+const FORGET: u64 = 24 * 3600;
 
 #[derive(Serialize, Deserialize)]
 struct Reading {
@@ -82,6 +84,15 @@ impl Cluster {
             let Ok(r) = serde_json::from_slice::<Reading>(&bytes) else {
                 continue;
             };
+            let age = now_secs().saturating_sub(r.at);
+            if age > FORGET {
+                // A process gone long ago (killed before it could remove its list).
+                let _ = self.store().delete(&m.location).await;
+                continue;
+            }
+            if age < 60 {
+                self.saw(&r.holder, &r.addr);
+            }
             alive.insert(r.holder.clone());
             let live = readers
                 .liveness
@@ -95,7 +106,6 @@ impl Cluster {
             if !live {
                 continue;
             }
-            self.saw(&r.holder, &r.addr);
             out.extend(r.digests.iter().filter_map(|d| d.parse::<Digest>().ok()));
         }
         if let Ok(mut l) = readers.liveness.lock() {

@@ -58,6 +58,7 @@ pub struct Config {
 pub struct ClusterConfig {
     /// Base URL the other processes reach this one at (`http://10.0.0.5:5000`). Default: the
     /// listener's address (which must then not be a wildcard like `0.0.0.0`).
+    /// `OCIEDGE_CLUSTER_ADVERTISE` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
     /// The environment variable holding the region's shared secret (required, non-empty).
@@ -530,6 +531,11 @@ impl Config {
         if let Ok(pref) = std::env::var(env::STORAGE_PREFERENCE) {
             if !pref.is_empty() {
                 cfg.storage.preference = pref;
+            }
+        }
+        if let (Some(c), Ok(a)) = (&mut cfg.cluster, std::env::var(env::CLUSTER_ADVERTISE)) {
+            if !a.is_empty() {
+                c.advertise = Some(a);
             }
         }
         cfg.validate()

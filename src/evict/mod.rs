@@ -74,6 +74,9 @@ pub struct Evictor {
     listed: Mutex<Option<std::time::Instant>>,
     /// Blobs learned from a listing, whose provenance the sidecars tell.
     learned: Mutex<HashSet<Digest>>,
+    /// In a region, the last pass evicted: the next one goes on down to the low-water mark even
+    /// under the cap, with the listing it makes (what the others filled meanwhile).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Keeps a digest from being evicted while it is read.
@@ -116,6 +119,7 @@ impl Evictor {
             filling: std::sync::OnceLock::new(),
             listed: Mutex::new(None),
             learned: Mutex::new(HashSet::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -471,10 +475,16 @@ impl Evictor {
             return Ok(());
         };
         let cluster = self.cluster.get().cloned();
+        let draining = cluster.is_some()
+            && self
+                .draining
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
         if cluster.is_some() {
             self.learn_region().await;
         }
-        if lock(&self.index).total <= max {
+        let low = (max as f64 * self.limits.low_water) as u64;
+        let total = lock(&self.index).total;
+        if total <= max && !(draining && total > low) {
             return Ok(());
         }
         {
@@ -490,7 +500,6 @@ impl Evictor {
             i.total = i.entries.values().map(|e| e.size).sum();
             *cur = i;
         }
-        let low = (max as f64 * self.limits.low_water) as u64;
         let mut protected = self.protected().await;
         protected.extend(self.in_use());
         if let Some(c) = &cluster {
@@ -521,8 +530,14 @@ impl Evictor {
             if !ok {
                 continue;
             }
-            if let Err(e) = self.evict(&d).await {
-                tracing::warn!(digest = %d, error = %e, "eviction failed");
+            match self.evict(&d).await {
+                Ok(()) => {
+                    if cluster.is_some() {
+                        self.draining
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Err(e) => tracing::warn!(digest = %d, error = %e, "eviction failed"),
             }
         }
         let (total, n) = self.usage();

@@ -106,6 +106,18 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
             serde_json::json!({ "bytes": bytes, "entries": entries, "max_size": app.config.cache.max_size.map(|m| m.0) })
         }),
         "upstream_quota": app.metrics.upstream_quotas().into_iter().map(|(u, limit, remaining)| (u.to_string(), serde_json::json!({ "limit": limit, "remaining": remaining }))).collect::<serde_json::Map<_, _>>(),
+        "cluster": app.cluster.as_ref().map(|c| {
+            let (peer_fills, taken_over, peer_bytes) = app.metrics.cluster_counts();
+            serde_json::json!({
+                "id": c.id,
+                "advertise": c.advertise,
+                "coordinated": c.coordinated(),
+                "processes": c.processes().into_iter().map(|(id, addr, ago)| serde_json::json!({ "id": id, "addr": addr, "seen_s_ago": ago })).collect::<Vec<_>>(),
+                "peer_fills": peer_fills,
+                "leases_taken_over": taken_over,
+                "peer_bytes": peer_bytes,
+            })
+        }),
         "replication_backlog": app.pusher.as_ref().map(|p| serde_json::to_value(p.replicator().backlog()).unwrap_or_default()).unwrap_or_else(|| serde_json::json!({})),
     });
     text(StatusCode::OK, "application/json", body.to_string())
