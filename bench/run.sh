@@ -10,7 +10,8 @@
 # Steps: cargo build --release --locked; peers.sh start (installs docker-registry, nginx, wrk,
 # apache2-utils via apt if missing); seed-upstream.sh; ociedge on 127.0.0.1:16010 (bench/ociedge.sh);
 # compare.sh upstream A B static ociedge; bench/results/<date>-<label>.md = compare.sh's table +
-# ociedge-vs-peers ratios (bench/ratios.py) + raw TSV next to it. Everything it started (ociedge,
+# ociedge-vs-peers ratios (bench/ratios.py) + the herd over a region of 3 processes
+# (bench/region.sh, with section d) + raw TSV next to it. Everything it started (ociedge,
 # and the peers unless they were already running) is stopped on exit, by PID file only.
 # Env: BASE (default /tmp/perfbase), SHARED_BENCH (default /work/shared/bench).
 set -euo pipefail
@@ -87,6 +88,13 @@ log "compare.sh (raw results in $OUT)"
   upstream=http://127.0.0.1:16000 A=http://127.0.0.1:16001 B=http://127.0.0.1:16002 \
   static=http://127.0.0.1:16003 ociedge=http://127.0.0.1:16010 >/dev/null
 
+# 4b. the herd over a region of 3 processes (cluster:) beside 1 process, same binary and upstream
+REGION=""
+if [[ ${#PASS[@]} -eq 0 || " ${PASS[*]} " == *" d"* || " ${PASS[*]} " == *",d"* ]]; then
+  log "region.sh: herd over 3 processes"
+  REGION=$("$HERE/region.sh" 3) || log "region.sh failed"
+fi
+
 # 5. results
 mkdir -p "$HERE/results"
 DEST=$HERE/results/$(date +%F)-$LABEL
@@ -107,6 +115,12 @@ cp "$OUT/raw.tsv" "$DEST-raw.tsv"
   echo
   python3 "$HERE/ratios.py" "$OUT/raw.tsv" ociedge
   echo
+  if [[ -n $REGION ]]; then
+    echo "## A region of 3 processes (cluster:)"
+    echo
+    echo "$REGION"
+    echo
+  fi
   echo "Raw data: \`$(basename "$DEST")-raw.tsv\` (compare.sh's raw.tsv)."
 } >"$DEST.md"
 log "wrote $DEST.md"
