@@ -192,3 +192,85 @@ impl Engine for ClusterSource {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{DEAD, REFRESH};
+    use super::*;
+    use crate::engine::storage::StorageEngine;
+    use crate::metrics::Metrics;
+    use object_store::ObjectStore;
+
+    fn member(store: &Arc<dyn ObjectStore>, addr: &str) -> Arc<Cluster> {
+        Arc::new(Cluster::new(store.clone(), addr, "s".into(), Metrics::new()).unwrap())
+    }
+
+    /// A holder that stops refreshing (killed) and cannot be reached: its lease is taken over
+    /// once it has not changed for `DEAD`, and the taker holds it until its fill ends.
+    #[tokio::test]
+    async fn a_dead_holders_lease_is_taken_over() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let dead = member(&store, "http://127.0.0.1:1");
+        let me = member(&store, "http://127.0.0.1:2");
+        let d = Digest::sha256_of(b"taken over");
+        assert!(dead.create(&d).await.unwrap());
+        let local: Arc<dyn Engine> = Arc::new(StorageEngine::from_store("local", store.clone()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let source = ClusterSource::new(
+            me.clone(),
+            local,
+            Box::pin(async move {
+                let _ = rx.await;
+            }),
+        );
+        let repo: RepoName = "a/b".parse().unwrap();
+        let started = Instant::now();
+        let got = source
+            .open_blob(&repo, &d, Lookup::body(None))
+            .await
+            .unwrap();
+        assert!(
+            got.is_none(),
+            "nothing to stream: the fill goes on to the next source"
+        );
+        assert!(started.elapsed() >= DEAD, "taken over before it was dead");
+        let (lease, _) = me.read_lease(&d).await.unwrap().unwrap();
+        assert_eq!(lease.holder, me.id);
+        assert_eq!(me.metrics().cluster_counts().1, 1);
+        // Held while the fill runs, gone when it ends.
+        tokio::time::sleep(REFRESH + Duration::from_millis(200)).await;
+        assert!(me.read_lease(&d).await.unwrap().is_some());
+        tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while me.read_lease(&d).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "the lease outlived the fill");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Taking the lease, a process looks at the shared engine again: a blob committed (and its
+    /// lease released) by another process a moment before is read there, not fetched again.
+    #[tokio::test]
+    async fn a_blob_committed_meanwhile_is_read_from_the_shared_engine() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let me = member(&store, "http://127.0.0.1:2");
+        let local = Arc::new(StorageEngine::from_store("local", store.clone()));
+        let data = b"committed by another process".to_vec();
+        let d = Digest::sha256_of(&data);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &data).unwrap();
+        use crate::engine::EngineExt as _;
+        local
+            .put_blob_file(&d, f.path(), data.len() as u64)
+            .await
+            .unwrap();
+        let source = ClusterSource::new(me, local.clone(), Box::pin(async {}));
+        let repo: RepoName = "a/b".parse().unwrap();
+        let read = source
+            .get_blob(&repo, &d, Default::default())
+            .await
+            .unwrap()
+            .expect("read from the shared engine");
+        assert_eq!(read.size, data.len() as u64);
+    }
+}
