@@ -384,6 +384,14 @@ impl Cluster {
         match resp.status().as_u16() {
             200 => {}
             404 => return Ok(None),
+            s @ (401 | 403) => {
+                return Err(Error::permanent(
+                    "cluster",
+                    format!(
+                        "peer {addr} refused our secret ({s}): check secret_env on every process"
+                    ),
+                ))
+            }
             s => {
                 return Err(Error::transient(
                     "cluster",

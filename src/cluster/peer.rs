@@ -17,7 +17,7 @@ pub const PEER: &str = "cluster";
 
 /// How long one ask may wait for a lease to be decided (a holder refreshing but unreachable,
 /// contention); after that the fill goes on to the remote engines.
-const DECIDE: Duration = Duration::from_secs(20);
+const DECIDE: Duration = Duration::from_secs(10);
 /// Pause between looks at a lease whose holder cannot be reached yet.
 const RETRY: Duration = Duration::from_millis(250);
 
@@ -155,6 +155,11 @@ impl Engine for ClusterSource {
                 }
                 // The holder's fill ended (committed or failed): its lease goes next.
                 Ok(None) => tokio::time::sleep(RETRY).await,
+                // Refused (another secret): a misconfigured region, said loudly; go on alone.
+                Err(e) if !e.is_transient() => {
+                    tracing::warn!(digest = %d, peer = %lease.addr, error = %e, "cluster: the lease holder refused or answered wrongly; filling alone");
+                    return Ok(None);
+                }
                 // Unreachable for now: until the lease is refreshed again or dead.
                 Err(e) => {
                     tracing::debug!(digest = %d, peer = %lease.addr, error = %e, "cluster: lease holder not reachable");
