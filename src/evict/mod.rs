@@ -176,13 +176,14 @@ impl Evictor {
     }
 
     /// Adds the blobs other processes of the region filled (from a listing of the engine) and
-    /// drops those they evicted, at most once per `LIST_EVERY` per thousand blobs.
-    async fn learn_region(&self) {
+    /// drops those they evicted, at most once per `LIST_EVERY` per thousand blobs; `true` when
+    /// it listed.
+    async fn learn_region(&self) -> bool {
         let pages = (lock(&self.index).entries.len() / 1000).max(1) as u32;
         {
             let mut l = lock(&self.listed);
             if l.is_some_and(|t| t.elapsed() < LIST_EVERY * pages) {
-                return;
+                return false;
             }
             *l = Some(std::time::Instant::now());
         }
@@ -197,7 +198,7 @@ impl Evictor {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the local engine");
-                return;
+                return false;
             }
         };
         let mut present = HashSet::new();
@@ -227,6 +228,7 @@ impl Evictor {
             lock(&self.learned).remove(&d);
         }
         self.metrics.cache_usage(i.total, i.entries.len());
+        true
     }
 
     /// Content waiting in this replicator's queue is protected.
@@ -475,16 +477,17 @@ impl Evictor {
             return Ok(());
         };
         let cluster = self.cluster.get().cloned();
-        let draining = cluster.is_some()
-            && self
-                .draining
-                .swap(false, std::sync::atomic::Ordering::Relaxed);
-        if cluster.is_some() {
-            self.learn_region().await;
-        }
+        let draining =
+            cluster.is_some() && self.draining.load(std::sync::atomic::Ordering::Relaxed);
+        let listed = cluster.is_some() && self.learn_region().await;
         let low = (max as f64 * self.limits.low_water) as u64;
         let total = lock(&self.index).total;
         if total <= max && !(draining && total > low) {
+            // Done draining only once a fresh listing says so.
+            if listed && total <= low {
+                self.draining
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
             return Ok(());
         }
         {
