@@ -5,14 +5,16 @@
 #
 # Usage: bench/region.sh [RUNS]     (default 3; needs the peers of run.sh up and seeded)
 # Env: BASE (default /tmp/perfbase), OCIEDGE_BIN (default <repo>/target/release/ociedge),
-#      UPSTREAM_LOG (default $BASE/logs/upstream.access.log), REGION_PORT (default 16020:
-#      16020..16022 for the region, 16023 for the single process).
+#      UPSTREAM (default http://127.0.0.1:16000), UPSTREAM_LOG (default
+#      $BASE/logs/upstream.access.log), REGION_PORT (default 16020: 16020..16022 for the region,
+#      16023 for the single process).
 # Everything it starts is stopped on exit, by PID.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${BASE:-/tmp/perfbase}
 OCIEDGE_BIN=${OCIEDGE_BIN:-$HERE/../target/release/ociedge}
+UPSTREAM=${UPSTREAM:-http://127.0.0.1:16000}
 UPSTREAM_LOG=${UPSTREAM_LOG:-$BASE/logs/upstream.access.log}
 PORT0=${REGION_PORT:-16020}
 RUNS=${1:-3}
@@ -27,14 +29,14 @@ trap cleanup EXIT
 now() { date +%s.%N; }
 up_mark() { stat -c %s "$UPSTREAM_LOG" 2>/dev/null || echo 0; }
 up_settle() { local a b i; for ((i = 0; i < 40; i++)); do a=$(up_mark); sleep 0.5; b=$(up_mark); [[ $a == "$b" ]] && return 0; done; }
-up_gets() { tail -c +"$(($1 + 1))" "$UPSTREAM_LOG" | grep -F "/blobs/$MID_BLOB " | grep -cF '"GET ' || true; }
+up_gets() { [[ -f $UPSTREAM_LOG ]] || { echo "?"; return; }; tail -c +"$(($1 + 1))" "$UPSTREAM_LOG" | grep -F "/blobs/$MID_BLOB " | grep -cF '"GET ' || true; }
 
 start_one() { # start_one PORT DATA [cluster]
   local cfg=$DIR/$1.yaml
   {
     echo "listen: 127.0.0.1:$1"
     echo "storage: { preference: local, engines: { local: { url: \"file://$2\" } } }"
-    echo "upstreams: [ { name: docker.io, url: \"http://127.0.0.1:16000\" } ]"
+    echo "upstreams: [ { name: docker.io, url: \"$UPSTREAM\" } ]"
     [[ ${3:-} == cluster ]] && echo "cluster: { secret_env: OCIEDGE_CLUSTER_SECRET }"
   } >"$cfg"
   "$OCIEDGE_BIN" serve --config "$cfg" >>"$DIR/$1.log" 2>&1 &
