@@ -13,7 +13,8 @@
 # compare.sh upstream A B static ociedge; when r is run, bench/ranges.sh; when b is run, compare.sh --only b --pin again (servers on
 # CPU 0, wrk/ab on CPU 1); when c is run, bench/cold_cpu.sh (server CPU per cold GiB);
 # bench/results/<date>-<label>.md = compare.sh's tables +
-# ociedge-vs-peers ratios (bench/ratios.py) + raw TSV next to it. Everything it started (ociedge,
+# ociedge-vs-peers ratios (bench/ratios.py) + the herd over a region of 3 processes
+# (bench/region.sh, with section d) + raw TSV next to it. Everything it started (ociedge,
 # and the peers unless they were already running) is stopped on exit, by PID file only.
 # Env: BASE (default /tmp/perfbase), SHARED_BENCH (default /work/shared/bench).
 set -euo pipefail
@@ -118,6 +119,13 @@ if has c; then
     ociedge=http://127.0.0.1:16010 >"$OUT-cold-cpu.md"
 fi
 
+# 4c. the herd over a region of 3 processes (cluster:) beside 1 process, same binary and upstream
+REGION=""
+if has d; then
+  log "region.sh: herd over 3 processes"
+  REGION=$("$HERE/region.sh" 3) || log "region.sh failed"
+fi
+
 # 5. results
 mkdir -p "$HERE/results"
 DEST=$HERE/results/$(date +%F)-$LABEL
@@ -144,6 +152,12 @@ cp "$OUT/raw.tsv" "$DEST-raw.tsv"
   echo
   python3 "$HERE/ratios.py" "$OUT/raw.tsv" ociedge
   echo
+  if [[ -n $REGION ]]; then
+    echo "## A region of 3 processes (cluster:)"
+    echo
+    echo "$REGION"
+    echo
+  fi
   if [[ -f $OUT-pinned/table.md ]]; then
     echo
     echo "## Section b pinned (\`compare.sh --only b --pin\`: servers on CPU 0, wrk/ab on CPU 1)"

@@ -37,6 +37,8 @@ pub struct App {
     pub forwarder: Option<Forwarder>,
     /// Keeps the local engine under `cache.max_size`, when set.
     pub evictor: Option<Arc<Evictor>>,
+    /// This process in its region, with `cluster:`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Access control, when the config has an `auth:` section.
     pub auth: Option<Arc<crate::auth::Auth>>,
     pub region: HeaderValue,
@@ -212,7 +214,33 @@ impl App {
         });
         if let Some(ev) = &evictor {
             puller.set_evictor(ev.clone());
+            let fills = puller.fills().clone();
+            ev.set_filling(Box::new(move || {
+                fills.snapshot().into_iter().map(|(d, _)| d).collect()
+            }));
         }
+        let cluster = match &config.cluster {
+            Some(c) => {
+                let advertise = c
+                    .advertise_url(config.listen, config.tls.is_some())
+                    .map_err(|e| Error::Config(e.0))?;
+                let secret = c.secret().map_err(|e| Error::Config(e.0))?;
+                let cl = Arc::new(crate::cluster::Cluster::new(
+                    local_storage.store().clone(),
+                    &advertise,
+                    secret,
+                    metrics.clone(),
+                )?);
+                cl.probe().await;
+                puller.set_cluster(cl.clone());
+                if let Some(ev) = &evictor {
+                    ev.set_cluster(cl.clone());
+                }
+                cl.spawn_presence(evictor.is_none());
+                Some(cl)
+            }
+            None => None,
+        };
         if let Some(d) = config.storage.redirect_blobs {
             puller.set_redirect(d.0);
         }
@@ -358,6 +386,7 @@ impl App {
             pusher,
             forwarder,
             evictor,
+            cluster,
             auth,
             tag_cache_control: http::HeaderValue::from_str(&format!(
                 "public, max-age={}",

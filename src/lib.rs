@@ -35,6 +35,10 @@
 //! - `push/`: the push path (`Pusher`: uploads, manifests, tags, deletes, replication jobs
 //!   queued); `forward.rs` streams writes to an upstream registry when pushes are forwarded
 //!   (it hands back a plain `ByteStream` body: only `http/` speaks HTTP bodies).
+//! - `cluster/`: processes sharing the local engine as one cache (`cluster:`): fill leases in the
+//!   engine (`_ociedge/fills/`), the lease holder's fill as the first source of the others'
+//!   fills (`peer.rs`, served by the holder at `/_ociedge/cluster/fills/`), and the digests each
+//!   process is reading, published for eviction (`reading.rs`).
 //! - `replicate/`: the durable queue and workers that copy pushed content to the other storage
 //!   engines; `evict/`: keeps the local engine under `cache.max_size` (`pins.rs`: what it
 //!   keeps until a time, whatever its last access).
@@ -58,8 +62,8 @@
 //! # Layers
 //! A module imports only modules below it; `tests/module_graph.rs` fails on any circle between
 //! top-level modules. Low to high: `oci` → `error` → `config` → `metrics` (→ `history`) →
-//! `fileio` → `engine` → `replicate` → `evict` → `pull` → `push` → `prewarm` → `auth` → `app` →
-//! `http`.
+//! `fileio` → `engine` → `cluster` → `replicate` → `evict` → `pull` → `push` → `prewarm` → `auth` →
+//! `app` → `http`.
 //! `main.rs` may use anything; `fuzzing.rs` (for the fuzz targets) may use anything and nothing
 //! uses it.
 //!
@@ -81,6 +85,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;

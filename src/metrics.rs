@@ -169,6 +169,9 @@ struct Inner {
     /// status page.
     quotas: std::sync::Mutex<std::collections::BTreeMap<QuotaKey, (u64, u64)>>,
     local_engine_up: Family<EngineLabels, Gauge>,
+    cluster_peer_fills: Counter,
+    cluster_takeovers: Counter,
+    cluster_peer_bytes: Counter,
     /// The local engine's id, once known: its probes also set `local_engine_up`.
     local_engine: OnceLock<Arc<str>>,
 }
@@ -410,9 +413,30 @@ impl Metrics {
             "1 when the local engine's probes succeed, 0 when it is marked down (labelled with its id)",
             local_engine_up.clone(),
         );
+        let cluster_peer_fills = Counter::default();
+        registry.register(
+            "cluster_peer_fills",
+            "Fills (or resumed fills) streamed from another process of the region holding the digest's fill lease, instead of an upstream",
+            cluster_peer_fills.clone(),
+        );
+        let cluster_takeovers = Counter::default();
+        registry.register(
+            "cluster_leases_taken_over",
+            "Fill leases of another process taken over because it stopped refreshing them",
+            cluster_takeovers.clone(),
+        );
+        let cluster_peer_bytes = Counter::default();
+        registry.register(
+            "cluster_peer_bytes",
+            "Blob bytes received from other processes of the region",
+            cluster_peer_bytes.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                cluster_peer_fills,
+                cluster_takeovers,
+                cluster_peer_bytes,
                 cache_bytes,
                 cache_entries,
                 evicted_bytes,
@@ -868,6 +892,27 @@ impl Metrics {
         };
         self.inner.prewarm_blobs.get_or_create(&l).inc();
         self.inner.prewarm_bytes.get_or_create(&l).inc_by(bytes);
+    }
+
+    pub fn cluster_peer_fill(&self) {
+        self.inner.cluster_peer_fills.inc();
+    }
+
+    pub fn cluster_lease_taken_over(&self) {
+        self.inner.cluster_takeovers.inc();
+    }
+
+    pub fn cluster_peer_bytes(&self, n: u64) {
+        self.inner.cluster_peer_bytes.inc_by(n);
+    }
+
+    /// (fills joined from a peer, leases taken over, bytes received from peers).
+    pub fn cluster_counts(&self) -> (u64, u64, u64) {
+        (
+            self.inner.cluster_peer_fills.get(),
+            self.inner.cluster_takeovers.get(),
+            self.inner.cluster_peer_bytes.get(),
+        )
     }
 
     pub fn stale_tag(&self) {

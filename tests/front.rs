@@ -1052,12 +1052,18 @@ async fn json_logs_carry_the_request_id() {
 // Config and deployment
 
 fn check_config(yaml: &str) -> (bool, String) {
+    check_config_env(yaml, &[])
+}
+
+/// [`check_config`] with these environment variables set.
+fn check_config_env(yaml: &str, envs: &[(&str, &str)]) -> (bool, String) {
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("c.yaml");
     std::fs::write(&f, yaml).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ociedge"))
         .args(["check-config", "--config"])
         .arg(&f)
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
     (
@@ -1171,9 +1177,16 @@ fn the_kubernetes_example_is_consistent() {
     let config = cm["data"]["ociedge.yaml"]
         .as_str()
         .expect("ConfigMap data ociedge.yaml");
-    let (ok, out) = check_config(config);
-    assert!(ok, "the ConfigMap's config: {out}");
     let parsed: serde_json::Value = serde_yaml_ng::from_str(config).unwrap();
+    // What the Deployment sets in the environment (the downward API's pod IP, the secret).
+    let (ok, out) = check_config_env(
+        config,
+        &[
+            ("OCIEDGE_CLUSTER_SECRET", "x"),
+            ("OCIEDGE_CLUSTER_ADVERTISE", "http://10.0.0.5:5080"),
+        ],
+    );
+    assert!(ok, "the ConfigMap's config: {out}");
     let port_of = |addr: &serde_json::Value| -> u64 {
         addr.as_str()
             .unwrap()
@@ -1245,13 +1258,27 @@ fn the_kubernetes_example_is_consistent() {
         .as_str()
         .unwrap()
         .to_string();
-    let data_path = data_url.trim_start_matches("file://");
-    assert!(
-        mounts
-            .iter()
-            .any(|m| data_path.starts_with(m["mountPath"].as_str().unwrap())),
-        "the local engine {data_path} is on a mounted volume"
-    );
+    if let Some(data_path) = data_url.strip_prefix("file://") {
+        assert!(
+            mounts
+                .iter()
+                .any(|m| data_path.starts_with(m["mountPath"].as_str().unwrap())),
+            "the local engine {data_path} is on a mounted volume"
+        );
+    }
+    // A region on one engine: every replica reaches the others at its pod IP, with the secret.
+    if !parsed["cluster"].is_null() {
+        let env = c["env"].as_array().expect("env");
+        let named = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
+        let advertise = named("OCIEDGE_CLUSTER_ADVERTISE").expect("advertise from the env");
+        assert!(advertise["value"].as_str().unwrap().contains("$(POD_IP)"));
+        assert_eq!(
+            named("POD_IP").expect("POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
+            "status.podIP"
+        );
+        let secret_env = parsed["cluster"]["secret_env"].as_str().unwrap();
+        assert!(named(secret_env).is_some(), "{secret_env} is set");
+    }
     // SIGTERM grace: Kubernetes must wait at least as long as ociedge drains.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
     let drain = parsed["limits"]["shutdown_grace"]

@@ -46,6 +46,75 @@ pub struct Config {
     /// Bounds on what clients may hold: connections, header size and time, idle time.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Processes sharing the local engine act as one cache (fill leases, peer streaming, reads
+    /// published for eviction). Without it each process is a cache of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `cluster:`: where the others reach this process, and the secret they share.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Base URL the other processes reach this one at (`http://10.0.0.5:5000`). Default: the
+    /// listener's address (which must then not be a wildcard like `0.0.0.0`).
+    /// `OCIEDGE_CLUSTER_ADVERTISE` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// The environment variable holding the region's shared secret (required, non-empty).
+    pub secret_env: String,
+}
+
+impl ClusterConfig {
+    /// The advertise URL, explicit or from the listener.
+    pub fn advertise_url(&self, listen: SocketAddr, tls: bool) -> Result<String, ConfigError> {
+        if let Some(a) = &self.advertise {
+            return Ok(a.trim_end_matches('/').to_string());
+        }
+        if listen.ip().is_unspecified() {
+            return Err(err(
+                "cluster.advertise",
+                format!("required when listen ({listen}) is a wildcard address: the others cannot reach this process there"),
+            ));
+        }
+        let scheme = if tls { "https" } else { "http" };
+        Ok(format!("{scheme}://{listen}"))
+    }
+
+    /// The shared secret, from the environment.
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        match std::env::var(&self.secret_env) {
+            Ok(v) if !v.is_empty() => Ok(v),
+            _ => Err(err(
+                "cluster.secret_env",
+                format!(
+                    "environment variable {} is not set (or empty)",
+                    self.secret_env
+                ),
+            )),
+        }
+    }
+
+    fn validate(&self, listen: SocketAddr, tls: bool) -> Result<(), ConfigError> {
+        if let Some(a) = &self.advertise {
+            match url::Url::parse(a) {
+                Ok(u)
+                    if (u.scheme() == "http" || u.scheme() == "https")
+                        && u.host().is_some()
+                        && (u.path().is_empty() || u.path() == "/")
+                        && u.query().is_none() => {}
+                _ => {
+                    return Err(err(
+                        "cluster.advertise",
+                        format!("{a:?} is not an http(s) base URL (scheme, host, port)"),
+                    ))
+                }
+            }
+        }
+        self.advertise_url(listen, tls)?;
+        self.secret()?;
+        Ok(())
+    }
 }
 
 /// TLS termination on `listen`. The files are PEM; they are reloaded without a restart when
@@ -332,8 +401,12 @@ pub struct CacheConfig {
     /// Eviction stops once usage is under this fraction of `max_size`. Default 0.9.
     #[serde(default = "default_low_water")]
     pub low_water: f64,
-    /// Content accessed more recently than this is never evicted (longer than any transfer,
-    /// so another process sharing the engine cannot be reading it). Default 10m.
+    /// Content accessed more recently than this is never evicted. Default 0s: reads in flight
+    /// are protected exactly (this process's, and with `cluster:` the region's, published), so
+    /// access times only order the candidates and this need only cover the clock skew between
+    /// the processes whose access times are merged, which NTP keeps far below their one-second
+    /// grain. Processes sharing one engine without `cluster:` cannot see each other's reads:
+    /// give them a `min_idle` longer than any transfer (the former default, 10m).
     #[serde(default = "default_min_idle")]
     pub min_idle: HumanDuration,
     /// Upload sessions and fill spools older than this are removed. Default 24h.
@@ -359,7 +432,7 @@ fn default_low_water() -> f64 {
     0.9
 }
 fn default_min_idle() -> HumanDuration {
-    HumanDuration(std::time::Duration::from_secs(600))
+    HumanDuration(std::time::Duration::ZERO)
 }
 fn default_stale_uploads() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(24 * 3600))
@@ -502,6 +575,11 @@ impl Config {
                 cfg.storage.preference = pref;
             }
         }
+        if let (Some(c), Ok(a)) = (&mut cfg.cluster, std::env::var(env::CLUSTER_ADVERTISE)) {
+            if !a.is_empty() {
+                c.advertise = Some(a);
+            }
+        }
         cfg.validate()
             .map_err(|e| ConfigError(format!("{origin}: {}", e.0)))?;
         Ok(cfg)
@@ -533,6 +611,9 @@ impl Config {
             t.validate(self.listen)?;
         }
         self.limits.validate()?;
+        if let Some(c) = &self.cluster {
+            c.validate(self.listen, self.tls.is_some())?;
+        }
         if let Some(a) = &self.auth {
             a.validate()?;
         }

@@ -265,3 +265,59 @@ fn fill_on_range_is_a_boolean_on_by_default() {
         .0;
     assert!(e.starts_with("cache.fill_on_range"), "{e}");
 }
+
+#[test]
+fn the_cluster_section_is_checked() {
+    let base = "listen: 127.0.0.1:5000\nstorage:\n  preference: a\n  engines:\n    a: { url: 'memory://' }\n";
+    let parse = |extra: &str| Config::parse(&format!("{base}{extra}"));
+    // Unknown keys are errors.
+    let e = parse("cluster: { secret_env: X, peers: [a] }\n")
+        .unwrap_err()
+        .0;
+    assert!(e.contains("cluster") && e.contains("peers"), "{e}");
+    // The secret must be in the environment.
+    let var = "OCIEDGE_TEST_CLUSTER_SECRET_UNSET";
+    let e = parse(&format!("cluster: {{ secret_env: {var} }}\n"))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .0;
+    assert!(
+        e.starts_with("cluster.secret_env") && e.contains(var),
+        "{e}"
+    );
+    let var = "OCIEDGE_TEST_CLUSTER_SECRET_SET";
+    std::env::set_var(var, "s");
+    let c = parse(&format!("cluster: {{ secret_env: {var} }}\n")).unwrap();
+    c.validate().unwrap();
+    // Advertise defaults to the listener, which must then be reachable.
+    let cl = c.cluster.as_ref().unwrap();
+    assert_eq!(
+        cl.advertise_url(c.listen, false).unwrap(),
+        "http://127.0.0.1:5000"
+    );
+    let wild = format!(
+        "{}cluster: {{ secret_env: {var} }}\n",
+        base.replace("127.0.0.1", "0.0.0.0")
+    );
+    let e = Config::parse(&wild).unwrap().validate().unwrap_err().0;
+    assert!(e.starts_with("cluster.advertise"), "{e}");
+    for bad in ["10.0.0.5:5000", "ftp://x", "http://x/path", "http://x?q=1"] {
+        let e = parse(&format!(
+            "cluster: {{ secret_env: {var}, advertise: '{bad}' }}\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .0;
+        assert!(e.starts_with("cluster.advertise"), "{bad}: {e}");
+    }
+    parse(&format!(
+        "cluster: {{ secret_env: {var}, advertise: 'http://10.0.0.5:5000' }}\n"
+    ))
+    .unwrap()
+    .validate()
+    .unwrap();
+    // Without cluster:, nothing is asked of the environment.
+    assert!(parse("").unwrap().cluster.is_none());
+}

@@ -4,9 +4,13 @@
 //!
 //! Never evicted: content whose only copy may be here (pushed to this engine as the preferred
 //! one, or written by another program), content waiting for replication, content being read
-//! right now, and anything accessed within `min_idle` (longer than any transfer, which is how
-//! several processes sharing one bucket avoid deleting what another is reading; each process
-//! also publishes its access times in a sidecar object that the others merge).
+//! or filled right now by this process or, with `cluster:`, by any process of the region (each
+//! publishes what it reads, `cluster::reading`), and anything accessed within `min_idle` (a
+//! couple of seconds: what a read that began just before a pass needs to be published, and any
+//! clock skew between the processes whose access times are merged). Each process also publishes
+//! its access times in a sidecar object that the others merge; with `cluster:` it also learns
+//! the blobs the others filled from a listing of the engine, so every process sees the region's
+//! usage.
 
 pub mod index;
 pub mod pins;
@@ -21,6 +25,8 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use tokio::sync::Notify;
 
+use crate::cluster::reading::Readers;
+use crate::cluster::Cluster;
 use crate::engine::storage::StorageEngine;
 use crate::engine::EngineExt;
 use crate::engine::{layout, ByteStream, Engine, Manifest};
@@ -34,6 +40,9 @@ use index::{now_secs, Entry, Index};
 const SIDECARS: &str = "_ociedge/lru";
 const PASS_EVERY: Duration = Duration::from_secs(10);
 const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// With `cluster:`, how often a pass lists the engine (per thousand blobs indexed) to learn the
+/// blobs the region's other processes filled or evicted.
+const LIST_EVERY: Duration = Duration::from_secs(2);
 
 /// Settings from `cache:`.
 #[derive(Clone, Debug)]
@@ -55,6 +64,20 @@ pub struct Evictor {
     instance: String,
     wake: Notify,
     metrics: Metrics,
+    /// The region, with `cluster:`: what its processes read is never evicted.
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
+    readers: Readers,
+    /// Told when a digest is pinned that was not (published to the region at once).
+    pinned: Notify,
+    /// The digests this process is filling (they are committed at the end of the fill).
+    filling: std::sync::OnceLock<Box<dyn Fn() -> Vec<Digest> + Send + Sync>>,
+    /// When the engine was last listed to learn the region's usage.
+    listed: Mutex<Option<std::time::Instant>>,
+    /// Blobs learned from a listing, whose provenance the sidecars tell.
+    learned: Mutex<HashSet<Digest>>,
+    /// In a region, the last pass evicted: the next one goes on down to the low-water mark even
+    /// under the cap, with the listing it makes (what the others filled meanwhile).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Keeps a digest from being evicted while it is read.
@@ -91,7 +114,122 @@ impl Evictor {
             instance: format!("{:016x}", rand::random::<u64>()),
             wake: Notify::new(),
             metrics,
+            cluster: std::sync::OnceLock::new(),
+            readers: Readers::default(),
+            pinned: Notify::new(),
+            filling: std::sync::OnceLock::new(),
+            listed: Mutex::new(None),
+            learned: Mutex::new(HashSet::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Eviction spares what the region's processes read, and counts what they filled.
+    pub fn set_cluster(&self, c: Arc<Cluster>) {
+        let _ = self.cluster.set(c);
+    }
+
+    /// `f` lists the digests this process is filling (spared, and published with the reads).
+    pub fn set_filling(&self, f: Box<dyn Fn() -> Vec<Digest> + Send + Sync>) {
+        let _ = self.filling.set(f);
+    }
+
+    /// The digests this process reads or fills now.
+    fn in_use(&self) -> Vec<Digest> {
+        let mut v: Vec<Digest> = lock(&self.pins).keys().cloned().collect();
+        if let Some(f) = self.filling.get() {
+            v.extend(f());
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Publishes what this process reads, at once when it changes and every
+    /// [`crate::cluster::REFRESH`] while it is not empty (a heartbeat otherwise).
+    async fn publish_reads(self: Arc<Self>, c: Arc<Cluster>) {
+        let mut seq = 0u64;
+        let mut last: Option<Vec<Digest>> = None;
+        let mut put_at = std::time::Instant::now();
+        loop {
+            let _ = tokio::time::timeout(crate::cluster::REFRESH, self.pinned.notified()).await;
+            let now = self.in_use();
+            let due = match &last {
+                None => true,
+                Some(l) => {
+                    *l != now
+                        || (!now.is_empty() && put_at.elapsed() >= crate::cluster::REFRESH)
+                        || put_at.elapsed() >= Duration::from_secs(10)
+                }
+            };
+            if !due {
+                continue;
+            }
+            seq += 1;
+            match c.publish_reading(seq, &now).await {
+                Ok(()) => {
+                    last = Some(now);
+                    put_at = std::time::Instant::now();
+                }
+                Err(e) => tracing::warn!(error = %e, "cluster: cannot publish the reads in flight"),
+            }
+        }
+    }
+
+    /// Adds the blobs other processes of the region filled (from a listing of the engine) and
+    /// drops those they evicted, at most once per `LIST_EVERY` per thousand blobs; `true` when
+    /// it listed.
+    async fn learn_region(&self) -> bool {
+        let pages = (lock(&self.index).entries.len() / 1000).max(1) as u32;
+        {
+            let mut l = lock(&self.listed);
+            if l.is_some_and(|t| t.elapsed() < LIST_EVERY * pages) {
+                return false;
+            }
+            *l = Some(std::time::Instant::now());
+        }
+        let started = now_secs();
+        let listing: Vec<object_store::ObjectMeta> = match self
+            .local
+            .store()
+            .list(Some(&Path::from("docker/registry/v2/blobs")))
+            .try_collect()
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the local engine");
+                return false;
+            }
+        };
+        let mut present = HashSet::new();
+        let mut i = lock(&self.index);
+        for m in listing {
+            let Some(d) = blob_of(&m) else { continue };
+            present.insert(d.clone());
+            if !i.entries.contains_key(&d) {
+                let last = m.last_modified.timestamp().max(0) as u64;
+                i.touch(&d, m.size, Some(self.limits.all_cached));
+                if let Some(e) = i.entries.get_mut(&d) {
+                    e.last_access = last;
+                }
+                // Its provenance comes from the filler's sidecar.
+                lock(&self.learned).insert(d.clone());
+            }
+        }
+        // Gone from the engine (evicted by another process), unless touched since the listing.
+        let gone: Vec<Digest> = i
+            .entries
+            .iter()
+            .filter(|(d, e)| !present.contains(*d) && e.last_access + 2 < started)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in gone {
+            i.remove(&d);
+            lock(&self.learned).remove(&d);
+        }
+        self.metrics.cache_usage(i.total, i.entries.len());
+        true
     }
 
     /// Content waiting in this replicator's queue is protected.
@@ -125,7 +263,15 @@ impl Evictor {
 
     /// Pins `digest` for as long as the guard lives.
     pub fn pin(self: &Arc<Self>, digest: &Digest) -> PinGuard {
-        *lock(&self.pins).entry(digest.clone()).or_default() += 1;
+        let first = {
+            let mut p = lock(&self.pins);
+            let n = p.entry(digest.clone()).or_default();
+            *n += 1;
+            *n == 1
+        };
+        if first && self.cluster.get().is_some() {
+            self.pinned.notify_one();
+        }
         PinGuard {
             evictor: self.clone(),
             digest: digest.clone(),
@@ -158,14 +304,7 @@ impl Evictor {
             .await
             .map_err(|e| crate::error::Error::object_store(self.local.id(), e))?;
         for m in listing {
-            let parts: Vec<&str> = m.location.as_ref().split('/').collect();
-            // docker/registry/v2/blobs/<alg>/<xx>/<hex>/data
-            if parts.len() != 8 || parts[7] != "data" {
-                continue;
-            }
-            let Ok(d) = format!("{}:{}", parts[4], parts[6]).parse::<Digest>() else {
-                continue;
-            };
+            let Some(d) = blob_of(&m) else { continue };
             let last = m.last_modified.timestamp().max(0) as u64;
             fresh.entries.insert(
                 d,
@@ -241,7 +380,7 @@ impl Evictor {
                 let Ok(d) = k.parse::<Digest>() else { continue };
                 if let Some(e) = into.entries.get_mut(&d) {
                     e.last_access = e.last_access.max(last);
-                    if provenance {
+                    if provenance || lock(&self.learned).contains(&d) {
                         e.cached = e.cached || cached;
                     }
                 }
@@ -339,7 +478,18 @@ impl Evictor {
         let Some(max) = self.limits.max_size else {
             return Ok(());
         };
-        if lock(&self.index).total <= max {
+        let cluster = self.cluster.get().cloned();
+        let draining =
+            cluster.is_some() && self.draining.load(std::sync::atomic::Ordering::Relaxed);
+        let listed = cluster.is_some() && self.learn_region().await;
+        let low = (max as f64 * self.limits.low_water) as u64;
+        let total = lock(&self.index).total;
+        if total <= max && !(draining && total > low) {
+            // Done draining only once a fresh listing says so.
+            if listed && total <= low {
+                self.draining
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
             return Ok(());
         }
         {
@@ -355,8 +505,18 @@ impl Evictor {
             i.total = i.entries.values().map(|e| e.size).sum();
             *cur = i;
         }
-        let low = (max as f64 * self.limits.low_water) as u64;
         let mut protected = self.protected().await;
+        protected.extend(self.in_use());
+        if let Some(c) = &cluster {
+            match c.region_reading(&self.readers).await {
+                Ok(reading) => protected.extend(reading),
+                Err(e) => {
+                    // Without the region's reads, nothing is safe to delete this time.
+                    tracing::warn!(error = %e, "cluster: cannot read what the region reads; eviction waits");
+                    return Ok(());
+                }
+            }
+        }
         let now = now_secs();
         // Pinned content (a prewarm's `pin_until`) stays whatever its last access; when the pins
         // cannot be read, nothing is evicted this pass.
@@ -384,8 +544,14 @@ impl Evictor {
             if !ok {
                 continue;
             }
-            if let Err(e) = self.evict(&d).await {
-                tracing::warn!(digest = %d, error = %e, "eviction failed");
+            match self.evict(&d).await {
+                Ok(()) => {
+                    if cluster.is_some() {
+                        self.draining
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Err(e) => tracing::warn!(digest = %d, error = %e, "eviction failed"),
             }
         }
         let (total, n) = self.usage();
@@ -478,13 +644,21 @@ impl Evictor {
         let mut last_save = std::time::Instant::now();
         let mut last_pass = std::time::Instant::now();
         let mut last_clean = std::time::Instant::now() - Duration::from_secs(3600);
+        // In a region, the others' fills count too: a pass (with its listing) runs often.
+        let pass_every = match self.cluster.get() {
+            Some(c) => {
+                tokio::spawn(self.clone().publish_reads(c.clone()));
+                LIST_EVERY
+            }
+            None => PASS_EVERY,
+        };
         loop {
             // Woken for a pass when over the cap; otherwise every SAVE_EVERY, so the access
             // times are published on their own clock, not only after a pass.
-            let woken = tokio::time::timeout(SAVE_EVERY, self.wake.notified())
+            let woken = tokio::time::timeout(pass_every.min(SAVE_EVERY), self.wake.notified())
                 .await
                 .is_ok();
-            if woken || last_pass.elapsed() >= PASS_EVERY {
+            if woken || last_pass.elapsed() >= pass_every {
                 if let Err(e) = self.pass().await {
                     tracing::warn!(error = %e, "eviction pass failed");
                 }
@@ -502,6 +676,15 @@ impl Evictor {
             }
         }
     }
+}
+
+/// The digest of a blob's data object (`docker/registry/v2/blobs/<alg>/<xx>/<hex>/data`).
+fn blob_of(m: &object_store::ObjectMeta) -> Option<Digest> {
+    let parts: Vec<&str> = m.location.as_ref().split('/').collect();
+    if parts.len() != 8 || parts[7] != "data" {
+        return None;
+    }
+    format!("{}:{}", parts[4], parts[6]).parse::<Digest>().ok()
 }
 
 fn chrono_cutoff(age: Duration) -> i64 {

@@ -4,6 +4,7 @@
 pub mod access;
 pub mod answers;
 pub mod body;
+pub mod cluster;
 pub mod conn;
 pub mod fast;
 pub mod headers;

@@ -112,6 +112,18 @@ pub fn status(app: &Arc<App>) -> Response<Body> {
             v["name"] = serde_json::json!(u.name);
             v
         }).collect::<Vec<_>>(),
+        "cluster": app.cluster.as_ref().map(|c| {
+            let (peer_fills, taken_over, peer_bytes) = app.metrics.cluster_counts();
+            serde_json::json!({
+                "id": c.id,
+                "advertise": c.advertise,
+                "coordinated": c.coordinated(),
+                "processes": c.processes().into_iter().map(|(id, addr, ago)| serde_json::json!({ "id": id, "addr": addr, "seen_s_ago": ago })).collect::<Vec<_>>(),
+                "peer_fills": peer_fills,
+                "leases_taken_over": taken_over,
+                "peer_bytes": peer_bytes,
+            })
+        }),
         "replication_backlog": app.pusher.as_ref().map(|p| serde_json::to_value(p.replicator().backlog()).unwrap_or_default()).unwrap_or_else(|| serde_json::json!({})),
     });
     text(StatusCode::OK, "application/json", body.to_string())

@@ -351,15 +351,30 @@ pub async fn handle(app: Arc<App>, req: Request<RequestBody>) -> Response<Body> 
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                     .is_some_and(|n| n > UNDRAINED_BODY));
         let parsed = route::parse_request(req.method(), req.uri().path());
-        let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
+        // The region's internal route (`cluster:`), outside the `/v2/` table and its auth.
+        let peer = super::cluster::parse(req.uri().path());
+        let label = match (&peer, &parsed) {
+            (Some(_), _) => "cluster_fill",
+            (None, p) => p.as_ref().map(Route::label).unwrap_or("invalid"),
+        };
         let is_v2 = req.uri().path().starts_with("/v2");
-        let mut resp = match parsed {
-            Ok(r) => {
+        let mut resp = match (peer, parsed) {
+            (Some(d), _) if req.method() == Method::GET => {
+                let (parts, _) = req.into_parts();
+                super::cluster::fill(&app, &parts, d)
+                    .await
+                    .unwrap_or_else(|e| error_response(&e))
+            }
+            (Some(_), _) => error_response(&Error::client(
+                ErrorCode::Unsupported,
+                "only GET is allowed on this endpoint",
+            )),
+            (None, Ok(r)) => {
                 let (parts, body) = req.into_parts();
                 let resp = dispatch(&app, r, &parts, body).await;
                 resp.unwrap_or_else(|e| error_response(&e))
             }
-            Err(e) => error_response(&e),
+            (None, Err(e)) => error_response(&e),
         };
         let hs = resp.headers_mut();
         hs.insert(h::X_REGION, app.region.clone());

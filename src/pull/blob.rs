@@ -54,8 +54,10 @@ impl Puller {
         if let Some(spec) = range {
             return self.cold_range(r, digest, spec, local_ok).await;
         }
-        let fill = self.fills.join_or_start(digest).start_with(|| FillPlan {
-            sources: self.engines.remotes_for(r),
+        let joined = self.fills.join_or_start(digest);
+        let state = joined.state().clone();
+        let fill = joined.start_with(|| FillPlan {
+            sources: self.fill_sources(r, &state, local_ok),
             // With the local engine down, clients are still served; nothing is filled.
             target: local_ok.then(|| (self.engines.local().clone(), r.storage_repo.clone())),
         });
@@ -106,12 +108,37 @@ impl Puller {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "local engine stat failed; filling"),
         }
-        let fill = self.fills.join_or_start(digest).start_with(|| FillPlan {
-            sources: self.engines.remotes_for(r),
+        let joined = self.fills.join_or_start(digest);
+        let state = joined.state().clone();
+        let fill = joined.start_with(|| FillPlan {
+            sources: self.fill_sources(r, &state, true),
             target: Some((self.engines.local().clone(), r.storage_repo.clone())),
         });
         let size = fill.finished().await?;
         Ok((size, true))
+    }
+
+    /// The sources of a fill, in order: the remote engines, nearest first; in a cluster (with
+    /// the local engine usable) first the region: the fill of the process holding the digest's
+    /// lease, or the lease taken by this fill.
+    pub(super) fn fill_sources(
+        &self,
+        r: &Routed,
+        state: &Arc<super::fill::FillState>,
+        local_ok: bool,
+    ) -> Vec<(Arc<dyn Engine>, crate::oci::RepoName)> {
+        let mut sources = self.engines.remotes_for(r);
+        if let (Some(c), true) = (&self.cluster, local_ok) {
+            let state = state.clone();
+            let ended = Box::pin(async move { state.ended().await });
+            let peer = crate::cluster::peer::ClusterSource::new(
+                c.clone(),
+                self.engines.local().clone(),
+                ended,
+            );
+            sources.insert(0, (Arc::new(peer), r.storage_repo.clone()));
+        }
+        sources
     }
 
     /// A blob from the local engine, or `None` on a miss (or a local engine that fails).

@@ -195,6 +195,11 @@ impl Fills {
         self.running().len()
     }
 
+    /// The fill of `digest` in flight, if any (what a peer of the region streams from).
+    pub fn get(&self, digest: &Digest) -> Option<Arc<FillState>> {
+        self.running().get(digest).cloned()
+    }
+
     /// Snapshot of the fills in flight: (digest, progress).
     pub fn snapshot(&self) -> Vec<(Digest, Progress)> {
         self.running()
@@ -408,6 +413,12 @@ impl FillState {
                 return Err(Error::transient("fill", "fill ended without an outcome"));
             }
         }
+    }
+
+    /// Resolves once the fill has its outcome.
+    pub async fn ended(&self) {
+        let mut rx = self.progress.subscribe();
+        let _ = rx.wait_for(|p| p.outcome.is_some()).await;
     }
 
     /// Records that the spool file holds `written` bytes, so the window may let go of them.

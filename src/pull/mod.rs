@@ -52,6 +52,8 @@ pub struct Puller {
     pushed: Option<Arc<PushedRepos>>,
     /// A range of a cold blob also starts the whole-blob fill (`cache.fill_on_range`).
     fill_on_range: bool,
+    /// The region this process fills with (`cluster:`).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Puller {
@@ -75,12 +77,22 @@ impl Puller {
             evictor: None,
             redirect: None,
             fill_on_range: true,
+            cluster: None,
         }
     }
 
     /// Whether a range of a cold blob starts the whole-blob fill (`cache.fill_on_range`).
     pub fn set_fill_on_range(&mut self, on: bool) {
         self.fill_on_range = on;
+    }
+
+    /// Fills coordinate with the region's other processes through `c`.
+    pub fn set_cluster(&mut self, c: Arc<crate::cluster::Cluster>) {
+        self.cluster = Some(c);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Redirects blob GET hits of a cloud local engine to presigned URLs valid for `d`.

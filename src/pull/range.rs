@@ -63,8 +63,11 @@ impl Puller {
     ) -> Result<BlobAnswer> {
         let sources = self.engines.remotes_for(r);
         let fill = if self.fill_on_range {
-            Some(self.fills.join_or_start(digest).start_with(|| FillPlan {
-                sources: sources.clone(),
+            // The whole-blob fill a client's GET would start (in a region: led by the lease).
+            let joined = self.fills.join_or_start(digest);
+            let state = joined.state().clone();
+            Some(joined.start_with(|| FillPlan {
+                sources: self.fill_sources(r, &state, local_ok),
                 target: local_ok.then(|| (self.engines.local().clone(), r.storage_repo.clone())),
             }))
         } else {
