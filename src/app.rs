@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::engine::caching::{CachingEngine, Freshness, Generation};
 use crate::engine::nearness::{Nearness, ProbeSettings};
 use crate::engine::registry::auth::RealmPolicy;
-use crate::engine::registry::health::Health;
+use crate::engine::registry::health::{Health, Settings};
 use crate::engine::registry::{client, RegistryClient, RegistryEngine};
 use crate::engine::set::Engines;
 use crate::engine::storage::StorageEngine;
@@ -118,7 +118,7 @@ impl App {
                     .map_err(|e| Error::Config(format!("upstreams: {}: ca_file: {e}", u.name)))?,
                 None => http.clone(),
             };
-            let h = Arc::new(Health::new(&u.name, u.health()).with_metrics(metrics.clone()));
+            let h = Arc::new(Health::new(&u.name, Settings::of(u)).with_metrics(metrics.clone()));
             health.push((u.name.clone(), h.clone()));
             let mut client = RegistryClient::new(&u.name, base, http, basic)
                 .with_metrics(metrics.clone())

@@ -315,17 +315,6 @@ fn default_ratelimit_reserve() -> Percent {
     Percent(10.0)
 }
 
-impl UpstreamConfig {
-    /// The settings of its back-off, circuit breaker and quota reserve.
-    pub fn health(&self) -> crate::engine::registry::health::Settings {
-        crate::engine::registry::health::Settings {
-            down_after: self.down_after,
-            backoff_max: self.backoff_max.0,
-            reserve: self.ratelimit_reserve.0 / 100.0,
-        }
-    }
-}
-
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamAuth {

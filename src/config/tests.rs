@@ -206,27 +206,35 @@ fn upstream_breaker_and_reserve_keys_are_validated() {
     };
     let c = Config::parse(&up("")).unwrap();
     c.validate().unwrap();
-    let h = c.upstreams[0].health();
+    let u = &c.upstreams[0];
     assert_eq!(
-        (h.down_after, h.backoff_max.as_secs(), h.reserve),
-        (5, 60, 0.1)
+        (
+            u.down_after,
+            u.backoff_max.0.as_secs(),
+            u.ratelimit_reserve.0
+        ),
+        (5, 60, 10.0)
     );
     let c = Config::parse(&up(
         ", down_after: 2, backoff_max: 5m, ratelimit_reserve: 25%",
     ))
     .unwrap();
     c.validate().unwrap();
-    let h = c.upstreams[0].health();
+    let u = &c.upstreams[0];
     assert_eq!(
-        (h.down_after, h.backoff_max.as_secs(), h.reserve),
-        (2, 300, 0.25)
+        (
+            u.down_after,
+            u.backoff_max.0.as_secs(),
+            u.ratelimit_reserve.0
+        ),
+        (2, 300, 25.0)
     );
     assert_eq!(
         Config::parse(&up(", ratelimit_reserve: 0"))
             .unwrap()
             .upstreams[0]
-            .health()
-            .reserve,
+            .ratelimit_reserve
+            .0,
         0.0
     );
     for bad in ["150%", "-1%", "lots"] {
@@ -250,7 +258,7 @@ fn upstream_breaker_and_reserve_keys_are_validated() {
     // The effective config prints them back, and that parses again.
     let c = Config::parse(&up(", ratelimit_reserve: 25%")).unwrap();
     let again = Config::parse(&c.to_masked_yaml()).unwrap();
-    assert_eq!(again.upstreams[0].health().reserve, 0.25);
+    assert_eq!(again.upstreams[0].ratelimit_reserve.0, 25.0);
 }
 
 #[test]

@@ -53,6 +53,17 @@ pub struct Settings {
     pub reserve: f64,
 }
 
+impl Settings {
+    /// An upstream's `down_after`, `backoff_max` and `ratelimit_reserve`.
+    pub fn of(u: &crate::config::UpstreamConfig) -> Settings {
+        Settings {
+            down_after: u.down_after,
+            backoff_max: u.backoff_max.0,
+            reserve: u.ratelimit_reserve.0 / 100.0,
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
