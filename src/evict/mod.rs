@@ -484,7 +484,12 @@ impl Evictor {
         let listed = cluster.is_some() && self.learn_region().await;
         let low = (max as f64 * self.limits.low_water) as u64;
         let total = lock(&self.index).total;
-        if total <= max && !(draining && total > low) {
+        // With no fill of its own in flight, a process brings usage down to the low-water mark:
+        // the cap's hysteresis (evict only once over `max_size`, then down to `low_water`) would
+        // otherwise leave usage anywhere between the two after the last fill, and the headroom
+        // for the next burst would depend on the order of the last commits.
+        let idle = self.filling.get().is_none_or(|f| f().is_empty());
+        if total <= max && !((draining || idle) && total > low) {
             // Done draining only once a fresh listing says so.
             if listed && total <= low {
                 self.draining
