@@ -130,7 +130,9 @@ impl Puller {
         let mut sources = self.engines.remotes_for(r);
         if let (Some(c), true) = (&self.cluster, local_ok) {
             let state = state.clone();
-            let ended = Box::pin(async move { state.ended().await });
+            let ended = Box::pin(async move {
+                let _ = state.finished().await;
+            });
             let peer = crate::cluster::peer::ClusterSource::new(
                 c.clone(),
                 self.engines.local().clone(),

@@ -394,31 +394,20 @@ impl FillState {
     /// sources keep a minimum rate, and a leader that goes away fails it.
     pub async fn finished(&self) -> Result<u64> {
         let mut rx = self.progress.subscribe();
-        loop {
-            {
-                let p = rx.borrow_and_update();
-                match &p.outcome {
-                    Some(Outcome::Done) => return Ok(p.size.unwrap_or(p.written)),
-                    Some(Outcome::NotFound) => {
-                        return Err(Error::client(
-                            ErrorCode::BlobUnknown,
-                            format!("blob {} is unknown to every engine", self.digest),
-                        ))
-                    }
-                    Some(Outcome::Failed(e)) => return Err(e.clone()),
-                    None => {}
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(Error::transient("fill", "fill ended without an outcome"));
-            }
+        let ended = || Error::transient("fill", "fill ended without an outcome");
+        let p = rx
+            .wait_for(|p| p.outcome.is_some())
+            .await
+            .map_err(|_| ended())?;
+        match &p.outcome {
+            Some(Outcome::Done) => Ok(p.size.unwrap_or(p.written)),
+            Some(Outcome::NotFound) => Err(Error::client(
+                ErrorCode::BlobUnknown,
+                format!("blob {} is unknown to every engine", self.digest),
+            )),
+            Some(Outcome::Failed(e)) => Err(e.clone()),
+            None => Err(ended()),
         }
-    }
-
-    /// Resolves once the fill has its outcome.
-    pub async fn ended(&self) {
-        let mut rx = self.progress.subscribe();
-        let _ = rx.wait_for(|p| p.outcome.is_some()).await;
     }
 
     /// Records that the spool file holds `written` bytes, so the window may let go of them.
