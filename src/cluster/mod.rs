@@ -19,8 +19,10 @@
 //! Races that remain, all harmless because every fill verifies the digest before committing and
 //! commits are idempotent (a blob already there with its size is success):
 //! - Takeover on stores without compare-and-swap (`file://`: object_store has no conditional
-//!   update there) is delete-then-create: two processes that both judged the lease dead may both
-//!   delete and one of them re-create after the other did; both then fetch from upstream once.
+//!   update there) goes through a take-over right, an object created only if absent and named
+//!   after the dead lease: one process wins it and replaces the lease (delete, then create);
+//!   the others look again. What is left is a taker stalled between re-reading the dead lease
+//!   and deleting it for longer than the winner's whole fill: the digest is fetched twice.
 //! - A holder paused longer than [`DEAD`] (a stop-the-world stall) may find its lease taken over;
 //!   it stops refreshing and finishes its fill: the digest is fetched twice, never wrong.
 //! - A process that misses a blob committed and unleased a moment before re-checks the local
@@ -91,6 +93,9 @@ pub struct Cluster {
     metrics: Metrics,
     /// Processes seen through their leases and reading lists: id → (address, when seen).
     seen: Mutex<HashMap<String, (String, Instant)>>,
+    /// The take-over rights this process won (see [`Cluster::take_over`]), by lease: deleted
+    /// with the lease.
+    rights: Mutex<HashMap<Path, Path>>,
 }
 
 fn now_secs() -> u64 {
@@ -102,6 +107,23 @@ fn now_secs() -> u64 {
 
 fn lease_path(d: &Digest) -> Path {
     Path::from(format!("{FILLS}/{}/{}", d.algorithm(), d.hex()))
+}
+
+/// The right to replace one dead lease of `d` (see [`Cluster::take_over`]): beside the lease,
+/// named after the dead holder and its last refresh, so it is won once per dead lease.
+fn takeover_path(d: &Digest, dead: &Lease) -> Path {
+    let holder: String = dead
+        .holder
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(32)
+        .collect();
+    Path::from(format!(
+        "{FILLS}/{}/{}.over.{holder}.{}",
+        d.algorithm(),
+        d.hex(),
+        dead.seq
+    ))
 }
 
 /// Equal secrets, compared in constant time (on their hashes, so the length leaks nothing either).
@@ -137,6 +159,7 @@ impl Cluster {
             http,
             metrics,
             seen: Mutex::new(HashMap::new()),
+            rights: Mutex::new(HashMap::new()),
         })
     }
 
@@ -267,10 +290,18 @@ impl Cluster {
         }
     }
 
-    /// Takes over the dead lease of `d` read at `version`: a compare-and-swap where the store
-    /// has one, else delete-then-create (see the module's races). `true` when this process holds
-    /// it now.
-    pub async fn take_over(&self, d: &Digest, version: UpdateVersion) -> Result<bool> {
+    /// Takes over the dead lease `dead` of `d`, read at `version`: a compare-and-swap where the
+    /// store has one. Where it has none (`file://`), the right to replace `dead` is itself an
+    /// object created only if absent, named after the dead lease (its holder and refresh
+    /// count), so of the processes that judged that lease dead exactly one goes on to replace
+    /// it; the others find the new lease at their next look. `true` when this process holds the
+    /// lease now.
+    pub async fn take_over(
+        &self,
+        d: &Digest,
+        dead: &Lease,
+        version: UpdateVersion,
+    ) -> Result<bool> {
         let path = lease_path(d);
         if version.e_tag.is_some() || version.version.is_some() {
             let opts = PutOptions {
@@ -294,13 +325,41 @@ impl Cluster {
                 Err(e) => return Err(Error::object_store("cluster", e)),
             }
         }
-        match self.store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        let right = takeover_path(d, dead);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&right, self.lease_bytes(0).into(), opts)
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => return Ok(false),
             Err(e) => return Err(Error::object_store("cluster", e)),
+        }
+        // The right is ours; the lease must still be the dead one (not already replaced by a
+        // taker that won the right, finished and released it, and a new fill's lease).
+        match self.read_lease(d).await? {
+            Some((now, _)) if now.holder == dead.holder && now.seq == dead.seq => {
+                match self.store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(Error::object_store("cluster", e)),
+                }
+            }
+            Some(_) => return Ok(false),
+            None => {}
         }
         let took = self.create(d).await?;
         if took {
             self.metrics.cluster_lease_taken_over();
+            if let Ok(mut r) = self.rights.lock() {
+                r.insert(path, right);
+            }
+        } else {
+            let _ = self.store.delete(&right).await;
         }
         Ok(took)
     }
@@ -354,12 +413,17 @@ impl Cluster {
         true
     }
 
-    /// Deletes the lease of `d` if it is still ours.
+    /// Deletes the lease of `d` if it is still ours, and the take-over right it was won by.
     async fn release(&self, d: &Digest) {
+        let path = lease_path(d);
         if let Ok(Some((l, _))) = self.read_lease(d).await {
             if l.holder == self.id {
-                let _ = self.store.delete(&lease_path(d)).await;
+                let _ = self.store.delete(&path).await;
             }
+        }
+        let right = self.rights.lock().ok().and_then(|mut r| r.remove(&path));
+        if let Some(right) = right {
+            let _ = self.store.delete(&right).await;
         }
     }
 
@@ -512,7 +576,7 @@ mod tests {
             assert!(!b.create(&d).await.unwrap());
             let (l, v) = b.read_lease(&d).await.unwrap().unwrap();
             assert_eq!(l.holder, a.id);
-            assert!(b.take_over(&d, v).await.unwrap());
+            assert!(b.take_over(&d, &l, v).await.unwrap());
             let (l, _) = a.read_lease(&d).await.unwrap().unwrap();
             assert_eq!(l.holder, b.id);
             // A holder that lost its lease neither refreshes nor deletes it.
@@ -521,6 +585,38 @@ mod tests {
             assert!(a.read_lease(&d).await.unwrap().is_some());
             b.release(&d).await;
             assert!(a.read_lease(&d).await.unwrap().is_none());
+        }
+    }
+
+    /// Two processes that both judged one lease dead race to take it over: exactly one holds it
+    /// after, on every store (a directory has no compare-and-swap), however the two interleave.
+    #[tokio::test]
+    async fn two_takers_of_one_dead_lease_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores: Vec<Arc<dyn ObjectStore>> = vec![
+            Arc::new(object_store::memory::InMemory::new()),
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
+        ];
+        for store in stores {
+            for concurrent in [false, true] {
+                let dead = cluster(store.clone());
+                let (a, b) = (cluster(store.clone()), cluster(store.clone()));
+                let d = Digest::sha256_of(format!("race {concurrent}").as_bytes());
+                assert!(dead.create(&d).await.unwrap());
+                let (la, va) = a.read_lease(&d).await.unwrap().unwrap();
+                let (lb, vb) = b.read_lease(&d).await.unwrap().unwrap();
+                let (ta, tb) = if concurrent {
+                    tokio::join!(a.take_over(&d, &la, va), b.take_over(&d, &lb, vb))
+                } else {
+                    let ta = a.take_over(&d, &la, va).await;
+                    (ta, b.take_over(&d, &lb, vb).await)
+                };
+                let (ta, tb) = (ta.unwrap(), tb.unwrap());
+                assert!(ta ^ tb, "exactly one taker wins: {ta} {tb}");
+                let (l, _) = a.read_lease(&d).await.unwrap().unwrap();
+                let winner = if ta { &a.id } else { &b.id };
+                assert_eq!(&l.holder, winner, "the lease is the winner's");
+            }
         }
     }
 

@@ -135,12 +135,16 @@ impl Engine for ClusterSource {
                     .map(|mut l| l.live(format!("{}/{}", lease.holder, lease.seq), lease.at))
                     .unwrap_or(false);
             if !live {
-                match self.cluster.take_over(d, version).await {
+                match self.cluster.take_over(d, &lease, version).await {
                     Ok(true) => {
                         tracing::info!(digest = %d, dead = %lease.holder, "cluster: took over a dead fill lease");
                         return self.after_taking(repo, d, want).await;
                     }
-                    Ok(false) => continue,
+                    // Another process won it: its new lease shows at the next look.
+                    Ok(false) => {
+                        tokio::time::sleep(RETRY / 5).await;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(digest = %d, error = %e, "cluster: cannot take over the fill lease; filling alone");
                         return Ok(None);
