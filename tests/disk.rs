@@ -61,14 +61,27 @@ async fn get_blob(client: &reqwest::Client, base: &str, digest: &str) -> (u16, V
     (status, body)
 }
 
-/// Waits until the proxy's local copy of `digest` is a regular file holding `want`.
-async fn wait_whole(p: &Proxy, digest: &str, want: &[u8]) -> bool {
+/// Waits until the proxy's local copy of `digest` is a regular file holding `want`, and the fill
+/// has ended: the file is in place a moment before the fill lets go of it (a request in that
+/// moment still follows the fill, reading the same inode), so a test that damaged the file as
+/// soon as it appeared would damage what that request reads (seen once in CI).
+async fn wait_whole(p: &Proxy, base: &str, digest: &str, want: &[u8]) -> bool {
     let path = p.blob_path(digest);
-    eventually(Duration::from_secs(20), async || {
+    let whole = eventually(Duration::from_secs(20), async || {
         std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file())
             && std::fs::read(&path).is_ok_and(|b| b == want)
     })
-    .await
+    .await;
+    let c = tls_client();
+    whole
+        && eventually(Duration::from_secs(20), async || {
+            let Ok(r) = c.get(format!("{base}/metrics")).send().await else {
+                return false;
+            };
+            let text = r.text().await.unwrap_or_default();
+            metric_in(&text, "ociedge_fills_in_flight") == Some(0.0)
+        })
+        .await
 }
 
 async fn symlinked_blob_is_never_served(tls: bool) {
@@ -88,7 +101,10 @@ async fn symlinked_blob_is_never_served(tls: bool) {
     let (status, body) = get_blob(&client, &base, digest).await;
     assert_eq!(status, 200);
     assert!(body == blob, "first pull gets the blob");
-    assert!(wait_whole(&p, digest, &blob).await, "the blob was filled");
+    assert!(
+        wait_whole(&p, &base, digest, &blob).await,
+        "the blob was filled"
+    );
 
     // Another writer on the storage replaces the blob file by a link to a secret.
     let data = p.blob_path(digest);
@@ -116,7 +132,7 @@ async fn symlinked_blob_is_never_served(tls: bool) {
     }
     // The refill replaced the link by the blob itself.
     assert!(
-        wait_whole(&p, digest, &blob).await,
+        wait_whole(&p, &base, digest, &blob).await,
         "the link was replaced by the blob"
     );
     assert_eq!(
@@ -150,7 +166,7 @@ async fn a_symlinked_blob_directory_is_not_followed() {
     let base = format!("http://{}", p.host());
     let c = client();
     assert_eq!(get_blob(&c, &base, digest).await.1, blob);
-    assert!(wait_whole(&p, digest, &blob).await);
+    assert!(wait_whole(&p, &base, digest, &blob).await);
     // The blob's directory becomes a link to a directory outside the store.
     let data = p.blob_path(digest);
     let dir = data.parent().expect("dir");
@@ -164,7 +180,7 @@ async fn a_symlinked_blob_directory_is_not_followed() {
     assert!(status != 200 || body == blob);
     // The refill replaced the link by a directory of the store, and wrote nothing through it.
     assert!(
-        wait_whole(&p, digest, &blob).await,
+        wait_whole(&p, &base, digest, &blob).await,
         "the blob is back in a real directory"
     );
     assert!(
@@ -200,7 +216,10 @@ async fn wrong_size_is_refilled(tls: bool, grow: bool) {
     let p = Proxy::start_in(&mirror_config(&url, &extra), dir);
     let base = format!("{scheme}://{}", p.host());
     assert_eq!(get_blob(&client, &base, digest).await.1, blob);
-    assert!(wait_whole(&p, digest, &blob).await, "the blob was filled");
+    assert!(
+        wait_whole(&p, &base, digest, &blob).await,
+        "the blob was filled"
+    );
     let gets = up.blob_gets.load(std::sync::atomic::Ordering::SeqCst);
 
     // The file is truncated (or grown) in place: same inode, other length.
@@ -237,7 +256,7 @@ async fn wrong_size_is_refilled(tls: bool, grow: bool) {
         "fetched again from upstream"
     );
     assert!(
-        wait_whole(&p, digest, &blob).await,
+        wait_whole(&p, &base, digest, &blob).await,
         "the bad copy was replaced: {} bytes on disk",
         std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0)
     );
@@ -284,7 +303,7 @@ async fn verify_removes_what_does_not_match_and_keeps_the_rest() {
     let c = client();
     for (b, d) in blobs.iter().zip(&digests) {
         assert!(get_blob(&c, &base, d).await.1 == *b);
-        assert!(wait_whole(&p, d, b).await);
+        assert!(wait_whole(&p, &base, d, b).await);
     }
     let dir = p.restart();
 
