@@ -147,6 +147,7 @@ struct Inner {
     digest_mismatches: Family<EngineLabels, Counter>,
     range_fetch_bytes: Family<EngineLabels, Counter>,
     range_broken: Counter,
+    fill_lent_bytes: Counter,
     stale_tags: Counter,
     engine_rtt: Family<EngineLabels, Gauge<f64, AtomicU64>>,
     engine_up: Family<EngineLabels, Gauge>,
@@ -315,6 +316,12 @@ impl Metrics {
             "Ranged responses broken in flight because the blob's fill found a digest mismatch",
             range_broken.clone(),
         );
+        let fill_lent_bytes = Counter::default();
+        registry.register(
+            "fill_lent_bytes",
+            "Bytes fills took from the ranged reads beside them (written to the spool by those reads) rather than fetching them again",
+            fill_lent_bytes.clone(),
+        );
         let stale_tags = Counter::default();
         registry.register(
             "stale_tags_served",
@@ -475,6 +482,7 @@ impl Metrics {
                 digest_mismatches,
                 range_fetch_bytes,
                 range_broken,
+                fill_lent_bytes,
                 stale_tags,
             }),
         }
@@ -673,6 +681,11 @@ impl Metrics {
                 engine: engine.into(),
             })
             .inc_by(n);
+    }
+
+    /// Bytes a fill took lent from ranged reads.
+    pub fn fill_lent_bytes(&self, n: u64) {
+        self.inner.fill_lent_bytes.inc_by(n);
     }
 
     /// A ranged response broken because its blob's fill found a digest mismatch.

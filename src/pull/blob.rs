@@ -60,6 +60,7 @@ impl Puller {
             sources: self.fill_sources(r, &state, local_ok),
             // With the local engine down, clients are still served; nothing is filled.
             target: local_ok.then(|| (self.engines.local().clone(), r.storage_repo.clone())),
+            lazy: false,
         });
         let (size, source) = fill.started().await?;
         let range = range.map(|s| s.resolve(size)).transpose()?;
@@ -113,6 +114,7 @@ impl Puller {
         let fill = joined.start_with(|| FillPlan {
             sources: self.fill_sources(r, &state, true),
             target: Some((self.engines.local().clone(), r.storage_repo.clone())),
+            lazy: false,
         });
         let size = fill.finished().await?;
         Ok((size, true))

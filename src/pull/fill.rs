@@ -19,6 +19,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::assembly::{Assembly, STALL};
 use super::rate::{self, MinRate};
 use crate::engine::EngineExt;
 use crate::engine::{ByteRange, ByteStream, Engine, GetBlob};
@@ -75,12 +76,17 @@ pub struct FillState {
     /// The most recent chunks, so readers that keep up need no disk read. Held only to push,
     /// evict or clone a chunk.
     window: Mutex<Window>,
+    /// Bytes lent by ranged reads running beside the fill (`assembly.rs`).
+    assembly: Arc<Assembly>,
+    /// A reader wants the fill's bytes from the start: a lazy fill (see [`FillPlan::lazy`])
+    /// waits for this.
+    wanted: watch::Sender<bool>,
 }
 
-/// Consecutive chunks of the blob ending at `Progress::received`.
+/// Chunks of the blob ending at `Progress::received`.
 #[derive(Default)]
 struct Window {
-    /// (offset, bytes), in offset order, without gaps.
+    /// (offset, bytes), in offset order; a gap where the fill took lent bytes from the spool.
     chunks: VecDeque<(u64, Bytes)>,
     bytes: usize,
 }
@@ -152,7 +158,14 @@ pub struct FillPlan {
     /// Where a verified blob is committed, and the repository to link it into; `None` when the
     /// local engine is unusable (the bytes are still streamed to clients).
     pub target: Option<(Arc<dyn Engine>, RepoName)>,
+    /// Started for a range far into the blob: the fill waits (at most [`LAZY`]) until a reader
+    /// wants its bytes or that range's own read is over, so that read does not share the link
+    /// and the cores with the whole blob.
+    pub lazy: bool,
 }
+
+/// The longest a lazy fill waits before it starts anyway.
+pub const LAZY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Fills {
     pub fn new(spool_dir: PathBuf, metrics: Metrics) -> Fills {
@@ -227,6 +240,8 @@ impl Fills {
             progress: watch::Sender::new(Progress::default()),
             spool: OnceLock::new(),
             window: Mutex::new(Window::default()),
+            assembly: Arc::new(Assembly::default()),
+            wanted: watch::Sender::new(false),
         });
         map.insert(digest.clone(), state.clone());
         Joined::Leader(FillLeader {
@@ -363,8 +378,20 @@ impl FillState {
         }
     }
 
+    /// A reader wants the fill's bytes: a lazy fill starts now.
+    pub fn want(&self) {
+        self.wanted
+            .send_if_modified(|w| !std::mem::replace(w, true));
+    }
+
+    /// A lender for a ranged read of this blob (of `size` bytes, as the read's source said).
+    pub fn lender(&self, size: u64) -> super::assembly::Lender {
+        self.assembly.lender(size)
+    }
+
     /// Waits until a source answered: `(size, source)`, or the fill's failure.
     pub async fn started(&self) -> Result<(u64, Arc<str>)> {
+        self.want();
         let mut rx = self.progress.subscribe();
         loop {
             {
@@ -425,6 +452,7 @@ impl FillState {
 
     /// `len` bytes from `offset` as the fill brings them, piece by piece (see [`FillReader`]).
     pub fn follow(self: &Arc<Self>, offset: u64, len: u64) -> FillReader {
+        self.want();
         FillReader {
             fill: self.clone(),
             rx: self.progress.subscribe(),
@@ -564,16 +592,17 @@ impl FillReader {
                 let file = file.ok_or_else(|| Error::transient("fill", "spool missing"))?;
                 // Past the window, the bytes are in the spool file (the window may have moved
                 // on since `on_disk` was read: read it again).
+                // Bytes the fill took lent (not in the window) are on disk once the write
+                // lane has passed them: wait for that.
                 let on_disk = on_disk.max(self.rx.borrow().written.min(allowed));
-                if pos >= on_disk {
-                    return Err(Error::transient("fill", "spool behind the window"));
+                if pos < on_disk {
+                    self.pos = on_disk;
+                    return Ok(Some(Piece::File {
+                        file,
+                        offset: pos,
+                        len: on_disk - pos,
+                    }));
                 }
-                self.pos = on_disk;
-                return Ok(Some(Piece::File {
-                    file,
-                    offset: pos,
-                    len: on_disk - pos,
-                }));
             }
             if self.rx.changed().await.is_err() {
                 return Err(Error::transient("fill", "fill task went away"));
@@ -607,6 +636,17 @@ async fn run_fill(
     min_rate: MinRate,
 ) -> Outcome {
     let digest = &state.digest;
+    // The spool is there before any source is asked: ranged reads beside the fill may lend their
+    // bytes to it from their first one (`assembly.rs`), also while a lazy fill waits.
+    let mut spool = match Spool::open(spool_dir, digest) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(e),
+    };
+    state.assembly.open(spool.writer.clone());
+    if plan.lazy {
+        let mut wanted = state.wanted.subscribe();
+        let _ = tokio::time::timeout(LAZY, wanted.wait_for(|w| *w)).await;
+    }
     let mut sources = plan.sources.into_iter();
     // The last engine failure: what the fill reports when no engine could serve.
     let mut last_err: Option<Error> = None;
@@ -635,18 +675,25 @@ async fn run_fill(
         }
     };
 
-    let spool_path = spool_dir.join(format!("{}.{}.part", digest.hex(), rand::random::<u64>()));
-    let _guard = SpoolGuard(spool_path.clone());
-    let (writer, reader) = match open_spool(&spool_path) {
-        Ok((w, r)) => (Arc::new(w), r),
-        Err(e) => {
-            return Outcome::Failed(Error::transient(
-                "fill",
-                format!("cannot create spool {}: {e}", spool_path.display()),
-            ))
-        }
-    };
-    let _ = state.spool.set(Arc::new(reader));
+    if !state.assembly.fix_size(size) {
+        // Ranged reads beside the fill were answered with another size: their bytes are not
+        // used, and go on into a spool the fill no longer writes.
+        tracing::warn!(
+            size,
+            "ranged reads beside the fill saw another blob size; their bytes are not taken"
+        );
+        state.assembly.seal();
+        spool = match Spool::open(spool_dir, digest) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(e),
+        };
+    }
+    let (spool_path, writer, reader) = (
+        spool.path.clone(),
+        spool.writer.clone(),
+        spool.reader.clone(),
+    );
+    let _ = state.spool.set(reader.clone());
     let source_id: Arc<str> = engine.id().into();
     state.progress.send_modify(|p| {
         p.size = Some(size);
@@ -656,14 +703,52 @@ async fn run_fill(
     tracing::info!(source = %source_id, size, "fill started");
 
     // 2. Copy, hashing as we go; on a failed stream move to the next engine at the same offset.
-    let mut sink = SpoolSink::new(writer.clone(), Verifier::new(digest), state.clone());
+    let mut sink = SpoolSink::new(writer.clone(), reader, Verifier::new(digest), state.clone());
     // Bytes taken from the network and queued for hashing and writing.
     let mut received: u64 = 0;
     // What the stream said after a batch was cut short (its error or its end), for the next turn.
     let mut held: Option<Option<Result<Bytes>>> = None;
     // The last stream's failure rules out asking its engine again (too slow, or not transient).
     let mut skip_same = false;
+    // Bytes the fill's own sources brought, since when: the pace lent bytes are held to.
+    let mut own: u64 = 0;
+    let streaming = std::time::Instant::now();
     loop {
+        // Bytes lent right at the frontier: taken from the spool; then this stream is done, and
+        // the source is asked again from the first byte nobody brought.
+        if state.assembly.at(received).is_some() {
+            let secs = streaming.elapsed().as_secs_f64();
+            let own_rate = if own >= 1 << 20 && secs > 0.0 {
+                own as f64 / secs
+            } else {
+                0.0
+            };
+            if let Err(e) = take_lent(state, &mut sink, &mut received, metrics, own_rate).await {
+                return Outcome::Failed(Error::transient("fill", format!("spool failed: {e}")));
+            }
+            held = None;
+            if received == size {
+                break;
+            }
+            if let Some(resumed) = resume(
+                std::iter::once((engine.clone(), current_src.clone())).chain(sources.by_ref()),
+                digest,
+                received,
+                size,
+                metrics,
+                &mut last_err,
+            )
+            .await
+            {
+                (stream, engine, current_src) = resumed;
+                stream = rate::guard(stream, min_rate, engine.id());
+                continue;
+            }
+            let why = last_err
+                .unwrap_or_else(|| Error::transient(engine.id(), "no engine serves the rest"));
+            tracing::warn!(error = %why, received, size, "transfer stopped: no engine could go on after lent bytes");
+            return Outcome::Failed(why);
+        }
         let item = match held.take() {
             Some(item) => item,
             None => stream.next().await,
@@ -710,6 +795,17 @@ async fn run_fill(
                     "sent more bytes than the blob's size",
                 ));
             }
+            // Up to the first extent lent ahead: the bytes from there are taken from the spool
+            // at the next turn, and this stream is done.
+            let upto = state.assembly.claim(received, received + batch_len as u64);
+            if upto < received + batch_len as u64 {
+                batch_len = (upto - received) as usize;
+                cut(&mut batch, batch_len);
+                held = None;
+                if batch.is_empty() {
+                    continue;
+                }
+            }
             metrics.engine_bytes(engine.id(), batch_len as u64);
             // Readers may take the batch from memory at once, before it is hashed or written.
             if let Ok(mut w) = state.window.lock() {
@@ -721,6 +817,7 @@ async fn run_fill(
                 state.progress.send_modify(|p| p.received = offset);
             }
             received += batch_len as u64;
+            own += batch_len as u64;
             // Hashed and written in the background while the next chunks are read.
             if let Err(e) = sink.push(batch).await {
                 return Outcome::Failed(Error::transient(
@@ -738,35 +835,21 @@ async fn run_fill(
         // Short or broken stream: resume from `received` (what is queued will be written, or the
         // fill fails) on the next engine that has the blob
         // (the same upstream is retried once first, as most failures are a dropped connection).
-        let mut resumed = None;
         let skip_same = std::mem::take(&mut skip_same);
         let retry_same =
             std::iter::once((engine.clone(), current_src.clone())).filter(move |_| !skip_same);
-        for (e, repo) in retry_same.chain(sources.by_ref()) {
-            let opts = GetBlob {
-                range: Some(ByteRange {
-                    start: received,
-                    end: None,
-                }),
-            };
-            metrics.engine_request(e.id());
-            match e.get_blob(&repo, digest, opts).await {
-                Ok(Some(read)) if read.size == size && read.offset == received => {
-                    tracing::info!(engine = e.id(), offset = received, "fill resumed");
-                    let stream = rate::guard(read.stream, min_rate, e.id());
-                    resumed = Some((stream, e, repo));
-                    break;
-                }
-                Ok(_) => continue,
-                Err(err) => {
-                    metrics.upstream_error(e.id());
-                    last_err = Some(err);
-                }
-            }
-        }
+        let resumed = resume(
+            retry_same.chain(sources.by_ref()),
+            digest,
+            received,
+            size,
+            metrics,
+            &mut last_err,
+        )
+        .await;
         match resumed {
             Some((s, e, r)) => {
-                stream = s;
+                stream = rate::guard(s, min_rate, e.id());
                 engine = e;
                 current_src = r;
             }
@@ -780,6 +863,7 @@ async fn run_fill(
     }
 
     // 3. Verify, then commit whole.
+    state.assembly.seal();
     let verifier = match sink.finish().await {
         Ok((v, written)) if written == size => v,
         Ok((_, written)) => {
@@ -827,6 +911,136 @@ async fn run_fill(
     Outcome::Done
 }
 
+/// The blob from byte `from` on from the first of `engines` that serves exactly that: the
+/// stream, the engine and the repository it knows the blob under.
+async fn resume(
+    engines: impl Iterator<Item = (Arc<dyn Engine>, RepoName)>,
+    digest: &Digest,
+    from: u64,
+    size: u64,
+    metrics: &Metrics,
+    last_err: &mut Option<Error>,
+) -> Option<(ByteStream, Arc<dyn Engine>, RepoName)> {
+    for (e, repo) in engines {
+        let opts = GetBlob {
+            range: Some(ByteRange {
+                start: from,
+                end: None,
+            }),
+        };
+        metrics.engine_request(e.id());
+        match e.get_blob(&repo, digest, opts).await {
+            Ok(Some(read)) if read.size == size && read.offset == from => {
+                tracing::info!(engine = e.id(), offset = from, "fill resumed");
+                return Some((read.stream, e, repo));
+            }
+            Ok(_) => continue,
+            Err(err) => {
+                metrics.upstream_error(e.id());
+                *last_err = Some(err);
+            }
+        }
+    }
+    None
+}
+
+/// How often the fill judges the pace of an extent it follows.
+const FOLLOW_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Takes the bytes lent at `*received` (see `assembly.rs`): hashed from the spool in order, the
+/// extent followed while its ranged read brings more at least half as fast as the fill's own
+/// source did (`own_rate`, bytes/s; 0 when not known: then until it stalls for [`STALL`]), then
+/// the next extent if one starts where it ends. A slower extent is closed: a ranged read goes at
+/// its client's pace, which must not become the fill's. `*received` ends at the first byte not
+/// lent.
+async fn take_lent(
+    state: &FillState,
+    sink: &mut SpoolSink,
+    received: &mut u64,
+    metrics: &Metrics,
+    own_rate: f64,
+) -> std::io::Result<()> {
+    let a = &state.assembly;
+    let mut changed = a.watch();
+    let mut start = *received;
+    // Where and when the pace of the extent followed was last judged.
+    let mut mark = (std::time::Instant::now(), *received);
+    while let Some(v) = a.at(start) {
+        if v.end > *received {
+            let len = v.end - *received;
+            sink.push_lent(*received, len).await?;
+            metrics.fill_lent_bytes(len);
+            *received = v.end;
+        }
+        if v.open {
+            let elapsed = mark.0.elapsed();
+            let slow = elapsed >= FOLLOW_TICK
+                && ((v.end - mark.1) as f64) < own_rate / 2.0 * elapsed.as_secs_f64();
+            if slow || v.grew.elapsed() >= STALL {
+                tracing::debug!(at = v.end, slow, "the fill stops following a lending range");
+                // It grows no more; what it reserved is still waited for.
+                a.close(start);
+                continue;
+            }
+            if elapsed >= FOLLOW_TICK {
+                mark = (std::time::Instant::now(), v.end);
+            }
+            a.changed(&mut changed, FOLLOW_TICK).await;
+            continue;
+        }
+        if v.pending > v.end {
+            a.changed(&mut changed, STALL).await;
+            continue;
+        }
+        a.absorb(start, *received);
+        start = *received;
+    }
+    Ok(())
+}
+
+/// Keeps the first `len` bytes of `batch`.
+fn cut(batch: &mut Vec<Bytes>, len: usize) {
+    let mut left = len;
+    batch.retain_mut(|c| {
+        if left == 0 {
+            return false;
+        }
+        if c.len() > left {
+            c.truncate(left);
+        }
+        left -= c.len();
+        true
+    });
+}
+
+/// A spool file, removed when dropped (whatever happened).
+struct Spool {
+    path: PathBuf,
+    writer: Arc<File>,
+    /// Readers `pread` it; it stays valid after the file is renamed, linked or unlinked.
+    reader: Arc<File>,
+    _guard: SpoolGuard,
+}
+
+impl Spool {
+    fn open(dir: &std::path::Path, digest: &Digest) -> std::result::Result<Spool, Error> {
+        let path = dir.join(format!("{}.{}.part", digest.hex(), rand::random::<u64>()));
+        let guard = SpoolGuard(path.clone());
+        let (w, r) = open_spool(&path).map_err(|e| {
+            Error::transient(
+                "fill",
+                format!("cannot create spool {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Spool {
+            path,
+            writer: Arc::new(w),
+            reader: Arc::new(r),
+            _guard: guard,
+        })
+    }
+}
+
 fn open_spool(path: &std::path::Path) -> std::io::Result<(File, File)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -843,35 +1057,59 @@ fn open_spool(path: &std::path::Path) -> std::io::Result<(File, File)> {
 /// hashing and writing, and no further (memory stays bounded).
 const LANE_DEPTH: usize = 4;
 
+/// What the lanes of a [`SpoolSink`] are given, in blob order.
+#[derive(Clone)]
+enum Part {
+    /// The network's own chunks, to hash and write.
+    Bytes(Arc<[Bytes]>),
+    /// Bytes lent by ranged reads, already in the spool at `offset`: to hash (read back from
+    /// the spool) and to count as written.
+    Lent { offset: u64, len: u64 },
+}
+
 /// The spool writer: hashing and writing are two lanes, each a task that runs its batches on a
 /// blocking thread in order, so neither waits for the other, and the network reads go on while
 /// they work; the slowest of the three sets the pace, not their sum. A batch is the network's own
 /// chunks: nothing is copied.
 struct SpoolSink {
-    hash_tx: tokio::sync::mpsc::Sender<Arc<[Bytes]>>,
-    write_tx: tokio::sync::mpsc::Sender<Arc<[Bytes]>>,
+    hash_tx: tokio::sync::mpsc::Sender<Part>,
+    write_tx: tokio::sync::mpsc::Sender<Part>,
     hashing: tokio::task::JoinHandle<std::io::Result<Verifier>>,
     writing: tokio::task::JoinHandle<std::io::Result<u64>>,
 }
 
 impl SpoolSink {
     /// The write lane reports each batch on disk to `state` (readers and the window follow it).
-    fn new(file: Arc<File>, verifier: Verifier, state: Arc<FillState>) -> SpoolSink {
+    /// `reader` reads lent bytes back for hashing.
+    fn new(
+        file: Arc<File>,
+        reader: Arc<File>,
+        verifier: Verifier,
+        state: Arc<FillState>,
+    ) -> SpoolSink {
         let (hash_tx, hash_rx) = tokio::sync::mpsc::channel(LANE_DEPTH);
         let (write_tx, write_rx) = tokio::sync::mpsc::channel(LANE_DEPTH);
         SpoolSink {
             hash_tx,
             write_tx,
-            hashing: tokio::spawn(hash_lane(hash_rx, verifier)),
+            hashing: tokio::spawn(hash_lane(hash_rx, reader, verifier)),
             writing: tokio::spawn(write_lane(write_rx, file, state)),
         }
     }
 
     /// Queues `batch` on both lanes, waiting while either is [`LANE_DEPTH`] batches behind.
     async fn push(&mut self, batch: Vec<Bytes>) -> std::io::Result<()> {
-        let batch: Arc<[Bytes]> = batch.into();
-        let hashed = self.hash_tx.send(batch.clone()).await.is_ok();
-        let written = self.write_tx.send(batch).await.is_ok();
+        self.send(Part::Bytes(batch.into())).await
+    }
+
+    /// Queues `len` bytes lent at `offset` (already in the spool).
+    async fn push_lent(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.send(Part::Lent { offset, len }).await
+    }
+
+    async fn send(&mut self, part: Part) -> std::io::Result<()> {
+        let hashed = self.hash_tx.send(part.clone()).await.is_ok();
+        let written = self.write_tx.send(part).await.is_ok();
         if hashed && written {
             return Ok(());
         }
@@ -905,10 +1143,7 @@ impl SpoolSink {
 
 /// Everything queued right now, as one blocking call's work (fewer thread hand-offs when a lane
 /// is behind).
-fn take_ready(
-    rx: &mut tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
-    first: Arc<[Bytes]>,
-) -> Vec<Arc<[Bytes]>> {
+fn take_ready(rx: &mut tokio::sync::mpsc::Receiver<Part>, first: Part) -> Vec<Part> {
     let mut batches = vec![first];
     while let Ok(b) = rx.try_recv() {
         batches.push(b);
@@ -916,26 +1151,46 @@ fn take_ready(
     batches
 }
 
+/// Lent bytes are read back from the spool for hashing this much at a time.
+const READ_BACK: usize = 1 << 20;
+
 async fn hash_lane(
-    mut rx: tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    mut rx: tokio::sync::mpsc::Receiver<Part>,
+    reader: Arc<File>,
     mut v: Verifier,
 ) -> std::io::Result<Verifier> {
+    let mut buf = Vec::new();
     while let Some(first) = rx.recv().await {
-        let batches = take_ready(&mut rx, first);
-        v = tokio::task::spawn_blocking(move || {
-            for c in batches.iter().flat_map(|b| b.iter()) {
-                v.update(c);
+        let parts = take_ready(&mut rx, first);
+        let reader = reader.clone();
+        let mut b = std::mem::take(&mut buf);
+        (v, buf) = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            for part in &parts {
+                match part {
+                    Part::Bytes(batch) => batch.iter().for_each(|c| v.update(c)),
+                    Part::Lent { offset, len } => {
+                        let (mut at, end) = (*offset, offset + len);
+                        while at < end {
+                            let n = ((end - at) as usize).min(READ_BACK);
+                            b.resize(n, 0);
+                            reader.read_exact_at(&mut b, at)?;
+                            v.update(&b);
+                            at += n as u64;
+                        }
+                    }
+                }
             }
-            v
+            Ok::<_, std::io::Error>((v, b))
         })
         .await
-        .map_err(std::io::Error::other)?;
+        .map_err(std::io::Error::other)??;
     }
     Ok(v)
 }
 
 async fn write_lane(
-    mut rx: tokio::sync::mpsc::Receiver<Arc<[Bytes]>>,
+    mut rx: tokio::sync::mpsc::Receiver<Part>,
     file: Arc<File>,
     state: Arc<FillState>,
 ) -> std::io::Result<u64> {
@@ -946,9 +1201,22 @@ async fn write_lane(
         written = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
             let mut at = written;
-            for c in batches.iter().flat_map(|b| b.iter()) {
-                file.write_all_at(c, at)?;
-                at += c.len() as u64;
+            for part in &batches {
+                match part {
+                    Part::Bytes(batch) => {
+                        for c in batch.iter() {
+                            file.write_all_at(c, at)?;
+                            at += c.len() as u64;
+                        }
+                    }
+                    // Already there: the lender wrote it.
+                    Part::Lent { offset, len } if *offset == at => at += len,
+                    Part::Lent { offset, .. } => {
+                        return Err(std::io::Error::other(format!(
+                            "lent bytes at {offset} queued at {at}"
+                        )))
+                    }
+                }
             }
             Ok::<_, std::io::Error>(at)
         })
@@ -1014,6 +1282,8 @@ mod tests {
             }),
             spool: OnceLock::new(),
             window: Mutex::new(Window::default()),
+            assembly: Arc::new(Assembly::default()),
+            wanted: watch::Sender::new(false),
         });
         let _ = state.spool.set(Arc::new(File::open(spool.path()).unwrap()));
         state
@@ -1178,6 +1448,7 @@ mod tests {
                 (second.clone() as Arc<dyn Engine>, repo.clone()),
             ],
             target: None,
+            lazy: false,
         });
         let (size, source) = state.started().await.unwrap();
         assert_eq!((size, &*source), (10_000, "second"));
@@ -1199,6 +1470,7 @@ mod tests {
             let state = fills.join_or_start(&digest).start_with(|| FillPlan {
                 sources: vec![(hostile, "a/b".parse().unwrap())],
                 target: None,
+                lazy: false,
             });
             let err = state.started().await.expect_err("the fill failed");
             assert_eq!(err.to_oci().code, code, "{status}: {err}");
@@ -1319,6 +1591,7 @@ mod tests {
                     (other.clone() as Arc<dyn Engine>, repo.clone()),
                 ],
                 target: None,
+                lazy: false,
             });
             let outcome = outcome(&state).await;
             assert!(matches!(outcome, Some(Outcome::Done)), "{outcome:?}");
@@ -1362,6 +1635,7 @@ mod tests {
                 (fast.clone() as Arc<dyn Engine>, repo.clone()),
             ],
             target: None,
+            lazy: false,
         });
         let mut rx = state.progress.subscribe();
         let outcome = tokio::time::timeout(
@@ -1476,6 +1750,7 @@ mod tests {
                 repo.clone(),
             )],
             target: None,
+            lazy: false,
         };
         let _fill = fills.join_or_start(&digest).start_with(plan);
         let Joined::Follower(f) = fills.join_or_start(&digest) else {
@@ -1506,6 +1781,7 @@ mod tests {
                             "a/b".parse().unwrap(),
                         )],
                         target: None,
+                        lazy: false,
                     });
                     tokio::task::yield_now().await;
                     fills.join_or_start(&digest).state().clone()

@@ -2,11 +2,12 @@
 //! of the local engine, tags from their authority.
 //!
 //! `blob.rs` answers blobs, `range.rs` ranges of blobs the local engine misses, `manifest.rs`
-//! manifests and tag lists, `fill.rs` is the single-flight fill, `tags.rs` the answers of
+//! manifests and tag lists, `fill.rs` is the single-flight fill (`assembly.rs`: the bytes ranged reads lend it), `tags.rs` the answers of
 //! upstream tag authorities. What the engines answered moments
 //! ago is remembered by their [`CachingEngine`]s, not here: the pull path asks engines, and
 //! freshness is the caching engine's.
 
+mod assembly;
 pub mod blob;
 pub mod fill;
 pub mod manifest;

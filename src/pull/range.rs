@@ -24,6 +24,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use super::assembly::{Lender, LEND_MIN};
 use super::blob::{BlobAnswer, BlobBody};
 use super::fill::{FillPlan, FillState, Fills, Outcome, Progress};
 use super::rate::{self, MinRate};
@@ -66,9 +67,16 @@ impl Puller {
             // The whole-blob fill a client's GET would start (in a region: led by the lease).
             let joined = self.fills.join_or_start(digest);
             let state = joined.state().clone();
+            // A range far into the blob goes first: its fill starts once the range's own read is
+            // over (or a reader wants the start of the blob), see `FillPlan::lazy`.
+            let far = match spec {
+                RangeSpec::From { start, .. } => start > AHEAD,
+                RangeSpec::Suffix(_) => true,
+            };
             Some(joined.start_with(|| FillPlan {
                 sources: self.fill_sources(r, &state, local_ok),
                 target: local_ok.then(|| (self.engines.local().clone(), r.storage_repo.clone())),
+                lazy: far,
             }))
         } else {
             // Only the ranges are fetched; a fill another request started is still used.
@@ -181,6 +189,7 @@ impl Puller {
             fetch: fetch.clone(),
             fell_back: false,
             done: false,
+            lender: None,
         };
         Ok(BlobAnswer {
             size,
@@ -326,11 +335,17 @@ impl RangeFetch {
     /// or to continue from it once it overtakes the read.
     fn answer(&self, read: Opened, fill: Option<Arc<FillState>>, range: ByteRange) -> BlobAnswer {
         let (offset, len) = span(range, read.size);
+        // A large range lends its bytes to the fill, which then need not fetch them again.
+        let lender = fill
+            .as_ref()
+            .filter(|_| len >= LEND_MIN)
+            .map(|f| f.lender(read.size));
         let body = RangeBody {
             pos: offset,
             end: offset + len,
             size: read.size,
             rx: fill.as_ref().map(|f| f.watch()),
+            lender,
             fill,
             src: Src::Fetch {
                 stream: read.stream,
@@ -373,6 +388,17 @@ struct RangeBody {
     /// A failed source was replaced by a ranged read once already.
     fell_back: bool,
     done: bool,
+    /// Lends the ranged read's bytes to the fill (only the first ranged read of a response).
+    lender: Option<Lender>,
+}
+
+impl Drop for RangeBody {
+    /// A lazy fill waits for this range's read to be over (see `FillPlan::lazy`).
+    fn drop(&mut self) {
+        if let Some(f) = &self.fill {
+            f.want();
+        }
+    }
 }
 
 impl RangeBody {
@@ -397,9 +423,18 @@ impl RangeBody {
         self.rx.as_ref().and_then(|rx| mismatch(&rx.borrow()))
     }
 
+    /// The range's own read is over: it lends no more, and a lazy fill may start.
+    fn over(&mut self) {
+        self.lender = None;
+        if let Some(f) = &self.fill {
+            f.want();
+        }
+    }
+
     /// Ends the response with `e` (an error: the client sees a broken body, not an end).
     fn fail(&mut self, e: Error) -> Option<Result<Bytes>> {
         self.done = true;
+        self.over();
         if matches!(e, Error::DigestMismatch { .. }) {
             self.fetch.metrics.range_broken();
         }
@@ -418,6 +453,7 @@ impl RangeBody {
             .as_ref()
             .filter(|f| fetch_failed && serves(&f.watch().borrow(), size))
             .cloned();
+        self.lender = None;
         if let Some(f) = fill {
             tracing::warn!(error = %e, pos = self.pos, "ranged read failed; the rest from the fill");
             self.src = Src::Fill(f.follow_range(self.pos, left).into_stream());
@@ -458,6 +494,7 @@ impl RangeBody {
             }
             if self.pos >= self.end {
                 self.done = true;
+                self.over();
                 return None;
             }
             let left = self.end - self.pos;
@@ -482,6 +519,7 @@ impl RangeBody {
                                 || p.received >= self.pos.saturating_add(OVERTAKE.min(left)))
                     });
                     if let (true, Some(fill)) = (overtaken, &self.fill) {
+                        self.lender = None;
                         self.src = Src::Fill(fill.follow_range(self.pos, left).into_stream());
                         continue;
                     }
@@ -506,6 +544,9 @@ impl RangeBody {
                             self.fetch
                                 .metrics
                                 .range_fetch_bytes(&engine, b.len() as u64);
+                            if let Some(l) = &mut self.lender {
+                                l.lend(self.pos, &b);
+                            }
                             self.pos += b.len() as u64;
                             return Some(Ok(b));
                         }
@@ -544,8 +585,11 @@ mod tests {
         whole_every: Duration,
         range_every: Duration,
         corrupt_whole: bool,
+        corrupt_ranges: bool,
         range_breaks_after: Option<usize>,
         ranged: AtomicUsize,
+        /// Bytes whole reads handed out.
+        whole_sent: Arc<std::sync::atomic::AtomicU64>,
     }
 
     #[async_trait::async_trait]
@@ -574,8 +618,18 @@ mod tests {
             let (start, end) = range.map_or((0, size), |r| (r.start, r.end.unwrap_or(size)));
             let mut bytes = self.data.slice(start as usize..end as usize).to_vec();
             let mut first_ranged = false;
-            let every = if range.is_some() {
+            // A fill resuming asks an open-ended range: it is paced (and counted) as a whole
+            // read; a ranged read of a client's range names its last byte.
+            let client_range = matches!(
+                want.range,
+                Some(RangeSpec::From { last: Some(_), .. }) | Some(RangeSpec::Suffix(_))
+            );
+            let whole = !client_range;
+            let every = if client_range {
                 first_ranged = self.ranged.fetch_add(1, Ordering::SeqCst) == 0;
+                if self.corrupt_ranges {
+                    bytes[10] ^= 0x5a;
+                }
                 self.range_every
             } else {
                 if self.corrupt_whole {
@@ -591,9 +645,16 @@ mod tests {
                 items.truncate(n / CHUNK);
                 items.push(Err(Error::transient("up", "connection reset")));
             }
-            let stream = futures::stream::iter(items).then(move |c| async move {
-                tokio::time::sleep(every).await;
-                c
+            let sent = self.whole_sent.clone();
+            let stream = futures::stream::iter(items).then(move |c| {
+                let sent = sent.clone();
+                async move {
+                    tokio::time::sleep(every).await;
+                    if let (true, Ok(c)) = (whole, &c) {
+                        sent.fetch_add(c.len() as u64, Ordering::SeqCst);
+                    }
+                    c
+                }
             });
             Ok(Some(BlobHit {
                 size,
@@ -651,6 +712,7 @@ mod tests {
             fills.join_or_start(&digest).start_with(|| FillPlan {
                 sources: sources.clone(),
                 target: None,
+                lazy: false,
             })
         });
         Setup {
@@ -786,6 +848,7 @@ mod tests {
             .start_with(|| FillPlan {
                 sources: s.sources.clone(),
                 target: None,
+                lazy: false,
             });
         let mut rx = fill.watch();
         let waited = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| p.received > 0));
@@ -830,5 +893,108 @@ mod tests {
             let reads = if fill { 1 } else { 2 };
             assert_eq!(s.engine.ranged.load(Ordering::SeqCst), reads, "fill {fill}");
         }
+    }
+
+    /// The fill's outcome, waited for.
+    async fn outcome(fill: &Arc<FillState>) -> Outcome {
+        let mut rx = fill.watch();
+        let p = tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|p| p.outcome.is_some()),
+        )
+        .await
+        .expect("no verdict")
+        .unwrap();
+        p.outcome.clone().unwrap()
+    }
+
+    /// Parallel large ranges lend their bytes to the fill (containerd's multipart fetch): the
+    /// fill fetches about the first range itself, takes the rest from the spool, and its
+    /// verdict is right.
+    #[tokio::test]
+    async fn parallel_large_ranges_lend_their_bytes_to_the_fill() {
+        let data = blob(32);
+        let s = setup(
+            Blob {
+                data: data.clone(),
+                whole_every: Duration::from_millis(2),
+                range_every: Duration::ZERO,
+                ..Blob::default()
+            },
+            true,
+        );
+        let mib = 1u64 << 20;
+        let (s, data) = (&s, &data);
+        let reads = [8, 16, 24].map(|m| async move {
+            let got = collect(ranged(s, m * mib, (m + 8) * mib).await)
+                .await
+                .unwrap();
+            assert!(
+                got == data[(m * mib) as usize..((m + 8) * mib) as usize],
+                "range at {m} MiB"
+            );
+        });
+        futures::future::join_all(reads).await;
+        let fill = s.fill.as_ref().unwrap();
+        assert!(matches!(outcome(fill).await, Outcome::Done), "verified");
+        let whole = s.engine.whole_sent.load(Ordering::SeqCst);
+        assert!(whole < 16 * mib, "the fill fetched {whole} bytes itself");
+        let lent = counter(&s.metrics, "ociedge_fill_lent_bytes_total");
+        assert!(lent >= (16 * mib) as f64, "lent {lent}");
+    }
+
+    /// Lent bytes count in the fill's digest like its own: wrong ones fail the fill (nothing
+    /// would be committed).
+    #[tokio::test]
+    async fn wrong_lent_bytes_fail_the_fill() {
+        let s = setup(
+            Blob {
+                data: blob(16),
+                whole_every: Duration::from_millis(2),
+                range_every: Duration::ZERO,
+                corrupt_ranges: true,
+                ..Blob::default()
+            },
+            true,
+        );
+        let mib = 1u64 << 20;
+        let _ = collect(ranged(&s, 8 * mib, 16 * mib).await).await;
+        let fill = s.fill.as_ref().unwrap();
+        assert!(
+            matches!(
+                outcome(fill).await,
+                Outcome::Failed(Error::DigestMismatch { .. })
+            ),
+            "the fill took the lent bytes and found them wrong"
+        );
+        assert!(counter(&s.metrics, "ociedge_fill_lent_bytes_total") > 0.0);
+    }
+
+    /// A ranged read going at a slow client's pace is not followed by the fill: the fill fetches
+    /// the rest itself (and the slow response then continues from the fill).
+    #[tokio::test]
+    async fn a_slow_lender_does_not_hold_the_fill_back() {
+        let data = blob(16);
+        let s = setup(
+            Blob {
+                data: data.clone(),
+                whole_every: Duration::from_millis(1),
+                range_every: Duration::from_millis(30),
+                ..Blob::default()
+            },
+            true,
+        );
+        let mib = 1u64 << 20;
+        let got = collect(ranged(&s, 8 * mib, 16 * mib).await).await.unwrap();
+        assert!(got == data[8 << 20..], "wrong bytes");
+        assert!(matches!(
+            outcome(s.fill.as_ref().unwrap()).await,
+            Outcome::Done
+        ));
+        let fetched = counter(&s.metrics, "ociedge_range_fetch_bytes_total{engine=\"up\"}");
+        assert!(
+            fetched < (4 * mib) as f64,
+            "the fill waited for the slow ranged read: {fetched}"
+        );
     }
 }
