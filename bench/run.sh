@@ -86,7 +86,7 @@ STARTED_OCIEDGE=1
 # 4. compare (compare.sh's sections, then section r: bench/ranges.sh)
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=$BASE/results/$STAMP-$LABEL
-COMPARE_ONLY=$(tr ',' '\n' <<<"$ONLY" | grep -v '^r$' | paste -sd, -)
+COMPARE_ONLY=$(tr ',' '\n' <<<"$ONLY" | { grep -v '^r$' || true; } | paste -sd, -)
 mkdir -p "$OUT"; : >"$OUT/table.md"; : >"$OUT/raw.tsv"
 [[ -z $COMPARE_ONLY ]] || {
 log "compare.sh (raw results in $OUT)"

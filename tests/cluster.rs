@@ -68,10 +68,12 @@ async fn counting_upstream(backend: &str, rate: Option<u64>) -> (u16, Arc<Upstre
             let mut done = 0u64;
             let stream = up.bytes_stream().then(move |item| {
                 let counts = counts.clone();
+                // Counted in the closure, which lives as long as the body (an `async move` block
+                // would count on its own copy, and nothing would be paced).
+                done += item.as_ref().map_or(0, |c| c.len() as u64);
                 async move {
                     let chunk =
                         item.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-                    done += chunk.len() as u64;
                     if let Some(rate) = rate {
                         let due = Duration::from_secs_f64(done as f64 / rate as f64);
                         if let Some(wait) = due.checked_sub(start.elapsed()) {

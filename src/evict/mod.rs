@@ -43,6 +43,11 @@ const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// With `cluster:`, how often a pass lists the engine (per thousand blobs indexed) to learn the
 /// blobs the region's other processes filled or evicted.
 const LIST_EVERY: Duration = Duration::from_secs(2);
+/// With `cluster:`, how soon (per thousand blobs indexed) a pass may list again after this
+/// process committed a new blob: what a process knows of the region's usage is its own commits
+/// and the last listing, and a region filling fast would otherwise pass the cap by what all its
+/// processes fill in [`LIST_EVERY`]. A listing is one `LIST` request per thousand blobs.
+const LIST_SOON: Duration = Duration::from_millis(50);
 
 /// Settings from `cache:`.
 #[derive(Clone, Debug)]
@@ -73,6 +78,8 @@ pub struct Evictor {
     filling: std::sync::OnceLock<Box<dyn Fn() -> Vec<Digest> + Send + Sync>>,
     /// When the engine was last listed to learn the region's usage.
     listed: Mutex<Option<std::time::Instant>>,
+    /// This process committed a new blob since the last listing (see [`LIST_SOON`]).
+    committed: std::sync::atomic::AtomicBool,
     /// Blobs learned from a listing, whose provenance the sidecars tell.
     learned: Mutex<HashSet<Digest>>,
     /// In a region, the last pass evicted: the next one goes on down to the low-water mark even
@@ -119,6 +126,7 @@ impl Evictor {
             pinned: Notify::new(),
             filling: std::sync::OnceLock::new(),
             listed: Mutex::new(None),
+            committed: std::sync::atomic::AtomicBool::new(false),
             learned: Mutex::new(HashSet::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
@@ -181,13 +189,17 @@ impl Evictor {
     /// it listed.
     async fn learn_region(&self) -> bool {
         let pages = (lock(&self.index).entries.len() / 1000).max(1) as u32;
+        let soon = self.committed.load(std::sync::atomic::Ordering::Relaxed);
+        let every = if soon { LIST_SOON } else { LIST_EVERY };
         {
             let mut l = lock(&self.listed);
-            if l.is_some_and(|t| t.elapsed() < LIST_EVERY * pages) {
+            if l.is_some_and(|t| t.elapsed() < every * pages) {
                 return false;
             }
             *l = Some(std::time::Instant::now());
         }
+        self.committed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let started = now_secs();
         let listing: Vec<object_store::ObjectMeta> = match self
             .local
@@ -240,13 +252,22 @@ impl Evictor {
     /// Records a read or a write of `digest`. `cached`: `Some(true)` for a fill or replica,
     /// `Some(false)` for pushed content, `None` to keep what is known.
     pub fn touch(&self, digest: &Digest, size: u64, cached: Option<bool>) {
-        let over = {
+        let (over, new) = {
             let mut i = lock(&self.index);
+            let new = !i.entries.contains_key(digest);
             i.touch(digest, size, cached);
             self.metrics.cache_usage(i.total, i.entries.len());
-            self.limits.max_size.is_some_and(|m| i.total > m)
+            (self.limits.max_size.is_some_and(|m| i.total > m), new)
         };
-        if over {
+        // In a region, what this process knows of the usage is its own commits and the last
+        // listing: a new blob asks for a pass with a fresh listing soon (the others are likely
+        // committing too).
+        let region = self.cluster.get().is_some() && self.limits.max_size.is_some();
+        if region && new {
+            self.committed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if over || (region && new) {
             self.wake.notify_one();
         }
     }
