@@ -23,6 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -37,9 +38,9 @@ pub const LEND_MIN: u64 = 8 << 20;
 /// over at its end (the read's client may be slow; the fill must not be).
 pub const STALL: Duration = Duration::from_secs(1);
 
-/// Chunks a lender may have on their way to disk; past that it stops lending (its client is
-/// never slowed by the disk).
-const LEND_QUEUE: usize = 64;
+/// Bytes a lender may have on their way to disk; past that it stops lending (its client is
+/// never slowed by the disk, and memory stays bounded whatever the chunk sizes).
+const LEND_QUEUE: u64 = 4 << 20;
 
 /// What the fill and its lenders share.
 #[derive(Default)]
@@ -175,6 +176,7 @@ impl Assembly {
             size,
             extent: None,
             tx: None,
+            queued: Arc::new(AtomicU64::new(0)),
             done: false,
         }
     }
@@ -268,7 +270,9 @@ pub struct Lender {
     size: u64,
     /// (start, id) of the extent once one is reserved.
     extent: Option<(u64, u64)>,
-    tx: Option<mpsc::Sender<(u64, Bytes)>>,
+    tx: Option<mpsc::UnboundedSender<(u64, Bytes)>>,
+    /// Bytes sent to the writer and not written yet (at most [`LEND_QUEUE`]).
+    queued: Arc<AtomicU64>,
     /// Stopped lending.
     done: bool,
 }
@@ -298,15 +302,27 @@ impl Lender {
                 self.done = true;
                 return;
             };
-            let (tx, rx) = mpsc::channel(LEND_QUEUE);
-            tokio::spawn(write(self.assembly.clone(), ext, file, rx));
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write(
+                self.assembly.clone(),
+                ext,
+                file,
+                rx,
+                self.queued.clone(),
+            ));
             self.tx = Some(tx);
         }
         self.extent = Some(ext);
-        let sent = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.try_send((offset, chunk.clone())).is_ok());
+        // Counted before it is sent: the writer subtracts what it wrote.
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        let sent = before + len <= LEND_QUEUE
+            && self
+                .tx
+                .as_ref()
+                .is_some_and(|tx| tx.send((offset, chunk.clone())).is_ok());
+        if !sent {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+        }
         if !sent {
             tracing::debug!(
                 offset,
@@ -350,13 +366,15 @@ async fn write(
     assembly: Arc<Assembly>,
     (start, id): (u64, u64),
     file: Arc<File>,
-    mut rx: mpsc::Receiver<(u64, Bytes)>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
+    queued: Arc<AtomicU64>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(c) = rx.try_recv() {
             batch.push(c);
         }
+        let bytes: u64 = batch.iter().map(|(_, c)| c.len() as u64).sum();
         let file = file.clone();
         let wrote = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
@@ -368,6 +386,7 @@ async fn write(
             Ok::<_, std::io::Error>(end)
         })
         .await;
+        queued.fetch_sub(bytes, Ordering::Relaxed);
         match wrote {
             Ok(Ok(end)) => assembly.publish(start, id, end),
             _ => {
@@ -471,5 +490,27 @@ mod tests {
         l.lend(20, &Bytes::from_static(&[2; 10]));
         drop(l);
         assert_eq!(settled(&a, 20).await.end, 30);
+    }
+
+    /// A lender whose writes fall behind stops lending at [`LEND_QUEUE`] bytes on their way:
+    /// memory stays bounded, and its extent ends where its bytes stop (the writer task cannot
+    /// run before this test yields, as a disk far behind).
+    #[tokio::test]
+    async fn a_lender_ahead_of_its_writes_stops_at_the_bound() {
+        let (a, f) = assembly(16 << 20);
+        let mut l = a.lender(16 << 20);
+        let chunk = Bytes::from(vec![9u8; 64 << 10]);
+        for i in 0..80u64 {
+            l.lend(i * (64 << 10), &chunk);
+        }
+        assert!(l.done, "it stopped lending");
+        assert!(l.queued.load(Ordering::Relaxed) <= LEND_QUEUE);
+        drop(l);
+        let v = settled(&a, 0).await;
+        assert_eq!(
+            v.end, LEND_QUEUE,
+            "the extent ends where the queued bytes end"
+        );
+        assert!(std::fs::metadata(f.path()).unwrap().len() >= LEND_QUEUE);
     }
 }
