@@ -558,16 +558,20 @@ mod tests {
         assert!(!secret_matches(b"", b"abc"));
     }
 
+    /// A store with compare-and-swap (in memory) and one without (a directory in `dir`).
+    fn stores(dir: &tempfile::TempDir) -> Vec<Arc<dyn ObjectStore>> {
+        vec![
+            Arc::new(object_store::memory::InMemory::new()),
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
+        ]
+    }
+
     /// One process creates the lease; another cannot, and can take it over only at the version
-    /// it read (in memory: compare-and-swap; in a directory: delete-then-create).
+    /// it read (in memory: compare-and-swap; in a directory: through the take-over right).
     #[tokio::test]
     async fn a_lease_is_created_once_and_taken_over_once() {
         let dir = tempfile::tempdir().unwrap();
-        let stores: Vec<Arc<dyn ObjectStore>> = vec![
-            Arc::new(object_store::memory::InMemory::new()),
-            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
-        ];
-        for store in stores {
+        for store in stores(&dir) {
             let (a, b) = (cluster(store.clone()), cluster(store.clone()));
             a.probe().await;
             assert!(a.coordinated());
@@ -593,11 +597,7 @@ mod tests {
     #[tokio::test]
     async fn two_takers_of_one_dead_lease_one_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let stores: Vec<Arc<dyn ObjectStore>> = vec![
-            Arc::new(object_store::memory::InMemory::new()),
-            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
-        ];
-        for store in stores {
+        for store in stores(&dir) {
             for concurrent in [false, true] {
                 let dead = cluster(store.clone());
                 let (a, b) = (cluster(store.clone()), cluster(store.clone()));

@@ -197,14 +197,14 @@ impl Assembly {
         }
         let end = offset + len;
         // No other extent may hold any of these bytes.
+        // The last extent starting before `end` (other than the lender's own) is the only one
+        // that may reach into these bytes: extents never overlap.
         let overlaps = |g: &Inner, own: Option<u64>| {
-            let before = g
-                .extents
+            g.extents
                 .range(..end)
                 .next_back()
                 .filter(|(s, _)| Some(**s) != own)
-                .is_some_and(|(_, e)| e.pending > offset);
-            before
+                .is_some_and(|(_, e)| e.pending > offset)
         };
         match id {
             None => {
@@ -239,23 +239,39 @@ impl Assembly {
         }
     }
 
-    /// Bytes of extent `id` at `start` are on disk up to `end`.
-    fn publish(&self, start: u64, id: u64, end: u64) {
+    /// Changes the lender's extent `(start, id)` with `f`, if it is still there (a fill that
+    /// went past it, or a later extent at the same offset, is left alone).
+    fn update(&self, (start, id): (u64, u64), f: impl FnOnce(&mut Extent)) {
         if let Some(e) = self.lock().extents.get_mut(&start).filter(|e| e.id == id) {
-            e.end = e.end.max(end);
-            e.grew = Instant::now();
+            f(e);
         }
         self.bump();
     }
 
-    /// Extent `id` at `start` ends at what is on disk (a write failed, or its lender went away
-    /// with writes lost).
-    fn cut(&self, start: u64, id: u64) {
-        if let Some(e) = self.lock().extents.get_mut(&start).filter(|e| e.id == id) {
+    /// Bytes of the extent are on disk up to `end`.
+    fn publish(&self, ext: (u64, u64), end: u64) {
+        self.update(ext, |e| {
+            e.end = e.end.max(end);
+            e.grew = Instant::now();
+        });
+    }
+
+    /// The extent ends at what is on disk (a write failed, or its lender went away with
+    /// writes lost).
+    fn cut(&self, ext: (u64, u64)) {
+        self.update(ext, |e| {
             e.open = false;
             e.pending = e.end;
-        }
-        self.bump();
+        });
+    }
+
+    /// Gives back the reservation from `offset` on (its chunk will not be written): the extent
+    /// grows no more.
+    fn unreserve(&self, ext: (u64, u64), offset: u64) {
+        self.update(ext, |e| {
+            e.pending = e.pending.min(offset).max(e.end);
+            e.open = false;
+        });
     }
 
     fn spool(&self) -> Option<Arc<File>> {
@@ -298,7 +314,7 @@ impl Lender {
         }
         if self.tx.is_none() {
             let Some(file) = self.assembly.spool() else {
-                self.assembly.cut(ext.0, ext.1);
+                self.assembly.cut(ext);
                 self.done = true;
                 return;
             };
@@ -338,8 +354,8 @@ impl Lender {
         self.done = true;
         // The writer publishes what is queued, then closes the extent when the queue ends.
         self.tx = None;
-        if let Some((start, _)) = self.extent {
-            self.assembly.close(start);
+        if let Some(ext) = self.extent {
+            self.assembly.update(ext, |e| e.open = false);
         }
     }
 }
@@ -350,21 +366,10 @@ impl Drop for Lender {
     }
 }
 
-impl Assembly {
-    /// Gives back a reservation from `offset` (its chunk will not be written).
-    fn unreserve(&self, (start, id): (u64, u64), offset: u64) {
-        if let Some(e) = self.lock().extents.get_mut(&start).filter(|e| e.id == id) {
-            e.pending = e.pending.min(offset).max(e.end);
-            e.open = false;
-        }
-        self.bump();
-    }
-}
-
 /// Writes a lender's chunks at their offsets and publishes each batch once on disk.
 async fn write(
     assembly: Arc<Assembly>,
-    (start, id): (u64, u64),
+    ext: (u64, u64),
     file: Arc<File>,
     mut rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
     queued: Arc<AtomicU64>,
@@ -388,15 +393,15 @@ async fn write(
         .await;
         queued.fetch_sub(bytes, Ordering::Relaxed);
         match wrote {
-            Ok(Ok(end)) => assembly.publish(start, id, end),
+            Ok(Ok(end)) => assembly.publish(ext, end),
             _ => {
-                assembly.cut(start, id);
+                assembly.cut(ext);
                 return;
             }
         }
     }
     // The lender is gone and everything it queued is on disk.
-    assembly.cut(start, id);
+    assembly.cut(ext);
 }
 
 #[cfg(test)]

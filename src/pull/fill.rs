@@ -591,9 +591,8 @@ impl FillReader {
                 }
                 let file = file.ok_or_else(|| Error::transient("fill", "spool missing"))?;
                 // Past the window, the bytes are in the spool file (the window may have moved
-                // on since `on_disk` was read: read it again).
-                // Bytes the fill took lent (not in the window) are on disk once the write
-                // lane has passed them: wait for that.
+                // on since `on_disk` was read: read it again); bytes the fill took lent, never
+                // in the window, are there once the write lane has passed them: else wait.
                 let on_disk = on_disk.max(self.rx.borrow().written.min(allowed));
                 if pos < on_disk {
                     self.pos = on_disk;

@@ -393,7 +393,9 @@ struct RangeBody {
 }
 
 impl Drop for RangeBody {
-    /// A lazy fill waits for this range's read to be over (see `FillPlan::lazy`).
+    /// The response is over (its body ended, broke, or its client went away: the body stream
+    /// drops it then): a lazy fill waits for this (see `FillPlan::lazy`), and the lender,
+    /// dropped with it, closes its extent.
     fn drop(&mut self) {
         if let Some(f) = &self.fill {
             f.want();
@@ -423,18 +425,9 @@ impl RangeBody {
         self.rx.as_ref().and_then(|rx| mismatch(&rx.borrow()))
     }
 
-    /// The range's own read is over: it lends no more, and a lazy fill may start.
-    fn over(&mut self) {
-        self.lender = None;
-        if let Some(f) = &self.fill {
-            f.want();
-        }
-    }
-
     /// Ends the response with `e` (an error: the client sees a broken body, not an end).
     fn fail(&mut self, e: Error) -> Option<Result<Bytes>> {
         self.done = true;
-        self.over();
         if matches!(e, Error::DigestMismatch { .. }) {
             self.fetch.metrics.range_broken();
         }
@@ -494,7 +487,6 @@ impl RangeBody {
             }
             if self.pos >= self.end {
                 self.done = true;
-                self.over();
                 return None;
             }
             let left = self.end - self.pos;
